@@ -1,0 +1,130 @@
+package main
+
+import (
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func envFrom(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+func TestParseConfig(t *testing.T) {
+	host, _ := os.Hostname()
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(tokenFile, []byte("  from-a-file-0123456789\n"), 0o600)
+	dbFile := filepath.Join(t.TempDir(), "db")
+	os.WriteFile(dbFile, []byte("postgres://u:p@db:5432/fleetd\n"), 0o600)
+
+	defaults := Config{HTTPAddr: ":8080", MQTTAddr: ":1883", DataDir: "./fleetd-data", LogLevel: slog.LevelInfo,
+		LogFormat: "json", ShutdownTimeout: 20 * time.Second, Node: host}
+	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
+
+	tests := []struct {
+		name string
+		args []string
+		env  map[string]string
+		want Config
+	}{
+		{name: "defaults", want: defaults},
+		{name: "env", env: map[string]string{"FLEETD_HTTP_ADDR": "127.0.0.1:9000", "FLEETD_LOG_LEVEL": "debug", "FLEETD_SHUTDOWN_TIMEOUT": "5s", "FLEETD_MQTT_ADDR": ""},
+			want: with(func(c *Config) { c.HTTPAddr = "127.0.0.1:9000"; c.LogLevel = slog.LevelDebug; c.ShutdownTimeout = 5 * time.Second })},
+		{name: "flag wins over env", args: []string{"-http-addr", ":7000"}, env: map[string]string{"FLEETD_HTTP_ADDR": ":9000"},
+			want: with(func(c *Config) { c.HTTPAddr = ":7000" })},
+		{name: "mqtt off", args: []string{"-mqtt-addr="}, want: with(func(c *Config) { c.MQTTAddr = "" })},
+		{name: "token from file, trimmed", env: map[string]string{"FLEETD_ADMIN_TOKEN_FILE": tokenFile},
+			want: with(func(c *Config) { c.AdminToken = "from-a-file-0123456789" })},
+		{name: "database url from file", args: []string{"-database-url-file", dbFile},
+			want: with(func(c *Config) { c.DatabaseURL = "postgres://u:p@db:5432/fleetd" })},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseConfig(tt.args, envFrom(tt.env), io.Discard)
+			if err != nil {
+				t.Fatalf("parseConfig: %v", err)
+			}
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("config mismatch (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestParseConfigErrorsNameTheSetting(t *testing.T) {
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(tokenFile, []byte("from-a-file-0123456789"), 0o600)
+	empty := filepath.Join(t.TempDir(), "empty")
+	os.WriteFile(empty, nil, 0o600)
+
+	tests := []struct {
+		name string
+		args []string
+		env  map[string]string
+		want []string // all must appear in the error
+	}{
+		{name: "bad log format", env: map[string]string{"FLEETD_LOG_FORMAT": "xml"}, want: []string{"FLEETD_LOG_FORMAT", "xml"}},
+		{name: "bad log level", env: map[string]string{"FLEETD_LOG_LEVEL": "loud"}, want: []string{"FLEETD_LOG_LEVEL", "loud"}},
+		{name: "bad duration", env: map[string]string{"FLEETD_SHUTDOWN_TIMEOUT": "soon"}, want: []string{"FLEETD_SHUTDOWN_TIMEOUT"}},
+		{name: "negative duration", args: []string{"-shutdown-timeout", "-1s"}, want: []string{"FLEETD_SHUTDOWN_TIMEOUT", "positive"}},
+		{name: "address without port", env: map[string]string{"FLEETD_HTTP_ADDR": "localhost"}, want: []string{"FLEETD_HTTP_ADDR", "host:port"}},
+		{name: "bad mqtt port", args: []string{"-mqtt-addr", ":99999"}, want: []string{"FLEETD_MQTT_ADDR"}},
+		{name: "empty http addr", args: []string{"-http-addr="}, want: []string{"FLEETD_HTTP_ADDR", "empty"}},
+		{name: "short admin token", env: map[string]string{"FLEETD_ADMIN_TOKEN": "short"}, want: []string{"FLEETD_ADMIN_TOKEN", "16"}},
+		{name: "token and token file", env: map[string]string{"FLEETD_ADMIN_TOKEN": "0123456789abcdefgh", "FLEETD_ADMIN_TOKEN_FILE": tokenFile},
+			want: []string{"FLEETD_ADMIN_TOKEN", "FLEETD_ADMIN_TOKEN_FILE", "both"}},
+		{name: "missing token file", env: map[string]string{"FLEETD_ADMIN_TOKEN_FILE": "/nonexistent/token"}, want: []string{"FLEETD_ADMIN_TOKEN_FILE", "/nonexistent/token"}},
+		{name: "empty token file", env: map[string]string{"FLEETD_ADMIN_TOKEN_FILE": empty}, want: []string{"FLEETD_ADMIN_TOKEN_FILE", "empty"}},
+		{name: "bad database url", env: map[string]string{"FLEETD_DATABASE_URL": "postgres://h:notaport/x"}, want: []string{"FLEETD_DATABASE_URL"}},
+		{name: "unknown flag", args: []string{"-no-such-flag"}, want: []string{"no-such-flag"}},
+		{name: "stray argument", args: []string{"serve"}, want: []string{"serve"}},
+		{name: "several problems at once", env: map[string]string{"FLEETD_LOG_FORMAT": "xml", "FLEETD_HTTP_ADDR": "nope"},
+			want: []string{"FLEETD_LOG_FORMAT", "FLEETD_HTTP_ADDR"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseConfig(tt.args, envFrom(tt.env), io.Discard)
+			if err == nil {
+				t.Fatal("parseConfig succeeded, want an error")
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestAdminTokenGeneratedOnceAndPrivate(t *testing.T) {
+	dir := t.TempDir()
+	cfg := Config{DataDir: dir}
+	first, err := adminToken(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(first) != 64 {
+		t.Fatalf("generated token has %d characters, want 64", len(first))
+	}
+	st, err := os.Stat(filepath.Join(dir, adminTokenFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o600 {
+		t.Fatalf("token file mode %o, want 600", st.Mode().Perm())
+	}
+	second, err := adminToken(cfg, slog.New(slog.DiscardHandler))
+	if err != nil || second != first {
+		t.Fatalf("second start: got %q, %v; want the same token", second, err)
+	}
+	configured, _ := adminToken(Config{DataDir: dir, AdminToken: "configured-token-123"}, slog.New(slog.DiscardHandler))
+	if configured != "configured-token-123" {
+		t.Fatalf("configured token ignored: got %q", configured)
+	}
+}

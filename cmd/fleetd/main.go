@@ -1,0 +1,212 @@
+// Command fleetd is the fleet manager: the embedded MQTT broker, the fleet
+// registry in PostgreSQL, the REST API and the console, in one process.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/fleetd/fleetd/internal/pgserver"
+	"github.com/fleetd/fleetd/migrations"
+	"github.com/fleetd/fleetd/web"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stderr)
+	switch {
+	case errors.Is(err, errHelp):
+	case err != nil:
+		fmt.Fprintf(os.Stderr, "fleetd: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+// run starts every component in dependency order, waits for ctx to end and
+// stops them in reverse. It returns an error only when fleetd could not start
+// or could not stop cleanly.
+func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stderr)
+	if err != nil {
+		return err
+	}
+	logger := newLogger(cfg, stderr)
+	lc := &lifecycle{logger: logger}
+	if err := start(ctx, cfg, logger, lc); err != nil {
+		_ = lc.stop(cfg.ShutdownTimeout)
+		return err
+	}
+	logger.Info("fleetd ready", "version", version, "http_addr", cfg.HTTPAddr)
+	<-ctx.Done()
+	logger.Info("shutting down", "timeout", cfg.ShutdownTimeout.String())
+	if err := lc.stop(cfg.ShutdownTimeout); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	logger.Info("fleetd stopped")
+	return nil
+}
+
+func start(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle) error {
+	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
+		return fmt.Errorf("%s: %w", envName("data-dir"), err)
+	}
+	token, err := adminToken(cfg, logger)
+	if err != nil {
+		return err
+	}
+	// Bind every listener before the slow work, so a port conflict fails in
+	// milliseconds and names its setting.
+	httpLn, err := listen(cfg.HTTPAddr, "http-addr")
+	if err != nil {
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		collectors.NewBuildInfoCollector(),
+	)
+	api := web.New(web.Options{AdminToken: token, Logger: logger, Registry: reg, Version: version, Node: cfg.Node})
+	api.AddCheck(web.Check{Name: "lifecycle", Check: lc.check})
+	httpSrv := &http.Server{
+		Handler:           api,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	logger.Info("http listening", "component", "http", "addr", httpLn.Addr().String())
+	// Serve at once: /healthz must answer while the database starts (crash
+	// recovery can take a while), and /readyz says what is still missing.
+	go func() {
+		if err := httpSrv.Serve(httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			logger.Error("http server stopped", "err", err)
+		}
+	}()
+	stopHTTP := func(ctx context.Context) error {
+		if err := httpSrv.Shutdown(ctx); err != nil {
+			return httpSrv.Close()
+		}
+		return nil
+	}
+	lc.beforeStop(func() { _ = stopHTTP(context.Background()) })
+
+	pool, err := openDatabase(ctx, cfg, logger, lc, api)
+	if err != nil {
+		return err
+	}
+	if _, err := migrations.Up(ctx, pool, logger); err != nil {
+		return err
+	}
+
+	// The API reads the database, so it stops before the database even though
+	// it started serving earlier.
+	lc.onStop("http server", stopHTTP)
+	lc.markStarted()
+	return nil
+}
+
+// openDatabase connects to FLEETD_DATABASE_URL, or starts the embedded
+// PostgreSQL when none is set, and registers the readiness check and stop
+// steps for what it started.
+func openDatabase(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Server) (*pgxpool.Pool, error) {
+	dsn := cfg.DatabaseURL
+	var embedded *pgserver.Server
+	if dsn == "" {
+		bin, err := pgserver.FindBinDir(cfg.PGBin)
+		if err != nil {
+			return nil, err
+		}
+		embedded = &pgserver.Server{
+			Dir:    filepath.Join(cfg.DataDir, "postgres"),
+			BinDir: bin,
+			Logger: logger.With("component", "postgres"),
+		}
+		logger.Info("starting embedded PostgreSQL", "bin", bin, "dir", embedded.Dir)
+		if err := embedded.Start(ctx); err != nil {
+			return nil, err
+		}
+		lc.onStop("embedded postgres", embedded.Stop)
+		dsn = embedded.ConnString()
+	}
+	poolCfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", envName("database-url"), err)
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
+	if err != nil {
+		return nil, fmt.Errorf("open database: %w", err)
+	}
+	lc.onStop("database pool", func(context.Context) error { pool.Close(); return nil })
+	if err := waitForDatabase(ctx, pool, logger); err != nil {
+		return nil, err
+	}
+	api.AddCheck(web.Check{Name: "database", Check: func(ctx context.Context) error {
+		if embedded != nil {
+			if err := embedded.Ready(); err != nil {
+				return err
+			}
+		}
+		return pool.Ping(ctx)
+	}})
+	return pool, nil
+}
+
+// waitForDatabase pings until the server answers: an external server may
+// still be starting (compose, a failover). It gives up after a minute.
+func waitForDatabase(ctx context.Context, pool *pgxpool.Pool, logger *slog.Logger) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	backoff := 200 * time.Millisecond
+	for {
+		pingCtx, pingCancel := context.WithTimeout(ctx, 5*time.Second)
+		err := pool.Ping(pingCtx)
+		pingCancel()
+		if err == nil {
+			return nil
+		}
+		logger.Warn("database not answering yet", "err", err, "retry_in", backoff.String())
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("database did not answer: %w", err)
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+// listen binds addr and, when the address is taken, says which setting
+// controls it.
+func listen(addr, setting string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s (set by %s or -%s): %w", addr, envName(setting), setting, err)
+	}
+	return ln, nil
+}
+
+func newLogger(cfg Config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	var h slog.Handler = slog.NewJSONHandler(w, opts)
+	if cfg.LogFormat == "text" {
+		h = slog.NewTextHandler(w, opts)
+	}
+	return slog.New(h).With("node", cfg.Node)
+}

@@ -1,0 +1,244 @@
+// Package fleetdtest runs the real fleetd binary as a child process, exactly
+// as a user would, for end-to-end tests.
+package fleetdtest
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// Binary builds cmd/fleetd once per test binary and returns its path.
+func Binary(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "fleetd-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		_, file, _, _ := runtime.Caller(0)
+		root := filepath.Join(filepath.Dir(file), "..", "..")
+		binPath = filepath.Join(dir, "fleetd")
+		cmd := exec.Command("go", "build", "-o", binPath, "./cmd/fleetd")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build ./cmd/fleetd: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// DataDir returns a fresh directory that the postgres user can reach when the
+// tests run as root (t.TempDir's parents are 0700). It is removed when the test
+// ends.
+func DataDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "fleetd-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return filepath.Join(dir, "data")
+}
+
+// Process is a running fleetd.
+type Process struct {
+	t       testing.TB
+	Cmd     *exec.Cmd
+	DataDir string
+	// HTTPURL is http://addr of the HTTP listener, read from fleetd's log.
+	HTTPURL string
+	// Addrs maps a listener's log component ("http", "mqtt", ...) to the address it bound.
+	Addrs map[string]string
+
+	mu     sync.Mutex
+	logs   bytes.Buffer
+	exited chan struct{}
+	err    error
+}
+
+// Start runs fleetd with the given environment (on top of a minimal one: PATH,
+// HOME) and waits until it logs its HTTP address. Every listener binds port 0
+// unless env says otherwise. The process is killed when the test ends if it
+// is still running.
+func Start(t testing.TB, dataDir string, env ...string) *Process {
+	t.Helper()
+	p := &Process{t: t, DataDir: dataDir, Addrs: map[string]string{}, exited: make(chan struct{})}
+	cmd := exec.Command(Binary(t))
+	cmd.Env = append([]string{
+		"PATH=" + os.Getenv("PATH"),
+		"HOME=" + os.Getenv("HOME"),
+		"FLEETD_DATA_DIR=" + dataDir,
+		"FLEETD_HTTP_ADDR=127.0.0.1:0",
+		"FLEETD_MQTT_ADDR=127.0.0.1:0",
+		"FLEETD_LOG_FORMAT=json",
+		"FLEETD_LOG_LEVEL=debug",
+	}, env...)
+	if v := os.Getenv("FLEETD_PG_BIN"); v != "" {
+		cmd.Env = append(cmd.Env, "FLEETD_PG_BIN="+v)
+	}
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout = io.Discard
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p.Cmd = cmd
+	addrs := make(chan struct{})
+	var once sync.Once
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 64*1024), 1<<20)
+		for sc.Scan() {
+			line := sc.Bytes()
+			p.mu.Lock()
+			p.logs.Write(line)
+			p.logs.WriteByte('\n')
+			var rec struct {
+				Msg, Component, Addr string
+			}
+			if json.Unmarshal(line, &rec) == nil && strings.HasSuffix(rec.Msg, "listening") && rec.Addr != "" {
+				p.Addrs[rec.Component] = rec.Addr
+				if rec.Component == "http" {
+					p.HTTPURL = "http://" + rec.Addr
+					once.Do(func() { close(addrs) })
+				}
+			}
+			p.mu.Unlock()
+		}
+		p.err = cmd.Wait()
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		if !p.Exited() {
+			p.Kill()
+		}
+		if t.Failed() {
+			t.Logf("fleetd log (%s):\n%s", dataDir, p.Logs())
+		}
+	})
+	select {
+	case <-addrs:
+	case <-p.exited:
+		t.Fatalf("fleetd exited before listening: %v\n%s", p.err, p.Logs())
+	case <-time.After(30 * time.Second):
+		t.Fatalf("fleetd did not log its HTTP address within 30s\n%s", p.Logs())
+	}
+	return p
+}
+
+// Logs returns everything fleetd has logged so far.
+func (p *Process) Logs() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.logs.String()
+}
+
+// Addr returns the address the named listener bound, waiting for it.
+func (p *Process) Addr(component string) string {
+	p.t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		p.mu.Lock()
+		a := p.Addrs[component]
+		p.mu.Unlock()
+		if a != "" {
+			return a
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	p.t.Fatalf("fleetd logged no %s listener address\n%s", component, p.Logs())
+	return ""
+}
+
+// WaitReady polls /readyz until it answers 200.
+func (p *Process) WaitReady(timeout time.Duration) {
+	p.t.Helper()
+	deadline := time.Now().Add(timeout)
+	var last string
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(p.HTTPURL + "/readyz")
+		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+			last = fmt.Sprintf("%d %s", resp.StatusCode, body)
+		} else {
+			last = err.Error()
+		}
+		if p.Exited() {
+			p.t.Fatalf("fleetd exited while waiting for /readyz: %v\n%s", p.err, p.Logs())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	p.t.Fatalf("/readyz not 200 within %s (last: %s)\n%s", timeout, last, p.Logs())
+}
+
+// Exited reports whether the process has ended.
+func (p *Process) Exited() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// Wait waits up to timeout for the process to end and returns its exit error.
+func (p *Process) Wait(timeout time.Duration) error {
+	p.t.Helper()
+	select {
+	case <-p.exited:
+		return p.err
+	case <-time.After(timeout):
+		p.t.Fatalf("fleetd still running %s after being asked to stop\n%s", timeout, p.Logs())
+		return nil
+	}
+}
+
+// Signal sends sig to fleetd.
+func (p *Process) Signal(sig syscall.Signal) { _ = p.Cmd.Process.Signal(sig) }
+
+// Kill kills fleetd with SIGKILL and waits for it, leaving behind whatever a
+// crash leaves (the embedded postgres keeps running as an orphan).
+func (p *Process) Kill() {
+	_ = p.Cmd.Process.Kill()
+	<-p.exited
+}
+
+// Token returns the admin token, generated in the data dir unless configured.
+func (p *Process) Token() string {
+	p.t.Helper()
+	data, err := os.ReadFile(filepath.Join(p.DataDir, "admin-token"))
+	if err != nil {
+		p.t.Fatalf("read admin token: %v", err)
+	}
+	return strings.TrimSpace(string(data))
+}

@@ -1,0 +1,142 @@
+// Package web serves fleetd's HTTP surface: health and readiness probes,
+// Prometheus metrics and the REST API under /api/v1 (bearer token).
+package web
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Check is one readiness condition: the database answers, a listener is up.
+type Check struct {
+	Name  string
+	Check func(ctx context.Context) error
+}
+
+// Options are the dependencies of the HTTP handler.
+type Options struct {
+	AdminToken string
+	Logger     *slog.Logger
+	// Registry gathers /metrics and receives the HTTP metrics.
+	Registry *prometheus.Registry
+	// Version is reported by GET /api/v1/server.
+	Version string
+	// Node names this fleetd replica.
+	Node string
+}
+
+// Server is the HTTP handler. Readiness checks and API routes are added by the
+// components as they start, so /healthz answers while the database is still
+// starting and /readyz tells what is missing.
+type Server struct {
+	opts    Options
+	router  chi.Router
+	api     chi.Router
+	started time.Time
+
+	mu     sync.Mutex
+	checks []Check
+}
+
+// New builds the handler.
+func New(opts Options) *Server {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Registry == nil {
+		opts.Registry = prometheus.NewRegistry()
+	}
+	s := &Server{opts: opts, started: time.Now()}
+	metrics := newHTTPMetrics(opts.Registry)
+	r := chi.NewRouter()
+	r.Use(requestID, accessLog(opts.Logger, metrics), recoverer(opts.Logger))
+	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, errorBody{apiError{Code: "not_found", Message: "no such endpoint: " + r.URL.Path}})
+	})
+	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusMethodNotAllowed, errorBody{apiError{Code: "method_not_allowed", Message: r.Method + " is not allowed on " + r.URL.Path}})
+	})
+	r.Get("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	r.Get("/readyz", s.readyz)
+	r.Method(http.MethodGet, "/metrics", promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{Registry: opts.Registry}))
+	r.Route("/api/v1", func(api chi.Router) {
+		api.Use(bearerAuth(opts.AdminToken, opts.Logger))
+		api.Get("/server", s.serverInfo)
+		s.api = api
+	})
+	s.router = r
+	return s
+}
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.router.ServeHTTP(w, r) }
+
+// AddCheck adds a readiness condition.
+func (s *Server) AddCheck(c Check) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.checks = append(s.checks, c)
+}
+
+// API returns the authenticated /api/v1 router for components to mount their
+// routes on.
+func (s *Server) API() chi.Router { return s.api }
+
+type readiness struct {
+	Status string            `json:"status"`
+	Checks map[string]string `json:"checks"`
+}
+
+// readyz runs every check with a short deadline: a load balancer polls this,
+// and a hung database must turn into a 503, not a hung probe.
+func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	checks := append([]Check(nil), s.checks...)
+	s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	res := readiness{Status: "ready", Checks: map[string]string{}}
+	if len(checks) == 0 {
+		res.Status = "not ready"
+		res.Checks["startup"] = "starting"
+	}
+	type result struct {
+		name string
+		err  error
+	}
+	results := make(chan result, len(checks))
+	for _, c := range checks {
+		go func() { results <- result{c.Name, c.Check(ctx)} }()
+	}
+	for range checks {
+		res2 := <-results
+		if res2.err != nil {
+			res.Status = "not ready"
+			res.Checks[res2.name] = res2.err.Error()
+		} else {
+			res.Checks[res2.name] = "ok"
+		}
+	}
+	status := http.StatusOK
+	if res.Status != "ready" {
+		status = http.StatusServiceUnavailable
+	}
+	writeJSON(w, status, res)
+}
+
+func (s *Server) serverInfo(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{
+		"version":    s.opts.Version,
+		"node":       s.opts.Node,
+		"started_at": s.started.UTC().Format(time.RFC3339),
+	})
+}
