@@ -35,7 +35,11 @@ func TestParseConfig(t *testing.T) {
 	}{
 		{name: "defaults", want: defaults},
 		{name: "env", env: map[string]string{"FLEETD_HTTP_ADDR": "127.0.0.1:9000", "FLEETD_LOG_LEVEL": "debug", "FLEETD_SHUTDOWN_TIMEOUT": "5s", "FLEETD_MQTT_ADDR": ""},
-			want: with(func(c *Config) { c.HTTPAddr = "127.0.0.1:9000"; c.LogLevel = slog.LevelDebug; c.ShutdownTimeout = 5 * time.Second })},
+			want: with(func(c *Config) {
+				c.HTTPAddr = "127.0.0.1:9000"
+				c.LogLevel = slog.LevelDebug
+				c.ShutdownTimeout = 5 * time.Second
+			})},
 		{name: "flag wins over env", args: []string{"-http-addr", ":7000"}, env: map[string]string{"FLEETD_HTTP_ADDR": ":9000"},
 			want: with(func(c *Config) { c.HTTPAddr = ":7000" })},
 		{name: "mqtt off", args: []string{"-mqtt-addr="}, want: with(func(c *Config) { c.MQTTAddr = "" })},

@@ -27,12 +27,12 @@ var ErrNoBinaries = errors.New("no PostgreSQL server binaries (initdb, postgres)
 // searchGlobs are the places PostgreSQL packages put their server binaries,
 // newest major version first after sorting.
 var searchGlobs = []string{
-	"/usr/lib/postgresql/*/bin",               // Debian, Ubuntu
-	"/usr/pgsql-*/bin",                        // RHEL, Fedora (PGDG)
-	"/opt/homebrew/opt/postgresql@*/bin",      // Homebrew, Apple silicon
-	"/usr/local/opt/postgresql@*/bin",         // Homebrew, Intel
-	"/opt/homebrew/opt/postgresql/bin",        // Homebrew, unversioned
-	"/usr/local/opt/postgresql/bin",           // Homebrew, unversioned
+	"/usr/lib/postgresql/*/bin",          // Debian, Ubuntu
+	"/usr/pgsql-*/bin",                   // RHEL, Fedora (PGDG)
+	"/opt/homebrew/opt/postgresql@*/bin", // Homebrew, Apple silicon
+	"/usr/local/opt/postgresql@*/bin",    // Homebrew, Intel
+	"/opt/homebrew/opt/postgresql/bin",   // Homebrew, unversioned
+	"/usr/local/opt/postgresql/bin",      // Homebrew, unversioned
 	"/Applications/Postgres.app/Contents/Versions/latest/bin",
 	"/usr/local/pgsql/bin", // built from source
 }
