@@ -46,9 +46,13 @@ CREATE TABLE device_events (
     id                  uuid        PRIMARY KEY,
     device_id           text        NOT NULL,
     at                  timestamptz NOT NULL,
-    kind                text        NOT NULL CHECK (kind IN ('connect', 'disconnect', 'refused', 'acl_denied')),
+    kind                text        NOT NULL CHECK (kind IN ('connect', 'disconnect', 'refused', 'acl_denied', 'birth')),
     reason              text        NOT NULL DEFAULT '',
     detail              text        NOT NULL DEFAULT '',
+    -- firmware and model as known when the event happened (from the birth
+    -- message or MQTT 5 user properties), so disconnects can be tied to firmware.
+    firmware            text        NOT NULL DEFAULT '',
+    model               text        NOT NULL DEFAULT '',
     session_epoch       bigint      NOT NULL DEFAULT 0,
     protocol_version    smallint    NOT NULL DEFAULT 0,
     keepalive_requested integer     NOT NULL DEFAULT 0,
@@ -57,7 +61,9 @@ CREATE TABLE device_events (
     remote_addr         text        NOT NULL DEFAULT '',
     tls_version         text        NOT NULL DEFAULT '',
     listener            text        NOT NULL DEFAULT '',
-    broker_node         text        NOT NULL DEFAULT ''
+    broker_node         text        NOT NULL DEFAULT '',
+    -- PINGREQs received during the session (disconnect events only).
+    pings               integer     NOT NULL DEFAULT 0
 );
 
 CREATE INDEX device_events_device_at_idx ON device_events (device_id, at DESC, id DESC);

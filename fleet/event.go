@@ -1,0 +1,120 @@
+package fleet
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"sync/atomic"
+	"time"
+)
+
+// Kind says what an event is.
+type Kind string
+
+// Event kinds.
+const (
+	KindConnect    Kind = "connect"    // a session was established
+	KindDisconnect Kind = "disconnect" // a session ended; Reason says why
+	KindRefused    Kind = "refused"    // a connection attempt was refused; Reason says why
+	KindACLDenied  Kind = "acl_denied" // a publish or subscribe outside the device's topics
+	KindBirth      Kind = "birth"      // the device announced itself (firmware, model)
+)
+
+// Reason is why a session ended or an attempt was refused: one word from a
+// fixed vocabulary, so that operators can count and compare.
+type Reason string
+
+// The vocabulary of reasons.
+const (
+	ReasonClientDisconnect   Reason = "client_disconnect"
+	ReasonKeepaliveTimeout   Reason = "keepalive_timeout"
+	ReasonProtocolError      Reason = "protocol_error"
+	ReasonConnectionLost     Reason = "connection_lost"
+	ReasonSessionTakeover    Reason = "session_takeover"
+	ReasonAuthFailed         Reason = "auth_failed"
+	ReasonTLSHandshakeFailed Reason = "tls_handshake_failed"
+	ReasonDecommissioned     Reason = "decommissioned"
+	ReasonThrottled          Reason = "throttled"
+	ReasonPacketTooLarge     Reason = "packet_too_large"
+	ReasonServerShutdown     Reason = "server_shutdown"
+)
+
+// Reasons lists the vocabulary in a stable order.
+var Reasons = []Reason{
+	ReasonClientDisconnect, ReasonKeepaliveTimeout, ReasonProtocolError, ReasonConnectionLost,
+	ReasonSessionTakeover, ReasonAuthFailed, ReasonTLSHandshakeFailed, ReasonDecommissioned,
+	ReasonThrottled, ReasonPacketTooLarge, ReasonServerShutdown,
+}
+
+// EventID identifies an event. The broker assigns it when the event happens,
+// so a batch written twice (replayed from the spool after a database outage)
+// lands once. It is time-ordered (UUIDv7 layout) to keep the index compact.
+type EventID [16]byte
+
+var eventSeq atomic.Uint32
+
+// NewEventID returns a fresh time-ordered id.
+func NewEventID(at time.Time) EventID {
+	var id EventID
+	binary.BigEndian.PutUint64(id[:8], uint64(at.UnixMilli())<<16)
+	binary.BigEndian.PutUint16(id[6:8], 0x7000|uint16(eventSeq.Add(1)&0x0fff))
+	_, _ = rand.Read(id[8:])
+	id[8] = id[8]&0x3f | 0x80
+	return id
+}
+
+// String renders the canonical UUID form.
+func (id EventID) String() string {
+	var b [36]byte
+	hex.Encode(b[0:8], id[0:4])
+	b[8] = '-'
+	hex.Encode(b[9:13], id[4:6])
+	b[13] = '-'
+	hex.Encode(b[14:18], id[6:8])
+	b[18] = '-'
+	hex.Encode(b[19:23], id[8:10])
+	b[23] = '-'
+	hex.Encode(b[24:], id[10:])
+	return string(b[:])
+}
+
+// MarshalText renders the UUID.
+func (id EventID) MarshalText() ([]byte, error) { return []byte(id.String()), nil }
+
+// UnmarshalText parses the canonical UUID form.
+func (id *EventID) UnmarshalText(b []byte) error {
+	if len(b) != 36 || b[8] != '-' || b[13] != '-' || b[18] != '-' || b[23] != '-' {
+		return fmt.Errorf("malformed event id %q", b)
+	}
+	hexPart := make([]byte, 0, 32)
+	for i, c := range b {
+		if i != 8 && i != 13 && i != 18 && i != 23 {
+			hexPart = append(hexPart, c)
+		}
+	}
+	_, err := hex.Decode(id[:], hexPart)
+	return err
+}
+
+// Event is one connection event. Fields that do not apply to the kind stay zero.
+type Event struct {
+	ID                 EventID   `json:"id"`
+	DeviceID           string    `json:"device_id"`
+	At                 time.Time `json:"at"`
+	Kind               Kind      `json:"kind"`
+	Reason             Reason    `json:"reason,omitempty"`
+	Detail             string    `json:"detail,omitempty"`
+	Firmware           string    `json:"firmware,omitempty"`
+	Model              string    `json:"model,omitempty"`
+	SessionEpoch       int64     `json:"session_epoch,omitempty"`
+	ProtocolVersion    Protocol  `json:"protocol_version,omitempty"`
+	KeepaliveRequested int       `json:"keepalive_requested,omitempty"`
+	KeepaliveEffective int       `json:"keepalive_effective,omitempty"`
+	CleanStart         bool      `json:"clean_start,omitempty"`
+	RemoteAddr         string    `json:"remote_addr,omitempty"`
+	TLSVersion         string    `json:"tls_version,omitempty"`
+	Listener           string    `json:"listener,omitempty"`
+	BrokerNode         string    `json:"broker_node,omitempty"`
+	Pings              int       `json:"pings,omitempty"`
+}

@@ -1,0 +1,314 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+)
+
+// AuthResult is the outcome of checking a device's credential.
+type AuthResult int
+
+// Authentication outcomes. The broker turns each into the right CONNACK code.
+const (
+	AuthOK             AuthResult = iota
+	AuthUnknownDevice             // no such device id
+	AuthBadToken                  // the device exists but the token is wrong
+	AuthDecommissioned            // the device was decommissioned
+)
+
+func (a AuthResult) String() string {
+	return [...]string{"ok", "unknown device", "wrong token", "decommissioned"}[a]
+}
+
+// AuthInfo is what the broker learns about a device when it authenticates.
+type AuthInfo struct {
+	Result   AuthResult
+	Firmware string
+	Model    string
+}
+
+// Service is the registry's API for the broker and the web layer. It keeps
+// every device's credential in memory, so that a connect needs no database
+// round trip: the cache is loaded at start and kept current by the service's
+// own writes (registration, rotation, decommission invalidate at once).
+type Service struct {
+	store  *Store
+	hasher *Hasher
+	logger *slog.Logger
+	now    func() time.Time
+
+	mu       sync.RWMutex
+	cache    map[string]*cachedCredential
+	onRevoke []func(deviceID string)
+}
+
+type cachedCredential struct {
+	credential
+	missing  bool      // negative entry: the id is not registered
+	loadedAt time.Time // for negative entries' expiry
+}
+
+// negativeTTL bounds how long an unknown id is remembered as unknown. Devices
+// registered through this replica are visible at once; the TTL covers
+// registrations made through another replica.
+const negativeTTL = 5 * time.Second
+
+// NewService builds the service. Call WarmCache before the broker accepts
+// connections.
+func NewService(store *Store, hasher *Hasher, logger *slog.Logger) *Service {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	return &Service{store: store, hasher: hasher, logger: logger, now: time.Now, cache: map[string]*cachedCredential{}}
+}
+
+// OnRevoke registers a function called (synchronously) when a device's
+// credential is revoked, so the broker can end its live session.
+func (s *Service) OnRevoke(f func(deviceID string)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onRevoke = append(s.onRevoke, f)
+}
+
+// WarmCache loads every active device's credential, so that the reconnect
+// storm after a restart is authenticated from memory.
+func (s *Service) WarmCache(ctx context.Context) (int, error) {
+	rows, err := s.store.pool.Query(ctx, `SELECT id, token_hash, state, firmware, model FROM devices WHERE state = 'active'`)
+	if err != nil {
+		return 0, fmt.Errorf("load credentials: %w", err)
+	}
+	defer rows.Close()
+	loaded := map[string]*cachedCredential{}
+	for rows.Next() {
+		var id string
+		c := &cachedCredential{}
+		if err := rows.Scan(&id, &c.hash, &c.state, &c.firmware, &c.model); err != nil {
+			return 0, fmt.Errorf("load credentials: %w", err)
+		}
+		loaded[id] = c
+	}
+	if err := rows.Err(); err != nil {
+		return 0, fmt.Errorf("load credentials: %w", err)
+	}
+	s.mu.Lock()
+	for id, c := range loaded {
+		if _, ok := s.cache[id]; !ok {
+			s.cache[id] = c
+		}
+	}
+	s.mu.Unlock()
+	return len(loaded), nil
+}
+
+// Authenticate checks a device's token. It answers from memory when it can;
+// only an id it has never seen costs a query. A database error is returned
+// as such, so that the broker can answer "server unavailable" rather than
+// "bad credentials".
+func (s *Service) Authenticate(ctx context.Context, id string, token []byte) (AuthInfo, error) {
+	c, err := s.lookup(ctx, id)
+	if err != nil {
+		return AuthInfo{}, err
+	}
+	return s.verdict(c, token, true), nil
+}
+
+// Admit is Authenticate for devices that proved their identity another way
+// (a verified client certificate): the token is not checked.
+func (s *Service) Admit(ctx context.Context, id string) (AuthInfo, error) {
+	c, err := s.lookup(ctx, id)
+	if err != nil {
+		return AuthInfo{}, err
+	}
+	return s.verdict(c, nil, false), nil
+}
+
+func (s *Service) verdict(c *cachedCredential, token []byte, checkToken bool) AuthInfo {
+	switch {
+	case c.missing:
+		return AuthInfo{Result: AuthUnknownDevice}
+	case c.state != StateActive:
+		return AuthInfo{Result: AuthDecommissioned}
+	case checkToken && !s.hasher.Matches(token, c.hash):
+		return AuthInfo{Result: AuthBadToken, Firmware: c.firmware, Model: c.model}
+	}
+	return AuthInfo{Result: AuthOK, Firmware: c.firmware, Model: c.model}
+}
+
+func (s *Service) lookup(ctx context.Context, id string) (*cachedCredential, error) {
+	s.mu.RLock()
+	c, ok := s.cache[id]
+	s.mu.RUnlock()
+	if ok && (!c.missing || s.now().Sub(c.loadedAt) < negativeTTL) {
+		return c, nil
+	}
+	cred, err := s.store.credential(ctx, id)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		c = &cachedCredential{missing: true, loadedAt: s.now()}
+	case err != nil:
+		return nil, fmt.Errorf("look up device %s: %w", id, err)
+	default:
+		c = &cachedCredential{credential: cred, loadedAt: s.now()}
+	}
+	s.mu.Lock()
+	s.cache[id] = c
+	s.mu.Unlock()
+	return c, nil
+}
+
+// NoteBirth updates the cached firmware and model of a device after its
+// birth message, so that its later events carry them.
+func (s *Service) NoteBirth(id, firmware, model string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c, ok := s.cache[id]; ok && !c.missing {
+		updated := *c
+		updated.firmware = firmware
+		if updated.model == "" {
+			updated.model = model
+		}
+		s.cache[id] = &updated
+	}
+}
+
+// Register creates a device and returns it with its token. The token is
+// shown once: only its keyed hash is stored.
+func (s *Service) Register(ctx context.Context, n NewDevice) (Device, string, error) {
+	if err := n.Validate(); err != nil {
+		return Device{}, "", err
+	}
+	token, err := newToken()
+	if err != nil {
+		return Device{}, "", err
+	}
+	hash := s.hasher.Hash([]byte(token))
+	d, err := s.store.insertDevice(ctx, n, hash)
+	if err != nil {
+		return Device{}, "", err
+	}
+	s.mu.Lock()
+	s.cache[d.ID] = &cachedCredential{credential: credential{hash: hash, state: StateActive, model: d.Model}, loadedAt: s.now()}
+	s.mu.Unlock()
+	s.logger.Info("device registered", "device_id", d.ID, "model", d.Model)
+	return d, token, nil
+}
+
+// Get returns one device.
+func (s *Service) Get(ctx context.Context, id string) (Device, error) {
+	if err := ValidateID(id); err != nil {
+		return Device{}, err
+	}
+	return s.store.getDevice(ctx, id)
+}
+
+// List returns a page of devices and the cursor of the next page ("" at the end).
+func (s *Service) List(ctx context.Context, f Filter) ([]Device, string, error) {
+	if err := f.Validate(); err != nil {
+		return nil, "", err
+	}
+	devices, err := s.store.listDevices(ctx, f)
+	if err != nil {
+		return nil, "", err
+	}
+	next := ""
+	if len(devices) == f.Limit {
+		next = devices[len(devices)-1].ID
+	}
+	return devices, next, nil
+}
+
+// Update changes a device's model or tags.
+func (s *Service) Update(ctx context.Context, id string, p Patch) (Device, error) {
+	if err := ValidateID(id); err != nil {
+		return Device{}, err
+	}
+	if err := p.Validate(); err != nil {
+		return Device{}, err
+	}
+	d, err := s.store.updateDevice(ctx, id, p)
+	if err != nil {
+		return d, err
+	}
+	if p.Model != nil {
+		s.mu.Lock()
+		if c, ok := s.cache[id]; ok && !c.missing {
+			updated := *c
+			updated.model = d.Model
+			s.cache[id] = &updated
+		}
+		s.mu.Unlock()
+	}
+	return d, nil
+}
+
+// RotateToken issues a new token; the old one stops working for every later
+// connect at once. A live session is left alone, so that the operator can
+// deliver the new token to the device over it.
+func (s *Service) RotateToken(ctx context.Context, id string) (string, error) {
+	if err := ValidateID(id); err != nil {
+		return "", err
+	}
+	token, err := newToken()
+	if err != nil {
+		return "", err
+	}
+	hash := s.hasher.Hash([]byte(token))
+	if err := s.store.setTokenHash(ctx, id, hash); err != nil {
+		return "", err
+	}
+	s.mu.Lock()
+	if c, ok := s.cache[id]; ok && !c.missing {
+		updated := *c
+		updated.hash = hash
+		s.cache[id] = &updated
+	} else {
+		delete(s.cache, id)
+	}
+	s.mu.Unlock()
+	s.logger.Info("device token rotated", "device_id", id)
+	return token, nil
+}
+
+// Decommission revokes the device's credential and ends its live session;
+// later connects are refused. The device's history stays.
+func (s *Service) Decommission(ctx context.Context, id string) (Device, error) {
+	if err := ValidateID(id); err != nil {
+		return Device{}, err
+	}
+	d, err := s.store.decommission(ctx, id)
+	if err != nil {
+		return d, err
+	}
+	s.mu.Lock()
+	s.cache[id] = &cachedCredential{credential: credential{state: StateDecommissioned}, loadedAt: s.now()}
+	hooks := append([]func(string){}, s.onRevoke...)
+	s.mu.Unlock()
+	for _, f := range hooks {
+		f(id)
+	}
+	s.logger.Info("device decommissioned", "device_id", id)
+	return d, nil
+}
+
+// Events returns a device's events, newest first, strictly before the cursor.
+func (s *Service) Events(ctx context.Context, id string, before *EventCursor, limit int) ([]Event, error) {
+	if err := ValidateID(id); err != nil {
+		return nil, err
+	}
+	if limit <= 0 || limit > 1000 {
+		return nil, invalid("limit", "must be between 1 and 1000")
+	}
+	return s.store.listEvents(ctx, id, before, limit)
+}
+
+// TouchLastSeen records when devices were last heard from.
+func (s *Service) TouchLastSeen(ctx context.Context, seen map[string]time.Time) error {
+	if len(seen) == 0 {
+		return nil
+	}
+	return s.store.touchLastSeen(ctx, seen)
+}

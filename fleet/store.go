@@ -1,0 +1,359 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Store is the registry's PostgreSQL access: all of the fleet package's SQL
+// lives in this file.
+type Store struct {
+	pool *pgxpool.Pool
+}
+
+// NewStore wraps a pool.
+func NewStore(pool *pgxpool.Pool) *Store { return &Store{pool: pool} }
+
+const deviceColumns = `id, model, tags, state, firmware, protocol_version, online, session_epoch,
+	connected_at, disconnected_at, last_seen, last_disconnect, keepalive_requested, keepalive_effective,
+	remote_addr, tls_version, listener, broker_node, created_at, updated_at, decommissioned_at`
+
+func scanDevice(row pgx.Row) (Device, error) {
+	var d Device
+	var proto int16
+	err := row.Scan(&d.ID, &d.Model, &d.Tags, &d.State, &d.Firmware, &proto, &d.Online, &d.SessionEpoch,
+		&d.ConnectedAt, &d.DisconnectedAt, &d.LastSeen, &d.LastDisconnect, &d.KeepaliveRequested, &d.KeepaliveEffective,
+		&d.RemoteAddr, &d.TLSVersion, &d.Listener, &d.BrokerNode, &d.CreatedAt, &d.UpdatedAt, &d.DecommissionedAt)
+	d.ProtocolVersion = Protocol(proto)
+	if d.Tags == nil {
+		d.Tags = []string{}
+	}
+	if errors.Is(err, pgx.ErrNoRows) {
+		return d, ErrNotFound
+	}
+	return d, err
+}
+
+// insertDevice registers a device, or reactivates a decommissioned one with a
+// fresh credential and a clean presence. An active device with the same id is
+// ErrConflict. session_epoch is kept so that epochs stay monotonic per id.
+func (s *Store) insertDevice(ctx context.Context, n NewDevice, tokenHash []byte) (Device, error) {
+	tags := n.Tags
+	if tags == nil {
+		tags = []string{}
+	}
+	d, err := scanDevice(s.pool.QueryRow(ctx, `
+		INSERT INTO devices (id, model, tags, token_hash) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (id) DO UPDATE SET
+			model = EXCLUDED.model, tags = EXCLUDED.tags, token_hash = EXCLUDED.token_hash,
+			state = 'active', firmware = '', protocol_version = 0, online = false,
+			connected_at = NULL, disconnected_at = NULL, last_seen = NULL, last_disconnect = '',
+			keepalive_requested = 0, keepalive_effective = 0, remote_addr = '', tls_version = '',
+			listener = '', broker_node = '', created_at = now(), updated_at = now(), decommissioned_at = NULL
+		WHERE devices.state = 'decommissioned'
+		RETURNING `+deviceColumns, n.ID, n.Model, tags, tokenHash))
+	if errors.Is(err, ErrNotFound) {
+		return d, fmt.Errorf("device %s is already registered: %w", n.ID, ErrConflict)
+	}
+	if err != nil {
+		return d, fmt.Errorf("insert device %s: %w", n.ID, err)
+	}
+	return d, nil
+}
+
+func (s *Store) getDevice(ctx context.Context, id string) (Device, error) {
+	d, err := scanDevice(s.pool.QueryRow(ctx, `SELECT `+deviceColumns+` FROM devices WHERE id = $1`, id))
+	if errors.Is(err, ErrNotFound) {
+		return d, fmt.Errorf("device %s: %w", id, ErrNotFound)
+	}
+	return d, err
+}
+
+// listDevices returns up to f.Limit devices with ids after f.After, in id
+// order (keyset paging: stable under concurrent inserts, no OFFSET scans).
+func (s *Store) listDevices(ctx context.Context, f Filter) ([]Device, error) {
+	var where []string
+	var args []any
+	arg := func(v any) string { args = append(args, v); return fmt.Sprintf("$%d", len(args)) }
+	if f.State != "all" {
+		where = append(where, "state = "+arg(f.State))
+	}
+	switch f.Status {
+	case "online":
+		where = append(where, "online")
+	case "offline":
+		where = append(where, "NOT online")
+	}
+	if f.Model != "" {
+		where = append(where, "model = "+arg(f.Model))
+	}
+	if f.Firmware != "" {
+		where = append(where, "firmware = "+arg(f.Firmware))
+	}
+	if f.Protocol != 0 {
+		where = append(where, "protocol_version = "+arg(int16(f.Protocol)))
+	}
+	if f.Tag != "" {
+		where = append(where, arg(f.Tag)+" = ANY(tags)")
+	}
+	if f.After != "" {
+		where = append(where, "id > "+arg(f.After))
+	}
+	q := `SELECT ` + deviceColumns + ` FROM devices`
+	if len(where) > 0 {
+		q += " WHERE " + strings.Join(where, " AND ")
+	}
+	q += " ORDER BY id LIMIT " + arg(f.Limit)
+	rows, err := s.pool.Query(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list devices: %w", err)
+	}
+	defer rows.Close()
+	out := []Device{}
+	for rows.Next() {
+		d, err := scanDevice(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list devices: %w", err)
+		}
+		out = append(out, d)
+	}
+	return out, rows.Err()
+}
+
+func (s *Store) updateDevice(ctx context.Context, id string, p Patch) (Device, error) {
+	var tags *[]string
+	if p.Tags != nil {
+		t := *p.Tags
+		if t == nil {
+			t = []string{}
+		}
+		tags = &t
+	}
+	d, err := scanDevice(s.pool.QueryRow(ctx, `
+		UPDATE devices SET model = COALESCE($2, model), tags = COALESCE($3, tags), updated_at = now()
+		WHERE id = $1 AND state = 'active'
+		RETURNING `+deviceColumns, id, p.Model, tags))
+	if errors.Is(err, ErrNotFound) {
+		return d, fmt.Errorf("active device %s: %w", id, ErrNotFound)
+	}
+	return d, err
+}
+
+func (s *Store) setTokenHash(ctx context.Context, id string, hash []byte) error {
+	tag, err := s.pool.Exec(ctx, `UPDATE devices SET token_hash = $2, updated_at = now() WHERE id = $1 AND state = 'active'`, id, hash)
+	if err != nil {
+		return fmt.Errorf("rotate token of %s: %w", id, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("active device %s: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+func (s *Store) decommission(ctx context.Context, id string) (Device, error) {
+	d, err := scanDevice(s.pool.QueryRow(ctx, `
+		UPDATE devices SET state = 'decommissioned', token_hash = NULL, online = false,
+			decommissioned_at = now(), updated_at = now()
+		WHERE id = $1 AND state = 'active'
+		RETURNING `+deviceColumns, id))
+	if errors.Is(err, ErrNotFound) {
+		return d, fmt.Errorf("active device %s: %w", id, ErrNotFound)
+	}
+	return d, err
+}
+
+// credential is what authentication needs to know about a device.
+type credential struct {
+	hash     []byte
+	state    string
+	firmware string
+	model    string
+}
+
+func (s *Store) credential(ctx context.Context, id string) (credential, error) {
+	var c credential
+	err := s.pool.QueryRow(ctx, `SELECT coalesce(token_hash, ''::bytea), state, firmware, model FROM devices WHERE id = $1`, id).
+		Scan(&c.hash, &c.state, &c.firmware, &c.model)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return c, ErrNotFound
+	}
+	return c, err
+}
+
+var eventColumns = []string{"id", "device_id", "at", "kind", "reason", "detail", "firmware", "model",
+	"session_epoch", "protocol_version", "keepalive_requested", "keepalive_effective", "clean_start",
+	"remote_addr", "tls_version", "listener", "broker_node", "pings"}
+
+// writeEvents stores a batch of events and applies their effect on presence,
+// in one transaction. Events are copied into a temporary table and inserted
+// with ON CONFLICT DO NOTHING, so writing a batch twice (a replay after an
+// outage) stores each event once; the presence updates are guarded by session
+// epochs, so applying them twice changes nothing either.
+func (s *Store) writeEvents(ctx context.Context, events []Event) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `CREATE TEMP TABLE IF NOT EXISTS device_events_in (LIKE device_events) ON COMMIT DELETE ROWS`); err != nil {
+			return fmt.Errorf("prepare event copy: %w", err)
+		}
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"device_events_in"}, eventColumns, pgx.CopyFromSlice(len(events), func(i int) ([]any, error) {
+			e := &events[i]
+			return []any{[16]byte(e.ID), e.DeviceID, e.At, string(e.Kind), string(e.Reason), e.Detail, e.Firmware, e.Model,
+				e.SessionEpoch, int16(e.ProtocolVersion), int32(e.KeepaliveRequested), int32(e.KeepaliveEffective), e.CleanStart,
+				e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, int32(e.Pings)}, nil
+		}))
+		if err != nil {
+			return fmt.Errorf("copy events: %w", err)
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO device_events SELECT * FROM device_events_in ON CONFLICT (id) DO NOTHING`); err != nil {
+			return fmt.Errorf("insert events: %w", err)
+		}
+		return applyPresence(ctx, tx, collapsePresence(events))
+	})
+}
+
+// presenceChange is the net effect of a batch of events on the devices table.
+type presenceChange struct {
+	connects    map[string]*Event // the newest connect per device
+	disconnects map[string]*Event // the disconnect with the highest epoch per device
+	births      map[string]*Event // the last birth per device
+}
+
+// collapsePresence reduces a batch to one connect, one disconnect and one
+// birth per device. It is enough: a connect applies only if its epoch is newer
+// than the stored one, and a disconnect only if its epoch is the stored one
+// (after the connects), so older events in the batch could not apply anyway.
+func collapsePresence(events []Event) presenceChange {
+	pc := presenceChange{connects: map[string]*Event{}, disconnects: map[string]*Event{}, births: map[string]*Event{}}
+	for i := range events {
+		e := &events[i]
+		switch e.Kind {
+		case KindConnect:
+			if cur, ok := pc.connects[e.DeviceID]; !ok || e.SessionEpoch > cur.SessionEpoch {
+				pc.connects[e.DeviceID] = e
+			}
+		case KindDisconnect:
+			if cur, ok := pc.disconnects[e.DeviceID]; !ok || e.SessionEpoch >= cur.SessionEpoch {
+				pc.disconnects[e.DeviceID] = e
+			}
+		case KindBirth:
+			pc.births[e.DeviceID] = e
+		}
+	}
+	return pc
+}
+
+func applyPresence(ctx context.Context, tx pgx.Tx, pc presenceChange) error {
+	if n := len(pc.connects); n > 0 {
+		ids, epochs, ats := make([]string, 0, n), make([]int64, 0, n), make([]time.Time, 0, n)
+		protos, kaReq, kaEff := make([]int16, 0, n), make([]int32, 0, n), make([]int32, 0, n)
+		remotes, tlss, listeners, nodes, firmwares := make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n)
+		for _, e := range pc.connects {
+			ids, epochs, ats = append(ids, e.DeviceID), append(epochs, e.SessionEpoch), append(ats, e.At)
+			protos, kaReq, kaEff = append(protos, int16(e.ProtocolVersion)), append(kaReq, int32(e.KeepaliveRequested)), append(kaEff, int32(e.KeepaliveEffective))
+			remotes, tlss, listeners, nodes, firmwares = append(remotes, e.RemoteAddr), append(tlss, e.TLSVersion), append(listeners, e.Listener), append(nodes, e.BrokerNode), append(firmwares, e.Firmware)
+		}
+		_, err := tx.Exec(ctx, `
+			UPDATE devices d SET online = true, session_epoch = c.epoch, connected_at = c.at,
+				last_seen = GREATEST(d.last_seen, c.at), protocol_version = c.proto,
+				keepalive_requested = c.ka_req, keepalive_effective = c.ka_eff, remote_addr = c.remote,
+				tls_version = c.tls, listener = c.listener, broker_node = c.node,
+				firmware = CASE WHEN c.firmware <> '' THEN c.firmware ELSE d.firmware END, updated_at = now()
+			FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::smallint[], $5::int[], $6::int[],
+				$7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
+				AS c(id, epoch, at, proto, ka_req, ka_eff, remote, tls, listener, node, firmware)
+			WHERE d.id = c.id AND d.session_epoch < c.epoch AND d.state = 'active'`,
+			ids, epochs, ats, protos, kaReq, kaEff, remotes, tlss, listeners, nodes, firmwares)
+		if err != nil {
+			return fmt.Errorf("apply connects: %w", err)
+		}
+	}
+	if n := len(pc.births); n > 0 {
+		ids, firmwares, models := make([]string, 0, n), make([]string, 0, n), make([]string, 0, n)
+		for _, e := range pc.births {
+			ids, firmwares, models = append(ids, e.DeviceID), append(firmwares, e.Firmware), append(models, e.Model)
+		}
+		// The registered model wins; a birth fills it in only when it was left empty.
+		_, err := tx.Exec(ctx, `
+			UPDATE devices d SET firmware = b.firmware,
+				model = CASE WHEN d.model = '' THEN b.model ELSE d.model END, updated_at = now()
+			FROM unnest($1::text[], $2::text[], $3::text[]) AS b(id, firmware, model)
+			WHERE d.id = b.id AND d.state = 'active'`, ids, firmwares, models)
+		if err != nil {
+			return fmt.Errorf("apply births: %w", err)
+		}
+	}
+	if n := len(pc.disconnects); n > 0 {
+		ids, epochs, ats, reasons := make([]string, 0, n), make([]int64, 0, n), make([]time.Time, 0, n), make([]string, 0, n)
+		for _, e := range pc.disconnects {
+			ids, epochs, ats, reasons = append(ids, e.DeviceID), append(epochs, e.SessionEpoch), append(ats, e.At), append(reasons, string(e.Reason))
+		}
+		_, err := tx.Exec(ctx, `
+			UPDATE devices d SET online = false, disconnected_at = x.at, last_disconnect = x.reason,
+				last_seen = GREATEST(d.last_seen, x.at), updated_at = now()
+			FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[]) AS x(id, epoch, at, reason)
+			WHERE d.id = x.id AND d.session_epoch = x.epoch`, ids, epochs, ats, reasons)
+		if err != nil {
+			return fmt.Errorf("apply disconnects: %w", err)
+		}
+	}
+	return nil
+}
+
+// touchLastSeen records when devices were last heard from, in one statement
+// for the whole batch. Times only move forward.
+func (s *Store) touchLastSeen(ctx context.Context, seen map[string]time.Time) error {
+	ids, times := make([]string, 0, len(seen)), make([]time.Time, 0, len(seen))
+	for id, t := range seen {
+		ids, times = append(ids, id), append(times, t)
+	}
+	_, err := s.pool.Exec(ctx, `
+		UPDATE devices d SET last_seen = s.at
+		FROM unnest($1::text[], $2::timestamptz[]) AS s(id, at)
+		WHERE d.id = s.id AND (d.last_seen IS NULL OR d.last_seen < s.at)`, ids, times)
+	if err != nil {
+		return fmt.Errorf("update last_seen: %w", err)
+	}
+	return nil
+}
+
+// EventCursor positions a page of events: events strictly older than it.
+type EventCursor struct {
+	At time.Time
+	ID EventID
+}
+
+func (s *Store) listEvents(ctx context.Context, deviceID string, before *EventCursor, limit int) ([]Event, error) {
+	q := `SELECT id, device_id, at, kind, reason, detail, firmware, model, session_epoch, protocol_version,
+		keepalive_requested, keepalive_effective, clean_start, remote_addr, tls_version, listener, broker_node, pings
+		FROM device_events WHERE device_id = $1`
+	args := []any{deviceID}
+	if before != nil {
+		q += ` AND (at, id) < ($2, $3)`
+		args = append(args, before.At, [16]byte(before.ID))
+	}
+	q += fmt.Sprintf(` ORDER BY at DESC, id DESC LIMIT %d`, limit)
+	rows, err := s.pool.Query(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list events of %s: %w", deviceID, err)
+	}
+	defer rows.Close()
+	out := []Event{}
+	for rows.Next() {
+		var e Event
+		var id [16]byte
+		var kind, reason string
+		var proto int16
+		if err := rows.Scan(&id, &e.DeviceID, &e.At, &kind, &reason, &e.Detail, &e.Firmware, &e.Model, &e.SessionEpoch, &proto,
+			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.CleanStart, &e.RemoteAddr, &e.TLSVersion, &e.Listener, &e.BrokerNode, &e.Pings); err != nil {
+			return nil, fmt.Errorf("list events of %s: %w", deviceID, err)
+		}
+		e.ID, e.Kind, e.Reason, e.ProtocolVersion = EventID(id), Kind(kind), Reason(reason), Protocol(proto)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
