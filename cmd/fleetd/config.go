@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -21,6 +22,19 @@ import (
 type Config struct {
 	HTTPAddr        string
 	MQTTAddr        string
+	MQTTTLSAddr     string
+	MQTTWSAddr      string
+	TLSCertFile     string
+	TLSKeyFile      string
+	TLSClientCAFile string
+	MQTTMaxPacket   int
+	ConnectTimeout  time.Duration
+	ConnectRate     float64
+	ConnectBurst    int
+	ClientRate      float64
+	ClientBurst     int
+	SessionExpiry   time.Duration
+	TokenPepper     string
 	DatabaseURL     string
 	DataDir         string
 	AdminToken      string
@@ -49,10 +63,32 @@ func (c *Config) settings() []setting {
 	str := func(p *string, def string) func(*flag.FlagSet, string, string) {
 		return func(fs *flag.FlagSet, n, u string) { fs.StringVar(p, n, def, u) }
 	}
+	dur := func(p *time.Duration, def time.Duration) func(*flag.FlagSet, string, string) {
+		return func(fs *flag.FlagSet, n, u string) { fs.DurationVar(p, n, def, u) }
+	}
+	num := func(p *int, def int) func(*flag.FlagSet, string, string) {
+		return func(fs *flag.FlagSet, n, u string) { fs.IntVar(p, n, def, u) }
+	}
+	float := func(p *float64, def float64) func(*flag.FlagSet, string, string) {
+		return func(fs *flag.FlagSet, n, u string) { fs.Float64Var(p, n, def, u) }
+	}
 	host, _ := os.Hostname()
 	return []setting{
 		{name: "http-addr", usage: "HTTP listen address (API, console, probes, metrics)", bind: str(&c.HTTPAddr, ":8080")},
 		{name: "mqtt-addr", usage: "MQTT TCP listen address; empty turns it off", bind: str(&c.MQTTAddr, ":1883")},
+		{name: "mqtt-tls-addr", usage: "MQTT over TLS listen address; empty turns it off", bind: str(&c.MQTTTLSAddr, "")},
+		{name: "mqtt-ws-addr", usage: "MQTT over WebSocket listen address (path /mqtt); empty turns it off", bind: str(&c.MQTTWSAddr, "")},
+		{name: "tls-cert-file", usage: "PEM certificate of the MQTT TLS listener", bind: str(&c.TLSCertFile, "")},
+		{name: "tls-key-file", usage: "PEM private key of the MQTT TLS listener", bind: str(&c.TLSKeyFile, "")},
+		{name: "tls-client-ca-file", usage: "PEM CA that signs device certificates; when set, the TLS listener requires a client certificate whose CN is the device id", bind: str(&c.TLSClientCAFile, "")},
+		{name: "mqtt-max-packet", usage: "largest MQTT packet accepted, in bytes", bind: num(&c.MQTTMaxPacket, 256<<10)},
+		{name: "mqtt-connect-timeout", usage: "time a new connection has to send CONNECT (TLS handshake included)", bind: dur(&c.ConnectTimeout, 10*time.Second)},
+		{name: "mqtt-connect-rate", usage: "connection attempts per second admitted by the broker; 0 = unlimited", bind: float(&c.ConnectRate, 5000)},
+		{name: "mqtt-connect-burst", usage: "burst of connection attempts admitted above the rate", bind: num(&c.ConnectBurst, 1000)},
+		{name: "mqtt-client-connect-rate", usage: "connection attempts per second admitted per device id; 0 = unlimited", bind: float(&c.ClientRate, 1)},
+		{name: "mqtt-client-connect-burst", usage: "burst of connection attempts per device id", bind: num(&c.ClientBurst, 10)},
+		{name: "mqtt-session-expiry", usage: "longest time a disconnected persistent session is kept", bind: dur(&c.SessionExpiry, time.Hour)},
+		{name: "token-pepper", usage: "secret key for device token hashes (64 hex characters); empty generates one in the data dir; replicas must share it", bind: str(&c.TokenPepper, ""), fromFile: true},
 		{name: "database-url", usage: "PostgreSQL URL; empty starts an embedded PostgreSQL under the data dir", bind: str(&c.DatabaseURL, ""), fromFile: true},
 		{name: "data-dir", usage: "directory for the embedded database, generated secrets and spooled events", bind: str(&c.DataDir, "./fleetd-data")},
 		{name: "admin-token", usage: "bearer token for /api/v1; empty generates one on first start, kept in the data dir", bind: str(&c.AdminToken, ""), fromFile: true},
@@ -146,6 +182,53 @@ func (c *Config) validate() error {
 	if c.MQTTAddr != "" {
 		if err := checkAddr(c.MQTTAddr); err != nil {
 			bad("mqtt-addr", "%v", err)
+		}
+	}
+	for _, l := range []struct{ name, addr string }{{"mqtt-tls-addr", c.MQTTTLSAddr}, {"mqtt-ws-addr", c.MQTTWSAddr}} {
+		if l.addr != "" {
+			if err := checkAddr(l.addr); err != nil {
+				bad(l.name, "%v", err)
+			}
+		}
+	}
+	if c.MQTTTLSAddr != "" {
+		for _, f := range []struct{ name, path string }{{"tls-cert-file", c.TLSCertFile}, {"tls-key-file", c.TLSKeyFile}} {
+			if f.path == "" {
+				bad(f.name, "is required when FLEETD_MQTT_TLS_ADDR is set")
+			} else if _, err := os.Stat(f.path); err != nil {
+				bad(f.name, "%v", err)
+			}
+		}
+	}
+	if c.TLSClientCAFile != "" {
+		if _, err := os.Stat(c.TLSClientCAFile); err != nil {
+			bad("tls-client-ca-file", "%v", err)
+		}
+	}
+	if c.MQTTMaxPacket < 1024 || c.MQTTMaxPacket > 256<<20 {
+		bad("mqtt-max-packet", "must be between 1024 and %d bytes", 256<<20)
+	}
+	if c.ConnectTimeout <= 0 {
+		bad("mqtt-connect-timeout", "must be positive")
+	}
+	if c.ConnectRate < 0 {
+		bad("mqtt-connect-rate", "must not be negative")
+	}
+	if c.ConnectBurst < 1 {
+		bad("mqtt-connect-burst", "must be at least 1")
+	}
+	if c.ClientRate < 0 {
+		bad("mqtt-client-connect-rate", "must not be negative")
+	}
+	if c.ClientBurst < 1 {
+		bad("mqtt-client-connect-burst", "must be at least 1")
+	}
+	if c.SessionExpiry <= 0 {
+		bad("mqtt-session-expiry", "must be positive")
+	}
+	if c.TokenPepper != "" {
+		if b, err := hex.DecodeString(c.TokenPepper); err != nil || len(b) < 32 {
+			bad("token-pepper", "must be at least 64 hex characters (32 bytes)")
 		}
 	}
 	if c.DataDir == "" {

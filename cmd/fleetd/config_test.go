@@ -24,7 +24,9 @@ func TestParseConfig(t *testing.T) {
 	os.WriteFile(dbFile, []byte("postgres://u:p@db:5432/fleetd\n"), 0o600)
 
 	defaults := Config{HTTPAddr: ":8080", MQTTAddr: ":1883", DataDir: "./fleetd-data", LogLevel: slog.LevelInfo,
-		LogFormat: "json", ShutdownTimeout: 20 * time.Second, Node: host}
+		LogFormat: "json", ShutdownTimeout: 20 * time.Second, Node: host,
+		MQTTMaxPacket: 256 << 10, ConnectTimeout: 10 * time.Second, ConnectRate: 5000, ConnectBurst: 1000,
+		ClientRate: 1, ClientBurst: 10, SessionExpiry: time.Hour}
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {
@@ -88,6 +90,10 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "bad database url", env: map[string]string{"FLEETD_DATABASE_URL": "postgres://h:notaport/x"}, want: []string{"FLEETD_DATABASE_URL"}},
 		{name: "unknown flag", args: []string{"-no-such-flag"}, want: []string{"no-such-flag"}},
 		{name: "stray argument", args: []string{"serve"}, want: []string{"serve"}},
+		{name: "tls without cert", args: []string{"-mqtt-tls-addr", ":8883"}, want: []string{"FLEETD_TLS_CERT_FILE", "FLEETD_TLS_KEY_FILE"}},
+		{name: "tiny max packet", args: []string{"-mqtt-max-packet", "10"}, want: []string{"FLEETD_MQTT_MAX_PACKET"}},
+		{name: "negative connect rate", args: []string{"-mqtt-connect-rate", "-1"}, want: []string{"FLEETD_MQTT_CONNECT_RATE"}},
+		{name: "short pepper", env: map[string]string{"FLEETD_TOKEN_PEPPER": "abcd"}, want: []string{"FLEETD_TOKEN_PEPPER"}},
 		{name: "several problems at once", env: map[string]string{"FLEETD_LOG_FORMAT": "xml", "FLEETD_HTTP_ADDR": "nope"},
 			want: []string{"FLEETD_LOG_FORMAT", "FLEETD_HTTP_ADDR"}},
 	}

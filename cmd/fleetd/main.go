@@ -20,6 +20,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/fleetd/fleetd/broker"
+	"github.com/fleetd/fleetd/fleet"
 	"github.com/fleetd/fleetd/internal/pgserver"
 	"github.com/fleetd/fleetd/migrations"
 	"github.com/fleetd/fleetd/web"
@@ -115,11 +117,65 @@ func start(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle) 
 	if _, err := migrations.Up(ctx, pool, logger); err != nil {
 		return err
 	}
+	if err := startFleet(ctx, cfg, logger, lc, api, pool, reg); err != nil {
+		return err
+	}
 
 	// The API reads the database, so it stops before the database even though
 	// it started serving earlier.
 	lc.onStop("http server", stopHTTP)
 	lc.markStarted()
+	return nil
+}
+
+// startFleet starts the registry, the event recorder and the broker, and
+// mounts the device API. The broker stops before the recorder, so that every
+// session's server_shutdown event is recorded and flushed.
+func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Server, pool *pgxpool.Pool, reg *prometheus.Registry) error {
+	pepper, err := tokenPepper(cfg, logger)
+	if err != nil {
+		return err
+	}
+	hasher, err := fleet.NewHasher(pepper)
+	if err != nil {
+		return fmt.Errorf("%s: %w", envName("token-pepper"), err)
+	}
+	store := fleet.NewStore(pool)
+	svc := fleet.NewService(store, hasher, logger)
+	n, err := svc.WarmCache(ctx)
+	if err != nil {
+		return err
+	}
+	logger.Info("device credentials loaded", "devices", n)
+	rec, err := fleet.NewRecorder(store, fleet.RecorderOptions{
+		SpoolPath: filepath.Join(cfg.DataDir, "spool", "events.jsonl"), Logger: logger.With("component", "events"), Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+	lc.onStop("event recorder", rec.Close)
+
+	b, err := broker.New(broker.Config{
+		TCPAddr: cfg.MQTTAddr, TLSAddr: cfg.MQTTTLSAddr, WSAddr: cfg.MQTTWSAddr,
+		TLSCertFile: cfg.TLSCertFile, TLSKeyFile: cfg.TLSKeyFile, TLSClientCAFile: cfg.TLSClientCAFile,
+		MaxPacket: cfg.MQTTMaxPacket, ConnectTimeout: cfg.ConnectTimeout,
+		ConnectRate: cfg.ConnectRate, ConnectBurst: cfg.ConnectBurst,
+		ClientConnectRate: cfg.ClientRate, ClientConnectBurst: cfg.ClientBurst,
+		SessionExpiry: cfg.SessionExpiry, Node: cfg.Node,
+	}, svc, rec, logger.With("component", "mqtt"), reg)
+	if err != nil {
+		return err
+	}
+	svc.OnRevoke(b.Kick)
+	if err := b.Start(); err != nil {
+		return fmt.Errorf("start mqtt broker: %w", err)
+	}
+	lc.onStop("mqtt broker", b.Close)
+	for id, addr := range b.Addrs() {
+		logger.Info("mqtt listening", "component", "mqtt-"+id, "addr", addr)
+	}
+	api.AddCheck(web.Check{Name: "mqtt", Check: b.Ready})
+	api.MountDevices(svc)
 	return nil
 }
 

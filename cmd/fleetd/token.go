@@ -11,46 +11,69 @@ import (
 	"strings"
 )
 
-// adminTokenFile is where a generated admin token is kept, readable by the
-// owner only.
-const adminTokenFile = "admin-token"
+// Files in the data dir that hold secrets generated on first start.
+const (
+	adminTokenFile  = "admin-token"
+	tokenPepperFile = "token-pepper"
+)
 
-// adminToken returns the configured token or, when none is configured, the one
-// kept in the data dir, generating it on first start. The token itself is
-// never logged: only the file's path.
+// adminToken returns the configured admin token or the one kept in the data
+// dir, generating it on first start.
 func adminToken(cfg Config, logger *slog.Logger) (string, error) {
-	if cfg.AdminToken != "" {
-		return cfg.AdminToken, nil
+	return secret(cfg.AdminToken, cfg.DataDir, adminTokenFile, "admin-token", 16, logger)
+}
+
+// tokenPepper returns the key of device token hashes. Losing it invalidates
+// every device token, so it is generated once and kept; replicas sharing a
+// database must be given the same one.
+func tokenPepper(cfg Config, logger *slog.Logger) ([]byte, error) {
+	s, err := secret(cfg.TokenPepper, cfg.DataDir, tokenPepperFile, "token-pepper", 64, logger)
+	if err != nil {
+		return nil, err
 	}
-	path := filepath.Join(cfg.DataDir, adminTokenFile)
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("%s in %s is not hex: %w", tokenPepperFile, cfg.DataDir, err)
+	}
+	return b, nil
+}
+
+// secret returns configured when set. Otherwise it reads dataDir/file, or
+// creates it with 32 random bytes in hex, readable by the owner only. The
+// secret itself is never logged: only the file's path.
+func secret(configured, dataDir, file, setting string, minLen int, logger *slog.Logger) (string, error) {
+	if configured != "" {
+		return configured, nil
+	}
+	path := filepath.Join(dataDir, file)
 	data, err := os.ReadFile(path)
 	switch {
 	case err == nil:
-		token := strings.TrimSpace(string(data))
-		if len(token) < 16 {
-			return "", fmt.Errorf("admin token file %s is damaged (fewer than 16 characters): delete it to generate a new token, or set %s", path, envName("admin-token"))
+		value := strings.TrimSpace(string(data))
+		if len(value) < minLen {
+			return "", fmt.Errorf("%s is damaged (fewer than %d characters): delete it to generate a new one, or set %s", path, minLen, envName(setting))
 		}
 		if err := os.Chmod(path, 0o600); err != nil {
 			return "", fmt.Errorf("restrict %s to its owner: %w", path, err)
 		}
-		logger.Info("admin token read from file", "path", path)
-		return token, nil
+		logger.Info("secret read from file", "setting", envName(setting), "path", path)
+		return value, nil
 	case !errors.Is(err, os.ErrNotExist):
-		return "", fmt.Errorf("read admin token: %w", err)
+		return "", fmt.Errorf("read %s: %w", path, err)
 	}
 	b := make([]byte, 32)
 	if _, err := rand.Read(b); err != nil {
 		return "", err
 	}
-	token := hex.EncodeToString(b)
-	// Write then rename, so a crash never leaves a truncated token behind.
+	value := hex.EncodeToString(b)
+	// Write then rename, so a crash never leaves a truncated secret behind.
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(token+"\n"), 0o600); err != nil {
-		return "", fmt.Errorf("write admin token: %w", err)
+	if err := os.WriteFile(tmp, []byte(value+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("write %s: %w", path, err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
-		return "", fmt.Errorf("write admin token: %w", err)
+		return "", fmt.Errorf("write %s: %w", path, err)
 	}
-	logger.Warn("generated an admin token for /api/v1; read it from the file", "path", path)
-	return token, nil
+	logger.Warn("generated a secret; keep the file", "setting", envName(setting), "path", path)
+	return value, nil
 }

@@ -1,0 +1,374 @@
+// Package broker is fleetd's MQTT edge: the embedded mochi-mqtt broker, its
+// listeners (TCP, TLS with client certificates, WebSocket), device
+// authentication and topic ACLs, connection-rate limiting, presence capture
+// and disconnect classification. It is the only package that imports mochi.
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/fleetd/fleetd/fleet"
+)
+
+// Registry is what the broker needs from the device registry.
+type Registry interface {
+	// Authenticate checks a device's token.
+	Authenticate(ctx context.Context, id string, token []byte) (fleet.AuthInfo, error)
+	// Admit checks a device that proved its identity with a certificate.
+	Admit(ctx context.Context, id string) (fleet.AuthInfo, error)
+	// NoteBirth remembers the firmware and model a device announced.
+	NoteBirth(id, firmware, model string)
+	// TouchLastSeen records when devices were last heard from.
+	TouchLastSeen(ctx context.Context, seen map[string]time.Time) error
+}
+
+// EventSink takes connection events without blocking.
+type EventSink interface {
+	Record(fleet.Event)
+}
+
+// Config is the broker's configuration. Empty addresses turn listeners off.
+type Config struct {
+	TCPAddr string
+	TLSAddr string
+	WSAddr  string
+	// TLS listener: server certificate, and the CA that signs device
+	// certificates (when set, a client certificate is required and names the
+	// device).
+	TLSCertFile, TLSKeyFile, TLSClientCAFile string
+
+	// MaxPacket is the largest packet accepted, in bytes; it is advertised to
+	// MQTT 5 clients in CONNACK.
+	MaxPacket int
+	// ConnectTimeout bounds the time from accept to CONNECT (TLS handshake included).
+	ConnectTimeout time.Duration
+	// ConnectRate and ConnectBurst bound connection attempts per second for the
+	// whole broker (0 = unlimited), so a reconnect storm is admitted at a pace
+	// the server can take.
+	ConnectRate  float64
+	ConnectBurst int
+	// ClientConnectRate and ClientConnectBurst bound attempts per client id, so
+	// one flapping device cannot use up the broker's rate.
+	ClientConnectRate  float64
+	ClientConnectBurst int
+	// SessionExpiry caps how long a disconnected persistent session (MQTT 3
+	// clean-session=false, or MQTT 5 session expiry) is kept.
+	SessionExpiry time.Duration
+	// LastSeenInterval is how often last_seen is written for devices that sent
+	// something.
+	LastSeenInterval time.Duration
+	// Node names this replica in events.
+	Node string
+}
+
+func (c *Config) defaults() {
+	if c.MaxPacket == 0 {
+		c.MaxPacket = 256 << 10
+	}
+	if c.ConnectTimeout == 0 {
+		c.ConnectTimeout = 10 * time.Second
+	}
+	if c.ConnectBurst == 0 {
+		c.ConnectBurst = max(1, int(c.ConnectRate))
+	}
+	if c.ClientConnectBurst == 0 {
+		c.ClientConnectBurst = 10
+	}
+	if c.SessionExpiry == 0 {
+		c.SessionExpiry = time.Hour
+	}
+	if c.LastSeenInterval == 0 {
+		c.LastSeenInterval = 15 * time.Second
+	}
+}
+
+// Broker is the embedded MQTT broker.
+type Broker struct {
+	cfg       Config
+	srv       *mqtt.Server
+	reg       Registry
+	events    EventSink
+	log       *slog.Logger
+	m         *metrics
+	listeners []*listener
+	limits    *connectLimits
+	hook      *hook
+
+	pending   sync.Map // *mqtt.Client → *session, from OnConnect to OnSessionEstablished
+	sessions  sync.Map // *mqtt.Client → *session
+	lastEpoch atomic.Int64
+
+	closeOnce sync.Once
+	stop      chan struct{}
+	done      chan struct{}
+}
+
+// New builds the broker and binds its listeners, so that a taken address
+// fails here, before the rest of fleetd starts. Nothing is served until Start.
+func New(cfg Config, reg Registry, events EventSink, logger *slog.Logger, registerer prometheus.Registerer) (*Broker, error) {
+	cfg.defaults()
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	b := &Broker{cfg: cfg, reg: reg, events: events, log: logger, m: newMetrics(), stop: make(chan struct{}), done: make(chan struct{})}
+	b.limits = newConnectLimits(cfg)
+	if registerer != nil {
+		b.m.register(registerer, b)
+	}
+
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumPacketSize = uint32(cfg.MaxPacket)
+	// mochi deletes retained messages after 24 h by default; a device's
+	// retained status must stay until the device replaces it.
+	caps.MaximumMessageExpiryInterval = 0
+	caps.MaximumSessionExpiryInterval = uint32(cfg.SessionExpiry / time.Second)
+	// Memory per connection is a product property: mochi's defaults allocate an
+	// 8192-slot outbound queue (64 KiB) per client. Devices receive a few OTA
+	// jobs and commands, not streams.
+	caps.MaximumClientWritesPending = 64
+	caps.MaximumInflight = 64
+	caps.ReceiveMaximum = 64
+	mqttLevel := slog.LevelError
+	if logger.Enabled(context.Background(), slog.LevelDebug) {
+		mqttLevel = slog.LevelDebug
+	}
+	b.srv = mqtt.New(&mqtt.Options{
+		Capabilities:             caps,
+		ClientNetReadBufferSize:  1024,
+		ClientNetWriteBufferSize: 1024,
+		InlineClient:             true, // server-side publishes (OTA jobs, commands)
+		SysTopicResendInterval:   60,
+		Logger:                   slog.New(levelHandler{logger.Handler(), mqttLevel}).With("component", "mochi"),
+	})
+	b.hook = &hook{b: b}
+	if err := b.srv.AddHook(b.hook, nil); err != nil {
+		return nil, err
+	}
+
+	var tlsCfg *tls.Config
+	if cfg.TLSAddr != "" {
+		var err error
+		if tlsCfg, err = loadTLS(cfg); err != nil {
+			return nil, err
+		}
+	}
+	for _, spec := range []struct {
+		id, addr, setting string
+		tls               *tls.Config
+		ws                bool
+	}{
+		{"tcp", cfg.TCPAddr, "FLEETD_MQTT_ADDR", nil, false},
+		{"tls", cfg.TLSAddr, "FLEETD_MQTT_TLS_ADDR", tlsCfg, false},
+		{"ws", cfg.WSAddr, "FLEETD_MQTT_WS_ADDR", nil, true},
+	} {
+		if spec.addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", spec.addr)
+		if err != nil {
+			b.closeListeners()
+			return nil, fmt.Errorf("listen on %s (set by %s): %w", spec.addr, spec.setting, err)
+		}
+		l := &listener{id: spec.id, ln: ln, tlsConfig: spec.tls, ws: spec.ws, connectTimeout: cfg.ConnectTimeout,
+			maxPacket: cfg.MaxPacket, log: logger, m: b.m, onHandshakeError: b.handshakeFailed}
+		b.listeners = append(b.listeners, l)
+	}
+	return b, nil
+}
+
+func loadTLS(cfg Config) (*tls.Config, error) {
+	if cfg.TLSCertFile == "" || cfg.TLSKeyFile == "" {
+		return nil, errors.New("FLEETD_MQTT_TLS_ADDR is set: FLEETD_TLS_CERT_FILE and FLEETD_TLS_KEY_FILE are required")
+	}
+	cert, err := tls.LoadX509KeyPair(cfg.TLSCertFile, cfg.TLSKeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("FLEETD_TLS_CERT_FILE/FLEETD_TLS_KEY_FILE: %w", err)
+	}
+	t := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if cfg.TLSClientCAFile != "" {
+		pem, err := os.ReadFile(cfg.TLSClientCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("FLEETD_TLS_CLIENT_CA_FILE: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("FLEETD_TLS_CLIENT_CA_FILE: %s holds no PEM certificate", cfg.TLSClientCAFile)
+		}
+		t.ClientCAs = pool
+		t.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	return t, nil
+}
+
+// Addrs maps each listener ("tcp", "tls", "ws") to the address it bound.
+func (b *Broker) Addrs() map[string]string {
+	out := map[string]string{}
+	for _, l := range b.listeners {
+		out[l.id] = l.Address()
+	}
+	return out
+}
+
+// Start serves every listener and starts the last-seen flusher.
+func (b *Broker) Start() error {
+	for _, l := range b.listeners {
+		if err := b.srv.AddListener(l); err != nil {
+			return err
+		}
+	}
+	if err := b.srv.Serve(); err != nil {
+		return err
+	}
+	go b.flushLastSeenLoop()
+	go b.limits.pruneLoop(b.stop)
+	return nil
+}
+
+// Ready reports whether every listener is accepting.
+func (b *Broker) Ready(context.Context) error {
+	for _, l := range b.listeners {
+		if !l.serving.Load() {
+			return fmt.Errorf("mqtt listener %s (%s) is not serving", l.id, l.Address())
+		}
+	}
+	return nil
+}
+
+// Close stops accepting, sends MQTT 5 clients DISCONNECT 0x8B (server
+// shutting down), waits for every session to end (each records its
+// server_shutdown event) and writes the last last_seen values.
+func (b *Broker) Close(ctx context.Context) error {
+	var err error
+	b.closeOnce.Do(func() {
+		closed := make(chan struct{})
+		go func() { _ = b.srv.Close(); close(closed) }()
+		select {
+		case <-closed:
+		case <-ctx.Done():
+			err = fmt.Errorf("mqtt sessions still closing: %w", ctx.Err())
+		}
+		close(b.stop)
+		<-b.done
+	})
+	return err
+}
+
+func (b *Broker) closeListeners() {
+	for _, l := range b.listeners {
+		l.ln.Close()
+	}
+}
+
+// Kick ends a device's live session because its credential was revoked: the
+// client gets DISCONNECT 0x98 (MQTT 5), its will is not published, and the
+// broker forgets everything it held for the device: session, subscriptions,
+// queued messages and retained messages.
+func (b *Broker) Kick(deviceID string) {
+	if cl, ok := b.srv.Clients.Get(deviceID); ok && !cl.Net.Inline {
+		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+		if !cl.Closed() {
+			_ = b.srv.DisconnectClient(cl, codeDecommissioned)
+		}
+		b.srv.UnsubscribeClient(cl)
+		cl.ClearInflights()
+		if cur, ok := b.srv.Clients.Get(deviceID); ok && cur == cl {
+			b.srv.Clients.Delete(deviceID)
+		}
+	}
+	for _, pk := range b.srv.Topics.Messages(devicePrefix(deviceID) + "#") {
+		b.srv.Topics.RetainMessage(packets.Packet{TopicName: pk.TopicName, FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}})
+	}
+	b.limits.forget(deviceID)
+	b.log.Info("device session ended: decommissioned", "device_id", deviceID)
+}
+
+// nextEpoch returns a session epoch: microseconds since 1970, made strictly
+// increasing within the process, so a later session always has a larger epoch.
+func (b *Broker) nextEpoch() int64 {
+	for {
+		last := b.lastEpoch.Load()
+		next := max(time.Now().UnixMicro(), last+1)
+		if b.lastEpoch.CompareAndSwap(last, next) {
+			return next
+		}
+	}
+}
+
+// flushLastSeenLoop writes when each connected device was last heard from,
+// coalesced: one statement per interval for the whole fleet, not one UPDATE
+// per packet.
+func (b *Broker) flushLastSeenLoop() {
+	defer close(b.done)
+	t := time.NewTicker(b.cfg.LastSeenInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-b.stop:
+			b.flushLastSeen()
+			return
+		case <-t.C:
+			b.flushLastSeen()
+		}
+	}
+}
+
+func (b *Broker) flushLastSeen() {
+	seen := map[string]time.Time{}
+	var flushed []*session
+	b.sessions.Range(func(_, v any) bool {
+		s := v.(*session)
+		if last := s.wire.lastRead.Load(); last > s.lastFlushed.Load() {
+			seen[s.deviceID] = time.Unix(0, last)
+			flushed = append(flushed, s)
+		}
+		return true
+	})
+	if len(seen) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := b.reg.TouchLastSeen(ctx, seen); err != nil {
+		b.log.Warn("cannot write last_seen; will retry", "devices", len(seen), "err", err)
+		return
+	}
+	for _, s := range flushed {
+		s.lastFlushed.Store(seen[s.deviceID].UnixNano())
+	}
+}
+
+func (b *Broker) handshakeFailed(remote string, err error) {
+	b.log.Warn("TLS handshake failed", "remote", remote, "err", err)
+	now := time.Now()
+	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), At: now, Kind: fleet.KindRefused, Reason: fleet.ReasonTLSHandshakeFailed,
+		Detail: err.Error(), RemoteAddr: remote, Listener: "tls", BrokerNode: b.cfg.Node})
+}
+
+// levelHandler raises the minimum level of a handler: mochi logs a warning for
+// every abnormal disconnect, which fleetd records as events instead.
+type levelHandler struct {
+	slog.Handler
+	min slog.Level
+}
+
+func (h levelHandler) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= h.min && h.Handler.Enabled(ctx, l)
+}
+func (h levelHandler) WithAttrs(a []slog.Attr) slog.Handler {
+	return levelHandler{h.Handler.WithAttrs(a), h.min}
+}
+func (h levelHandler) WithGroup(n string) slog.Handler { return levelHandler{h.Handler.WithGroup(n), h.min} }

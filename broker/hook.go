@@ -1,0 +1,397 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/fleetd/fleetd/fleet"
+)
+
+// session is what the broker keeps per live device session. It is keyed by
+// the *mqtt.Client, never by device id: during a takeover the old and the new
+// session of one id coexist, and their hooks run concurrently.
+type session struct {
+	deviceID  string
+	epoch     int64
+	firmware  string
+	model     string
+	wire      *wireConn
+	start     time.Time
+	keepalive uint16 // requested in CONNECT
+	clean     bool
+
+	lastFlushed atomic.Int64 // last_seen written up to (unix ns)
+	denials     atomic.Int32 // ACL denials recorded for this session
+}
+
+// maxDenialEvents bounds the acl_denied events one session records, so a
+// device stuck in a loop of forbidden publishes cannot flood the registry.
+const maxDenialEvents = 10
+
+// hook connects mochi to the registry. Hooks run on each client's goroutine;
+// only OnConnect may wait (on a credential lookup that missed the cache,
+// because the protocol needs the answer). Everything else is in memory.
+type hook struct {
+	mqtt.HookBase
+	b *Broker
+}
+
+func (h *hook) ID() string { return "fleetd" }
+
+func (h *hook) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
+		mqtt.OnACLCheck, mqtt.OnSubscribed, mqtt.OnPublish, mqtt.OnPacketEncode, mqtt.OnClientExpired:
+		return true
+	}
+	return false
+}
+
+// refusal is why a CONNECT is refused, independent of the protocol version.
+type refusal int
+
+const (
+	refuseBadCredentials refusal = iota
+	refuseNotAuthorized
+	refuseRateLimited
+	refuseUnavailable
+)
+
+// connackCode picks the CONNACK code for a refusal. MQTT 3 has only return
+// codes 1-5 ([MQTT-3.2.2-5]); MQTT 5 has reason codes.
+func connackCode(version byte, r refusal) packets.Code {
+	if version < 5 {
+		switch r {
+		case refuseBadCredentials:
+			return packets.ErrMalformedUsernameOrPassword // 0x04 bad user name or password
+		case refuseNotAuthorized:
+			return packets.Err3NotAuthorized // 0x05
+		default:
+			return packets.Err3ServerUnavailable // 0x03
+		}
+	}
+	switch r {
+	case refuseBadCredentials:
+		return packets.ErrBadUsernameOrPassword // 0x86
+	case refuseNotAuthorized:
+		return packets.ErrNotAuthorized // 0x87
+	case refuseRateLimited:
+		return packets.ErrConnectionRateExceeded // 0x9F
+	default:
+		return packets.ErrServerUnavailable // 0x88
+	}
+}
+
+// OnConnect rate-limits, authenticates and authorises a CONNECT. A refusal
+// sends the CONNACK code itself (mochi would close the socket silently),
+// records a "refused" event and returns an error so mochi ends the connection.
+func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) (err error) {
+	defer h.recover(cl, "OnConnect", &err)
+	b := h.b
+	id := pk.Connect.ClientIdentifier
+	wire, _ := cl.Net.Conn.(*wireConn)
+	refuse := func(reason fleet.Reason, r refusal, detail string) error {
+		code := connackCode(cl.Properties.ProtocolVersion, r)
+		_ = b.srv.SendConnack(cl, code, false, nil)
+		now := time.Now()
+		b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: id, At: now, Kind: fleet.KindRefused, Reason: reason,
+			Detail: detail, ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion), KeepaliveRequested: int(pk.Connect.Keepalive),
+			CleanStart: pk.Connect.Clean, RemoteAddr: cl.Net.Remote, TLSVersion: tlsVersion(wire), Listener: cl.Net.Listener, BrokerNode: b.cfg.Node})
+		b.m.connects.WithLabelValues(string(reason)).Inc()
+		b.log.Info("connection refused", "device_id", id, "reason", reason, "detail", detail, "remote", cl.Net.Remote,
+			"listener", cl.Net.Listener, "connack", fmt.Sprintf("0x%02x", code.Code))
+		return code
+	}
+
+	if !b.limits.allowGlobal() {
+		return refuse(fleet.ReasonThrottled, refuseRateLimited, "broker connect rate exceeded")
+	}
+	if id == "" {
+		return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, "empty client id: the client id must be the device id")
+	}
+	if !b.limits.allowClient(id) {
+		return refuse(fleet.ReasonThrottled, refuseRateLimited, "device reconnects too often")
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var info fleet.AuthInfo
+	if cert := peerCertificate(wire); cert != nil {
+		if !certNames(cert, id) {
+			return refuse(fleet.ReasonAuthFailed, refuseNotAuthorized, fmt.Sprintf("client id does not match the certificate (CN %q)", cert.Subject.CommonName))
+		}
+		info, err = b.reg.Admit(ctx, id)
+	} else {
+		if string(pk.Connect.Username) != id {
+			return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, "user name must be the device id")
+		}
+		info, err = b.reg.Authenticate(ctx, id, pk.Connect.Password)
+	}
+	if err != nil {
+		b.log.Error("cannot authenticate: registry unavailable", "device_id", id, "err", err)
+		return refuse(fleet.ReasonAuthFailed, refuseUnavailable, "registry unavailable")
+	}
+	switch info.Result {
+	case fleet.AuthUnknownDevice:
+		return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, "unknown device")
+	case fleet.AuthBadToken:
+		return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, "wrong token")
+	case fleet.AuthDecommissioned:
+		return refuse(fleet.ReasonDecommissioned, refuseNotAuthorized, "device is decommissioned")
+	}
+
+	s := &session{deviceID: id, firmware: info.Firmware, model: info.Model, wire: wire, start: time.Now(),
+		keepalive: pk.Connect.Keepalive, clean: pk.Connect.Clean}
+	// MQTT 5 devices may announce their firmware in the CONNECT's user properties.
+	for _, up := range pk.Properties.User {
+		switch up.Key {
+		case "firmware":
+			s.firmware = up.Val
+		case "model":
+			s.model = up.Val
+		}
+	}
+	if wire != nil {
+		wire.accepted.Store(true)
+	}
+	b.pending.Store(cl, s)
+	return nil
+}
+
+// OnConnectAuthenticate admits what OnConnect accepted (mochi requires some
+// hook to say yes).
+func (h *hook) OnConnectAuthenticate(*mqtt.Client, packets.Packet) bool { return true }
+
+// OnSessionEstablished records the connect. It runs after the CONNACK, so
+// a session whose CONNACK could not be written is never counted online.
+func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	defer h.recover(cl, "OnSessionEstablished", nil)
+	b := h.b
+	v, ok := b.pending.LoadAndDelete(cl)
+	if !ok {
+		return
+	}
+	s := v.(*session)
+	s.epoch = b.nextEpoch()
+	b.sessions.Store(cl, s)
+	b.m.connects.WithLabelValues("ok").Inc()
+	now := time.Now()
+	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: s.deviceID, At: now, Kind: fleet.KindConnect,
+		Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch, ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion),
+		KeepaliveRequested: int(s.keepalive), KeepaliveEffective: int(cl.State.Keepalive), CleanStart: s.clean,
+		RemoteAddr: cl.Net.Remote, TLSVersion: tlsVersion(s.wire), Listener: cl.Net.Listener, BrokerNode: b.cfg.Node})
+	b.log.Debug("device connected", "device_id", s.deviceID, "session_epoch", s.epoch, "protocol", fleet.Protocol(cl.Properties.ProtocolVersion).String(),
+		"keepalive", cl.State.Keepalive, "remote", cl.Net.Remote, "listener", cl.Net.Listener)
+
+	// A decommission that raced this connect (it ran after OnConnect's check,
+	// before the client was registered) must still end the session.
+	if info, err := b.reg.Admit(context.Background(), s.deviceID); err == nil && info.Result != fleet.AuthOK {
+		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+		_ = b.srv.DisconnectClient(cl, codeDecommissioned)
+	}
+}
+
+// OnDisconnect classifies why the session ended and records it. The epoch
+// ties the event to its session, so a takeover's late disconnect does not
+// mark the new session offline.
+func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	defer h.recover(cl, "OnDisconnect", nil)
+	b := h.b
+	v, ok := b.sessions.LoadAndDelete(cl)
+	if !ok {
+		return
+	}
+	s := v.(*session)
+	cause := cl.StopCause()
+	if cause == nil {
+		cause = err
+	}
+	end := SessionEnd{Cause: cause}
+	pings := 0
+	if s.wire != nil {
+		end.BadHeader = s.wire.BadHeader()
+		pings = int(s.wire.pings.Load())
+	}
+	reason, detail := Classify(end)
+	b.m.disconnects.WithLabelValues(string(reason)).Inc()
+	now := time.Now()
+	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: s.deviceID, At: now, Kind: fleet.KindDisconnect,
+		Reason: reason, Detail: detail, Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch,
+		ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion), KeepaliveRequested: int(s.keepalive),
+		KeepaliveEffective: int(cl.State.Keepalive), CleanStart: s.clean, RemoteAddr: cl.Net.Remote,
+		TLSVersion: tlsVersion(s.wire), Listener: cl.Net.Listener, BrokerNode: b.cfg.Node, Pings: pings})
+	level := slog.LevelInfo
+	if reason == fleet.ReasonClientDisconnect || reason == fleet.ReasonServerShutdown {
+		level = slog.LevelDebug
+	}
+	b.log.Log(context.Background(), level, "device disconnected", "device_id", s.deviceID, "reason", reason, "detail", detail,
+		"session_epoch", s.epoch, "firmware", s.firmware, "duration", time.Since(s.start).Round(time.Millisecond).String())
+}
+
+// OnACLCheck confines a device to its own topics. It runs for every publish
+// and for every delivery, so it only compares strings.
+func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) (ok bool) {
+	if cl.Net.Inline {
+		return true
+	}
+	if !write {
+		return canSubscribe(cl.ID, topic)
+	}
+	if canPublish(cl.ID, topic) {
+		return true
+	}
+	h.denied(cl, "publish to "+topic)
+	return false
+}
+
+// OnSubscribed records subscriptions the ACL refused.
+func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
+	for i, f := range pk.Filters {
+		if i < len(codes) && codes[i] >= 0x80 {
+			h.denied(cl, "subscribe to "+f.Filter)
+		}
+	}
+}
+
+func (h *hook) denied(cl *mqtt.Client, what string) {
+	v, ok := h.b.sessions.Load(cl)
+	if !ok {
+		return
+	}
+	s := v.(*session)
+	n := s.denials.Add(1)
+	h.b.m.aclDenials.Inc()
+	if n > maxDenialEvents {
+		return
+	}
+	now := time.Now()
+	h.b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: s.deviceID, At: now, Kind: fleet.KindACLDenied,
+		Detail: what, Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch, BrokerNode: h.b.cfg.Node})
+	h.b.log.Warn("topic access denied", "device_id", s.deviceID, "what", what)
+}
+
+// birth is the payload of devices/{id}/status.
+type birth struct {
+	Online   *bool  `json:"online"`
+	Firmware string `json:"firmware"`
+	Model    string `json:"model"`
+}
+
+// OnPublish reads birth messages and keeps retained messages to the status
+// topic only.
+func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil
+	}
+	if pk.FixedHeader.Retain && !retainable(cl.ID, pk.TopicName) {
+		pk.FixedHeader.Retain = false
+	}
+	if pk.TopicName != devicePrefix(cl.ID)+"status" {
+		return pk, nil
+	}
+	var msg birth
+	dec := json.NewDecoder(bytes.NewReader(pk.Payload))
+	if err := dec.Decode(&msg); err != nil || msg.Online == nil || len(msg.Firmware) > 64 || len(msg.Model) > 64 {
+		h.b.log.Warn("malformed status message", "device_id", cl.ID, "payload", truncate(pk.Payload, 200),
+			"want", `{"online":true,"firmware":"1.2.0","model":"gw-100"}`)
+		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
+			return pk, packets.ErrPayloadFormatInvalid
+		}
+		return pk, nil
+	}
+	if !*msg.Online {
+		return pk, nil // the will, or a device announcing it is going away
+	}
+	v, ok := h.b.sessions.Load(cl)
+	if !ok {
+		return pk, nil
+	}
+	s := v.(*session)
+	if msg.Firmware != "" {
+		s.firmware = msg.Firmware
+	}
+	if msg.Model != "" {
+		s.model = msg.Model
+	}
+	h.b.reg.NoteBirth(s.deviceID, s.firmware, s.model)
+	now := time.Now()
+	h.b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: s.deviceID, At: now, Kind: fleet.KindBirth,
+		Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch, ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion),
+		BrokerNode: h.b.cfg.Node})
+	return pk, nil
+}
+
+// OnPacketEncode advertises the broker's maximum packet size to MQTT 5
+// clients, which mochi enforces but does not announce ([MQTT-3.2.2-15]).
+func (h *hook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Connack && cl.Properties.ProtocolVersion == 5 && pk.ReasonCode == 0 {
+		pk.Properties.MaximumPacketSize = uint32(h.b.cfg.MaxPacket)
+	}
+	return pk
+}
+
+// OnClientExpired removes an expired session's subscriptions, which mochi
+// leaves in its topic index: a later client with the same id would otherwise
+// receive messages for them.
+func (h *hook) OnClientExpired(cl *mqtt.Client) {
+	h.b.srv.UnsubscribeClient(cl)
+}
+
+// recover keeps a bug in a hook from taking the whole broker down (mochi has
+// no recover of its own); the client is disconnected instead.
+func (h *hook) recover(cl *mqtt.Client, where string, errp *error) {
+	if v := recover(); v != nil {
+		h.b.log.Error("panic in broker hook", "hook", where, "device_id", cl.ID, "panic", fmt.Sprint(v))
+		if errp != nil {
+			*errp = packets.ErrUnspecifiedError
+		}
+	}
+}
+
+func tlsVersion(w *wireConn) string {
+	if w == nil {
+		return ""
+	}
+	return w.TLSVersion()
+}
+
+func peerCertificate(w *wireConn) *x509.Certificate {
+	if w == nil || w.tls == nil {
+		return nil
+	}
+	certs := w.tls.ConnectionState().PeerCertificates
+	if len(certs) == 0 {
+		return nil
+	}
+	return certs[0]
+}
+
+// certNames reports whether the certificate names the device: its CN or one
+// of its DNS subject alternative names is the device id.
+func certNames(cert *x509.Certificate, id string) bool {
+	if cert.Subject.CommonName == id {
+		return true
+	}
+	for _, n := range cert.DNSNames {
+		if n == id {
+			return true
+		}
+	}
+	return false
+}
+
+func truncate(b []byte, n int) string {
+	if len(b) > n {
+		return string(b[:n]) + "…"
+	}
+	return string(b)
+}

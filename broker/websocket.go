@@ -1,0 +1,82 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// wsConn presents a WebSocket connection as the byte stream MQTT expects
+// ([MQTT-6.0.0-1]: binary frames only; a frame may hold part of a packet or
+// several packets).
+type wsConn struct {
+	ws *websocket.Conn
+	r  io.Reader
+}
+
+// wsClosed is a WebSocket close handshake or an abnormal closure.
+type wsClosed struct {
+	code int
+	text string
+}
+
+func (e *wsClosed) Error() string {
+	if e.code == websocket.CloseAbnormalClosure {
+		return "websocket connection lost"
+	}
+	return fmt.Sprintf("websocket closed by the client (code %d %s)", e.code, e.text)
+}
+
+var errTextFrame = errors.New("websocket text frame: MQTT over WebSocket uses binary frames [MQTT-6.0.0-1]")
+
+func (c *wsConn) Read(p []byte) (int, error) {
+	for {
+		if c.r == nil {
+			typ, r, err := c.ws.NextReader()
+			if err != nil {
+				var ce *websocket.CloseError
+				if errors.As(err, &ce) {
+					return 0, &wsClosed{code: ce.Code, text: ce.Text}
+				}
+				return 0, err
+			}
+			if typ != websocket.BinaryMessage {
+				return 0, errTextFrame
+			}
+			c.r = r
+		}
+		n, err := c.r.Read(p)
+		if errors.Is(err, io.EOF) {
+			c.r = nil
+			if n > 0 {
+				return n, nil
+			}
+			continue
+		}
+		return n, err
+	}
+}
+
+// Write sends one binary frame. mochi serialises writes per client.
+func (c *wsConn) Write(p []byte) (int, error) {
+	if err := c.ws.WriteMessage(websocket.BinaryMessage, p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (c *wsConn) Close() error                       { return c.ws.Close() }
+func (c *wsConn) LocalAddr() net.Addr                { return c.ws.LocalAddr() }
+func (c *wsConn) RemoteAddr() net.Addr               { return c.ws.RemoteAddr() }
+func (c *wsConn) SetReadDeadline(t time.Time) error  { return c.ws.SetReadDeadline(t) }
+func (c *wsConn) SetWriteDeadline(t time.Time) error { return c.ws.SetWriteDeadline(t) }
+func (c *wsConn) SetDeadline(t time.Time) error {
+	if err := c.ws.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return c.ws.SetWriteDeadline(t)
+}

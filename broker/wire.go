@@ -1,0 +1,110 @@
+package broker
+
+import (
+	"crypto/tls"
+	"net"
+	"sync/atomic"
+	"time"
+)
+
+// wireConn wraps every device connection. It follows the MQTT framing of the
+// bytes the device sends, cheaply (headers are inspected, bodies skipped by
+// count), to learn what mochi does not tell: which packet had malformed
+// flags, how many PINGREQs the device sent, and when it was last heard from.
+// Only mochi's reader goroutine calls Read, so the parser state needs no lock;
+// the results are atomics read by hooks and the last-seen flusher.
+type wireConn struct {
+	net.Conn
+	tls *tls.Conn // the TLS connection underneath, if any
+
+	lastRead  atomic.Int64  // unix nanoseconds of the last byte received
+	pings     atomic.Int32  // PINGREQs received
+	badHeader atomic.Uint32 // 0x100 | first fixed header with bad flags, or 0
+	accepted  atomic.Bool   // the CONNECT was accepted (set by the hook)
+
+	state     uint8 // parser: 0 header, 1 length, 2 body, 3 lost sync
+	remaining int
+	shift     uint
+}
+
+func newWireConn(c net.Conn, tc *tls.Conn) *wireConn {
+	w := &wireConn{Conn: c, tls: tc}
+	w.lastRead.Store(time.Now().UnixNano())
+	return w
+}
+
+const (
+	stHeader = iota
+	stLength
+	stBody
+	stLost
+)
+
+func (w *wireConn) Read(p []byte) (int, error) {
+	n, err := w.Conn.Read(p)
+	if n > 0 {
+		w.lastRead.Store(time.Now().UnixNano())
+		w.scan(p[:n])
+	}
+	return n, err
+}
+
+// scan advances the framing parser over bytes just read.
+func (w *wireConn) scan(p []byte) {
+	for i := 0; i < len(p); {
+		switch w.state {
+		case stHeader:
+			b := p[i]
+			i++
+			if b>>4 == 12 {
+				w.pings.Add(1)
+			}
+			if !validHeader(b) {
+				w.badHeader.CompareAndSwap(0, 0x100|uint32(b))
+			}
+			w.remaining, w.shift, w.state = 0, 0, stLength
+		case stLength:
+			b := p[i]
+			i++
+			w.remaining |= int(b&0x7f) << w.shift
+			w.shift += 7
+			switch {
+			case b&0x80 == 0 && w.remaining == 0:
+				w.state = stHeader
+			case b&0x80 == 0:
+				w.state = stBody
+			case w.shift >= 28: // more than four length bytes: mochi will drop the client
+				w.state = stLost
+			}
+		case stBody:
+			k := min(w.remaining, len(p)-i)
+			i += k
+			w.remaining -= k
+			if w.remaining == 0 {
+				w.state = stHeader
+			}
+		default:
+			return
+		}
+	}
+}
+
+// BadHeader returns the first fixed header with bad flags, or 0.
+func (w *wireConn) BadHeader() byte {
+	v := w.badHeader.Load()
+	if v == 0 {
+		return 0
+	}
+	return byte(v)
+}
+
+// LastRead returns when the device last sent a byte.
+func (w *wireConn) LastRead() time.Time { return time.Unix(0, w.lastRead.Load()) }
+
+// TLSVersion names the negotiated TLS version, or "".
+func (w *wireConn) TLSVersion() string {
+	if w.tls == nil {
+		return ""
+	}
+	return tls.VersionName(w.tls.ConnectionState().Version)
+}
