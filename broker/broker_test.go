@@ -8,9 +8,9 @@ import (
 	"testing"
 	"time"
 
-	pahov3 "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/paho"
+	pahov3 "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/fleetd/fleetd/fleet"
 )
@@ -18,7 +18,7 @@ import (
 func pahoV311(t *testing.T, server, id, token string) pahov3.Client {
 	t.Helper()
 	opts := pahov3.NewClientOptions().AddBroker(server).SetClientID(id).SetUsername(id).SetPassword(token).
-		SetProtocolVersion(4).SetAutoReconnect(false).SetConnectRetry(false).SetKeepAlive(30 * time.Second).
+		SetProtocolVersion(4).SetAutoReconnect(false).SetConnectRetry(false).SetKeepAlive(30*time.Second).
 		SetWill("devices/"+id+"/status", `{"online":false}`, 1, true)
 	c := pahov3.NewClient(opts)
 	t.Cleanup(func() { c.Disconnect(100) })
@@ -45,7 +45,7 @@ func TestRealClientsConnect(t *testing.T) {
 	cm, err := autopaho.NewConnection(ctx, autopaho.ClientConfig{
 		ServerUrls: []*url.URL{u}, KeepAlive: 30, CleanStartOnInitialConnection: true,
 		ConnectUsername: "gw-v5", ConnectPassword: []byte(tok5),
-		WillMessage: &paho.WillMessage{Topic: "devices/gw-v5/status", Payload: []byte(`{"online":false}`), Retain: true, QoS: 1},
+		WillMessage:  &paho.WillMessage{Topic: "devices/gw-v5/status", Payload: []byte(`{"online":false}`), Retain: true, QoS: 1},
 		ClientConfig: paho.ClientConfig{ClientID: "gw-v5"},
 	})
 	if err != nil {
@@ -440,4 +440,3 @@ func TestWebSocket(t *testing.T) {
 		t.Fatal("command not delivered over websocket")
 	}
 }
-

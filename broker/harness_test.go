@@ -158,4 +158,3 @@ func (l *logBuffer) String() string {
 func birthPayload(firmware string) []byte {
 	return []byte(fmt.Sprintf(`{"online":true,"firmware":%q,"model":"gw-100"}`, firmware))
 }
-
