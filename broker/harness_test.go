@@ -19,11 +19,12 @@ func TestMain(m *testing.M) { pgtest.Main(m) }
 
 // env is a real broker on loopback backed by a real registry.
 type env struct {
-	t   *testing.T
-	svc *fleet.Service
-	rec *fleet.Recorder
-	b   *Broker
-	log *logBuffer
+	t    *testing.T
+	pool *pgxpool.Pool
+	svc  *fleet.Service
+	rec  *fleet.Recorder
+	b    *Broker
+	log  *logBuffer
 }
 
 type option func(*Config)
@@ -60,7 +61,7 @@ func newEnvWithPool(t *testing.T, pool *pgxpool.Pool, dir string, opts ...option
 	if err := b.Start(); err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, svc: svc, rec: rec, b: b, log: logs}
+	e := &env{t: t, pool: pool, svc: svc, rec: rec, b: b, log: logs}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
