@@ -226,13 +226,19 @@ func TestAddressInUseNamesTheSetting(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	out, err := runFleetd(t, "FLEETD_HTTP_ADDR="+ln.Addr().String())
-	if err == nil {
-		t.Fatal("fleetd started on a taken address")
-	}
-	for _, want := range []string{ln.Addr().String(), "FLEETD_HTTP_ADDR", "address already in use"} {
-		if !strings.Contains(out, want) {
-			t.Errorf("output does not mention %q:\n%s", want, out)
+	for _, setting := range []string{"FLEETD_HTTP_ADDR", "FLEETD_MQTT_ADDR"} {
+		env := []string{setting + "=" + ln.Addr().String()}
+		if setting != "FLEETD_HTTP_ADDR" {
+			env = append(env, "FLEETD_HTTP_ADDR=127.0.0.1:0")
+		}
+		out, err := runFleetd(t, env...)
+		if err == nil {
+			t.Fatalf("fleetd started with %s on a taken address", setting)
+		}
+		for _, want := range []string{ln.Addr().String(), setting, "address already in use"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("%s: output does not mention %q:\n%s", setting, want, out)
+			}
 		}
 	}
 }
