@@ -212,7 +212,7 @@ func TestMalformedPingreq(t *testing.T) {
 		t.Fatal(err)
 	}
 	ev := e.waitEvent("buggy", 5*time.Second, isEvent(fleet.KindDisconnect, fleet.ReasonProtocolError))
-	if ev.Detail != "PINGREQ with reserved flags 0x2" || ev.Pings != 2 {
+	if ev.Detail != "PINGREQ with reserved flags 0x2" || ev.Pings != 2 || ev.IdleMillis > 1000 {
 		t.Fatalf("detail %q pings %d, want the PINGREQ named and 2 pings counted", ev.Detail, ev.Pings)
 	}
 }
@@ -229,7 +229,10 @@ func TestKeepaliveTimeout(t *testing.T) {
 	}
 	silentSince := time.Now()
 	limit := time.Duration(1.5*keepalive*float64(time.Second)) + time.Second
-	e.waitEvent("frozen", limit, isEvent(fleet.KindDisconnect, fleet.ReasonKeepaliveTimeout))
+	ev := e.waitEvent("frozen", limit, isEvent(fleet.KindDisconnect, fleet.ReasonKeepaliveTimeout))
+	if ev.IdleMillis < 2900 || ev.Pings != 0 {
+		t.Errorf("idle %d ms, pings %d: want ~3000 ms of silence and no pings", ev.IdleMillis, ev.Pings)
+	}
 	t.Logf("keepalive_timeout committed %s after the device went silent (limit %s)", time.Since(silentSince).Round(time.Millisecond), limit)
 }
 

@@ -216,10 +216,11 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		cause = err
 	}
 	end := SessionEnd{Cause: cause}
-	pings := 0
+	pings, idle := 0, time.Duration(0)
 	if s.wire != nil {
 		end.BadHeader = s.wire.BadHeader()
 		pings = int(s.wire.pings.Load())
+		idle = time.Since(s.wire.LastRead())
 	}
 	reason, detail := Classify(end)
 	b.m.disconnects.WithLabelValues(string(reason)).Inc()
@@ -228,7 +229,7 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		Reason: reason, Detail: detail, Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch,
 		ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion), KeepaliveRequested: int(s.keepalive),
 		KeepaliveEffective: int(cl.State.Keepalive), CleanStart: s.clean, RemoteAddr: cl.Net.Remote,
-		TLSVersion: tlsVersion(s.wire), Listener: cl.Net.Listener, BrokerNode: b.cfg.Node, Pings: pings})
+		TLSVersion: tlsVersion(s.wire), Listener: cl.Net.Listener, BrokerNode: b.cfg.Node, Pings: pings, IdleMillis: int(idle.Milliseconds())})
 	level := slog.LevelInfo
 	if reason == fleet.ReasonClientDisconnect || reason == fleet.ReasonServerShutdown {
 		level = slog.LevelDebug

@@ -117,4 +117,5 @@ type Event struct {
 	Listener           string    `json:"listener,omitempty"`
 	BrokerNode         string    `json:"broker_node,omitempty"`
 	Pings              int       `json:"pings,omitempty"`
+	IdleMillis         int       `json:"idle_ms,omitempty"`
 }

@@ -188,7 +188,7 @@ func (s *Store) credential(ctx context.Context, id string) (credential, error) {
 
 var eventColumns = []string{"id", "device_id", "at", "kind", "reason", "detail", "firmware", "model",
 	"session_epoch", "protocol_version", "keepalive_requested", "keepalive_effective", "clean_start",
-	"remote_addr", "tls_version", "listener", "broker_node", "pings"}
+	"remote_addr", "tls_version", "listener", "broker_node", "pings", "idle_ms"}
 
 // writeEvents stores a batch of events and applies their effect on presence,
 // in one transaction. Events are copied into a temporary table and inserted
@@ -204,7 +204,7 @@ func (s *Store) writeEvents(ctx context.Context, events []Event) error {
 			e := &events[i]
 			return []any{[16]byte(e.ID), e.DeviceID, e.At, string(e.Kind), string(e.Reason), e.Detail, e.Firmware, e.Model,
 				e.SessionEpoch, int16(e.ProtocolVersion), int32(e.KeepaliveRequested), int32(e.KeepaliveEffective), e.CleanStart,
-				e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, int32(e.Pings)}, nil
+				e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, int32(e.Pings), int32(e.IdleMillis)}, nil
 		}))
 		if err != nil {
 			return fmt.Errorf("copy events: %w", err)
@@ -329,7 +329,7 @@ type EventCursor struct {
 
 func (s *Store) listEvents(ctx context.Context, deviceID string, before *EventCursor, limit int) ([]Event, error) {
 	q := `SELECT id, device_id, at, kind, reason, detail, firmware, model, session_epoch, protocol_version,
-		keepalive_requested, keepalive_effective, clean_start, remote_addr, tls_version, listener, broker_node, pings
+		keepalive_requested, keepalive_effective, clean_start, remote_addr, tls_version, listener, broker_node, pings, idle_ms
 		FROM device_events WHERE device_id = $1`
 	args := []any{deviceID}
 	if before != nil {
@@ -349,7 +349,7 @@ func (s *Store) listEvents(ctx context.Context, deviceID string, before *EventCu
 		var kind, reason string
 		var proto int16
 		if err := rows.Scan(&id, &e.DeviceID, &e.At, &kind, &reason, &e.Detail, &e.Firmware, &e.Model, &e.SessionEpoch, &proto,
-			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.CleanStart, &e.RemoteAddr, &e.TLSVersion, &e.Listener, &e.BrokerNode, &e.Pings); err != nil {
+			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.CleanStart, &e.RemoteAddr, &e.TLSVersion, &e.Listener, &e.BrokerNode, &e.Pings, &e.IdleMillis); err != nil {
 			return nil, fmt.Errorf("list events of %s: %w", deviceID, err)
 		}
 		e.ID, e.Kind, e.Reason, e.ProtocolVersion = EventID(id), Kind(kind), Reason(reason), Protocol(proto)

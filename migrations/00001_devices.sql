@@ -62,8 +62,11 @@ CREATE TABLE device_events (
     tls_version         text        NOT NULL DEFAULT '',
     listener            text        NOT NULL DEFAULT '',
     broker_node         text        NOT NULL DEFAULT '',
-    -- PINGREQs received during the session (disconnect events only).
-    pings               integer     NOT NULL DEFAULT 0
+    -- PINGREQs received during the session, and how long the device had been
+    -- silent when the session ended (disconnect events only): together they
+    -- tell a firmware that never pings from a path that cuts idle connections.
+    pings               integer     NOT NULL DEFAULT 0,
+    idle_ms             integer     NOT NULL DEFAULT 0
 );
 
 CREATE INDEX device_events_device_at_idx ON device_events (device_id, at DESC, id DESC);
