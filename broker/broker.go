@@ -110,6 +110,7 @@ type Broker struct {
 
 	pending   sync.Map // *mqtt.Client → *session, from OnConnect to OnSessionEstablished
 	sessions  sync.Map // *mqtt.Client → *session
+	handlers  sync.Map // topic suffix ("ota/status") → DeviceHandler
 	lastEpoch atomic.Int64
 
 	closeOnce sync.Once
@@ -295,6 +296,22 @@ func (b *Broker) Kick(deviceID string) {
 	b.limits.forget(deviceID)
 	b.log.Info("device session ended: decommissioned", "device_id", deviceID)
 }
+
+// Send publishes a message to one device on devices/{id}/{sub} with QoS 1.
+// A device that is offline with a persistent session gets it when it comes
+// back; fleetd's own redelivery (OTA jobs) does not rely on that.
+func (b *Broker) Send(deviceID, sub string, payload []byte) error {
+	return b.srv.Publish(devicePrefix(deviceID)+sub, payload, false, 1)
+}
+
+// DeviceHandler takes a message a device published on one of its topics. It
+// runs on the device's connection goroutine before the message is
+// acknowledged: an error leaves it unacknowledged (the device sends it again),
+// so a handler that stores the message must return only once it is stored.
+type DeviceHandler func(deviceID string, payload []byte) error
+
+// Handle registers the handler for devices/{id}/{sub} (e.g. "ota/status").
+func (b *Broker) Handle(sub string, h DeviceHandler) { b.handlers.Store(sub, h) }
 
 // nextEpoch returns a session epoch: microseconds since 1970, made strictly
 // increasing within the process, so a later session always has a larger epoch.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -441,5 +442,52 @@ func TestWebSocket(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("command not delivered over websocket")
+	}
+}
+
+// TestDeviceHandler: a handler sees a device's message before it is
+// acknowledged; when the handler fails, no PUBACK is sent, so the device sends
+// it again. Send reaches a subscribed device.
+func TestDeviceHandler(t *testing.T) {
+	e := newEnv(t)
+	tok := e.register("reporter")
+	var fail atomic.Bool
+	fail.Store(true)
+	got := make(chan string, 4)
+	e.b.Handle("ota/status", func(id string, payload []byte) error {
+		if fail.Load() {
+			return fmt.Errorf("database unavailable")
+		}
+		got <- id + " " + string(payload)
+		return nil
+	})
+	c := dialRaw(t, e.addr("tcp"))
+	if code := c.connect(5, "reporter", "reporter", tok, 30); code != 0 {
+		t.Fatalf("CONNACK 0x%02x", code)
+	}
+	pub := appendString(nil, "devices/reporter/ota/status")
+	pub = append(pub, 0, 9, 0) // packet id 9, no properties
+	pub = append(pub, `{"job_id":"j","state":"installing"}`...)
+	c.send(packet(0x32, pub))
+	if typ, body, err := c.tryRead(500 * time.Millisecond); err == nil {
+		t.Fatalf("acknowledged although the handler failed: 0x%02x %x", typ, body)
+	}
+	fail.Store(false)
+	c.send(packet(0x3A, pub)) // the same message again, DUP set
+	if typ, _ := c.read(); typ>>4 != 4 {
+		t.Fatalf("expected PUBACK, got 0x%02x", typ)
+	}
+	if m := <-got; m != `reporter {"job_id":"j","state":"installing"}` {
+		t.Fatalf("handler got %q", m)
+	}
+
+	c.send(packet(0x82, append(appendString([]byte{0, 1, 0}, "devices/reporter/ota/job"), 1)))
+	c.read() // SUBACK
+	if err := e.b.Send("reporter", "ota/job", []byte(`{"job_id":"k"}`)); err != nil {
+		t.Fatal(err)
+	}
+	typ, body := c.read()
+	if typ>>4 != 3 || !strings.Contains(string(body), `{"job_id":"k"}`) {
+		t.Fatalf("expected the job, got 0x%02x %q", typ, body)
 	}
 }

@@ -1,6 +1,8 @@
 package broker
 
 import (
+	"github.com/fleetd/fleetd/internal/wsconn"
+
 	"errors"
 	"fmt"
 	"io"
@@ -78,7 +80,7 @@ func Classify(e SessionEnd) (fleet.Reason, string) {
 	if errors.As(cause, &ne) && ne.Timeout() {
 		return fleet.ReasonKeepaliveTimeout, ""
 	}
-	var closeErr *wsClosed
+	var closeErr *wsconn.ClosedError
 	if errors.As(cause, &closeErr) {
 		return fleet.ReasonConnectionLost, closeErr.Error()
 	}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -296,7 +297,18 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if pk.FixedHeader.Retain && !retainable(cl.ID, pk.TopicName) {
 		pk.FixedHeader.Retain = false
 	}
-	if pk.TopicName != devicePrefix(cl.ID)+"status" {
+	sub, ok := strings.CutPrefix(pk.TopicName, devicePrefix(cl.ID))
+	if !ok {
+		return pk, nil
+	}
+	if handler, ok := h.b.handlers.Load(sub); ok {
+		if err := handler.(DeviceHandler)(cl.ID, pk.Payload); err != nil {
+			h.b.log.Warn("device message not accepted; it stays unacknowledged", "device_id", cl.ID, "topic", pk.TopicName, "err", err)
+			return pk, packets.ErrRejectPacket
+		}
+		return pk, nil
+	}
+	if sub != "status" {
 		return pk, nil
 	}
 	var msg birth

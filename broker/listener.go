@@ -1,6 +1,8 @@
 package broker
 
 import (
+	"github.com/fleetd/fleetd/internal/wsconn"
+
 	"context"
 	"crypto/tls"
 	"errors"
@@ -134,7 +136,7 @@ func (l *listener) serveWebSocket(establish listeners.EstablishFn) {
 			return // the upgrader has answered with an HTTP error
 		}
 		ws.SetReadLimit(int64(l.maxPacket) + 16)
-		raw := &wsConn{ws: ws}
+		raw := wsconn.New(ws)
 		if !l.track(raw) {
 			raw.Close()
 			return

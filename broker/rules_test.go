@@ -1,6 +1,8 @@
 package broker
 
 import (
+	"github.com/fleetd/fleetd/internal/wsconn"
+
 	"errors"
 	"fmt"
 	"io"
@@ -40,7 +42,7 @@ func TestClassify(t *testing.T) {
 		{"v3 publish to a forbidden topic", SessionEnd{Cause: packets.ErrNotAuthorized}, fleet.ReasonProtocolError, "not authorized"},
 		{"EOF", SessionEnd{Cause: io.EOF}, fleet.ReasonConnectionLost, "closed by the client without DISCONNECT"},
 		{"reset", SessionEnd{Cause: &net.OpError{Op: "read", Err: os.NewSyscallError("read", syscall.ECONNRESET)}}, fleet.ReasonConnectionLost, "connection reset"},
-		{"websocket closed", SessionEnd{Cause: &wsClosed{code: 1006}}, fleet.ReasonConnectionLost, "websocket connection lost"},
+		{"websocket closed", SessionEnd{Cause: &wsconn.ClosedError{Code: 1006}}, fleet.ReasonConnectionLost, "websocket connection lost"},
 		{"websocket timeout", SessionEnd{Cause: timeoutErr{}}, fleet.ReasonKeepaliveTimeout, ""},
 		{"unknown packet type", SessionEnd{Cause: errors.New("invalid packet type; 15")}, fleet.ReasonProtocolError, "invalid packet type; 15"},
 		{"nothing known", SessionEnd{}, fleet.ReasonConnectionLost, ""},
