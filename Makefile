@@ -2,7 +2,7 @@
 GO ?= go
 TEST_FLAGS ?= -race -count=1 -timeout 30m
 
-.PHONY: run test build vet
+.PHONY: run test build vet demo
 
 ## run: start fleetd with its embedded PostgreSQL under ./fleetd-data
 run:
@@ -17,3 +17,7 @@ build:
 
 vet:
 	$(GO) vet ./...
+
+## demo: play the demo fleet of docs/fleet.example.yaml against a running `make run`
+demo:
+	$(GO) run ./cmd/fleetsim run -f docs/fleet.example.yaml

@@ -1,0 +1,273 @@
+package sim
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/internal/wsconn"
+)
+
+// device is one simulated device.
+type device struct {
+	sim      *Simulator
+	cohort   *Cohort
+	id       string
+	token    string // empty for certificate devices
+	firmware string // changes when an OTA job succeeds
+	src      net.IP // local address to connect from; nil = any
+	cert     *tls.Certificate
+	rnd      *rand.Rand
+	booted   time.Time
+
+	pendingJob string // job reported as succeeded once the device is back on the new firmware
+}
+
+// sessionEnd is why live returned.
+type sessionEnd int
+
+const (
+	endContinue    sessionEnd = iota // not an end: the session goes on
+	endLost                          // the connection dropped (or was dropped on purpose)
+	endReboot                        // watchdog or OTA reboot: reconnect at once
+	endNeverReturn                   // an OTA install bricked the device
+	endShutdown                      // the run is over
+)
+
+func (d *device) run(ctx context.Context) {
+	attempt := 0
+	for ctx.Err() == nil {
+		start := time.Now()
+		sess, fc, err := d.connect(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			d.sim.stats.connectFailed(errorKind(err))
+			d.sim.logger.Debug("connect failed", "device_id", d.id, "err", err)
+			attempt++
+			if !sleep(ctx, d.backoff(attempt)) {
+				return
+			}
+			continue
+		}
+		d.sim.stats.connected(time.Since(start))
+		attempt = 0
+		end := d.live(ctx, sess, fc)
+		d.sim.stats.disconnected()
+		switch end {
+		case endShutdown:
+			sess.Disconnect()
+			fc.closeSocket()
+			return
+		case endNeverReturn:
+			fc.closeSocket()
+			<-ctx.Done()
+			return
+		case endReboot:
+			fc.closeSocket()
+			sleep(ctx, 200*time.Millisecond)
+		default:
+			fc.closeSocket()
+			attempt++
+			if !sleep(ctx, d.backoff(attempt)) {
+				return
+			}
+		}
+	}
+}
+
+// backoff is the wait before reconnect attempt n: exponential with full
+// jitter (a random wait up to 1 s × 2^n, at most a minute), or next to
+// nothing for naive firmware, which is what turns a restart into a storm.
+func (d *device) backoff(n int) time.Duration {
+	if d.cohort.Reconnect == "naive" {
+		return 10 * time.Millisecond
+	}
+	ceiling := min(time.Minute, time.Second<<min(n, 6))
+	return time.Duration(d.rnd.Int64N(int64(ceiling)))
+}
+
+// connect dials (from the device's source address), wraps the socket in the
+// firmware's behaviour, and runs the MQTT CONNECT.
+func (d *device) connect(ctx context.Context) (session, *firmwareConn, error) {
+	if err := d.sim.admit(ctx); err != nil {
+		return nil, nil, err
+	}
+	u, err := url.Parse(d.cohort.mqttURL(d.sim.fleet))
+	if err != nil {
+		return nil, nil, err
+	}
+	dialer := &net.Dialer{Timeout: 10 * time.Second}
+	if d.src != nil {
+		dialer.LocalAddr = &net.TCPAddr{IP: d.src}
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var conn net.Conn
+	switch u.Scheme {
+	case "tls", "ssl", "mqtts":
+		raw, err := dialer.DialContext(dctx, "tcp", u.Host)
+		if err != nil {
+			return nil, nil, err
+		}
+		cfg := &tls.Config{RootCAs: d.sim.serverCAs, ServerName: u.Hostname()}
+		if d.cert != nil {
+			// Present the certificate whatever CAs the server asks for, as
+			// firmware does (Go would withhold one from a foreign CA).
+			cert := d.cert
+			cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
+		}
+		tc := tls.Client(raw, cfg)
+		if err := tc.HandshakeContext(dctx); err != nil {
+			raw.Close()
+			return nil, nil, fmt.Errorf("tls handshake: %w", err)
+		}
+		conn = tc
+	case "ws":
+		wsd := websocket.Dialer{NetDialContext: dialer.DialContext, Subprotocols: []string{"mqtt"}, HandshakeTimeout: 10 * time.Second}
+		ws, _, err := wsd.DialContext(dctx, u.String(), nil)
+		if err != nil {
+			return nil, nil, err
+		}
+		conn = wsconn.New(ws)
+	default:
+		if conn, err = dialer.DialContext(dctx, "tcp", u.Host); err != nil {
+			return nil, nil, err
+		}
+	}
+	pings := d.sim.fleet.pingsFor(d.cohort, d.firmware)
+	fc := newFirmwareConn(conn, pings)
+	proto, _ := fleet.ParseProtocol(d.cohort.Protocol)
+	p := connectParams{id: d.id, protocol: int(proto), keepalive: d.cohort.Keepalive.D(), pings: pings,
+		firmware: d.firmware, model: d.cohort.Model, conn: fc, timeout: 10 * time.Second}
+	if d.token != "" {
+		p.username, p.password = d.id, d.token
+		if d.cohort.Credentials == "bad_token" {
+			p.password = d.token + "-wrong"
+		}
+	}
+	sess, err := connectSession(ctx, p)
+	if err != nil {
+		fc.closeSocket()
+		return nil, nil, err
+	}
+	return sess, fc, nil
+}
+
+// live runs one connected session: birth, OTA subscription, telemetry, and
+// the cohort's misbehaviour, until the session ends.
+func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessionEnd {
+	birth, _ := json.Marshal(map[string]any{"online": true, "firmware": d.firmware, "model": d.cohort.Model})
+	if err := d.publish(ctx, sess, "status", birth, 1, true); err != nil {
+		return endLost
+	}
+	if d.pendingJob != "" {
+		d.report(ctx, sess, otaStatus{JobID: d.pendingJob, State: "succeeded", Progress: 100})
+		d.pendingJob = ""
+	}
+	jobs := make(chan []byte, 4)
+	if err := sess.Subscribe(ctx, "devices/"+d.id+"/ota/job", func(b []byte) {
+		select {
+		case jobs <- b:
+		default: // a job is already waiting; the server re-sends on reconnect
+		}
+	}); err != nil {
+		return endLost
+	}
+
+	var telemetry <-chan time.Time
+	if d.cohort.Telemetry > 0 {
+		t := time.NewTicker(d.cohort.Telemetry.D())
+		defer t.Stop()
+		telemetry = t.C
+	}
+	flap := timerChan(d.cohort.FlapEvery.D())
+	freeze := timerChan(d.cohort.FreezeAfter.D())
+	for {
+		select {
+		case <-ctx.Done():
+			return endShutdown
+		case <-sess.Done():
+			return endLost
+		case <-telemetry:
+			payload, _ := json.Marshal(map[string]any{"rssi_dbm": -40 - d.rnd.IntN(50), "channel": 1 + d.rnd.IntN(11),
+				"uptime_s": int(time.Since(d.booted).Seconds())})
+			_ = d.publish(ctx, sess, "telemetry", payload, 0, false)
+		case <-flap:
+			d.sim.stats.count("flaps")
+			return endLost // the socket is closed without DISCONNECT
+		case <-freeze:
+			d.sim.stats.count("freezes")
+			fc.freeze()
+			if !sleep(ctx, d.cohort.FreezeFor.D()) {
+				return endShutdown
+			}
+			d.booted = time.Now() // the watchdog reboots the device
+			return endReboot
+		case raw := <-jobs:
+			switch end := d.handleJob(ctx, sess, raw); end {
+			case endReboot, endNeverReturn, endShutdown:
+				return end
+			}
+		}
+	}
+}
+
+func (d *device) publish(ctx context.Context, sess session, sub string, payload []byte, qos byte, retain bool) error {
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	err := sess.Publish(pctx, "devices/"+d.id+"/"+sub, payload, qos, retain)
+	if err == nil {
+		d.sim.stats.sent()
+	}
+	return err
+}
+
+func timerChan(d time.Duration) <-chan time.Time {
+	if d <= 0 {
+		return nil
+	}
+	return time.After(d)
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// errorKind names a connect failure for the summary.
+func errorKind(err error) string {
+	var refused *ErrRefused
+	var opErr *net.OpError
+	switch {
+	case errors.As(err, &refused):
+		return "refused: " + refused.Reason
+	case strings.Contains(err.Error(), "tls:"):
+		// With TLS 1.3 the server judges the client certificate after the
+		// client's handshake is done: the refusal arrives on the first read.
+		msg := err.Error()
+		return "tls:" + msg[strings.LastIndex(msg, "tls:")+4:]
+	case errors.Is(err, context.DeadlineExceeded), strings.Contains(err.Error(), "timed out"):
+		return "timeout"
+	case errors.As(err, &opErr):
+		return opErr.Op + ": " + opErr.Err.Error()
+	}
+	return err.Error()
+}

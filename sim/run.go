@@ -1,0 +1,340 @@
+package sim
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/internal/devcert"
+	"github.com/fleetd/fleetd/web/client"
+)
+
+// Options are the runner's own settings, outside the fleet file.
+type Options struct {
+	Logger *slog.Logger
+	// Progress receives the live progress line (nil = none).
+	Progress io.Writer
+	// AdminToken registers devices when the fleet file names no token file.
+	AdminToken string
+}
+
+// Simulator runs a fleet.
+type Simulator struct {
+	fleet      *Fleet
+	opts       Options
+	logger     *slog.Logger
+	stats      *stats
+	http       *http.Client
+	ramp       *rate.Limiter
+	serverCAs  *x509.CertPool
+	signingKey ed25519.PublicKey
+	devices    []*device
+}
+
+// New prepares a run: tokens (registering the devices when asked to) and
+// certificates. Nothing connects before Run.
+func New(ctx context.Context, f *Fleet, opts Options) (*Simulator, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Simulator{fleet: f, opts: opts, logger: opts.Logger, stats: newStats(),
+		ramp: rate.NewLimiter(rate.Limit(f.Run.Ramp), max(1, int(f.Run.Ramp/10)))}
+	s.http = &http.Client{Timeout: 5 * time.Minute, Transport: &http.Transport{
+		MaxIdleConnsPerHost: 64, MaxConnsPerHost: 256, IdleConnTimeout: 30 * time.Second,
+	}}
+	if f.OTA.PublicKey != "" {
+		k, err := base64.StdEncoding.DecodeString(f.OTA.PublicKey)
+		if err != nil || len(k) != ed25519.PublicKeySize {
+			return nil, errors.New("ota.public_key must be a base64 ed25519 public key (32 bytes)")
+		}
+		s.signingKey = k
+	}
+	if f.Server.CAFile != "" {
+		pem, err := os.ReadFile(f.Server.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("server.ca_file: %w", err)
+		}
+		s.serverCAs = x509.NewCertPool()
+		if !s.serverCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("server.ca_file: %s holds no PEM certificate", f.Server.CAFile)
+		}
+	}
+	if err := s.buildDevices(); err != nil {
+		return nil, err
+	}
+	if err := s.provisionTokens(ctx); err != nil {
+		return nil, err
+	}
+	if err := s.provisionCerts(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// buildDevices lays out every device: ids, firmware, source addresses.
+func (s *Simulator) buildDevices() error {
+	srcs := make([]net.IP, 0, len(s.fleet.Run.SourceAddrs))
+	for _, a := range s.fleet.Run.SourceAddrs {
+		srcs = append(srcs, net.ParseIP(a))
+	}
+	n := 0
+	for ci := range s.fleet.Cohorts {
+		c := &s.fleet.Cohorts[ci]
+		for i := range c.Count {
+			id := fmt.Sprintf("%s%d", c.IDPrefix, i)
+			var src net.IP
+			if len(srcs) > 0 {
+				src = srcs[n%len(srcs)]
+			}
+			if c.DuplicateIDs {
+				// Pairs share an id and connect from two different addresses,
+				// as two boxes flashed with the same identity would.
+				id = fmt.Sprintf("%s%d", c.IDPrefix, i/2)
+				if i%2 == 1 {
+					src = twinAddress(srcs, n)
+				}
+			}
+			s.devices = append(s.devices, &device{sim: s, cohort: c, id: id, firmware: c.Firmware, src: src,
+				rnd: rand.New(rand.NewPCG(uint64(n), uint64(time.Now().UnixNano()))), booted: time.Now()})
+			n++
+		}
+	}
+	return nil
+}
+
+// twinAddress picks the second device of a duplicate pair a different source
+// address: another configured one, or 127.0.0.2 on loopback.
+func twinAddress(srcs []net.IP, n int) net.IP {
+	if len(srcs) > 1 {
+		return srcs[(n+1)%len(srcs)]
+	}
+	return net.IPv4(127, 0, 0, 2)
+}
+
+// provisionTokens registers the devices through the API (a device that
+// exists gets a fresh token), or reads them from the tokens file.
+func (s *Simulator) provisionTokens(ctx context.Context) error {
+	var need []*device
+	for _, d := range s.devices {
+		if d.cohort.Credentials == "token" || d.cohort.Credentials == "bad_token" {
+			need = append(need, d)
+		}
+	}
+	if len(need) == 0 {
+		return nil
+	}
+	if s.fleet.Run.TokensFile != "" {
+		data, err := os.ReadFile(s.fleet.Run.TokensFile)
+		if err != nil {
+			return fmt.Errorf("run.tokens_file: %w", err)
+		}
+		tokens := map[string]string{}
+		if err := json.Unmarshal(data, &tokens); err != nil {
+			return fmt.Errorf("run.tokens_file: want a JSON object of device id to token: %w", err)
+		}
+		for _, d := range need {
+			if d.token = tokens[d.id]; d.token == "" {
+				return fmt.Errorf("run.tokens_file has no token for %s", d.id)
+			}
+		}
+		return nil
+	}
+	token := s.opts.AdminToken
+	if s.fleet.Server.AdminTokenFile != "" {
+		b, err := os.ReadFile(s.fleet.Server.AdminTokenFile)
+		if err != nil {
+			return fmt.Errorf("server.admin_token_file: %w", err)
+		}
+		token = strings.TrimSpace(string(b))
+	}
+	if token == "" {
+		return errors.New("registering devices needs the admin token: server.admin_token_file or FLEETD_ADMIN_TOKEN")
+	}
+	api := client.New(s.fleet.Server.API, token)
+	tokens := map[string]string{}
+	var mu sync.Mutex
+	ids := make(chan *device)
+	errs := make(chan error, 16)
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for d := range ids {
+				mu.Lock()
+				_, done := tokens[d.id]
+				mu.Unlock()
+				if done {
+					continue
+				}
+				tok, err := registerOrRotate(ctx, api, d)
+				if err != nil {
+					errs <- fmt.Errorf("register %s: %w", d.id, err)
+					return
+				}
+				mu.Lock()
+				tokens[d.id] = tok
+				mu.Unlock()
+			}
+		}()
+	}
+	go func() {
+		defer close(ids)
+		seen := map[string]bool{}
+		for _, d := range need {
+			if seen[d.id] {
+				continue
+			}
+			seen[d.id] = true
+			select {
+			case ids <- d:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return err
+	}
+	for _, d := range need {
+		d.token = tokens[d.id]
+	}
+	s.logger.Info("devices registered", "devices", len(tokens))
+	return nil
+}
+
+func registerOrRotate(ctx context.Context, api *client.Client, d *device) (string, error) {
+	reg, err := api.RegisterDevice(ctx, fleet.NewDevice{ID: d.id, Model: d.cohort.Model, Tags: []string{"sim=" + sanitizeTag(d.cohort.Name)}})
+	var apiErr *client.Error
+	if errors.As(err, &apiErr) && apiErr.Status == http.StatusConflict {
+		return api.RotateToken(ctx, d.id)
+	}
+	if err != nil {
+		return "", err
+	}
+	return reg.Token, nil
+}
+
+func sanitizeTag(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-' {
+			return r
+		}
+		return '-'
+	}, s)
+}
+
+// provisionCerts issues the certificate devices: valid and expired ones
+// from the configured device CA, and "unknown CA" ones from a throwaway CA.
+func (s *Simulator) provisionCerts() error {
+	var deviceCA, foreignCA *devcert.CA
+	for _, d := range s.devices {
+		var ca *devcert.CA
+		opts := devcert.Options{}
+		switch d.cohort.Credentials {
+		case "cert", "expired_cert":
+			if deviceCA == nil {
+				var err error
+				if deviceCA, err = devcert.LoadCA(s.fleet.TLS.DeviceCACert, s.fleet.TLS.DeviceCAKey); err != nil {
+					return fmt.Errorf("tls.device_ca: %w", err)
+				}
+			}
+			ca = deviceCA
+			if d.cohort.Credentials == "expired_cert" {
+				opts.NotBefore, opts.NotAfter = time.Now().Add(-60*24*time.Hour), time.Now().Add(-24*time.Hour)
+			}
+		case "unknown_ca_cert":
+			if foreignCA == nil {
+				var err error
+				if foreignCA, err = devcert.NewCA("not the fleet's CA"); err != nil {
+					return err
+				}
+			}
+			ca = foreignCA
+		default:
+			continue
+		}
+		cert, err := ca.Device(d.id, opts)
+		if err != nil {
+			return err
+		}
+		d.cert = &cert
+	}
+	return nil
+}
+
+// admit paces connection attempts to the ramp rate.
+func (s *Simulator) admit(ctx context.Context) error { return s.ramp.Wait(ctx) }
+
+// Run plays the fleet until the run's duration is over or ctx ends, then
+// disconnects every device and returns the summary.
+func (s *Simulator) Run(ctx context.Context) Summary {
+	ctx, cancel := context.WithTimeout(ctx, s.fleet.Run.Duration.D())
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, d := range s.devices {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d.run(ctx)
+		}()
+	}
+	if s.opts.Progress != nil && s.fleet.Run.Progress > 0 {
+		go func() {
+			t := time.NewTicker(s.fleet.Run.Progress.D())
+			defer t.Stop()
+			var prev int64
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					s.stats.progressLine(s.opts.Progress, len(s.devices), &prev, s.fleet.Run.Progress.D())
+				}
+			}
+		}()
+	}
+	<-ctx.Done()
+	wg.Wait()
+	if s.opts.Progress != nil && s.fleet.Run.Progress > 0 {
+		fmt.Fprintln(s.opts.Progress)
+	}
+	return s.stats.summary(len(s.devices))
+}
+
+// Online returns how many devices are connected now.
+func (s *Simulator) Online() int64 { return s.stats.online.Load() }
+
+// DeviceIDs lists the simulated device ids (a duplicate pair appears once).
+func (s *Simulator) DeviceIDs() []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, d := range s.devices {
+		if !seen[d.id] {
+			seen[d.id] = true
+			out = append(out, d.id)
+		}
+	}
+	return out
+}
+
+// randN returns a random int in [0, n).
+func randN(n int64) int64 { return rand.Int64N(n) }
