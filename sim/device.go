@@ -47,6 +47,10 @@ const (
 func (d *device) run(ctx context.Context) {
 	attempt := 0
 	for ctx.Err() == nil {
+		// Wait for the ramp first: connect latency must not include the pacing.
+		if err := d.sim.admit(ctx); err != nil {
+			return
+		}
 		start := time.Now()
 		sess, fc, err := d.connect(ctx)
 		if err != nil {
@@ -101,9 +105,6 @@ func (d *device) backoff(n int) time.Duration {
 // connect dials (from the device's source address), wraps the socket in the
 // firmware's behaviour, and runs the MQTT CONNECT.
 func (d *device) connect(ctx context.Context) (session, *firmwareConn, error) {
-	if err := d.sim.admit(ctx); err != nil {
-		return nil, nil, err
-	}
 	u, err := url.Parse(d.cohort.mqttURL(d.sim.fleet))
 	if err != nil {
 		return nil, nil, err
