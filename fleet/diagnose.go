@@ -1,0 +1,487 @@
+package fleet
+
+import (
+	"cmp"
+	"fmt"
+	"math"
+	"net"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Problem codes, in the order Diagnose reports them: the most severe (the
+// device cannot work on its firmware) first, the ones an operator fixes
+// outside the device (credentials, certificates) last.
+const (
+	ProblemIncompatibleFirmware = "incompatible_firmware"
+	ProblemMalformedPings       = "malformed_pings"
+	ProblemNoPings              = "no_pings"
+	ProblemDuplicateClientID    = "duplicate_client_id"
+	ProblemKeepaliveMismatch    = "keepalive_mismatch"
+	ProblemFlapping             = "flapping"
+	ProblemTLSHandshakeFailures = "tls_handshake_failures"
+	ProblemAuthFailures         = "auth_failures"
+)
+
+// Problem is one reason a device drops, written for an operator.
+type Problem struct {
+	// Code is one of the Problem* constants.
+	Code string `json:"code"`
+	// Cause says what is wrong in one sentence.
+	Cause string `json:"cause"`
+	// Evidence holds the numbers and sample values behind the cause: counts,
+	// addresses, times, idle seconds.
+	Evidence map[string]any `json:"evidence"`
+	// Fix says what to do in one sentence.
+	Fix string `json:"fix"`
+}
+
+// DiagnosisPolicy holds the thresholds of Diagnose's rules. Start from
+// DefaultDiagnosisPolicy and change what you need: a zero Window considers
+// every event given, a zero FlapWindow switches the flapping rule off.
+type DiagnosisPolicy struct {
+	// Window bounds the events considered: older than now-Window is ignored.
+	Window time.Duration
+	// FlapSessions: more than this many sessions started within FlapWindow
+	// is flapping.
+	FlapSessions int
+	FlapWindow   time.Duration
+	// TakeoverMin is the fewest session takeovers between differing IP
+	// addresses that show two devices sharing a client id.
+	TakeoverMin int
+	// IdleCutMin is the fewest sessions lost at about the same idle time that
+	// show something on the path cutting idle connections.
+	IdleCutMin int
+	// IdleCutTolerance is the relative spread around the median idle time
+	// that still counts as "the same" (0.15 = ±15 %).
+	IdleCutTolerance float64
+}
+
+// DefaultDiagnosisPolicy returns the thresholds operators see by default. An
+// hour of history is long enough to see a pattern and short enough that a
+// fixed device looks healthy soon after. Seven sessions in ten minutes is
+// more than any device reconnects by design. Two takeovers between different
+// addresses rule out a single reconnect racing its own stale session. Three
+// sessions lost within ±15 % of one idle time is a pattern that radio noise
+// does not produce, while NAT and load-balancer timers jitter by much less.
+func DefaultDiagnosisPolicy() DiagnosisPolicy {
+	return DiagnosisPolicy{
+		Window:           time.Hour,
+		FlapSessions:     6,
+		FlapWindow:       10 * time.Minute,
+		TakeoverMin:      2,
+		IdleCutMin:       3,
+		IdleCutTolerance: 0.15,
+	}
+}
+
+// Fixed thresholds of the rules whose evidence is unambiguous.
+const (
+	minNoPings         = 2 // one timeout without pings may be a device that published instead
+	minMalformedPings  = 1 // the broker never drops a well-formed PINGREQ
+	minAuthFailures    = 3 // one or two are a typo or a race with a token rotation
+	minTLSFailures     = 1 // the handshake either works or it does not
+	fixUpgradeFirmware = "upgrade the firmware (a campaign can target incompatible devices)"
+)
+
+// Diagnose explains why a device drops: the current problems, each with its
+// cause, evidence and a fix, in a stable order (most severe first, see the
+// Problem* constants). It returns nil for a healthy device.
+//
+// events are the device's recent events in any order; those older than
+// now-Window are ignored. Diagnose does not filter by device id, so the
+// caller may add refusals that carry none (a failed TLS handshake happens
+// before the device names itself, so it is matched by remote address or
+// certificate). incompat is what CompiledRules.Check and the learned
+// verdicts say about the device's firmware; each becomes a problem.
+func Diagnose(d Device, events []Event, incompat []Incompatibility, now time.Time, p DiagnosisPolicy) []Problem {
+	evs := make([]Event, 0, len(events))
+	for _, e := range events {
+		if p.Window > 0 && e.At.Before(now.Add(-p.Window)) {
+			continue
+		}
+		evs = append(evs, e)
+	}
+	slices.SortStableFunc(evs, func(a, b Event) int { return a.At.Compare(b.At) })
+
+	var out []Problem
+	for _, inc := range incompat {
+		out = append(out, Problem{
+			Code:  ProblemIncompatibleFirmware,
+			Cause: inc.Detail,
+			Evidence: map[string]any{
+				"reason": inc.Reason, "firmware": d.Firmware, "protocol": d.ProtocolVersion.String(),
+			},
+			Fix: "upgrade to a supported firmware with a campaign targeting compat: incompatible",
+		})
+	}
+	for _, rule := range []func(Device, []Event, DiagnosisPolicy) *Problem{
+		malformedPings, noPings, duplicateClientID, keepaliveMismatch, flapping, tlsFailures, authFailures,
+	} {
+		if pr := rule(d, evs, p); pr != nil {
+			out = append(out, *pr)
+		}
+	}
+	return out
+}
+
+// malformedPings finds sessions the broker ended because a PINGREQ broke the
+// protocol (reserved flag bits set, [MQTT-2.2.2-2]).
+func malformedPings(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
+	var n int
+	var last Event
+	for _, e := range evs {
+		if e.Kind == KindDisconnect && e.Reason == ReasonProtocolError && strings.HasPrefix(e.Detail, pingDetailPrefix) {
+			n++
+			last = e
+		}
+	}
+	if n < minMalformedPings {
+		return nil
+	}
+	return &Problem{
+		Code:  ProblemMalformedPings,
+		Cause: fmt.Sprintf("the firmware sends malformed pings (%q), and the broker must close the connection on a malformed packet", last.Detail),
+		Evidence: map[string]any{
+			"sessions": n, "detail": last.Detail, "last_at": last.At, "firmware": d.Firmware, "protocol": d.ProtocolVersion.String(),
+		},
+		Fix: fixUpgradeFirmware,
+	}
+}
+
+// noPings finds sessions that hit the keepalive deadline without a single
+// PINGREQ.
+func noPings(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
+	var n int
+	for _, e := range evs {
+		if e.Kind == KindDisconnect && e.Reason == ReasonKeepaliveTimeout && e.Pings == 0 {
+			n++
+		}
+	}
+	if n < minNoPings {
+		return nil
+	}
+	return &Problem{
+		Code:     ProblemNoPings,
+		Cause:    "the device never sends PINGREQ: its firmware does not keep the session alive",
+		Evidence: map[string]any{"sessions": n, "firmware": d.Firmware},
+		Fix:      fixUpgradeFirmware,
+	}
+}
+
+// duplicateClientID finds session takeovers between different IP addresses.
+// A takeover's old session is the disconnect event's; its new session is the
+// connect with the next higher epoch. Only differing IPs count: the same IP
+// on another port is usually one device reconnecting (through NAT) before the
+// broker noticed its old connection had gone. A takeover whose new session is
+// not among the events is not counted.
+func duplicateClientID(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
+	var connects []Event
+	for _, e := range evs {
+		if e.Kind == KindConnect {
+			connects = append(connects, e)
+		}
+	}
+	var n int
+	addrs := map[string]bool{}
+	for _, e := range evs {
+		if e.Kind != KindDisconnect || e.Reason != ReasonSessionTakeover {
+			continue
+		}
+		var next *Event
+		for i, c := range connects {
+			if c.SessionEpoch > e.SessionEpoch && (next == nil || c.SessionEpoch < next.SessionEpoch) {
+				next = &connects[i]
+			}
+		}
+		if next == nil {
+			continue
+		}
+		oldIP, newIP := hostOf(e.RemoteAddr), hostOf(next.RemoteAddr)
+		if oldIP == "" || newIP == "" || oldIP == newIP {
+			continue
+		}
+		n++
+		addrs[oldIP], addrs[newIP] = true, true
+	}
+	if n == 0 || n < p.TakeoverMin {
+		return nil
+	}
+	return &Problem{
+		Code:     ProblemDuplicateClientID,
+		Cause:    fmt.Sprintf("two devices share this client id: they took the session from each other %d times from different addresses", n),
+		Evidence: map[string]any{"takeovers": n, "addresses": sortedKeys(addrs)},
+		Fix:      "give each device its own id and token (register a second device)",
+	}
+}
+
+// keepaliveMismatch finds sessions lost at about the same idle time, shorter
+// than the keepalive: a NAT or load balancer forgets idle connections before
+// the device pings. A session idle for at least its keepalive is left out,
+// because the broker's own deadline (1.5 × keepalive, [MQTT-3.1.2-24]) or a
+// device that stopped pinging explains it. A keepalive of 0 (off) never
+// pings, so it cannot outlast any idle cut.
+func keepaliveMismatch(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
+	var cands []Event
+	for _, e := range evs {
+		if e.Kind != KindDisconnect || (e.Reason != ReasonConnectionLost && e.Reason != ReasonKeepaliveTimeout) || e.IdleMillis <= 0 {
+			continue
+		}
+		if k := keepaliveOf(e); k == 0 || e.IdleMillis < k*1000 {
+			cands = append(cands, e)
+		}
+	}
+	if len(cands) == 0 || len(cands) < p.IdleCutMin {
+		return nil
+	}
+	slices.SortStableFunc(cands, func(a, b Event) int { return cmp.Compare(a.IdleMillis, b.IdleMillis) })
+	near := func(idle int, center float64) bool {
+		return math.Abs(float64(idle)-center) <= p.IdleCutTolerance*center
+	}
+	// Take the densest cluster, so that a few random losses do not pull the
+	// median away from the cut; then measure the cut as that cluster's median.
+	var best []Event
+	for _, c := range cands {
+		var cluster []Event
+		for _, e := range cands {
+			if near(e.IdleMillis, float64(c.IdleMillis)) {
+				cluster = append(cluster, e)
+			}
+		}
+		if len(cluster) > len(best) {
+			best = cluster
+		}
+	}
+	median := medianIdle(best)
+	var cluster []Event
+	for _, e := range cands {
+		if near(e.IdleMillis, median) {
+			cluster = append(cluster, e)
+		}
+	}
+	if len(cluster) == 0 || len(cluster) < p.IdleCutMin {
+		return nil
+	}
+	// Report the keepalive of the newest session: the setting to change.
+	latest := slices.MaxFunc(cluster, func(a, b Event) int { return a.At.Compare(b.At) })
+	k := keepaliveOf(latest)
+	idle := int(math.Round(median / 1000))
+	cause := fmt.Sprintf("something on the path cuts idle connections at about %d s, before the device's keepalive of %d s", idle, k)
+	if k == 0 {
+		cause = fmt.Sprintf("something on the path cuts idle connections at about %d s, and the device has keepalive off", idle)
+	}
+	return &Problem{
+		Code:     ProblemKeepaliveMismatch,
+		Cause:    cause,
+		Evidence: map[string]any{"idle_seconds": idle, "keepalive": k, "sessions": len(cluster)},
+		Fix:      fmt.Sprintf("use a keepalive below %d s (e.g. %d s) for this device or model", idle, max(idle/2, 1)),
+	}
+}
+
+// flapping finds a device that starts session after session; the cause is
+// whatever ends most of them.
+func flapping(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
+	var starts []time.Time
+	reasons := map[string]int{}
+	for _, e := range evs {
+		switch e.Kind {
+		case KindConnect:
+			starts = append(starts, e.At)
+		case KindDisconnect:
+			reasons[string(e.Reason)]++
+		}
+	}
+	if p.FlapWindow <= 0 {
+		return nil
+	}
+	// The most sessions that started within any FlapWindow (a half-open span).
+	most := 0
+	for i, j := 0, 0; j < len(starts); j++ {
+		for starts[j].Sub(starts[i]) >= p.FlapWindow {
+			i++
+		}
+		most = max(most, j-i+1)
+	}
+	if most <= p.FlapSessions {
+		return nil
+	}
+	dominant := dominantReason(reasons)
+	cause := fmt.Sprintf("the device started %d sessions within %s", most, p.FlapWindow)
+	if dominant != "" {
+		cause += fmt.Sprintf("; most sessions ended with %s", dominant)
+	}
+	return &Problem{
+		Code:  ProblemFlapping,
+		Cause: cause,
+		Evidence: map[string]any{
+			"sessions": most, "window": p.FlapWindow.String(), "dominant_reason": dominant, "reasons": reasons,
+		},
+		Fix: flapFix(Reason(dominant)),
+	}
+}
+
+func flapFix(r Reason) string {
+	switch r {
+	case ReasonSessionTakeover:
+		return "another device uses this client id (see duplicate_client_id): give each device its own id and token"
+	case ReasonKeepaliveTimeout:
+		return "fix the keepalive: the device goes silent past its keepalive (see keepalive_mismatch and no_pings)"
+	case ReasonProtocolError:
+		return "upgrade the firmware: the broker closes its sessions for protocol errors"
+	case ReasonThrottled:
+		return "make the device reconnect with backoff and jitter: the broker throttles its reconnects"
+	case ReasonPacketTooLarge:
+		return "make the device send smaller packets or raise the broker's maximum packet size"
+	}
+	return "check the device's power and network"
+}
+
+// tlsFailures finds failed TLS handshakes and picks the fix from the latest
+// error, which says which side rejected which certificate.
+func tlsFailures(_ Device, evs []Event, _ DiagnosisPolicy) *Problem {
+	var n int
+	var last Event
+	addrs := map[string]bool{}
+	for _, e := range evs {
+		if e.Kind == KindRefused && e.Reason == ReasonTLSHandshakeFailed {
+			n++
+			last = e
+			if ip := hostOf(e.RemoteAddr); ip != "" {
+				addrs[ip] = true
+			}
+		}
+	}
+	if n < minTLSFailures {
+		return nil
+	}
+	return &Problem{
+		Code:  ProblemTLSHandshakeFailures,
+		Cause: fmt.Sprintf("TLS handshakes fail: %q", last.Detail),
+		Evidence: map[string]any{
+			"failures": n, "detail": last.Detail, "last_at": last.At, "addresses": sortedKeys(addrs),
+		},
+		Fix: tlsFix(last.Detail),
+	}
+}
+
+// tlsFix reads a Go TLS error. "remote error" means the device sent the
+// alert, so it rejected the server's certificate rather than the reverse.
+func tlsFix(detail string) string {
+	d := strings.ToLower(detail)
+	remote := strings.Contains(d, "remote error")
+	switch {
+	case strings.Contains(d, "expired"):
+		if remote {
+			return "renew the server's certificate, or set the device's clock if it is wrong"
+		}
+		return "renew the device's certificate (or set the device's clock if it is wrong)"
+	case strings.Contains(d, "unknown authority"), strings.Contains(d, "unknown_ca"), strings.Contains(d, "unknown certificate authority"):
+		if remote {
+			return "install the CA that signed the server's certificate on the device"
+		}
+		return "issue the device's certificate from the configured device CA"
+	case strings.Contains(d, "protocol version"), strings.Contains(d, "unsupported versions"):
+		return "enable TLS 1.2 or later on the device, or upgrade its firmware"
+	}
+	return "check the device's TLS settings: its certificate, the CA it trusts and its TLS version"
+}
+
+// authFailures finds repeated refused logins and picks the fix from the most
+// common reason the broker gave.
+func authFailures(_ Device, evs []Event, _ DiagnosisPolicy) *Problem {
+	var n int
+	details := map[string]int{}
+	latest := map[string]time.Time{}
+	var last Event
+	for _, e := range evs {
+		if e.Kind == KindRefused && e.Reason == ReasonAuthFailed {
+			n++
+			details[e.Detail]++
+			latest[e.Detail] = e.At
+			last = e
+		}
+	}
+	if n < minAuthFailures {
+		return nil
+	}
+	// The most common detail; on a tie, the most recent one.
+	top := topKey(details, func(a, b string) int { return latest[a].Compare(latest[b]) })
+	fix := "rotate the device's token and provision it"
+	switch top {
+	case "unknown device":
+		fix = "register the device"
+	case "registry unavailable":
+		fix = "check fleetd's database: the broker could not look the device up"
+	}
+	return &Problem{
+		Code:     ProblemAuthFailures,
+		Cause:    fmt.Sprintf("the broker refused the device's credentials %d times: %q", n, top),
+		Evidence: map[string]any{"failures": n, "detail": top, "details": details, "last_at": last.At},
+		Fix:      fix,
+	}
+}
+
+// keepaliveOf is the keepalive in seconds that governed a session: the
+// broker's (MQTT 5 Server Keep Alive) when it set one, else the device's.
+func keepaliveOf(e Event) int {
+	if e.KeepaliveEffective != 0 {
+		return e.KeepaliveEffective
+	}
+	return e.KeepaliveRequested
+}
+
+// hostOf returns the IP of an address with or without a port.
+func hostOf(addr string) string {
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		return h
+	}
+	return addr
+}
+
+func medianIdle(evs []Event) float64 {
+	v := make([]int, len(evs))
+	for i, e := range evs {
+		v[i] = e.IdleMillis
+	}
+	slices.Sort(v)
+	if len(v)%2 == 1 {
+		return float64(v[len(v)/2])
+	}
+	return float64(v[len(v)/2-1]+v[len(v)/2]) / 2
+}
+
+// dominantReason is the most common reason; ties go to the one listed first
+// in Reasons, so the answer does not depend on map order.
+func dominantReason(counts map[string]int) string {
+	rank := func(r string) int {
+		if i := slices.Index(Reasons, Reason(r)); i >= 0 {
+			return i
+		}
+		return len(Reasons)
+	}
+	return topKey(counts, func(a, b string) int { return cmp.Compare(rank(b), rank(a)) })
+}
+
+// topKey returns the key with the highest count, breaking ties with prefer
+// (greater wins) and then by name, so that map order never shows; "" when
+// counts is empty.
+func topKey(counts map[string]int, prefer func(a, b string) int) string {
+	var top string
+	found := false
+	for _, k := range sortedKeys(counts) {
+		if !found || counts[k] > counts[top] || counts[k] == counts[top] && prefer(k, top) > 0 {
+			top, found = k, true
+		}
+	}
+	return top
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}

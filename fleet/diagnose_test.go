@@ -1,0 +1,378 @@
+package fleet
+
+import (
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+var diagNow = time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
+
+// ev dates an event ago before diagNow and gives it to device gw-1.
+func ev(ago time.Duration, e Event) Event {
+	e.DeviceID = "gw-1"
+	e.At = diagNow.Add(-ago)
+	return e
+}
+
+// session is a connect from addr and its disconnect, ended by e, one minute
+// later; start is how long before diagNow the session started.
+func session(start time.Duration, epoch int64, addr string, end Event) []Event {
+	end.Kind, end.SessionEpoch, end.RemoteAddr = KindDisconnect, epoch, addr
+	if end.KeepaliveRequested == 0 {
+		end.KeepaliveRequested = 60
+	}
+	return []Event{
+		ev(start, Event{Kind: KindConnect, SessionEpoch: epoch, RemoteAddr: addr, KeepaliveRequested: end.KeepaliveRequested, KeepaliveEffective: end.KeepaliveEffective}),
+		ev(start-time.Minute, end),
+	}
+}
+
+// sessions starts n sessions every interval, the first start before diagNow,
+// each ended by end; epochs count up from 1.
+func sessions(n int, start, every time.Duration, end Event) []Event {
+	var out []Event
+	for i := range n {
+		out = append(out, session(start-time.Duration(i)*every, int64(i+1), "203.0.113.7:50000", end)...)
+	}
+	return out
+}
+
+func cat(parts ...[]Event) []Event {
+	var out []Event
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+var (
+	clean    = Event{Reason: ReasonClientDisconnect, Pings: 10, IdleMillis: 800}
+	lost     = Event{Reason: ReasonConnectionLost, Pings: 3, IdleMillis: 70000} // silent past its keepalive: no path cut
+	noPingKA = Event{Reason: ReasonKeepaliveTimeout, IdleMillis: 90000}
+	badPing  = Event{Reason: ReasonProtocolError, Detail: "PINGREQ with reserved flags 0x2", Pings: 1, IdleMillis: 200}
+	cutAt    = func(ms int) Event { return Event{Reason: ReasonConnectionLost, Pings: 2, IdleMillis: ms} }
+	refusal  = func(ago time.Duration, r Reason, detail string) Event {
+		return ev(ago, Event{Kind: KindRefused, Reason: r, Detail: detail, RemoteAddr: "198.51.100.4:41000"})
+	}
+	takeover = func(ago time.Duration, oldEpoch int64, oldAddr, newAddr string) []Event {
+		return []Event{
+			ev(ago, Event{Kind: KindConnect, SessionEpoch: oldEpoch + 1, RemoteAddr: newAddr}),
+			ev(ago, Event{Kind: KindDisconnect, Reason: ReasonSessionTakeover, SessionEpoch: oldEpoch, RemoteAddr: oldAddr, Pings: 5}),
+		}
+	}
+)
+
+func TestDiagnose(t *testing.T) {
+	p := DefaultDiagnosisPolicy()
+	dev := Device{ID: "gw-1", Model: "gw-100", Firmware: "1.0.3", ProtocolVersion: 4, KeepaliveRequested: 60}
+	tests := []struct {
+		name     string
+		events   []Event
+		incompat []Incompatibility
+		want     []Problem
+	}{
+		{"no events", nil, nil, nil},
+		{"healthy device", cat(
+			sessions(4, 50*time.Minute, 10*time.Minute, clean),
+			session(5*time.Minute, 5, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 7, IdleMillis: 90000}),
+			sessions(2, 3*time.Minute, time.Minute, lost),
+		), nil, nil},
+
+		// incompatible_firmware
+		{"incompatibilities become problems in order", nil, []Incompatibility{
+			{IncompatBelowMinimum, "firmware 1.0.3 is below the minimum 1.1.0 for model gw-100"},
+			{IncompatRejectsPings, "firmware 1.0.3 of model gw-100 rejects pings: 40 ping-related disconnects"},
+		}, []Problem{{
+			Code: ProblemIncompatibleFirmware, Cause: "firmware 1.0.3 is below the minimum 1.1.0 for model gw-100",
+			Evidence: map[string]any{"reason": IncompatBelowMinimum, "firmware": "1.0.3", "protocol": "3.1.1"},
+			Fix:      "upgrade to a supported firmware with a campaign targeting compat: incompatible",
+		}, {
+			Code: ProblemIncompatibleFirmware, Cause: "firmware 1.0.3 of model gw-100 rejects pings: 40 ping-related disconnects",
+			Evidence: map[string]any{"reason": IncompatRejectsPings, "firmware": "1.0.3", "protocol": "3.1.1"},
+			Fix:      "upgrade to a supported firmware with a campaign targeting compat: incompatible",
+		}}},
+
+		// malformed_pings
+		{"one malformed ping", cat(sessions(2, 30*time.Minute, 10*time.Minute, clean), session(5*time.Minute, 3, "203.0.113.7:50000", badPing)), nil, []Problem{{
+			Code:  ProblemMalformedPings,
+			Cause: `the firmware sends malformed pings ("PINGREQ with reserved flags 0x2"), and the broker must close the connection on a malformed packet`,
+			Evidence: map[string]any{"sessions": 1, "detail": "PINGREQ with reserved flags 0x2", "last_at": diagNow.Add(-4 * time.Minute),
+				"firmware": "1.0.3", "protocol": "3.1.1"},
+			Fix: "upgrade the firmware (a campaign can target incompatible devices)",
+		}}},
+		{"other protocol errors are not pings", session(5*time.Minute, 1, "203.0.113.7:50000", Event{Reason: ReasonProtocolError, Detail: "malformed packet"}), nil, nil},
+		{"malformed ping outside the window", session(62*time.Minute, 1, "203.0.113.7:50000", badPing), nil, nil},
+
+		// no_pings
+		{"one keepalive timeout without pings", session(20*time.Minute, 1, "203.0.113.7:50000", noPingKA), nil, nil},
+		{"two keepalive timeouts without pings", sessions(2, 30*time.Minute, 10*time.Minute, noPingKA), nil, []Problem{{
+			Code: ProblemNoPings, Cause: "the device never sends PINGREQ: its firmware does not keep the session alive",
+			Evidence: map[string]any{"sessions": 2, "firmware": "1.0.3"},
+			Fix:      "upgrade the firmware (a campaign can target incompatible devices)",
+		}}},
+		{"timeouts with pings do not count", cat(
+			session(30*time.Minute, 1, "203.0.113.7:50000", noPingKA),
+			session(20*time.Minute, 2, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 3, IdleMillis: 90000}),
+		), nil, nil},
+		{"second timeout outside the window", cat(
+			session(70*time.Minute, 1, "203.0.113.7:50000", noPingKA),
+			session(20*time.Minute, 2, "203.0.113.7:50000", noPingKA),
+		), nil, nil},
+
+		// duplicate_client_id
+		{"one takeover", takeover(10*time.Minute, 1, "203.0.113.7:50000", "198.51.100.9:61000"), nil, nil},
+		{"two takeovers between two addresses", cat(
+			takeover(20*time.Minute, 1, "203.0.113.7:50000", "198.51.100.9:61000"),
+			takeover(10*time.Minute, 2, "198.51.100.9:61000", "203.0.113.7:50002"),
+		), nil, []Problem{{
+			Code:     ProblemDuplicateClientID,
+			Cause:    "two devices share this client id: they took the session from each other 2 times from different addresses",
+			Evidence: map[string]any{"takeovers": 2, "addresses": []string{"198.51.100.9", "203.0.113.7"}},
+			Fix:      "give each device its own id and token (register a second device)",
+		}}},
+		{"same IP on another port is one device", cat(
+			takeover(20*time.Minute, 1, "203.0.113.7:50000", "203.0.113.7:50001"),
+			takeover(10*time.Minute, 2, "203.0.113.7:50001", "203.0.113.7:50002"),
+		), nil, nil},
+		{"IPv6 addresses, epochs with gaps, newest first", []Event{
+			ev(5*time.Minute, Event{Kind: KindConnect, SessionEpoch: 9, RemoteAddr: "[2001:db8::2]:1883"}),
+			ev(5*time.Minute, Event{Kind: KindDisconnect, Reason: ReasonSessionTakeover, SessionEpoch: 7, RemoteAddr: "[2001:db8::1]:1883"}),
+			ev(15*time.Minute, Event{Kind: KindConnect, SessionEpoch: 7, RemoteAddr: "[2001:db8::1]:1883"}),
+			ev(15*time.Minute, Event{Kind: KindDisconnect, Reason: ReasonSessionTakeover, SessionEpoch: 4, RemoteAddr: "[2001:db8::2]:1883"}),
+			ev(25*time.Minute, Event{Kind: KindConnect, SessionEpoch: 4, RemoteAddr: "[2001:db8::2]:1883"}),
+		}, nil, []Problem{{
+			Code:     ProblemDuplicateClientID,
+			Cause:    "two devices share this client id: they took the session from each other 2 times from different addresses",
+			Evidence: map[string]any{"takeovers": 2, "addresses": []string{"2001:db8::1", "2001:db8::2"}},
+			Fix:      "give each device its own id and token (register a second device)",
+		}}},
+		{"takeover whose new session is unknown", cat(
+			takeover(20*time.Minute, 1, "203.0.113.7:50000", "198.51.100.9:61000"),
+			[]Event{ev(10*time.Minute, Event{Kind: KindDisconnect, Reason: ReasonSessionTakeover, SessionEpoch: 2, RemoteAddr: "198.51.100.9:61000"})},
+		), nil, nil},
+		{"first takeover outside the window", cat(
+			takeover(65*time.Minute, 1, "203.0.113.7:50000", "198.51.100.9:61000"),
+			takeover(10*time.Minute, 2, "198.51.100.9:61000", "203.0.113.7:50002"),
+		), nil, nil},
+
+		// keepalive_mismatch
+		{"two idle cuts", cat(
+			session(30*time.Minute, 1, "203.0.113.7:50000", cutAt(30000)),
+			session(20*time.Minute, 2, "203.0.113.7:50000", cutAt(29500)),
+		), nil, nil},
+		{"three idle cuts at 30 s", cat(
+			session(30*time.Minute, 1, "203.0.113.7:50000", cutAt(30000)),
+			session(20*time.Minute, 2, "203.0.113.7:50000", cutAt(29500)),
+			session(10*time.Minute, 3, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 1, IdleMillis: 31000}),
+		), nil, []Problem{{
+			Code:     ProblemKeepaliveMismatch,
+			Cause:    "something on the path cuts idle connections at about 30 s, before the device's keepalive of 60 s",
+			Evidence: map[string]any{"idle_seconds": 30, "keepalive": 60, "sessions": 3},
+			Fix:      "use a keepalive below 30 s (e.g. 15 s) for this device or model",
+		}}},
+		{"cuts among random losses, effective keepalive", cat(
+			session(50*time.Minute, 1, "203.0.113.7:50000", cutAt(5000)),
+			session(40*time.Minute, 2, "203.0.113.7:50000", Event{Reason: ReasonConnectionLost, IdleMillis: 240000, KeepaliveRequested: 60, KeepaliveEffective: 300}),
+			session(30*time.Minute, 3, "203.0.113.7:50000", Event{Reason: ReasonConnectionLost, IdleMillis: 240000, KeepaliveRequested: 60, KeepaliveEffective: 300}),
+			session(20*time.Minute, 4, "203.0.113.7:50000", cutAt(100000)),
+			session(10*time.Minute, 5, "203.0.113.7:50000", Event{Reason: ReasonConnectionLost, IdleMillis: 250000, KeepaliveRequested: 60, KeepaliveEffective: 300}),
+		), nil, []Problem{{
+			Code:     ProblemKeepaliveMismatch,
+			Cause:    "something on the path cuts idle connections at about 240 s, before the device's keepalive of 300 s",
+			Evidence: map[string]any{"idle_seconds": 240, "keepalive": 300, "sessions": 3},
+			Fix:      "use a keepalive below 240 s (e.g. 120 s) for this device or model",
+		}}},
+		{"idle times too spread", cat(
+			session(30*time.Minute, 1, "203.0.113.7:50000", cutAt(20000)),
+			session(20*time.Minute, 2, "203.0.113.7:50000", cutAt(30000)),
+			session(10*time.Minute, 3, "203.0.113.7:50000", cutAt(45000)),
+		), nil, nil},
+		{"broker deadline at 1.5 keepalive is not a path cut", cat(
+			session(30*time.Minute, 1, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 4, IdleMillis: 90000}),
+			session(20*time.Minute, 2, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 4, IdleMillis: 90100}),
+			session(10*time.Minute, 3, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 4, IdleMillis: 89900}),
+		), nil, nil},
+		{"clean disconnects after idling are not cuts", sessions(3, 30*time.Minute, 10*time.Minute, Event{Reason: ReasonClientDisconnect, IdleMillis: 30000}), nil, nil},
+		{"keepalive off", []Event{
+			ev(30*time.Minute, Event{Kind: KindDisconnect, Reason: ReasonConnectionLost, SessionEpoch: 1, IdleMillis: 118000}),
+			ev(20*time.Minute, Event{Kind: KindDisconnect, Reason: ReasonConnectionLost, SessionEpoch: 2, IdleMillis: 120000}),
+			ev(10*time.Minute, Event{Kind: KindDisconnect, Reason: ReasonConnectionLost, SessionEpoch: 3, IdleMillis: 121000}),
+		}, nil, []Problem{{
+			Code:     ProblemKeepaliveMismatch,
+			Cause:    "something on the path cuts idle connections at about 120 s, and the device has keepalive off",
+			Evidence: map[string]any{"idle_seconds": 120, "keepalive": 0, "sessions": 3},
+			Fix:      "use a keepalive below 120 s (e.g. 60 s) for this device or model",
+		}}},
+		{"one cut outside the window", cat(
+			session(70*time.Minute, 1, "203.0.113.7:50000", cutAt(30000)),
+			session(20*time.Minute, 2, "203.0.113.7:50000", cutAt(29500)),
+			session(10*time.Minute, 3, "203.0.113.7:50000", cutAt(31000)),
+		), nil, nil},
+
+		// flapping
+		{"six sessions in ten minutes", sessions(6, 9*time.Minute, 90*time.Second, lost), nil, nil},
+		{"seven sessions in ten minutes", sessions(7, 9*time.Minute+30*time.Second, 90*time.Second, lost), nil, []Problem{{
+			Code:  ProblemFlapping,
+			Cause: "the device started 7 sessions within 10m0s; most sessions ended with connection_lost",
+			Evidence: map[string]any{"sessions": 7, "window": "10m0s", "dominant_reason": "connection_lost",
+				"reasons": map[string]int{"connection_lost": 7}},
+			Fix: "check the device's power and network",
+		}}},
+		{"seven sessions exactly ten minutes apart", sessions(7, 10*time.Minute, 100*time.Second, lost), nil, nil},
+		{"seven sessions spread over twelve minutes", sessions(7, 13*time.Minute, 2*time.Minute, lost), nil, nil},
+		{"seven sessions outside the window", sessions(7, 75*time.Minute, 90*time.Second, lost), nil, nil},
+		{"flapping on keepalive timeouts", cat(
+			sessions(7, 9*time.Minute+30*time.Second, 90*time.Second, Event{Reason: ReasonKeepaliveTimeout, Pings: 2, IdleMillis: 90000}),
+			session(40*time.Minute, 20, "203.0.113.7:50000", clean),
+		), nil, []Problem{{
+			Code:  ProblemFlapping,
+			Cause: "the device started 7 sessions within 10m0s; most sessions ended with keepalive_timeout",
+			Evidence: map[string]any{"sessions": 7, "window": "10m0s", "dominant_reason": "keepalive_timeout",
+				"reasons": map[string]int{"keepalive_timeout": 7, "client_disconnect": 1}},
+			Fix: "fix the keepalive: the device goes silent past its keepalive (see keepalive_mismatch and no_pings)",
+		}}},
+
+		// tls_handshake_failures
+		{"expired certificate", []Event{
+			refusal(20*time.Minute, ReasonTLSHandshakeFailed, "tls: failed to verify certificate: x509: certificate signed by unknown authority"),
+			refusal(5*time.Minute, ReasonTLSHandshakeFailed, "tls: failed to verify certificate: x509: certificate has expired or is not yet valid"),
+		}, nil, []Problem{{
+			Code:  ProblemTLSHandshakeFailures,
+			Cause: `TLS handshakes fail: "tls: failed to verify certificate: x509: certificate has expired or is not yet valid"`,
+			Evidence: map[string]any{"failures": 2, "detail": "tls: failed to verify certificate: x509: certificate has expired or is not yet valid",
+				"last_at": diagNow.Add(-5 * time.Minute), "addresses": []string{"198.51.100.4"}},
+			Fix: "renew the device's certificate (or set the device's clock if it is wrong)",
+		}}},
+		{"TLS failure outside the window", []Event{refusal(61*time.Minute, ReasonTLSHandshakeFailed, "EOF")}, nil, nil},
+
+		// auth_failures
+		{"two auth failures", []Event{
+			refusal(20*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(10*time.Minute, ReasonAuthFailed, "wrong token"),
+		}, nil, nil},
+		{"three auth failures", []Event{
+			refusal(30*time.Minute, ReasonAuthFailed, "user name must be the device id"),
+			refusal(20*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(10*time.Minute, ReasonAuthFailed, "wrong token"),
+		}, nil, []Problem{{
+			Code:  ProblemAuthFailures,
+			Cause: `the broker refused the device's credentials 3 times: "wrong token"`,
+			Evidence: map[string]any{"failures": 3, "detail": "wrong token", "last_at": diagNow.Add(-10 * time.Minute),
+				"details": map[string]int{"wrong token": 2, "user name must be the device id": 1}},
+			Fix: "rotate the device's token and provision it",
+		}}},
+		{"unknown device, the latest of a tie", []Event{
+			refusal(40*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(30*time.Minute, ReasonAuthFailed, "unknown device"),
+			refusal(20*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(10*time.Minute, ReasonAuthFailed, "unknown device"),
+		}, nil, []Problem{{
+			Code:  ProblemAuthFailures,
+			Cause: `the broker refused the device's credentials 4 times: "unknown device"`,
+			Evidence: map[string]any{"failures": 4, "detail": "unknown device", "last_at": diagNow.Add(-10 * time.Minute),
+				"details": map[string]int{"wrong token": 2, "unknown device": 2}},
+			Fix: "register the device",
+		}}},
+		{"third auth failure outside the window", []Event{
+			refusal(90*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(20*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(10*time.Minute, ReasonAuthFailed, "wrong token"),
+		}, nil, nil},
+		{"other refusals are not auth failures", []Event{
+			refusal(30*time.Minute, ReasonThrottled, ""),
+			refusal(20*time.Minute, ReasonThrottled, ""),
+			refusal(10*time.Minute, ReasonThrottled, ""),
+		}, nil, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := Diagnose(dev, tt.events, tt.incompat, diagNow, p)
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("mismatch (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// TestDiagnoseOrder checks that problems come most severe first, whatever
+// the order of the events.
+func TestDiagnoseOrder(t *testing.T) {
+	events := cat(
+		[]Event{
+			refusal(59*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(58*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(57*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(56*time.Minute, ReasonTLSHandshakeFailed, "EOF"),
+		},
+		sessions(7, 9*time.Minute, 80*time.Second, cutAt(30000)),
+		takeover(30*time.Minute, 100, "203.0.113.7:50000", "198.51.100.9:61000"),
+		takeover(29*time.Minute, 101, "198.51.100.9:61000", "203.0.113.7:50000"),
+		session(40*time.Minute, 200, "203.0.113.7:50000", noPingKA),
+		session(39*time.Minute, 201, "203.0.113.7:50000", noPingKA),
+		session(38*time.Minute, 202, "203.0.113.7:50000", badPing),
+	)
+	// Newest first, as the store returns them.
+	for i, j := 0, len(events)-1; i < j; i, j = i+1, j-1 {
+		events[i], events[j] = events[j], events[i]
+	}
+	dev := Device{ID: "gw-1", Firmware: "1.0.3", ProtocolVersion: 5}
+	got := Diagnose(dev, events, []Incompatibility{{IncompatRejectsPings, "rejects pings"}}, diagNow, DefaultDiagnosisPolicy())
+	var codes []string
+	for _, pr := range got {
+		codes = append(codes, pr.Code)
+	}
+	want := []string{
+		ProblemIncompatibleFirmware, ProblemMalformedPings, ProblemNoPings, ProblemDuplicateClientID,
+		ProblemKeepaliveMismatch, ProblemFlapping, ProblemTLSHandshakeFailures, ProblemAuthFailures,
+	}
+	if diff := cmp.Diff(want, codes); diff != "" {
+		t.Errorf("mismatch (-want +got):\n%s", diff)
+	}
+}
+
+func TestDiagnoseTLSFix(t *testing.T) {
+	tests := []struct {
+		name, detail, want string
+	}{
+		{"device certificate expired", "tls: failed to verify certificate: x509: certificate has expired or is not yet valid",
+			"renew the device's certificate (or set the device's clock if it is wrong)"},
+		{"device sees the server's certificate expired", "remote error: tls: expired certificate",
+			"renew the server's certificate, or set the device's clock if it is wrong"},
+		{"device certificate from another CA", "tls: failed to verify certificate: x509: certificate signed by unknown authority",
+			"issue the device's certificate from the configured device CA"},
+		{"alert name", "alert unknown_ca", "issue the device's certificate from the configured device CA"},
+		{"device does not trust the server", "remote error: tls: unknown certificate authority",
+			"install the CA that signed the server's certificate on the device"},
+		{"old TLS", "tls: client offered only unsupported versions: [301]",
+			"enable TLS 1.2 or later on the device, or upgrade its firmware"},
+		{"anything else", "EOF", "check the device's TLS settings: its certificate, the CA it trusts and its TLS version"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if diff := cmp.Diff(tt.want, tlsFix(tt.detail)); diff != "" {
+				t.Errorf("mismatch (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestDiagnoseFlapFix(t *testing.T) {
+	// A flapping device whose sessions are taken over also shows the takeovers.
+	events := []Event{}
+	for i := range 7 {
+		events = append(events, takeover(time.Duration(9-i)*time.Minute, int64(i+1), "203.0.113.7:50000", "203.0.113.7:50001")...)
+	}
+	got := Diagnose(Device{ID: "gw-1"}, events, nil, diagNow, DefaultDiagnosisPolicy())
+	want := []Problem{{
+		Code:  ProblemFlapping,
+		Cause: "the device started 7 sessions within 10m0s; most sessions ended with session_takeover",
+		Evidence: map[string]any{"sessions": 7, "window": "10m0s", "dominant_reason": "session_takeover",
+			"reasons": map[string]int{"session_takeover": 7}},
+		Fix: "another device uses this client id (see duplicate_client_id): give each device its own id and token",
+	}}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("mismatch (-want +got):\n%s", diff)
+	}
+}
