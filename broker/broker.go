@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,6 +35,8 @@ type Registry interface {
 	NoteBirth(id, firmware, model string)
 	// TouchLastSeen records when devices were last heard from.
 	TouchLastSeen(ctx context.Context, seen map[string]time.Time) error
+	// KeepaliveFor returns the keepalive cap of a model in seconds (0 = none).
+	KeepaliveFor(model string) int
 }
 
 // EventSink takes connection events without blocking.
@@ -368,11 +371,23 @@ func (b *Broker) flushLastSeen() {
 	}
 }
 
-func (b *Broker) handshakeFailed(remote string, err error) {
-	b.log.Warn("TLS handshake failed", "remote", remote, "err", err)
+// handshakeFailed records a failed TLS handshake. When the certificate
+// names a registered device, the event is that device's, so its diagnosis
+// shows it; otherwise it is recorded under no device, with the subject.
+func (b *Broker) handshakeFailed(remote string, f *handshakeFailure) {
+	deviceID := ""
+	if f.CN != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		if info, err := b.reg.Admit(ctx, f.CN); err == nil && info.Result != fleet.AuthUnknownDevice {
+			deviceID = f.CN
+		}
+		cancel()
+	}
+	b.log.Warn("TLS handshake failed", "device_id", deviceID, "class", f.Class, "remote", remote, "sni", f.SNI,
+		"offered", strings.Join(f.Offered, ","), "subject", f.Subject, "sha256", f.Fingerprint, "err", f.Err)
 	now := time.Now()
-	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), At: now, Kind: fleet.KindRefused, Reason: fleet.ReasonTLSHandshakeFailed,
-		Detail: err.Error(), RemoteAddr: remote, Listener: "tls", BrokerNode: b.cfg.Node})
+	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: deviceID, At: now, Kind: fleet.KindRefused,
+		Reason: fleet.ReasonTLSHandshakeFailed, Detail: f.Detail(), RemoteAddr: remote, Listener: "tls", BrokerNode: b.cfg.Node})
 }
 
 // levelHandler raises the minimum level of a handler: mochi logs a warning for

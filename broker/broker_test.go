@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net/url"
@@ -489,5 +490,33 @@ func TestDeviceHandler(t *testing.T) {
 	typ, body := c.read()
 	if typ>>4 != 3 || !strings.Contains(string(body), `{"job_id":"k"}`) {
 		t.Fatalf("expected the job, got 0x%02x %q", typ, body)
+	}
+}
+
+// TestKeepalivePolicy: an MQTT 5 device asking for more than the policy
+// allows is told the cap in the CONNACK (Server Keep Alive) and held to it;
+// an MQTT 3 device keeps what it asked for (it could not be told).
+func TestKeepalivePolicy(t *testing.T) {
+	e := newEnv(t)
+	if _, err := e.svc.SetPolicy(context.Background(), fleet.Policy{Keepalive: fleet.KeepalivePolicy{MaxSeconds: 20}}); err != nil {
+		t.Fatal(err)
+	}
+	tok5, tok3 := e.register("ka5"), e.register("ka3")
+	c := dialRaw(t, e.addr("tcp"))
+	c.send(connectPacket(5, "ka5", "ka5", tok5, 60))
+	typ, body := c.read()
+	if typ != 0x20 || body[1] != 0 || !bytes.Contains(body[2:], []byte{0x13, 0x00, 20}) {
+		t.Fatalf("CONNACK %x: want success with Server Keep Alive 20", body)
+	}
+	ev := e.waitEvent("ka5", 5*time.Second, isEvent(fleet.KindConnect, ""))
+	if ev.KeepaliveRequested != 60 || ev.KeepaliveEffective != 20 {
+		t.Fatalf("v5 keepalive requested %d effective %d, want 60 and 20", ev.KeepaliveRequested, ev.KeepaliveEffective)
+	}
+	if code := dialRaw(t, e.addr("tcp")).connect(4, "ka3", "ka3", tok3, 60); code != 0 {
+		t.Fatalf("CONNACK 0x%02x", code)
+	}
+	ev = e.waitEvent("ka3", 5*time.Second, isEvent(fleet.KindConnect, ""))
+	if ev.KeepaliveEffective != 60 {
+		t.Fatalf("v3 keepalive changed to %d without telling the device", ev.KeepaliveEffective)
 	}
 }

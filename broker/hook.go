@@ -161,6 +161,14 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) (err error) {
 			s.model = up.Val
 		}
 	}
+	// The keepalive policy caps what MQTT 5 devices may ask for, through the
+	// CONNACK's Server Keep Alive ([MQTT-3.2.2-21]); MQTT 3 devices cannot be
+	// told, and their diagnosis says so.
+	if limit := b.reg.KeepaliveFor(s.model); limit > 0 && cl.Properties.ProtocolVersion == 5 &&
+		(pk.Connect.Keepalive == 0 || int(pk.Connect.Keepalive) > limit) {
+		cl.State.Keepalive = uint16(limit)
+		cl.State.ServerKeepalive = true
+	}
 	if wire != nil {
 		wire.accepted.Store(true)
 	}

@@ -34,7 +34,7 @@ type listener struct {
 	log            *slog.Logger
 	m              *metrics
 	// onHandshakeError reports a failed TLS handshake.
-	onHandshakeError func(remote string, err error)
+	onHandshakeError func(remote string, f *handshakeFailure)
 
 	serving atomic.Bool
 	closed  atomic.Bool
@@ -91,14 +91,14 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 	var tc *tls.Conn
 	conn := raw
 	if l.tlsConfig != nil {
-		tc = tls.Server(raw, l.tlsConfig)
 		ctx, cancel := context.WithTimeout(context.Background(), l.connectTimeout)
-		err := tc.HandshakeContext(ctx)
+		var failure *handshakeFailure
+		tc, failure = serverHandshake(ctx, raw, l.tlsConfig)
 		cancel()
-		if err != nil {
-			l.m.tlsFailures.Inc()
+		if failure != nil {
+			l.m.tlsFailures.WithLabelValues(failure.Class).Inc()
 			if l.onHandshakeError != nil {
-				l.onHandshakeError(raw.RemoteAddr().String(), err)
+				l.onHandshakeError(raw.RemoteAddr().String(), failure)
 			}
 			raw.Close()
 			return

@@ -7,7 +7,7 @@ type metrics struct {
 	disconnects     *prometheus.CounterVec
 	acceptErrors    *prometheus.CounterVec
 	connectTimeouts prometheus.Counter
-	tlsFailures     prometheus.Counter
+	tlsFailures     *prometheus.CounterVec
 	aclDenials      prometheus.Counter
 }
 
@@ -25,9 +25,9 @@ func newMetrics() *metrics {
 		connectTimeouts: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fleetd_mqtt_connect_timeouts_total", Help: "Connections closed because no CONNECT arrived in time.",
 		}),
-		tlsFailures: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "fleetd_mqtt_tls_handshake_failures_total", Help: "Failed TLS handshakes on the MQTT TLS listener.",
-		}),
+		tlsFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleetd_mqtt_tls_handshake_failures_total", Help: "Failed TLS handshakes on the MQTT TLS listener, by class.",
+		}, []string{"class"}),
 		aclDenials: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fleetd_mqtt_acl_denials_total", Help: "Publishes and subscriptions outside a device's own topics.",
 		}),

@@ -3,6 +3,9 @@ package broker
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"io"
 	"net"
 	"strings"
 	"testing"
@@ -70,19 +73,72 @@ func TestTLSClientCertificates(t *testing.T) {
 		return ev.Kind == fleet.KindRefused && strings.Contains(ev.Detail, "does not match the certificate")
 	})
 
+	// Failed handshakes are classified, and tied to the device when the
+	// certificate names a registered one, even though it did not verify.
+	expired, _ := ca.Device("cert-dev", devcert.Options{NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-time.Hour)})
+	foreignCA, _ := devcert.NewCA("someone else's CA")
+	foreign, _ := foreignCA.Device("cert-dev", devcert.Options{})
+	present := func(c tls.Certificate) []tls.Certificate { return []tls.Certificate{c} }
+	for _, tc := range []struct {
+		certs []tls.Certificate
+		class string
+	}{{present(expired), "expired_certificate"}, {present(foreign), "unknown_ca"}} {
+		c := tc.certs[0]
+		opts := pahov3.NewClientOptions().AddBroker("ssl://" + e.addr("tls")).SetClientID("cert-dev").SetProtocolVersion(4).
+			SetAutoReconnect(false).SetConnectTimeout(3 * time.Second).
+			SetTLSConfig(&tls.Config{RootCAs: ca.Pool(), GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &c, nil }})
+		cl := pahov3.NewClient(opts)
+		if tk := cl.Connect(); tk.WaitTimeout(5*time.Second) && tk.Error() == nil {
+			t.Fatalf("%s: connected", tc.class)
+		}
+		ev := e.waitEvent("cert-dev", 5*time.Second, func(ev fleet.Event) bool {
+			return ev.Reason == fleet.ReasonTLSHandshakeFailed && strings.HasPrefix(ev.Detail, tc.class+":")
+		})
+		if !strings.Contains(ev.Detail, "subject=CN=cert-dev") || !strings.Contains(ev.Detail, "sha256=") || !strings.Contains(ev.Detail, "offered=") {
+			t.Errorf("%s: detail %q lacks the certificate's subject, fingerprint or offered versions", tc.class, ev.Detail)
+		}
+	}
 	if err := connect("cert-dev", nil); err == nil {
 		t.Fatal("connected without a client certificate")
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		var n int
-		e.pool.QueryRow(context.Background(), `SELECT count(*) FROM device_events WHERE reason = 'tls_handshake_failed'`).Scan(&n)
+		e.pool.QueryRow(context.Background(), `SELECT count(*) FROM device_events WHERE reason = 'tls_handshake_failed' AND device_id = '' AND detail LIKE 'no_certificate:%'`).Scan(&n)
 		if n > 0 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("failed handshake not recorded")
+			t.Fatal("handshake without a certificate not recorded as no_certificate")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestClassifyHandshake(t *testing.T) {
+	expired := x509.CertificateInvalidError{Reason: x509.Expired}
+	tests := []struct {
+		name      string
+		err       error
+		verifyErr error
+		presented bool
+		ctxErr    error
+		want      string
+	}{
+		{"expired", errors.New("tls: bad certificate"), expired, true, nil, "expired_certificate"},
+		{"unknown ca", errors.New("tls: bad certificate"), x509.UnknownAuthorityError{}, true, nil, "unknown_ca"},
+		{"wrong usage", errors.New("tls: bad certificate"), x509.CertificateInvalidError{Reason: x509.IncompatibleUsage}, true, nil, "bad_certificate"},
+		{"no certificate", errors.New("tls: client didn't provide a certificate"), nil, false, nil, "no_certificate"},
+		{"old TLS", errors.New("tls: client offered only unsupported versions: [301]"), nil, false, nil, "protocol_version"},
+		{"plain MQTT on the TLS port", errors.New("tls: first record does not look like a TLS handshake"), nil, false, nil, "protocol_version"},
+		{"slow client", errors.New("read: i/o timeout"), nil, false, context.DeadlineExceeded, "handshake_timeout"},
+		{"gave up", io.EOF, nil, false, nil, "aborted"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := classifyHandshake(tt.err, tt.verifyErr, tt.presented, tt.ctxErr); got != tt.want {
+				t.Fatalf("got %s, want %s", got, tt.want)
+			}
+		})
 	}
 }

@@ -58,6 +58,10 @@ type Device struct {
 	CreatedAt          time.Time  `json:"created_at"`
 	UpdatedAt          time.Time  `json:"updated_at"`
 	DecommissionedAt   *time.Time `json:"decommissioned_at,omitempty"`
+	// Incompatible is set by the analysis: the firmware breaks a rule or is
+	// flagged (Incompatibilities says how).
+	Incompatible      bool              `json:"incompatible"`
+	Incompatibilities []Incompatibility `json:"incompatibilities"`
 }
 
 // idPattern keeps device ids safe as MQTT client ids and as one topic level:
@@ -210,6 +214,8 @@ type Filter struct {
 	Tag      string
 	// State is "active" (default), "decommissioned" or "all".
 	State string
+	// Compat is "incompatible", "compatible" or "".
+	Compat string
 	// After is the cursor: list ids greater than it.
 	After string
 	Limit int
@@ -228,6 +234,11 @@ func (f *Filter) Validate() error {
 	case StateActive, StateDecommissioned, "all":
 	default:
 		return invalid("state", "must be active, decommissioned or all, not %q", f.State)
+	}
+	switch f.Compat {
+	case "", "incompatible", "compatible":
+	default:
+		return invalid("compat", "must be incompatible or compatible, not %q", f.Compat)
 	}
 	switch {
 	case f.Limit == 0:

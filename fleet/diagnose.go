@@ -485,3 +485,30 @@ func sortedKeys[V any](m map[string]V) []string {
 	slices.Sort(out)
 	return out
 }
+
+// ProblemKeepaliveAbovePolicy: an MQTT 3 device asks for a keepalive above
+// the policy's cap. MQTT 5 devices are told the cap in the CONNACK (Server
+// Keep Alive); MQTT 3 has no way to tell them, so the operator must.
+const ProblemKeepaliveAbovePolicy = "keepalive_above_policy"
+
+// keepalivePolicyProblem reports an MQTT 3 device whose requested keepalive
+// (0 means none at all) exceeds the cap of its model; capSeconds 0 is no cap.
+func keepalivePolicyProblem(d Device, capSeconds int) *Problem {
+	if capSeconds <= 0 || d.ProtocolVersion == 0 || d.ProtocolVersion >= 5 {
+		return nil
+	}
+	if d.KeepaliveRequested != 0 && d.KeepaliveRequested <= capSeconds {
+		return nil
+	}
+	asked := fmt.Sprintf("%d s", d.KeepaliveRequested)
+	if d.KeepaliveRequested == 0 {
+		asked = "no keepalive"
+	}
+	return &Problem{
+		Code: ProblemKeepaliveAbovePolicy,
+		Cause: fmt.Sprintf("the device asks for %s, above the %d s the keepalive policy allows for %s; MQTT %s cannot be told",
+			asked, capSeconds, modelPhrase(d.Model), d.ProtocolVersion),
+		Evidence: map[string]any{"keepalive_requested": d.KeepaliveRequested, "policy_seconds": capSeconds, "protocol": d.ProtocolVersion.String()},
+		Fix:      fmt.Sprintf("configure the device's keepalive to %d s or less (or move it to MQTT 5, where fleetd sets it)", capSeconds),
+	}
+}

@@ -376,3 +376,28 @@ func TestDiagnoseFlapFix(t *testing.T) {
 		t.Errorf("mismatch (-want +got):\n%s", diff)
 	}
 }
+
+func TestKeepalivePolicyProblem(t *testing.T) {
+	tests := []struct {
+		name      string
+		protocol  Protocol
+		requested int
+		cap       int
+		want      bool
+	}{
+		{"v3 above cap", 4, 60, 20, true},
+		{"v3 without keepalive", 4, 0, 20, true},
+		{"v3 within cap", 4, 20, 20, false},
+		{"v5 is told by the broker", 5, 60, 20, false},
+		{"no cap", 4, 600, 0, false},
+		{"never connected", 0, 0, 20, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d := Device{ID: "d", Model: "gw-100", ProtocolVersion: tt.protocol, KeepaliveRequested: tt.requested}
+			if got := keepalivePolicyProblem(d, tt.cap) != nil; got != tt.want {
+				t.Fatalf("problem = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -44,6 +45,9 @@ type Service struct {
 	mu       sync.RWMutex
 	cache    map[string]*cachedCredential
 	onRevoke []func(deviceID string)
+
+	policy atomic.Pointer[compiledPolicy]
+	an     analysis // guarded by mu
 }
 
 type cachedCredential struct {
@@ -63,7 +67,8 @@ func NewService(store *Store, hasher *Hasher, logger *slog.Logger) *Service {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	return &Service{store: store, hasher: hasher, logger: logger, now: time.Now, cache: map[string]*cachedCredential{}}
+	return &Service{store: store, hasher: hasher, logger: logger, now: time.Now, cache: map[string]*cachedCredential{},
+		an: analysis{wake: make(chan struct{}, 1)}}
 }
 
 // OnRevoke registers a function called (synchronously) when a device's

@@ -22,17 +22,21 @@ func NewStore(pool *pgxpool.Pool) *Store { return &Store{pool: pool} }
 
 const deviceColumns = `id, model, tags, state, firmware, protocol_version, online, session_epoch,
 	connected_at, disconnected_at, last_seen, last_disconnect, keepalive_requested, keepalive_effective,
-	remote_addr, tls_version, listener, broker_node, created_at, updated_at, decommissioned_at`
+	remote_addr, tls_version, listener, broker_node, created_at, updated_at, decommissioned_at, incompatible, incompatibilities`
 
 func scanDevice(row pgx.Row) (Device, error) {
 	var d Device
 	var proto int16
 	err := row.Scan(&d.ID, &d.Model, &d.Tags, &d.State, &d.Firmware, &proto, &d.Online, &d.SessionEpoch,
 		&d.ConnectedAt, &d.DisconnectedAt, &d.LastSeen, &d.LastDisconnect, &d.KeepaliveRequested, &d.KeepaliveEffective,
-		&d.RemoteAddr, &d.TLSVersion, &d.Listener, &d.BrokerNode, &d.CreatedAt, &d.UpdatedAt, &d.DecommissionedAt)
+		&d.RemoteAddr, &d.TLSVersion, &d.Listener, &d.BrokerNode, &d.CreatedAt, &d.UpdatedAt, &d.DecommissionedAt,
+		&d.Incompatible, &d.Incompatibilities)
 	d.ProtocolVersion = Protocol(proto)
 	if d.Tags == nil {
 		d.Tags = []string{}
+	}
+	if d.Incompatibilities == nil {
+		d.Incompatibilities = []Incompatibility{}
 	}
 	if errors.Is(err, pgx.ErrNoRows) {
 		return d, ErrNotFound
@@ -55,7 +59,8 @@ func (s *Store) insertDevice(ctx context.Context, n NewDevice, tokenHash []byte)
 			state = 'active', firmware = '', protocol_version = 0, online = false,
 			connected_at = NULL, disconnected_at = NULL, last_seen = NULL, last_disconnect = '',
 			keepalive_requested = 0, keepalive_effective = 0, remote_addr = '', tls_version = '',
-			listener = '', broker_node = '', created_at = now(), updated_at = now(), decommissioned_at = NULL
+			listener = '', broker_node = '', created_at = now(), updated_at = now(), decommissioned_at = NULL,
+			incompatible = false, incompatibilities = '[]'
 		WHERE devices.state = 'decommissioned'
 		RETURNING `+deviceColumns, n.ID, n.Model, tags, tokenHash))
 	if errors.Is(err, ErrNotFound) {
@@ -98,6 +103,12 @@ func (s *Store) listDevices(ctx context.Context, f Filter) ([]Device, error) {
 	}
 	if f.Protocol != 0 {
 		where = append(where, "protocol_version = "+arg(int16(f.Protocol)))
+	}
+	switch f.Compat {
+	case "incompatible":
+		where = append(where, "incompatible")
+	case "compatible":
+		where = append(where, "NOT incompatible")
 	}
 	if f.Tag != "" {
 		where = append(where, arg(f.Tag)+" = ANY(tags)")

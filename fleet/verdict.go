@@ -60,17 +60,17 @@ type FirmwareStats struct {
 // campaign upgrade them.
 type VerdictPolicy struct {
 	// MinDevices is the fewest distinct devices on the firmware.
-	MinDevices int
+	MinDevices int `json:"min_devices"`
 	// MinDeviceHours is the least connected time on the firmware.
-	MinDeviceHours float64
+	MinDeviceHours float64 `json:"min_device_hours"`
 	// MinEvents is the fewest ping-related disconnects on the firmware.
-	MinEvents int
+	MinEvents int `json:"min_events"`
 	// MinRate is an absolute floor in ping-related disconnects per
 	// device-hour: below it nothing is flagged, however the rest compares.
-	MinRate float64
+	MinRate float64 `json:"min_rate"`
 	// RateRatio flags a firmware whose rate is at least this multiple of the
 	// rest of the fleet's. When the rest's rate is 0 the floor alone decides.
-	RateRatio float64
+	RateRatio float64 `json:"rate_ratio"`
 }
 
 // DefaultVerdictPolicy returns the production policy. Firmware that rejects

@@ -76,8 +76,24 @@ func TestCertificateCohorts(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if strings.Contains(string(body), "fleetd_mqtt_tls_handshake_failures_total 0") || !strings.Contains(string(body), "fleetd_mqtt_tls_handshake_failures_total") {
-		t.Fatal("fleetd did not count the failed handshakes")
+	for _, class := range []string{"expired_certificate", "unknown_ca"} {
+		if !strings.Contains(string(body), `fleetd_mqtt_tls_handshake_failures_total{class="`+class+`"}`) {
+			t.Errorf("fleetd did not count %s handshake failures", class)
+		}
+	}
+	// Both failures name the device, whose certificate fleetd saw.
+	for _, id := range []string{"expired-0", "foreign-0"} {
+		d, err := api.Diagnosis(context.Background(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := false
+		for _, p := range d.Problems {
+			found = found || p.Code == fleet.ProblemTLSHandshakeFailures
+		}
+		if !found {
+			t.Errorf("%s: diagnosis does not show the TLS failures: %+v", id, d.Problems)
+		}
 	}
 }
 

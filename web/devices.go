@@ -83,7 +83,7 @@ type devicePage struct {
 func (h *deviceHandlers) list(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	f := fleet.Filter{Status: q.Get("status"), Model: q.Get("model"), Firmware: q.Get("firmware"),
-		Tag: q.Get("tag"), State: q.Get("state"), After: q.Get("cursor")}
+		Tag: q.Get("tag"), State: q.Get("state"), Compat: q.Get("compat"), After: q.Get("cursor")}
 	var err error
 	if f.Protocol, err = fleet.ParseProtocol(q.Get("protocol")); err != nil {
 		h.fail(w, r, BadRequest("protocol", err.Error()))

@@ -189,3 +189,55 @@ func TestDeviceListAndEventPaging(t *testing.T) {
 		t.Fatalf("events newest first across pages: %v", details)
 	}
 }
+
+func TestDiagnosisAPI(t *testing.T) {
+	h, _ := fleet.NewHasher(bytes.Repeat([]byte("k"), 32))
+	svc := fleet.NewService(fleet.NewStore(pgtest.New(t)), h, nil)
+	ctx := context.Background()
+	if err := svc.LoadPolicy(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s := New(Options{AdminToken: token})
+	s.MountDevices(svc)
+	s.MountDiagnosis(svc)
+	srv := httptest.NewServer(s)
+	defer srv.Close()
+	api := client.New(srv.URL, token)
+
+	p := fleet.Policy{Models: map[string]fleet.ModelRules{"gw-100": {MinFirmware: "1.1.0"}}, Keepalive: fleet.KeepalivePolicy{MaxSeconds: 30}}
+	if _, err := api.SetPolicy(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	got, err := api.Policy(ctx)
+	if err != nil || got.Models["gw-100"].MinFirmware != "1.1.0" || got.Keepalive.MaxSeconds != 30 {
+		t.Fatalf("policy round trip: %+v %v", got, err)
+	}
+	_, err = api.SetPolicy(ctx, fleet.Policy{Models: map[string]fleet.ModelRules{"gw-100": {Firmware: []fleet.FirmwareRange{{Versions: "~>nonsense"}}}}})
+	wantAPIError(t, err, http.StatusBadRequest, "models.gw-100.firmware[0].versions")
+
+	if _, err := api.RegisterDevice(ctx, fleet.NewDevice{ID: "d1", Model: "gw-100"}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := api.Diagnosis(ctx, "d1")
+	if err != nil || d.Device.ID != "d1" || d.Problems == nil || d.Incompatibilities == nil {
+		t.Fatalf("diagnosis: %+v %v", d, err)
+	}
+	_, err = api.Diagnosis(ctx, "nobody")
+	wantAPIError(t, err, http.StatusNotFound, "")
+
+	if err := api.DecideVerdict(ctx, "gw-100", "1.0.3", "confirmed"); err != nil {
+		t.Fatal(err)
+	}
+	err = api.DecideVerdict(ctx, "gw-100", "1.0.3", "perhaps")
+	wantAPIError(t, err, http.StatusBadRequest, "decision")
+	vs, err := api.Verdicts(ctx)
+	if err != nil || len(vs) != 1 || !vs[0].Active {
+		t.Fatalf("verdicts: %+v %v", vs, err)
+	}
+	health, err := api.FleetHealth(ctx)
+	if err != nil || health.Devices.Total != 1 || len(health.FlaggedFirmware) != 1 {
+		t.Fatalf("fleet health: %+v %v", health, err)
+	}
+	_, err = api.Devices(ctx, client.DeviceQuery{Compat: "maybe"})
+	wantAPIError(t, err, http.StatusBadRequest, "compat")
+}

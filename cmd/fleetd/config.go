@@ -35,14 +35,16 @@ type Config struct {
 	ClientBurst     int
 	SessionExpiry   time.Duration
 	TokenPepper     string
-	DatabaseURL     string
-	DataDir         string
-	AdminToken      string
-	LogLevel        slog.Level
-	LogFormat       string
-	PGBin           string
-	ShutdownTimeout time.Duration
-	Node            string
+	// AnalysisInterval is how often verdicts are learned and devices re-judged.
+	AnalysisInterval time.Duration
+	DatabaseURL      string
+	DataDir          string
+	AdminToken       string
+	LogLevel         slog.Level
+	LogFormat        string
+	PGBin            string
+	ShutdownTimeout  time.Duration
+	Node             string
 }
 
 // setting binds one flag to its environment variable.
@@ -92,6 +94,7 @@ func (c *Config) settings() []setting {
 		{name: "database-url", usage: "PostgreSQL URL; empty starts an embedded PostgreSQL under the data dir", bind: str(&c.DatabaseURL, ""), fromFile: true},
 		{name: "data-dir", usage: "directory for the embedded database, generated secrets and spooled events", bind: str(&c.DataDir, "./fleetd-data")},
 		{name: "admin-token", usage: "bearer token for /api/v1; empty generates one on first start, kept in the data dir", bind: str(&c.AdminToken, ""), fromFile: true},
+		{name: "analysis-interval", usage: "how often firmware verdicts are learned and device compatibility re-judged", bind: dur(&c.AnalysisInterval, time.Minute)},
 		{name: "log-level", usage: "log level: debug, info, warn, error", bind: func(fs *flag.FlagSet, n, u string) { fs.TextVar(&c.LogLevel, n, slog.LevelInfo, u) }},
 		{name: "log-format", usage: "log format: json or text", bind: str(&c.LogFormat, "json")},
 		{name: "pg-bin", usage: "directory holding the PostgreSQL server binaries for the embedded database (default: search PATH and the usual locations)", bind: str(&c.PGBin, "")},
@@ -222,6 +225,9 @@ func (c *Config) validate() error {
 	}
 	if c.ClientBurst < 1 {
 		bad("mqtt-client-connect-burst", "must be at least 1")
+	}
+	if c.AnalysisInterval < time.Second {
+		bad("analysis-interval", "must be at least 1s")
 	}
 	if c.SessionExpiry <= 0 {
 		bad("mqtt-session-expiry", "must be positive")

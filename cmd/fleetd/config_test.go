@@ -26,7 +26,7 @@ func TestParseConfig(t *testing.T) {
 	defaults := Config{HTTPAddr: ":8080", MQTTAddr: ":1883", DataDir: "./fleetd-data", LogLevel: slog.LevelInfo,
 		LogFormat: "json", ShutdownTimeout: 20 * time.Second, Node: host,
 		MQTTMaxPacket: 256 << 10, ConnectTimeout: 10 * time.Second, ConnectRate: 5000, ConnectBurst: 1000,
-		ClientRate: 1, ClientBurst: 10, SessionExpiry: time.Hour}
+		ClientRate: 1, ClientBurst: 10, SessionExpiry: time.Hour, AnalysisInterval: time.Minute}
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {

@@ -147,6 +147,10 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 		return err
 	}
 	logger.Info("device credentials loaded", "devices", n)
+	if err := svc.LoadPolicy(ctx); err != nil {
+		return err
+	}
+	svc.RegisterMetrics(reg)
 	rec, err := fleet.NewRecorder(store, fleet.RecorderOptions{
 		SpoolPath: filepath.Join(cfg.DataDir, "spool", "events.jsonl"), Logger: logger.With("component", "events"), Registerer: reg,
 	})
@@ -176,6 +180,23 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	}
 	api.AddCheck(web.Check{Name: "mqtt", Check: b.Ready})
 	api.MountDevices(svc)
+	api.MountDiagnosis(svc)
+
+	analysisCtx, stopAnalysis := context.WithCancel(context.Background())
+	analysisDone := make(chan struct{})
+	go func() {
+		defer close(analysisDone)
+		svc.RunAnalysis(analysisCtx, cfg.AnalysisInterval)
+	}()
+	lc.onStop("analysis", func(ctx context.Context) error {
+		stopAnalysis()
+		select {
+		case <-analysisDone:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	})
 	return nil
 }
 

@@ -109,8 +109,8 @@ func (c *Client) Device(ctx context.Context, id string) (fleet.Device, error) {
 
 // DeviceQuery filters a device listing.
 type DeviceQuery struct {
-	Status, Model, Firmware, Protocol, Tag, State, Cursor string
-	Limit                                                 int
+	Status, Model, Firmware, Protocol, Tag, State, Compat, Cursor string
+	Limit                                                         int
 }
 
 // DevicePage is one page of devices.
@@ -123,7 +123,7 @@ type DevicePage struct {
 func (c *Client) Devices(ctx context.Context, q DeviceQuery) (DevicePage, error) {
 	v := url.Values{}
 	for k, s := range map[string]string{"status": q.Status, "model": q.Model, "firmware": q.Firmware, "protocol": q.Protocol,
-		"tag": q.Tag, "state": q.State, "cursor": q.Cursor} {
+		"tag": q.Tag, "state": q.State, "compat": q.Compat, "cursor": q.Cursor} {
 		if s != "" {
 			v.Set(k, s)
 		}
@@ -175,4 +175,45 @@ func (c *Client) Events(ctx context.Context, id, cursor string, limit int) (Even
 	var p EventPage
 	err := c.do(ctx, http.MethodGet, "/api/v1/devices/"+url.PathEscape(id)+"/events?"+v.Encode(), nil, &p)
 	return p, err
+}
+
+// Policy returns the compatibility rules, keepalive policy and verdict thresholds.
+func (c *Client) Policy(ctx context.Context) (fleet.Policy, error) {
+	var p fleet.Policy
+	err := c.do(ctx, http.MethodGet, "/api/v1/compat/rules", nil, &p)
+	return p, err
+}
+
+// SetPolicy replaces the policy; it applies at once.
+func (c *Client) SetPolicy(ctx context.Context, p fleet.Policy) (fleet.Policy, error) {
+	var out fleet.Policy
+	err := c.do(ctx, http.MethodPut, "/api/v1/compat/rules", p, &out)
+	return out, err
+}
+
+// Verdicts lists learned and decided firmware verdicts.
+func (c *Client) Verdicts(ctx context.Context) ([]fleet.FirmwareVerdict, error) {
+	var out struct{ Verdicts []fleet.FirmwareVerdict }
+	err := c.do(ctx, http.MethodGet, "/api/v1/compat/verdicts", nil, &out)
+	return out.Verdicts, err
+}
+
+// DecideVerdict confirms ("confirmed"), overrides ("overridden") or clears ("") a verdict.
+func (c *Client) DecideVerdict(ctx context.Context, model, firmware, decision string) error {
+	return c.do(ctx, http.MethodPut, "/api/v1/compat/verdicts",
+		map[string]string{"model": model, "firmware": firmware, "decision": decision}, nil)
+}
+
+// Diagnosis explains a device's problems.
+func (c *Client) Diagnosis(ctx context.Context, id string) (fleet.Diagnosis, error) {
+	var d fleet.Diagnosis
+	err := c.do(ctx, http.MethodGet, "/api/v1/devices/"+url.PathEscape(id)+"/diagnosis", nil, &d)
+	return d, err
+}
+
+// FleetHealth summarises the fleet.
+func (c *Client) FleetHealth(ctx context.Context) (fleet.FleetHealth, error) {
+	var h fleet.FleetHealth
+	err := c.do(ctx, http.MethodGet, "/api/v1/fleet/health", nil, &h)
+	return h, err
 }

@@ -1,0 +1,270 @@
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// analysis is the Service's state for "why devices drop": the policy in
+// force, the firmware flagged now, and the numbers exported as metrics.
+type analysis struct {
+	wake chan struct{} // asks the analysis loop to run now
+	// flagged maps model+"\x00"+firmware to its active verdict.
+	flagged      map[string]Verdict
+	incompatible int
+}
+
+func flagKey(model, firmware string) string { return model + "\x00" + firmware }
+
+// LoadPolicy reads the operator's policy (defaults when none was ever set).
+// Call it at start, before the broker admits devices.
+func (s *Service) LoadPolicy(ctx context.Context) error {
+	p, _, err := s.store.loadPolicy(ctx)
+	if err != nil {
+		return err
+	}
+	cp, err := p.compile()
+	if err != nil {
+		return fmt.Errorf("stored policy is invalid: %w", err)
+	}
+	s.policy.Store(cp)
+	return nil
+}
+
+// Policy returns the policy in force.
+func (s *Service) Policy() Policy { return s.currentPolicy().Policy }
+
+func (s *Service) currentPolicy() *compiledPolicy {
+	if p := s.policy.Load(); p != nil {
+		return p
+	}
+	cp, _ := Policy{}.compile()
+	return cp
+}
+
+// SetPolicy validates, stores and applies a policy at once: new connects
+// get the new keepalive cap, and devices are re-judged by the next analysis,
+// which is started now.
+func (s *Service) SetPolicy(ctx context.Context, p Policy) (Policy, error) {
+	cp, err := p.compile()
+	if err != nil {
+		return Policy{}, err
+	}
+	if err := s.store.savePolicy(ctx, cp.Policy); err != nil {
+		return Policy{}, err
+	}
+	s.policy.Store(cp)
+	s.logger.Info("policy updated", "models", len(cp.Models), "keepalive_max", cp.Keepalive.MaxSeconds)
+	s.AnalyzeSoon()
+	return cp.Policy, nil
+}
+
+// KeepaliveFor returns the keepalive cap for a model, 0 for none.
+func (s *Service) KeepaliveFor(model string) int { return s.currentPolicy().Keepalive.For(model) }
+
+// AnalyzeSoon asks the analysis loop to run without waiting for its interval.
+func (s *Service) AnalyzeSoon() {
+	select {
+	case s.an.wake <- struct{}{}:
+	default:
+	}
+}
+
+// RunAnalysis learns verdicts and re-judges every device's compatibility
+// every interval (and when asked to), until ctx ends.
+func (s *Service) RunAnalysis(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if err := s.Analyze(ctx); err != nil && ctx.Err() == nil {
+			s.logger.Warn("analysis failed; retrying at the next interval", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-s.an.wake:
+		}
+	}
+}
+
+// Analyze learns verdicts from the events in the policy's window, records
+// them (those whose evidence aged out expire), and marks each device
+// incompatible or not, with its reasons.
+func (s *Service) Analyze(ctx context.Context) error {
+	p := s.currentPolicy()
+	since := s.now().Add(-p.VerdictWindow())
+	stats, err := s.store.firmwareStats(ctx, since)
+	if err != nil {
+		return err
+	}
+	learned := LearnVerdicts(stats, p.VerdictPolicy())
+	for i := range learned {
+		if learned[i].Samples, err = s.store.pingSamples(ctx, learned[i].Model, learned[i].Firmware, since, 5); err != nil {
+			return err
+		}
+	}
+	if err := s.store.saveLearned(ctx, learned); err != nil {
+		return err
+	}
+	rows, err := s.store.verdicts(ctx)
+	if err != nil {
+		return err
+	}
+	flagged := map[string]Verdict{}
+	for _, v := range rows {
+		if !v.Active {
+			continue
+		}
+		ev := Verdict{Model: v.Model, Firmware: v.Firmware, Flag: v.Flag, Evidence: "confirmed by an operator"}
+		if v.Evidence != nil {
+			ev = *v.Evidence
+			if v.Decision == "confirmed" && !v.Learned {
+				ev.Evidence = "confirmed by an operator (learned evidence has aged out: " + ev.Evidence + ")"
+			}
+		}
+		flagged[flagKey(v.Model, v.Firmware)] = ev
+	}
+	devices, err := s.store.compatRows(ctx)
+	if err != nil {
+		return err
+	}
+	var ids []string
+	var lists [][]Incompatibility
+	incompatible := 0
+	for _, d := range devices {
+		list := judge(p, flagged, d.model, d.firmware, d.protocol)
+		if len(list) > 0 {
+			incompatible++
+		}
+		doc, _ := json.Marshal(nonNil(list))
+		if !bytes.Equal(doc, d.current) {
+			ids, lists = append(ids, d.id), append(lists, list)
+		}
+	}
+	if len(ids) > 0 {
+		if err := s.store.setCompat(ctx, ids, lists); err != nil {
+			return err
+		}
+	}
+	s.mu.Lock()
+	s.an.flagged, s.an.incompatible = flagged, incompatible
+	s.mu.Unlock()
+	return nil
+}
+
+// judge combines the operator's rules and the active verdicts for one device.
+func judge(p *compiledPolicy, flagged map[string]Verdict, model, firmware string, protocol Protocol) []Incompatibility {
+	list := p.rules.Check(model, firmware, protocol)
+	if v, ok := flagged[flagKey(model, firmware)]; ok {
+		list = append(list, v.Incompatibility())
+	}
+	return list
+}
+
+func nonNil(l []Incompatibility) []Incompatibility {
+	if l == nil {
+		return []Incompatibility{}
+	}
+	return l
+}
+
+// Verdicts lists what was learned and decided about firmware.
+func (s *Service) Verdicts(ctx context.Context) ([]FirmwareVerdict, error) {
+	return s.store.verdicts(ctx)
+}
+
+// DecideVerdict records an operator's decision about a firmware: "confirmed"
+// flags it whatever the evidence, "overridden" never flags it, "" returns
+// the decision to the evidence.
+func (s *Service) DecideVerdict(ctx context.Context, model, firmware, decision string) error {
+	switch decision {
+	case "", "confirmed", "overridden":
+	default:
+		return invalid("decision", "must be confirmed, overridden or empty, not %q", decision)
+	}
+	if err := validateModel(model); err != nil {
+		return err
+	}
+	if firmware == "" || len(firmware) > 64 {
+		return invalid("firmware", "must be 1 to 64 characters")
+	}
+	if err := s.store.decideVerdict(ctx, model, firmware, decision); err != nil {
+		return err
+	}
+	s.logger.Info("firmware verdict decided", "model", model, "firmware", firmware, "decision", decision)
+	s.AnalyzeSoon()
+	return nil
+}
+
+// Diagnosis is a device's current problems.
+type Diagnosis struct {
+	Device            Device            `json:"device"`
+	Incompatibilities []Incompatibility `json:"incompatibilities"`
+	Problems          []Problem         `json:"problems"`
+}
+
+// Diagnose explains a device: its recent events through the diagnosis
+// rules, its compatibility, and the keepalive policy an MQTT 3 device cannot
+// be told.
+func (s *Service) Diagnose(ctx context.Context, id string) (Diagnosis, error) {
+	d, err := s.Get(ctx, id)
+	if err != nil {
+		return Diagnosis{}, err
+	}
+	now := s.now()
+	policy := DefaultDiagnosisPolicy()
+	events, err := s.store.eventsSince(ctx, id, now.Add(-policy.Window))
+	if err != nil {
+		return Diagnosis{}, err
+	}
+	p := s.currentPolicy()
+	s.mu.RLock()
+	flagged := s.an.flagged
+	s.mu.RUnlock()
+	incompat := nonNil(judge(p, flagged, d.Model, d.Firmware, d.ProtocolVersion))
+	problems := Diagnose(d, events, incompat, now, policy)
+	if pr := keepalivePolicyProblem(d, p.Keepalive.For(d.Model)); pr != nil {
+		problems = append(problems, *pr)
+	}
+	if problems == nil {
+		problems = []Problem{}
+	}
+	return Diagnosis{Device: d, Incompatibilities: incompat, Problems: problems}, nil
+}
+
+// FleetHealth summarises the fleet: presence, why devices dropped in the last
+// hour and day by firmware and protocol, incompatible devices, flapping
+// devices and flagged firmware.
+func (s *Service) FleetHealth(ctx context.Context) (FleetHealth, error) {
+	h, err := s.store.fleetHealth(ctx, s.now(), DefaultDiagnosisPolicy())
+	if err != nil {
+		return h, err
+	}
+	verdicts, err := s.store.verdicts(ctx)
+	if err != nil {
+		return h, err
+	}
+	h.FlaggedFirmware = []FirmwareVerdict{}
+	for _, v := range verdicts {
+		if v.Active {
+			h.FlaggedFirmware = append(h.FlaggedFirmware, v)
+		}
+	}
+	return h, nil
+}
+
+// RegisterMetrics exports the analysis' numbers.
+func (s *Service) RegisterMetrics(r prometheus.Registerer) {
+	r.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fleetd_incompatible_devices", Help: "Active devices whose firmware is incompatible (rules or flagged firmware)."},
+			func() float64 { s.mu.RLock(); defer s.mu.RUnlock(); return float64(s.an.incompatible) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fleetd_flagged_firmware", Help: "Firmware versions flagged as rejecting pings."},
+			func() float64 { s.mu.RLock(); defer s.mu.RUnlock(); return float64(len(s.an.flagged)) }),
+	)
+}

@@ -1,0 +1,347 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// The SQL of diagnosis: policy, verdicts, firmware statistics, fleet health.
+
+func (s *Store) loadPolicy(ctx context.Context) (Policy, bool, error) {
+	var p Policy
+	err := s.pool.QueryRow(ctx, `SELECT doc FROM policy`).Scan(&p)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Policy{}, false, nil
+	}
+	if err != nil {
+		return Policy{}, false, fmt.Errorf("load policy: %w", err)
+	}
+	return p, true, nil
+}
+
+func (s *Store) savePolicy(ctx context.Context, p Policy) error {
+	_, err := s.pool.Exec(ctx, `INSERT INTO policy (doc) VALUES ($1)
+		ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc, updated_at = now()`, p)
+	if err != nil {
+		return fmt.Errorf("save policy: %w", err)
+	}
+	return nil
+}
+
+// pingDisconnectSQL mirrors IsPingDisconnect.
+const pingDisconnectSQL = `((d.reason = 'protocol_error' AND d.detail LIKE 'PINGREQ%') OR (d.reason = 'keepalive_timeout' AND d.pings = 0))`
+
+// firmwareStats aggregates sessions since a time per (model, firmware):
+// distinct devices, connected device-hours (live sessions count up to now),
+// sessions ended and ping-related disconnects. A session's firmware is the
+// one its disconnect recorded (set by the birth), else its connect's.
+func (s *Store) firmwareStats(ctx context.Context, since time.Time) ([]FirmwareStats, error) {
+	rows, err := s.pool.Query(ctx, `
+		WITH sessions AS (
+			SELECT c.device_id, c.at AS start_at, d.at AS end_at,
+				coalesce(nullif(d.model, ''), c.model) AS model,
+				coalesce(nullif(d.firmware, ''), c.firmware) AS firmware,
+				d.reason IS NOT NULL AS ended,
+				coalesce(`+pingDisconnectSQL+`, false) AS ping_related
+			FROM device_events c
+			LEFT JOIN device_events d ON d.device_id = c.device_id AND d.session_epoch = c.session_epoch AND d.kind = 'disconnect'
+			WHERE c.kind = 'connect' AND coalesce(d.at, now()) >= $1
+		)
+		SELECT model, firmware, count(DISTINCT device_id),
+			coalesce(sum(extract(epoch FROM coalesce(end_at, now()) - greatest(start_at, $1))) / 3600, 0),
+			count(*) FILTER (WHERE ended), count(*) FILTER (WHERE ping_related)
+		FROM sessions WHERE firmware <> ''
+		GROUP BY model, firmware`, since)
+	if err != nil {
+		return nil, fmt.Errorf("firmware statistics: %w", err)
+	}
+	defer rows.Close()
+	var out []FirmwareStats
+	for rows.Next() {
+		var st FirmwareStats
+		if err := rows.Scan(&st.Model, &st.Firmware, &st.Devices, &st.DeviceHours, &st.Sessions, &st.PingDisconnects); err != nil {
+			return nil, fmt.Errorf("firmware statistics: %w", err)
+		}
+		out = append(out, st)
+	}
+	return out, rows.Err()
+}
+
+// pingSamples returns recent ping-related disconnects of a firmware, as evidence.
+func (s *Store) pingSamples(ctx context.Context, model, firmware string, since time.Time, n int) ([]Event, error) {
+	rows, err := s.pool.Query(ctx, `SELECT d.device_id, d.at, d.reason, d.detail, d.pings, d.protocol_version, d.keepalive_effective
+		FROM device_events d
+		WHERE d.kind = 'disconnect' AND d.model = $1 AND d.firmware = $2 AND d.at >= $3 AND `+pingDisconnectSQL+`
+		ORDER BY d.at DESC LIMIT $4`, model, firmware, since, n)
+	if err != nil {
+		return nil, fmt.Errorf("ping samples: %w", err)
+	}
+	defer rows.Close()
+	var out []Event
+	for rows.Next() {
+		e := Event{Kind: KindDisconnect, Model: model, Firmware: firmware}
+		var reason string
+		var proto int16
+		if err := rows.Scan(&e.DeviceID, &e.At, &reason, &e.Detail, &e.Pings, &proto, &e.KeepaliveEffective); err != nil {
+			return nil, err
+		}
+		e.Reason, e.ProtocolVersion = Reason(reason), Protocol(proto)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+// saveLearned records the verdicts learned now; verdicts learned before
+// whose evidence is gone are kept with learned=false (they expired).
+func (s *Store) saveLearned(ctx context.Context, verdicts []Verdict) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		models, firmwares := make([]string, 0, len(verdicts)), make([]string, 0, len(verdicts))
+		for _, v := range verdicts {
+			models, firmwares = append(models, v.Model), append(firmwares, v.Firmware)
+		}
+		if _, err := tx.Exec(ctx, `
+			UPDATE firmware_verdicts v SET learned = false, updated_at = now()
+			WHERE v.learned AND v.flag = $3 AND NOT EXISTS (
+				SELECT 1 FROM unnest($1::text[], $2::text[]) AS l(model, firmware)
+				WHERE l.model = v.model AND l.firmware = v.firmware)`, models, firmwares, IncompatRejectsPings); err != nil {
+			return fmt.Errorf("expire verdicts: %w", err)
+		}
+		for _, v := range verdicts {
+			if _, err := tx.Exec(ctx, `
+				INSERT INTO firmware_verdicts (model, firmware, flag, learned, evidence, learned_at)
+				VALUES ($1, $2, $3, true, $4, now())
+				ON CONFLICT (model, firmware, flag) DO UPDATE SET learned = true, evidence = EXCLUDED.evidence,
+					learned_at = CASE WHEN firmware_verdicts.learned THEN firmware_verdicts.learned_at ELSE now() END,
+					updated_at = now()`, v.Model, v.Firmware, v.Flag, v); err != nil {
+				return fmt.Errorf("save verdict: %w", err)
+			}
+		}
+		return nil
+	})
+}
+
+// FirmwareVerdict is a verdict row: what was learned and what the operator
+// decided.
+type FirmwareVerdict struct {
+	Model     string     `json:"model"`
+	Firmware  string     `json:"firmware"`
+	Flag      string     `json:"flag"`
+	Learned   bool       `json:"learned"`
+	Decision  string     `json:"decision"`
+	Active    bool       `json:"active"`
+	Evidence  *Verdict   `json:"evidence,omitempty"`
+	LearnedAt *time.Time `json:"learned_at,omitempty"`
+	UpdatedAt time.Time  `json:"updated_at"`
+}
+
+func (s *Store) verdicts(ctx context.Context) ([]FirmwareVerdict, error) {
+	rows, err := s.pool.Query(ctx, `SELECT model, firmware, flag, learned, decision, evidence, learned_at, updated_at
+		FROM firmware_verdicts ORDER BY model, firmware, flag`)
+	if err != nil {
+		return nil, fmt.Errorf("list verdicts: %w", err)
+	}
+	defer rows.Close()
+	out := []FirmwareVerdict{}
+	for rows.Next() {
+		var v FirmwareVerdict
+		if err := rows.Scan(&v.Model, &v.Firmware, &v.Flag, &v.Learned, &v.Decision, &v.Evidence, &v.LearnedAt, &v.UpdatedAt); err != nil {
+			return nil, fmt.Errorf("list verdicts: %w", err)
+		}
+		v.Active = v.Decision == "confirmed" || (v.Learned && v.Decision != "overridden")
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
+func (s *Store) decideVerdict(ctx context.Context, model, firmware, decision string) error {
+	_, err := s.pool.Exec(ctx, `
+		INSERT INTO firmware_verdicts (model, firmware, flag, decision) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (model, firmware, flag) DO UPDATE SET decision = EXCLUDED.decision, updated_at = now()`,
+		model, firmware, IncompatRejectsPings, decision)
+	if err != nil {
+		return fmt.Errorf("decide verdict: %w", err)
+	}
+	return nil
+}
+
+// compatRow is what device evaluation reads.
+type compatRow struct {
+	id, model, firmware string
+	protocol            Protocol
+	current             []byte // stored incompatibilities JSON
+}
+
+func (s *Store) compatRows(ctx context.Context) ([]compatRow, error) {
+	rows, err := s.pool.Query(ctx, `SELECT id, model, firmware, protocol_version, incompatibilities::text FROM devices WHERE state = 'active'`)
+	if err != nil {
+		return nil, fmt.Errorf("load devices for compatibility: %w", err)
+	}
+	defer rows.Close()
+	var out []compatRow
+	for rows.Next() {
+		var r compatRow
+		var proto int16
+		var cur string
+		if err := rows.Scan(&r.id, &r.model, &r.firmware, &proto, &cur); err != nil {
+			return nil, err
+		}
+		r.protocol, r.current = Protocol(proto), []byte(cur)
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+func (s *Store) setCompat(ctx context.Context, ids []string, lists [][]Incompatibility) error {
+	flags := make([]bool, len(ids))
+	docs := make([]string, len(ids))
+	for i, l := range lists {
+		if l == nil {
+			l = []Incompatibility{}
+		}
+		b, _ := json.Marshal(l)
+		flags[i], docs[i] = len(l) > 0, string(b)
+	}
+	_, err := s.pool.Exec(ctx, `UPDATE devices d SET incompatible = x.inc, incompatibilities = x.doc::jsonb, updated_at = now()
+		FROM unnest($1::text[], $2::bool[], $3::text[]) AS x(id, inc, doc) WHERE d.id = x.id`, ids, flags, docs)
+	if err != nil {
+		return fmt.Errorf("update compatibility: %w", err)
+	}
+	return nil
+}
+
+func (s *Store) eventsSince(ctx context.Context, deviceID string, since time.Time) ([]Event, error) {
+	rows, err := s.pool.Query(ctx, `SELECT device_id, at, kind, reason, detail, firmware, model, session_epoch, protocol_version,
+		keepalive_requested, keepalive_effective, remote_addr, pings, idle_ms
+		FROM device_events WHERE device_id = $1 AND at >= $2 ORDER BY at DESC LIMIT 5000`, deviceID, since)
+	if err != nil {
+		return nil, fmt.Errorf("events of %s: %w", deviceID, err)
+	}
+	defer rows.Close()
+	var out []Event
+	for rows.Next() {
+		var e Event
+		var kind, reason string
+		var proto int16
+		if err := rows.Scan(&e.DeviceID, &e.At, &kind, &reason, &e.Detail, &e.Firmware, &e.Model, &e.SessionEpoch, &proto,
+			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.RemoteAddr, &e.Pings, &e.IdleMillis); err != nil {
+			return nil, err
+		}
+		e.Kind, e.Reason, e.ProtocolVersion = Kind(kind), Reason(reason), Protocol(proto)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+// FleetHealth is the fleet at a glance.
+type FleetHealth struct {
+	Devices struct {
+		Total   int `json:"total"`
+		Online  int `json:"online"`
+		Offline int `json:"offline"`
+	} `json:"devices"`
+	// Disconnects counts disconnect reasons by firmware × protocol version.
+	Disconnects struct {
+		LastHour []DisconnectCount `json:"last_hour"`
+		LastDay  []DisconnectCount `json:"last_day"`
+	} `json:"disconnects"`
+	Incompatible struct {
+		Devices  int            `json:"devices"`
+		ByReason map[string]int `json:"by_reason"`
+	} `json:"incompatible"`
+	Flapping        []FlappingDevice  `json:"flapping"`
+	FlaggedFirmware []FirmwareVerdict `json:"flagged_firmware"`
+}
+
+// DisconnectCount is one cell of the disconnects table.
+type DisconnectCount struct {
+	Firmware string   `json:"firmware"`
+	Protocol Protocol `json:"protocol_version"`
+	Reason   Reason   `json:"reason"`
+	Count    int      `json:"count"`
+}
+
+// FlappingDevice is a device with too many sessions in the flapping window.
+type FlappingDevice struct {
+	ID             string `json:"id"`
+	Sessions       int    `json:"sessions"`
+	DominantReason Reason `json:"dominant_reason"`
+}
+
+func (s *Store) fleetHealth(ctx context.Context, now time.Time, p DiagnosisPolicy) (FleetHealth, error) {
+	var h FleetHealth
+	err := s.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE online) FROM devices WHERE state = 'active'`).
+		Scan(&h.Devices.Total, &h.Devices.Online)
+	if err != nil {
+		return h, fmt.Errorf("count devices: %w", err)
+	}
+	h.Devices.Offline = h.Devices.Total - h.Devices.Online
+	for _, w := range []struct {
+		since time.Time
+		into  *[]DisconnectCount
+	}{{now.Add(-time.Hour), &h.Disconnects.LastHour}, {now.Add(-24 * time.Hour), &h.Disconnects.LastDay}} {
+		rows, err := s.pool.Query(ctx, `SELECT firmware, protocol_version, reason, count(*) FROM device_events
+			WHERE kind = 'disconnect' AND at >= $1 GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3`, w.since)
+		if err != nil {
+			return h, fmt.Errorf("disconnect counts: %w", err)
+		}
+		*w.into = []DisconnectCount{}
+		for rows.Next() {
+			var c DisconnectCount
+			var proto int16
+			var reason string
+			if err := rows.Scan(&c.Firmware, &proto, &reason, &c.Count); err != nil {
+				rows.Close()
+				return h, err
+			}
+			c.Protocol, c.Reason = Protocol(proto), Reason(reason)
+			*w.into = append(*w.into, c)
+		}
+		rows.Close()
+	}
+	h.Incompatible.ByReason = map[string]int{}
+	rows, err := s.pool.Query(ctx, `SELECT r->>'reason', count(DISTINCT d.id) FROM devices d, jsonb_array_elements(d.incompatibilities) r
+		WHERE d.incompatible AND d.state = 'active' GROUP BY 1`)
+	if err != nil {
+		return h, fmt.Errorf("incompatible devices: %w", err)
+	}
+	for rows.Next() {
+		var reason string
+		var n int
+		if err := rows.Scan(&reason, &n); err != nil {
+			rows.Close()
+			return h, err
+		}
+		h.Incompatible.ByReason[reason] = n
+	}
+	rows.Close()
+	if err := s.pool.QueryRow(ctx, `SELECT count(*) FROM devices WHERE incompatible AND state = 'active'`).Scan(&h.Incompatible.Devices); err != nil {
+		return h, err
+	}
+	rows, err = s.pool.Query(ctx, `
+		SELECT device_id, count(*) FILTER (WHERE kind = 'connect'),
+			coalesce(mode() WITHIN GROUP (ORDER BY reason) FILTER (WHERE kind = 'disconnect'), '')
+		FROM device_events WHERE at >= $1 AND kind IN ('connect', 'disconnect')
+		GROUP BY device_id HAVING count(*) FILTER (WHERE kind = 'connect') > $2
+		ORDER BY 2 DESC, 1 LIMIT 100`, now.Add(-p.FlapWindow), p.FlapSessions)
+	if err != nil {
+		return h, fmt.Errorf("flapping devices: %w", err)
+	}
+	h.Flapping = []FlappingDevice{}
+	for rows.Next() {
+		var f FlappingDevice
+		var reason string
+		if err := rows.Scan(&f.ID, &f.Sessions, &reason); err != nil {
+			rows.Close()
+			return h, err
+		}
+		f.DominantReason = Reason(reason)
+		h.Flapping = append(h.Flapping, f)
+	}
+	rows.Close()
+	return h, rows.Err()
+}

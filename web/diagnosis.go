@@ -1,0 +1,84 @@
+package web
+
+import (
+	"context"
+	"net/http"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/fleetd/fleetd/fleet"
+)
+
+// Analysis is what the diagnosis endpoints need from the registry.
+type Analysis interface {
+	Policy() fleet.Policy
+	SetPolicy(ctx context.Context, p fleet.Policy) (fleet.Policy, error)
+	Verdicts(ctx context.Context) ([]fleet.FirmwareVerdict, error)
+	DecideVerdict(ctx context.Context, model, firmware, decision string) error
+	Diagnose(ctx context.Context, id string) (fleet.Diagnosis, error)
+	FleetHealth(ctx context.Context) (fleet.FleetHealth, error)
+}
+
+// MountDiagnosis adds the endpoints that say why devices drop:
+// /compat/rules, /compat/verdicts, /devices/{id}/diagnosis, /fleet/health.
+func (s *Server) MountDiagnosis(a Analysis) {
+	fail := func(w http.ResponseWriter, r *http.Request, err error) { writeError(w, r, s.opts.Logger, err) }
+	s.api.Get("/compat/rules", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Policy())
+	})
+	s.api.Put("/compat/rules", func(w http.ResponseWriter, r *http.Request) {
+		var p fleet.Policy
+		if err := decodeJSON(r, &p); err != nil {
+			fail(w, r, err)
+			return
+		}
+		saved, err := a.SetPolicy(r.Context(), p)
+		if err != nil {
+			fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, saved)
+	})
+	s.api.Get("/compat/verdicts", func(w http.ResponseWriter, r *http.Request) {
+		v, err := a.Verdicts(r.Context())
+		if err != nil {
+			fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"verdicts": v})
+	})
+	// An operator confirms a learned verdict (flagged whatever the evidence),
+	// overrides it (never flagged) or clears the decision ("").
+	s.api.Put("/compat/verdicts", func(w http.ResponseWriter, r *http.Request) {
+		var d struct {
+			Model    string `json:"model"`
+			Firmware string `json:"firmware"`
+			Decision string `json:"decision"`
+		}
+		if err := decodeJSON(r, &d); err != nil {
+			fail(w, r, err)
+			return
+		}
+		if err := a.DecideVerdict(r.Context(), d.Model, d.Firmware, d.Decision); err != nil {
+			fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, d)
+	})
+	s.api.Get("/devices/{id}/diagnosis", func(w http.ResponseWriter, r *http.Request) {
+		d, err := a.Diagnose(r.Context(), chi.URLParam(r, "id"))
+		if err != nil {
+			fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, d)
+	})
+	s.api.Get("/fleet/health", func(w http.ResponseWriter, r *http.Request) {
+		h, err := a.FleetHealth(r.Context())
+		if err != nil {
+			fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, h)
+	})
+}
