@@ -114,6 +114,10 @@ type Broker struct {
 	pending   sync.Map // *mqtt.Client → *session, from OnConnect to OnSessionEstablished
 	sessions  sync.Map // *mqtt.Client → *session
 	handlers  sync.Map // topic suffix ("ota/status") → DeviceHandler
+
+	notifyMu    sync.RWMutex
+	onSubscribe map[string][]func(deviceID string)    // topic suffix → callbacks
+	onBirth     []func(deviceID, firmware, model string)
 	lastEpoch atomic.Int64
 
 	closeOnce sync.Once
@@ -315,6 +319,37 @@ type DeviceHandler func(deviceID string, payload []byte) error
 
 // Handle registers the handler for devices/{id}/{sub} (e.g. "ota/status").
 func (b *Broker) Handle(sub string, h DeviceHandler) { b.handlers.Store(sub, h) }
+
+// OnSubscribe calls f when a device subscribes to devices/{id}/{sub}, so that
+// messages waiting for it (an OTA job dispatched while it was offline) can be
+// sent now that it listens. f runs on the device's goroutine: it must not block.
+func (b *Broker) OnSubscribe(sub string, f func(deviceID string)) {
+	b.notifyMu.Lock()
+	defer b.notifyMu.Unlock()
+	if b.onSubscribe == nil {
+		b.onSubscribe = map[string][]func(string){}
+	}
+	b.onSubscribe[sub] = append(b.onSubscribe[sub], f)
+}
+
+// OnBirth calls f for every birth message (the device announcing its
+// firmware). f runs on the device's goroutine: it must not block.
+func (b *Broker) OnBirth(f func(deviceID, firmware, model string)) {
+	b.notifyMu.Lock()
+	defer b.notifyMu.Unlock()
+	b.onBirth = append(b.onBirth, f)
+}
+
+// Listening reports whether a device has a live session subscribed to
+// devices/{id}/{sub}.
+func (b *Broker) Listening(deviceID, sub string) bool {
+	cl, ok := b.srv.Clients.Get(deviceID)
+	if !ok || cl.Closed() {
+		return false
+	}
+	_, ok = cl.State.Subscriptions.Get(devicePrefix(deviceID) + sub)
+	return ok
+}
 
 // nextEpoch returns a session epoch: microseconds since 1970, made strictly
 // increasing within the process, so a later session always has a larger epoch.

@@ -263,11 +263,23 @@ func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) (ok bool) {
 	return false
 }
 
-// OnSubscribed records subscriptions the ACL refused.
+// OnSubscribed records subscriptions the ACL refused and tells the
+// subscription callbacks about granted ones.
 func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
 	for i, f := range pk.Filters {
 		if i < len(codes) && codes[i] >= 0x80 {
 			h.denied(cl, "subscribe to "+f.Filter)
+			continue
+		}
+		sub, ok := strings.CutPrefix(f.Filter, devicePrefix(cl.ID))
+		if !ok {
+			continue
+		}
+		h.b.notifyMu.RLock()
+		fs := h.b.onSubscribe[sub]
+		h.b.notifyMu.RUnlock()
+		for _, fn := range fs {
+			fn(cl.ID)
 		}
 	}
 }
@@ -344,6 +356,12 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		s.model = msg.Model
 	}
 	h.b.reg.NoteBirth(s.deviceID, s.firmware, s.model)
+	h.b.notifyMu.RLock()
+	births := h.b.onBirth
+	h.b.notifyMu.RUnlock()
+	for _, fn := range births {
+		fn(s.deviceID, s.firmware, s.model)
+	}
 	now := time.Now()
 	h.b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: s.deviceID, At: now, Kind: fleet.KindBirth,
 		Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch, ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion),

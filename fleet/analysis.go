@@ -268,3 +268,24 @@ func (s *Service) RegisterMetrics(r prometheus.Registerer) {
 			func() float64 { s.mu.RLock(); defer s.mu.RUnlock(); return float64(len(s.an.flagged)) }),
 	)
 }
+
+// JudgeFirmware says why a firmware version must not be rolled out to a
+// model: it is below the model's minimum, or it is flagged (learned or
+// confirmed). Protocol support is not judged: it depends on each device.
+func (s *Service) JudgeFirmware(model, version string) []Incompatibility {
+	s.mu.RLock()
+	flagged := s.an.flagged
+	s.mu.RUnlock()
+	return judge(s.currentPolicy(), flagged, model, version, 0)
+}
+
+// Candidate is a device a campaign may select.
+type Candidate struct {
+	ID, Model, Firmware string
+}
+
+// Candidates returns the active devices of the given models (all when
+// empty) carrying every tag, only incompatible ones when asked.
+func (s *Service) Candidates(ctx context.Context, models, tags []string, incompatibleOnly bool) ([]Candidate, error) {
+	return s.store.candidates(ctx, models, tags, incompatibleOnly)
+}

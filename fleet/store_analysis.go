@@ -345,3 +345,26 @@ func (s *Store) fleetHealth(ctx context.Context, now time.Time, p DiagnosisPolic
 	rows.Close()
 	return h, rows.Err()
 }
+
+func (s *Store) candidates(ctx context.Context, models, tags []string, incompatibleOnly bool) ([]Candidate, error) {
+	if tags == nil {
+		tags = []string{}
+	}
+	rows, err := s.pool.Query(ctx, `SELECT id, model, firmware FROM devices
+		WHERE state = 'active' AND (cardinality($1::text[]) = 0 OR model = ANY($1)) AND tags @> $2::text[]
+			AND (NOT $3 OR incompatible)
+		ORDER BY id`, models, tags, incompatibleOnly)
+	if err != nil {
+		return nil, fmt.Errorf("select candidates: %w", err)
+	}
+	defer rows.Close()
+	var out []Candidate
+	for rows.Next() {
+		var c Candidate
+		if err := rows.Scan(&c.ID, &c.Model, &c.Firmware); err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}

@@ -30,7 +30,8 @@ type device struct {
 	rnd      *rand.Rand
 	booted   time.Time
 
-	pendingJob string // job reported as succeeded once the device is back on the new firmware
+	pendingJob string          // job reported as succeeded once the device is back on the new firmware
+	jobsSeen   map[string]bool // job ids received, so a repeated job is not run twice
 }
 
 // sessionEnd is why live returned.

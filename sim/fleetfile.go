@@ -156,7 +156,8 @@ type Cohort struct {
 type OTAFailure struct {
 	// Mode: download_fails, checksum_mismatch, install_fails, never_returns.
 	Mode string `yaml:"mode" json:"mode"`
-	// Rate is the share of jobs that fail, 0–1 (default 1).
+	// Rate is the share of the cohort's jobs that fail, 0–1 (default 1),
+	// spread evenly over the jobs so that small samples see it exactly.
 	Rate float64 `yaml:"rate" json:"rate"`
 }
 

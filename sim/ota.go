@@ -47,9 +47,15 @@ func (d *device) handleJob(ctx context.Context, sess session, raw []byte) sessio
 		d.sim.logger.Warn("ignoring malformed OTA job", "device_id", d.id, "payload", string(raw))
 		return endContinue
 	}
+	if d.jobsSeen[job.JobID] {
+		// The server sent a job this device already has: firmware ignores it.
+		d.sim.stats.count("ota duplicate jobs")
+		return endContinue
+	}
+	d.jobsSeen[job.JobID] = true
 	d.sim.stats.count("ota jobs")
 	failing := ""
-	if f := d.cohort.OTAFailure; f.Mode != "" && d.rnd.Float64() < f.Rate {
+	if f := d.cohort.OTAFailure; f.Mode != "" && d.sim.failsNext(d.cohort, f.Rate) {
 		failing = f.Mode
 	}
 	fail := func(msg string) sessionEnd {

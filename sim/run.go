@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -45,6 +46,23 @@ type Simulator struct {
 	serverCAs  *x509.CertPool
 	signingKey ed25519.PublicKey
 	devices    []*device
+
+	failMu   sync.Mutex
+	failJobs map[*Cohort]int // OTA jobs seen per cohort, to spread failures evenly
+}
+
+// failsNext decides whether a cohort's next OTA job fails: exactly the
+// cohort's rate of its jobs, spread evenly (with 0.4, the 3rd and 5th of
+// every 5), so a canary of five sees two failures every time.
+func (s *Simulator) failsNext(c *Cohort, rate float64) bool {
+	s.failMu.Lock()
+	defer s.failMu.Unlock()
+	if s.failJobs == nil {
+		s.failJobs = map[*Cohort]int{}
+	}
+	k := float64(s.failJobs[c])
+	s.failJobs[c]++
+	return int(math.Floor((k+1)*rate+1e-9)) > int(math.Floor(k*rate+1e-9))
 }
 
 // New prepares a run: tokens (registering the devices when asked to) and
@@ -110,7 +128,7 @@ func (s *Simulator) buildDevices() error {
 					src = twinAddress(srcs, n)
 				}
 			}
-			s.devices = append(s.devices, &device{sim: s, cohort: c, id: id, firmware: c.Firmware, src: src,
+			s.devices = append(s.devices, &device{sim: s, cohort: c, id: id, firmware: c.Firmware, src: src, jobsSeen: map[string]bool{},
 				rnd: rand.New(rand.NewPCG(uint64(n), uint64(time.Now().UnixNano()))), booted: time.Now()})
 			n++
 		}

@@ -33,14 +33,14 @@ func init() {
 // MountDevices adds the /api/v1/devices endpoints.
 func (s *Server) MountDevices(d Devices) {
 	h := &deviceHandlers{d: d, s: s}
-	s.api.Route("/devices", func(r chi.Router) {
-		r.Post("/", h.register)
-		r.Get("/", h.list)
-		r.Get("/{id}", h.get)
-		r.Patch("/{id}", h.patch)
-		r.Delete("/{id}", h.decommission)
-		r.Post("/{id}/token", h.rotate)
-		r.Get("/{id}/events", h.events)
+	s.mount(func(_, api chi.Router) {
+		api.Post("/devices", h.register)
+		api.Get("/devices", h.list)
+		api.Get("/devices/{id}", h.get)
+		api.Patch("/devices/{id}", h.patch)
+		api.Delete("/devices/{id}", h.decommission)
+		api.Post("/devices/{id}/token", h.rotate)
+		api.Get("/devices/{id}/events", h.events)
 	})
 }
 

@@ -23,10 +23,14 @@ type Analysis interface {
 // /compat/rules, /compat/verdicts, /devices/{id}/diagnosis, /fleet/health.
 func (s *Server) MountDiagnosis(a Analysis) {
 	fail := func(w http.ResponseWriter, r *http.Request, err error) { writeError(w, r, s.opts.Logger, err) }
-	s.api.Get("/compat/rules", func(w http.ResponseWriter, r *http.Request) {
+	s.mount(func(_, api chi.Router) { mountDiagnosis(api, a, fail) })
+}
+
+func mountDiagnosis(api chi.Router, a Analysis, fail func(http.ResponseWriter, *http.Request, error)) {
+	api.Get("/compat/rules", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.Policy())
 	})
-	s.api.Put("/compat/rules", func(w http.ResponseWriter, r *http.Request) {
+	api.Put("/compat/rules", func(w http.ResponseWriter, r *http.Request) {
 		var p fleet.Policy
 		if err := decodeJSON(r, &p); err != nil {
 			fail(w, r, err)
@@ -39,7 +43,7 @@ func (s *Server) MountDiagnosis(a Analysis) {
 		}
 		writeJSON(w, http.StatusOK, saved)
 	})
-	s.api.Get("/compat/verdicts", func(w http.ResponseWriter, r *http.Request) {
+	api.Get("/compat/verdicts", func(w http.ResponseWriter, r *http.Request) {
 		v, err := a.Verdicts(r.Context())
 		if err != nil {
 			fail(w, r, err)
@@ -49,7 +53,7 @@ func (s *Server) MountDiagnosis(a Analysis) {
 	})
 	// An operator confirms a learned verdict (flagged whatever the evidence),
 	// overrides it (never flagged) or clears the decision ("").
-	s.api.Put("/compat/verdicts", func(w http.ResponseWriter, r *http.Request) {
+	api.Put("/compat/verdicts", func(w http.ResponseWriter, r *http.Request) {
 		var d struct {
 			Model    string `json:"model"`
 			Firmware string `json:"firmware"`
@@ -65,7 +69,7 @@ func (s *Server) MountDiagnosis(a Analysis) {
 		}
 		writeJSON(w, http.StatusOK, d)
 	})
-	s.api.Get("/devices/{id}/diagnosis", func(w http.ResponseWriter, r *http.Request) {
+	api.Get("/devices/{id}/diagnosis", func(w http.ResponseWriter, r *http.Request) {
 		d, err := a.Diagnose(r.Context(), chi.URLParam(r, "id"))
 		if err != nil {
 			fail(w, r, err)
@@ -73,7 +77,7 @@ func (s *Server) MountDiagnosis(a Analysis) {
 		}
 		writeJSON(w, http.StatusOK, d)
 	})
-	s.api.Get("/fleet/health", func(w http.ResponseWriter, r *http.Request) {
+	api.Get("/fleet/health", func(w http.ResponseWriter, r *http.Request) {
 		h, err := a.FleetHealth(r.Context())
 		if err != nil {
 			fail(w, r, err)

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -32,13 +33,16 @@ type Options struct {
 	Node string
 }
 
-// Server is the HTTP handler. Readiness checks and API routes are added by the
-// components as they start, so /healthz answers while the database is still
-// starting and /readyz tells what is missing.
+// Server is the HTTP handler. Readiness checks and API routes are added by
+// the components as they start, so /healthz answers while the database is
+// still starting and /readyz tells what is missing. Each Mount builds a new
+// router and swaps it in whole: chi's route tree must not change while it
+// serves.
 type Server struct {
 	opts    Options
-	router  chi.Router
-	api     chi.Router
+	metrics *httpMetrics
+	router  atomic.Pointer[chi.Mux]
+	mounts  []func(public, api chi.Router)
 	started time.Time
 
 	mu     sync.Mutex
@@ -53,13 +57,22 @@ func New(opts Options) *Server {
 	if opts.Registry == nil {
 		opts.Registry = prometheus.NewRegistry()
 	}
-	s := &Server{opts: opts, started: time.Now()}
-	metrics := newHTTPMetrics(opts.Registry)
+	s := &Server{opts: opts, started: time.Now(), metrics: newHTTPMetrics(opts.Registry)}
+	s.mount(func(_, api chi.Router) { api.Get("/server", s.serverInfo) })
+	return s
+}
+
+// mount adds routes and swaps in a router that has them. public routes do
+// their own authorisation (signed firmware URLs); api routes need the admin
+// token.
+func (s *Server) mount(f func(public, api chi.Router)) {
+	s.mounts = append(s.mounts, f)
 	r := chi.NewRouter()
-	r.Use(requestID, accessLog(opts.Logger, metrics), recoverer(opts.Logger))
-	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
+	r.Use(requestID, accessLog(s.opts.Logger, s.metrics), recoverer(s.opts.Logger))
+	notFound := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, errorBody{apiError{Code: "not_found", Message: "no such endpoint: " + r.URL.Path}})
 	})
+	r.NotFound(notFound)
 	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusMethodNotAllowed, errorBody{apiError{Code: "method_not_allowed", Message: r.Method + " is not allowed on " + r.URL.Path}})
 	})
@@ -67,18 +80,25 @@ func New(opts Options) *Server {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	r.Get("/readyz", s.readyz)
-	r.Method(http.MethodGet, "/metrics", promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{Registry: opts.Registry}))
-	r.Route("/api/v1", func(api chi.Router) {
-		api.Use(bearerAuth(opts.AdminToken, opts.Logger))
-		api.Get("/server", s.serverInfo)
-		s.api = api
+	r.Method(http.MethodGet, "/metrics", promhttp.HandlerFor(s.opts.Registry, promhttp.HandlerOpts{Registry: s.opts.Registry}))
+	r.Route("/api/v1", func(v1 chi.Router) {
+		// Unknown API paths ask for the token first: they do not reveal
+		// which endpoints exist.
+		v1.NotFound(bearerAuth(s.opts.AdminToken, s.opts.Logger)(notFound).ServeHTTP)
+		v1.Group(func(public chi.Router) {
+			v1.Group(func(api chi.Router) {
+				api.Use(bearerAuth(s.opts.AdminToken, s.opts.Logger))
+				for _, m := range s.mounts {
+					m(public, api)
+				}
+			})
+		})
 	})
-	s.router = r
-	return s
+	s.router.Store(r)
 }
 
 // ServeHTTP implements http.Handler.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.router.ServeHTTP(w, r) }
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.router.Load().ServeHTTP(w, r) }
 
 // AddCheck adds a readiness condition.
 func (s *Server) AddCheck(c Check) {
@@ -86,10 +106,6 @@ func (s *Server) AddCheck(c Check) {
 	defer s.mu.Unlock()
 	s.checks = append(s.checks, c)
 }
-
-// API returns the authenticated /api/v1 router for components to mount their
-// routes on.
-func (s *Server) API() chi.Router { return s.api }
 
 type readiness struct {
 	Status string            `json:"status"`

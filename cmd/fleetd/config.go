@@ -37,6 +37,11 @@ type Config struct {
 	TokenPepper     string
 	// AnalysisInterval is how often verdicts are learned and devices re-judged.
 	AnalysisInterval time.Duration
+	SigningKey       string
+	TrustedKeysFile  string
+	PublicURL        string
+	OTAMaxDownloads  int
+	CampaignInterval time.Duration
 	DatabaseURL      string
 	DataDir          string
 	AdminToken       string
@@ -95,6 +100,11 @@ func (c *Config) settings() []setting {
 		{name: "data-dir", usage: "directory for the embedded database, generated secrets and spooled events", bind: str(&c.DataDir, "./fleetd-data")},
 		{name: "admin-token", usage: "bearer token for /api/v1; empty generates one on first start, kept in the data dir", bind: str(&c.AdminToken, ""), fromFile: true},
 		{name: "analysis-interval", usage: "how often firmware verdicts are learned and device compatibility re-judged", bind: dur(&c.AnalysisInterval, time.Minute)},
+		{name: "firmware-signing-key", usage: "ed25519 seed (64 hex characters) that signs firmware images; empty generates one in the data dir", bind: str(&c.SigningKey, ""), fromFile: true},
+		{name: "firmware-trusted-keys-file", usage: "file of base64 ed25519 public keys (one per line) whose signatures uploads may carry instead of the server's", bind: str(&c.TrustedKeysFile, "")},
+		{name: "public-url", usage: "base URL devices download firmware from (default: http:// and the HTTP listener's address)", bind: str(&c.PublicURL, "")},
+		{name: "ota-max-downloads", usage: "concurrent firmware downloads; more get 503 with Retry-After", bind: num(&c.OTAMaxDownloads, 100)},
+		{name: "campaign-interval", usage: "how often running campaigns are stepped", bind: dur(&c.CampaignInterval, time.Second)},
 		{name: "log-level", usage: "log level: debug, info, warn, error", bind: func(fs *flag.FlagSet, n, u string) { fs.TextVar(&c.LogLevel, n, slog.LevelInfo, u) }},
 		{name: "log-format", usage: "log format: json or text", bind: str(&c.LogFormat, "json")},
 		{name: "pg-bin", usage: "directory holding the PostgreSQL server binaries for the embedded database (default: search PATH and the usual locations)", bind: str(&c.PGBin, "")},
@@ -225,6 +235,25 @@ func (c *Config) validate() error {
 	}
 	if c.ClientBurst < 1 {
 		bad("mqtt-client-connect-burst", "must be at least 1")
+	}
+	if c.SigningKey != "" {
+		if b, err := hex.DecodeString(c.SigningKey); err != nil || len(b) != 32 {
+			bad("firmware-signing-key", "must be 64 hex characters (an ed25519 seed)")
+		}
+	}
+	if c.TrustedKeysFile != "" {
+		if _, err := os.Stat(c.TrustedKeysFile); err != nil {
+			bad("firmware-trusted-keys-file", "%v", err)
+		}
+	}
+	if c.PublicURL != "" && !strings.HasPrefix(c.PublicURL, "http://") && !strings.HasPrefix(c.PublicURL, "https://") {
+		bad("public-url", "must start with http:// or https://")
+	}
+	if c.OTAMaxDownloads < 1 {
+		bad("ota-max-downloads", "must be at least 1")
+	}
+	if c.CampaignInterval < 100*time.Millisecond {
+		bad("campaign-interval", "must be at least 100ms")
 	}
 	if c.AnalysisInterval < time.Second {
 		bad("analysis-interval", "must be at least 1s")

@@ -26,7 +26,8 @@ func TestParseConfig(t *testing.T) {
 	defaults := Config{HTTPAddr: ":8080", MQTTAddr: ":1883", DataDir: "./fleetd-data", LogLevel: slog.LevelInfo,
 		LogFormat: "json", ShutdownTimeout: 20 * time.Second, Node: host,
 		MQTTMaxPacket: 256 << 10, ConnectTimeout: 10 * time.Second, ConnectRate: 5000, ConnectBurst: 1000,
-		ClientRate: 1, ClientBurst: 10, SessionExpiry: time.Hour, AnalysisInterval: time.Minute}
+		ClientRate: 1, ClientBurst: 10, SessionExpiry: time.Hour, AnalysisInterval: time.Minute,
+		OTAMaxDownloads: 100, CampaignInterval: time.Second}
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {

@@ -4,6 +4,8 @@ package main
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/fleetd/fleetd/broker"
+	"github.com/fleetd/fleetd/firmware"
 	"github.com/fleetd/fleetd/fleet"
 	"github.com/fleetd/fleetd/internal/pgserver"
 	"github.com/fleetd/fleetd/migrations"
@@ -117,7 +120,7 @@ func start(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle) 
 	if _, err := migrations.Up(ctx, pool, logger); err != nil {
 		return err
 	}
-	if err := startFleet(ctx, cfg, logger, lc, api, pool, reg); err != nil {
+	if err := startFleet(ctx, cfg, logger, lc, api, pool, reg, publicURL(cfg, httpLn.Addr())); err != nil {
 		return err
 	}
 
@@ -131,7 +134,7 @@ func start(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle) 
 // startFleet starts the registry, the event recorder and the broker, and
 // mounts the device API. The broker stops before the recorder, so that every
 // session's server_shutdown event is recorded and flushed.
-func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Server, pool *pgxpool.Pool, reg *prometheus.Registry) error {
+func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Server, pool *pgxpool.Pool, reg *prometheus.Registry, baseURL string) error {
 	pepper, err := tokenPepper(cfg, logger)
 	if err != nil {
 		return err
@@ -171,6 +174,23 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 		return err
 	}
 	svc.OnRevoke(b.Kick)
+
+	keys, err := firmwareKeys(cfg, logger)
+	if err != nil {
+		return err
+	}
+	urlKey := hmac.New(sha256.New, pepper)
+	urlKey.Write([]byte("firmware download URLs"))
+	arts, err := firmware.NewArtifacts(pool, filepath.Join(cfg.DataDir, "firmware"), keys, urlKey.Sum(nil))
+	if err != nil {
+		return err
+	}
+	camps := firmware.NewCampaigns(pool, arts, svc, b, baseURL, logger.With("component", "ota"))
+	b.Handle("ota/status", camps.HandleStatus)
+	b.OnSubscribe("ota/job", camps.DeviceListening)
+	b.OnBirth(func(id, fw, _ string) { camps.DeviceBirth(id, fw) })
+	api.MountFirmware(arts, camps, web.FirmwareOptions{MaxDownloads: cfg.OTAMaxDownloads})
+
 	if err := b.Start(); err != nil {
 		return fmt.Errorf("start mqtt broker: %w", err)
 	}
@@ -181,6 +201,22 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	api.AddCheck(web.Check{Name: "mqtt", Check: b.Ready})
 	api.MountDevices(svc)
 	api.MountDiagnosis(svc)
+
+	campCtx, stopCamps := context.WithCancel(context.Background())
+	campsDone := make(chan struct{})
+	go func() {
+		defer close(campsDone)
+		camps.Run(campCtx, cfg.CampaignInterval)
+	}()
+	lc.onStop("campaigns", func(ctx context.Context) error {
+		stopCamps()
+		select {
+		case <-campsDone:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	})
 
 	analysisCtx, stopAnalysis := context.WithCancel(context.Background())
 	analysisDone := make(chan struct{})
@@ -198,6 +234,19 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 		}
 	})
 	return nil
+}
+
+// publicURL is where devices download firmware: the configured URL, or the
+// HTTP listener's address (loopback when it listens on every address).
+func publicURL(cfg Config, addr net.Addr) string {
+	if cfg.PublicURL != "" {
+		return cfg.PublicURL
+	}
+	host, port, _ := net.SplitHostPort(addr.String())
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	return "http://" + net.JoinHostPort(host, port)
 }
 
 // openDatabase connects to FLEETD_DATABASE_URL, or starts the embedded

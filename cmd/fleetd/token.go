@@ -1,7 +1,9 @@
 package main
 
 import (
+	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -9,12 +11,15 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/fleetd/fleetd/firmware"
 )
 
 // Files in the data dir that hold secrets generated on first start.
 const (
 	adminTokenFile  = "admin-token"
 	tokenPepperFile = "token-pepper"
+	signingKeyFile  = "firmware-signing-key"
 )
 
 // adminToken returns the configured admin token or the one kept in the data
@@ -76,4 +81,37 @@ func secret(configured, dataDir, file, setting string, minLen int, logger *slog.
 	}
 	logger.Warn("generated a secret; keep the file", "setting", envName(setting), "path", path)
 	return value, nil
+}
+
+// firmwareKeys returns the key that signs firmware (generated and kept in
+// the data dir unless configured) and the trusted keys uploads may be
+// signed with instead.
+func firmwareKeys(cfg Config, logger *slog.Logger) (firmware.Keys, error) {
+	seedHex, err := secret(cfg.SigningKey, cfg.DataDir, signingKeyFile, "firmware-signing-key", 64, logger)
+	if err != nil {
+		return firmware.Keys{}, err
+	}
+	seed, err := hex.DecodeString(seedHex)
+	if err != nil || len(seed) != ed25519.SeedSize {
+		return firmware.Keys{}, fmt.Errorf("%s: not an ed25519 seed (64 hex characters)", envName("firmware-signing-key"))
+	}
+	keys := firmware.Keys{Signing: ed25519.NewKeyFromSeed(seed)}
+	if cfg.TrustedKeysFile != "" {
+		data, err := os.ReadFile(cfg.TrustedKeysFile)
+		if err != nil {
+			return keys, fmt.Errorf("%s: %w", envName("firmware-trusted-keys-file"), err)
+		}
+		for i, line := range strings.Split(string(data), "\n") {
+			line = strings.TrimSpace(line)
+			if line == "" || strings.HasPrefix(line, "#") {
+				continue
+			}
+			k, err := base64.StdEncoding.DecodeString(line)
+			if err != nil || len(k) != ed25519.PublicKeySize {
+				return keys, fmt.Errorf("%s line %d: not a base64 ed25519 public key", envName("firmware-trusted-keys-file"), i+1)
+			}
+			keys.Trusted = append(keys.Trusted, k)
+		}
+	}
+	return keys, nil
 }

@@ -11,8 +11,10 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
+	"github.com/fleetd/fleetd/firmware"
 	"github.com/fleetd/fleetd/fleet"
 )
 
@@ -61,6 +63,11 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
+	return c.send(req, out)
+}
+
+func (c *Client) send(req *http.Request, out any) error {
+	method, path := req.Method, req.URL.Path
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return err
@@ -216,4 +223,76 @@ func (c *Client) FleetHealth(ctx context.Context) (fleet.FleetHealth, error) {
 	var h fleet.FleetHealth
 	err := c.do(ctx, http.MethodGet, "/api/v1/fleet/health", nil, &h)
 	return h, err
+}
+
+// UploadFirmware uploads an image (raw body) for the given models.
+func (c *Client) UploadFirmware(ctx context.Context, version string, models []string, image io.Reader) (firmware.Artifact, error) {
+	q := url.Values{"version": {version}, "models": {strings.Join(models, ",")}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+"/api/v1/firmware?"+q.Encode(), image)
+	if err != nil {
+		return firmware.Artifact{}, err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	req.Header.Set("Content-Type", "application/octet-stream")
+	var art firmware.Artifact
+	err = c.send(req, &art)
+	return art, err
+}
+
+// Firmware lists the uploaded images.
+func (c *Client) Firmware(ctx context.Context) ([]firmware.Artifact, error) {
+	var out struct{ Firmware []firmware.Artifact }
+	err := c.do(ctx, http.MethodGet, "/api/v1/firmware", nil, &out)
+	return out.Firmware, err
+}
+
+// SigningKey returns the base64 ed25519 key devices verify images with.
+func (c *Client) SigningKey(ctx context.Context) (string, error) {
+	var out struct {
+		PublicKey string `json:"public_key"`
+	}
+	err := c.do(ctx, http.MethodGet, "/api/v1/firmware/signing-key", nil, &out)
+	return out.PublicKey, err
+}
+
+// CreateCampaign creates a draft campaign.
+func (c *Client) CreateCampaign(ctx context.Context, spec firmware.Spec) (firmware.CampaignView, error) {
+	var v firmware.CampaignView
+	err := c.do(ctx, http.MethodPost, "/api/v1/campaigns", spec, &v)
+	return v, err
+}
+
+// Campaign returns a campaign with its per-stage counts.
+func (c *Client) Campaign(ctx context.Context, id string) (firmware.CampaignView, error) {
+	var v firmware.CampaignView
+	err := c.do(ctx, http.MethodGet, "/api/v1/campaigns/"+url.PathEscape(id), nil, &v)
+	return v, err
+}
+
+// Campaigns lists every campaign.
+func (c *Client) Campaigns(ctx context.Context) ([]firmware.CampaignView, error) {
+	var out struct{ Campaigns []firmware.CampaignView }
+	err := c.do(ctx, http.MethodGet, "/api/v1/campaigns", nil, &out)
+	return out.Campaigns, err
+}
+
+// CampaignAction starts, pauses, resumes, aborts or rolls back a campaign.
+func (c *Client) CampaignAction(ctx context.Context, id, action string) (firmware.CampaignView, error) {
+	var v firmware.CampaignView
+	err := c.do(ctx, http.MethodPost, "/api/v1/campaigns/"+url.PathEscape(id)+"/"+action, nil, &v)
+	return v, err
+}
+
+// CampaignHistory returns a campaign's audit trail.
+func (c *Client) CampaignHistory(ctx context.Context, id string) ([]firmware.HistoryEntry, error) {
+	var out struct{ History []firmware.HistoryEntry }
+	err := c.do(ctx, http.MethodGet, "/api/v1/campaigns/"+url.PathEscape(id)+"/history", nil, &out)
+	return out.History, err
+}
+
+// CampaignDevices lists a campaign's devices and their jobs.
+func (c *Client) CampaignDevices(ctx context.Context, id string) ([]firmware.CampaignDevice, error) {
+	var out struct{ Devices []firmware.CampaignDevice }
+	err := c.do(ctx, http.MethodGet, "/api/v1/campaigns/"+url.PathEscape(id)+"/devices", nil, &out)
+	return out.Devices, err
 }

@@ -1,0 +1,600 @@
+package firmware
+
+import (
+	"bytes"
+	"cmp"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"math"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// CampaignState is where a campaign is in its life.
+type CampaignState string
+
+// Campaign states. Aborted, Completed and RolledBack are terminal.
+const (
+	StateDraft       CampaignState = "draft"        // created, not started
+	StateRunning     CampaignState = "running"      // dispatching the current stage, soaking or advancing
+	StatePaused      CampaignState = "paused"       // by an operator or a gate
+	StateAborted     CampaignState = "aborted"      // terminal
+	StateCompleted   CampaignState = "completed"    // terminal
+	StateRollingBack CampaignState = "rolling_back" // dispatching the previous firmware to devices it changed
+	StateRolledBack  CampaignState = "rolled_back"  // terminal
+)
+
+// Gate actions: what a breached gate does to a running campaign.
+const (
+	GateActionPause = "pause" // the default; an operator resumes, aborts or rolls back
+	GateActionAbort = "abort"
+)
+
+// Gate names, as they appear in GateResult.Gate and in campaign history.
+const (
+	GateFailureRate   = "failure_rate"
+	GateNotBackOnline = "not_back_online"
+	GateConnectivity  = "connectivity"
+)
+
+// MinConnectivityHours is how many device-hours the upgraded devices must
+// have accumulated since their upgrade before the connectivity gate judges
+// them. Right after the first devices come back, a rate in disconnects per
+// device-hour is a division by almost nothing: a single disconnect in the
+// first seconds reads as hundreds per hour and would pause every campaign
+// that has a connectivity gate. 0.05 device-hours is three device-minutes
+// (five canaries for 36 s, one device for 3 min): enough to keep the
+// division meaningful, small enough that a device that really drops its
+// connection over and over is caught within the first stage's soak. Beyond
+// that the operator tunes sensitivity with the stage's ConnectivityRatio
+// and Soak.
+const MinConnectivityHours = 0.05
+
+// connectivityFloor is the lowest fleet disconnect rate (per device-hour)
+// the connectivity gate compares against. A fleet that did not disconnect at
+// all in the window would otherwise make the upgraded devices' first
+// disconnect an infinite ratio and a breach.
+const connectivityFloor = 1.0
+
+// Stage is one step of a staged rollout: which devices it covers and the
+// health gates that must hold before the next stage starts.
+type Stage struct {
+	Name string `json:"name"`
+	// Count is an absolute number of devices in this stage (e.g. canary 5) ...
+	Count int `json:"count,omitempty"`
+	// ... or Percent is the cumulative percent of the campaign's selected
+	// devices reached at the end of this stage (10, 50, 100). Exactly one of
+	// Count and Percent is set.
+	Percent float64 `json:"percent,omitempty"`
+	// Soak is how long to wait after every device of the stage finished,
+	// gates still watched, before advancing. Zero advances at once.
+	Soak Duration `json:"soak"`
+	// MaxFailureRate (0..1): the stage breaches when (failed+timed out) /
+	// stage targets can no longer stay at or under it.
+	MaxFailureRate float64 `json:"max_failure_rate"`
+	// MaxNotBackOnline is how many devices may fail to come back online on
+	// the new version within the device timeout; above it breaches. -1 means
+	// no limit.
+	MaxNotBackOnline int `json:"max_not_back_online"`
+	// ConnectivityRatio turns the connectivity gate on when > 0: the stage
+	// breaches when the upgraded devices' disconnects per device-hour exceed
+	// ratio × the untouched fleet's (floored at 1/device-hour), once they
+	// have MinConnectivityHours of evidence.
+	ConnectivityRatio float64 `json:"connectivity_ratio,omitempty"`
+}
+
+// Duration is a time.Duration that reads and writes JSON as a string ("30s")
+// and also accepts a number of seconds (30, 1.5).
+type Duration time.Duration
+
+// D returns the time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// String formats the duration as time.Duration does ("1m30s").
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// MarshalJSON writes the duration as a string such as "1m30s".
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return json.Marshal(time.Duration(d).String())
+}
+
+// UnmarshalJSON accepts a duration string ("30s", "2m") or a number of
+// seconds. It returns an error naming the value otherwise.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err == nil {
+		v, err := time.ParseDuration(s)
+		if err != nil {
+			return fmt.Errorf("%q is not a duration (e.g. 30s, 2m)", s)
+		}
+		*d = Duration(v)
+		return nil
+	}
+	n, err := strconv.ParseFloat(string(bytes.TrimSpace(b)), 64)
+	if err != nil || math.IsNaN(n) || math.IsInf(n, 0) {
+		return fmt.Errorf("%s is not a duration (e.g. \"30s\" or a number of seconds)", b)
+	}
+	*d = Duration(n * float64(time.Second))
+	return nil
+}
+
+// Pacing limits how fast a campaign dispatches, so that it cannot cause a
+// download or reconnect storm.
+type Pacing struct {
+	DevicesPerMinute int `json:"devices_per_minute"` // 0 = unlimited
+	MaxConcurrent    int `json:"max_concurrent"`     // jobs dispatched and not finished at once; 0 = unlimited
+}
+
+// Campaign is a staged rollout of one firmware to a selection of devices.
+type Campaign struct {
+	ID            string        `json:"id"`
+	Name          string        `json:"name"`
+	FirmwareID    string        `json:"firmware_id"`
+	Version       string        `json:"version"` // target version
+	Stages        []Stage       `json:"stages"`
+	Pacing        Pacing        `json:"pacing"`
+	DeviceTimeout Duration      `json:"device_timeout"` // from dispatch to back online on the target version
+	GateAction    string        `json:"gate_action"`    // "pause" (default when empty) or "abort"
+	State         CampaignState `json:"state"`
+	Stage         int           `json:"stage"` // index of the current stage
+	// StageDoneAt is when every device of the current stage finished and
+	// the soak started; nil while the stage is still running.
+	StageDoneAt *time.Time `json:"stage_done_at,omitempty"`
+	Total       int        `json:"total"` // devices selected for the whole campaign (fixed at start)
+}
+
+// StageStats is what the dispatcher counted for the current stage (and, for
+// rollback, for the rollback jobs).
+type StageStats struct {
+	Targets   int // devices assigned to the current stage
+	Pending   int // assigned, job not yet sent
+	InFlight  int // job sent, not finished (dispatched, downloading, verifying, installing, rebooting)
+	Succeeded int
+	Failed    int
+	TimedOut  int
+	// NotBackOnline counts the finished devices that did not come back
+	// online on the target version within the device timeout (typically a
+	// subset of TimedOut).
+	NotBackOnline        int
+	DispatchedLastMinute int // jobs sent in the last 60 s (pacing)
+	// UpgradedDisconnectsPerHour is the disconnects per device-hour of the
+	// devices this campaign upgraded so far, counted from when each came
+	// back online on the target version (the install reboot is not a
+	// disconnect to hold against the firmware).
+	UpgradedDisconnectsPerHour float64
+	// FleetDisconnectsPerHour is the same rate for the devices the campaign
+	// has not touched, over the same period.
+	FleetDisconnectsPerHour float64
+	// UpgradedDeviceHours is the evidence behind UpgradedDisconnectsPerHour.
+	UpgradedDeviceHours float64
+}
+
+// Action is what the dispatcher does after a call to Next.
+type Action string
+
+// Actions. The dispatcher executes them; Next never changes the campaign.
+const (
+	ActionWait       Action = "wait"        // nothing to do now
+	ActionDispatch   Action = "dispatch"    // send Decision.Dispatch more jobs of the current stage
+	ActionSoak       Action = "soak"        // stage finished, soak starts: record StageDoneAt = now
+	ActionAdvance    Action = "advance"     // go to the next stage (Stage+1, StageDoneAt=nil, assign its devices)
+	ActionComplete   Action = "complete"    // last stage passed: state completed
+	ActionPause      Action = "pause"       // a gate breached and GateAction is pause
+	ActionAbort      Action = "abort"       // a gate breached and GateAction is abort
+	ActionRolledBack Action = "rolled_back" // rolling back and every rollback job finished
+)
+
+// Decision is what Next decided, with the sentence to record in the
+// campaign's history.
+type Decision struct {
+	Action   Action `json:"action"`
+	Dispatch int    `json:"dispatch,omitempty"` // how many jobs to send now (ActionDispatch)
+	// Gate is the breached gate for ActionPause/ActionAbort, and the
+	// failure-rate gate's passing numbers for ActionAdvance/ActionComplete.
+	Gate   *GateResult `json:"gate,omitempty"`
+	Reason string      `json:"reason"` // one sentence for the campaign history
+}
+
+// GateResult is one health gate's verdict on the current stage.
+type GateResult struct {
+	Gate      string  `json:"gate"` // GateFailureRate, GateNotBackOnline or GateConnectivity
+	Breached  bool    `json:"breached"`
+	Value     float64 `json:"value"`
+	Threshold float64 `json:"threshold"`
+	Detail    string  `json:"detail"` // e.g. "2 of 5 devices failed (40%) > 20%"
+}
+
+// campaignInvalid builds the package's *ValidationError (declared with the
+// package's sentinels in artifact.go) for a campaign field.
+func campaignInvalid(field, format string, a ...any) error {
+	return &ValidationError{Field: field, Msg: fmt.Sprintf(format, a...)}
+}
+
+// Normalize fills defaults: an empty GateAction becomes "pause". Validate
+// does not mutate the campaign and accepts an empty GateAction, and Next
+// treats an empty GateAction as pause, so calling Normalize only makes the
+// stored value explicit.
+func (c *Campaign) Normalize() {
+	if c.GateAction == "" {
+		c.GateAction = GateActionPause
+	}
+}
+
+// Validate reports the first problem in the campaign definition as a
+// *ValidationError naming the JSON field ("name", "firmware_id", "stages",
+// "stages[1].percent", "stages[0].max_failure_rate",
+// "pacing.devices_per_minute", "device_timeout", "gate_action", ...). It
+// checks only what an operator defines; ID, Version (resolved from the
+// firmware), State, Stage, StageDoneAt and Total belong to the service.
+//
+// Each stage sets exactly one of count (> 0) and percent (0 < p <= 100).
+// Percents are cumulative and must not decrease from one percent stage to
+// the next. The last stage must reach 100 percent or be a count stage: a
+// campaign whose last stage is a count (e.g. only "canary 5") deliberately
+// upgrades that many devices and leaves the rest of the selection untouched,
+// whereas a last percent stage below 100 is almost always a typo that would
+// silently leave devices behind.
+func (c Campaign) Validate() error {
+	if strings.TrimSpace(c.Name) == "" {
+		return campaignInvalid("name", "is required")
+	}
+	if strings.TrimSpace(c.FirmwareID) == "" {
+		return campaignInvalid("firmware_id", "is required")
+	}
+	if len(c.Stages) == 0 {
+		return campaignInvalid("stages", "at least one stage is required")
+	}
+	lastPercent, lastPercentIdx := 0.0, -1
+	for i, s := range c.Stages {
+		f := func(name string) string { return fmt.Sprintf("stages[%d]%s", i, name) }
+		switch {
+		case s.Count != 0 && s.Percent != 0:
+			return campaignInvalid(f(""), "set count or percent, not both")
+		case s.Count < 0:
+			return campaignInvalid(f(".count"), "must be > 0, got %d", s.Count)
+		case math.IsNaN(s.Percent) || s.Percent < 0 || s.Percent > 100:
+			return campaignInvalid(f(".percent"), "must be in (0, 100], got %v", s.Percent)
+		case s.Count == 0 && s.Percent == 0:
+			return campaignInvalid(f(""), "set count (> 0) or percent (0 < p <= 100)")
+		}
+		if s.Percent > 0 {
+			if s.Percent < lastPercent {
+				return campaignInvalid(f(".percent"), "percent is cumulative and must not decrease: %v after %v in stages[%d]", s.Percent, lastPercent, lastPercentIdx)
+			}
+			lastPercent, lastPercentIdx = s.Percent, i
+		}
+		if s.Soak < 0 {
+			return campaignInvalid(f(".soak"), "must be >= 0, got %s", s.Soak)
+		}
+		if math.IsNaN(s.MaxFailureRate) || s.MaxFailureRate < 0 || s.MaxFailureRate > 1 {
+			return campaignInvalid(f(".max_failure_rate"), "must be in [0, 1], got %v", s.MaxFailureRate)
+		}
+		if s.MaxNotBackOnline < -1 {
+			return campaignInvalid(f(".max_not_back_online"), "must be >= 0, or -1 for no limit, got %d", s.MaxNotBackOnline)
+		}
+		if math.IsNaN(s.ConnectivityRatio) || math.IsInf(s.ConnectivityRatio, 0) || s.ConnectivityRatio < 0 {
+			return campaignInvalid(f(".connectivity_ratio"), "must be >= 0 (0 turns the gate off), got %v", s.ConnectivityRatio)
+		}
+	}
+	last := len(c.Stages) - 1
+	if p := c.Stages[last].Percent; p > 0 && p < 100 {
+		return campaignInvalid(fmt.Sprintf("stages[%d].percent", last), "the last stage must reach 100 percent (or be a count stage), got %v", p)
+	}
+	if c.Pacing.DevicesPerMinute < 0 {
+		return campaignInvalid("pacing.devices_per_minute", "must be >= 0 (0 = unlimited), got %d", c.Pacing.DevicesPerMinute)
+	}
+	if c.Pacing.MaxConcurrent < 0 {
+		return campaignInvalid("pacing.max_concurrent", "must be >= 0 (0 = unlimited), got %d", c.Pacing.MaxConcurrent)
+	}
+	if c.DeviceTimeout <= 0 {
+		return campaignInvalid("device_timeout", "must be > 0, got %s", c.DeviceTimeout)
+	}
+	switch c.GateAction {
+	case "", GateActionPause, GateActionAbort:
+	default:
+		return campaignInvalid("gate_action", "must be %q or %q, got %q", GateActionPause, GateActionAbort, c.GateAction)
+	}
+	return nil
+}
+
+// roundMicro rounds x to a millionth so that float noise
+// (100 × 0.29 = 28.999999999999996, 250 × 64.4 / 100 = 161.00000000000003)
+// does not move a device across a rounding or gate boundary.
+func roundMicro(x float64) float64 { return math.Round(x*1e6) / 1e6 }
+
+// StageTargets returns how many devices stage i covers given the campaign
+// total: a Count stage takes Count, capped at what earlier stages left; a
+// Percent stage takes ceil(total × percent / 100) minus everything earlier
+// stages assigned, never negative. Rounding up means a small percent of a
+// small fleet still reaches at least one device. The result depends only on
+// its arguments, so a restarted fleetd assigns the same numbers. An index
+// outside stages returns 0.
+func StageTargets(stages []Stage, total, i int) int {
+	if i < 0 || i >= len(stages) || total <= 0 {
+		return 0
+	}
+	assigned, n := 0, 0
+	for j := 0; j <= i; j++ {
+		s := stages[j]
+		switch {
+		case s.Count > 0:
+			n = min(s.Count, total-assigned)
+		case s.Percent > 0:
+			reach := int(math.Ceil(roundMicro(float64(total) * s.Percent / 100)))
+			n = min(reach, total) - assigned
+		default:
+			n = 0
+		}
+		n = max(n, 0)
+		assigned += n
+	}
+	return n
+}
+
+// SelectDevices orders the campaign's candidate device ids by
+// sha256(campaign id, NUL, device id), so that a restart picks the same
+// devices for each stage (stage i takes the next StageTargets ids) and the
+// canaries are spread across the fleet rather than the alphabetically first
+// ids, which often share a batch, a site or a customer. A different campaign
+// picks different canaries. The result does not depend on the order of ids;
+// ids is not modified.
+func SelectDevices(campaignID string, ids []string) []string {
+	type keyed struct {
+		sum [sha256.Size]byte
+		id  string
+	}
+	ks := make([]keyed, len(ids))
+	for i, id := range ids {
+		ks[i] = keyed{sha256.Sum256([]byte(campaignID + "\x00" + id)), id}
+	}
+	slices.SortFunc(ks, func(a, b keyed) int {
+		if c := bytes.Compare(a.sum[:], b.sum[:]); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.id, b.id)
+	})
+	out := make([]string, len(ks))
+	for i, k := range ks {
+		out[i] = k.id
+	}
+	return out
+}
+
+// Next decides what the campaign does now, given what the dispatcher
+// counted for the current stage. It is pure: the dispatcher executes the
+// decision, records its Reason and changes the campaign; calling Next twice
+// with the same arguments gives the same decision.
+//
+//   - Only StateRunning and StateRollingBack act. Every other state gives
+//     ActionWait with a reason ("campaign is paused").
+//   - While running, the gates are evaluated on every call, not only at the
+//     end of a stage, so that a breach stops dispatch at once (a canary
+//     whose first 2 of 5 devices failed against a 20 % limit pauses before
+//     the other 3 are sent):
+//     failure_rate breaches when Failed+TimedOut > MaxFailureRate × Targets,
+//     that is when the stage can no longer end at or under the limit;
+//     not_back_online breaches when MaxNotBackOnline >= 0 and NotBackOnline >
+//     MaxNotBackOnline; connectivity, when ConnectivityRatio > 0 and
+//     UpgradedDeviceHours >= MinConnectivityHours, breaches when
+//     UpgradedDisconnectsPerHour > ConnectivityRatio × max(FleetDisconnectsPerHour, 1).
+//     The floor of 1 disconnect per device-hour keeps a spotless fleet from
+//     turning one disconnect of an upgraded device into a breach.
+//     The first breached gate in that order wins: ActionPause when
+//     GateAction is "pause" or empty, ActionAbort when it is "abort", with
+//     Gate set. Gates stay watched during the soak.
+//   - No breach and Pending > 0: the budget is Pending, capped by
+//     MaxConcurrent − InFlight (when MaxConcurrent > 0) and by
+//     DevicesPerMinute − DispatchedLastMinute (when DevicesPerMinute > 0).
+//     A positive budget gives ActionDispatch with Dispatch = budget, else
+//     ActionWait naming the pacing limit that holds.
+//   - Nothing pending and InFlight > 0: ActionWait.
+//   - Every device finished (Pending == 0 and InFlight == 0): if the stage is
+//     empty (Targets == 0, e.g. its percent was already reached) or has no
+//     soak, ActionAdvance at once, or ActionComplete after the last stage.
+//     Otherwise ActionSoak while StageDoneAt is nil (the dispatcher records
+//     StageDoneAt = now), ActionWait until StageDoneAt+Soak, then
+//     ActionAdvance or ActionComplete with the passing gate numbers in
+//     Reason and the failure-rate result in Gate.
+//   - StateRollingBack: no gates; the rollback jobs are dispatched with the
+//     same pacing, and once none is pending or in flight, ActionRolledBack.
+//
+// A running campaign whose Stage is not an index of Stages is inconsistent;
+// Next pauses it (Gate nil) so that an operator looks rather than have the
+// dispatcher act on a stage that does not exist.
+func (c Campaign) Next(s StageStats, now time.Time) Decision {
+	switch c.State {
+	case StateRunning:
+	case StateRollingBack:
+		return c.nextRollback(s)
+	case StateDraft:
+		return Decision{Action: ActionWait, Reason: "campaign is a draft and has not been started"}
+	case StatePaused, StateAborted, StateCompleted, StateRolledBack:
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("campaign is %s", c.State)}
+	default:
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("campaign state %q does not dispatch", c.State)}
+	}
+
+	if c.Stage < 0 || c.Stage >= len(c.Stages) {
+		return Decision{Action: ActionPause, Reason: fmt.Sprintf("campaign is at stage index %d but has %d stages; pausing for an operator", c.Stage, len(c.Stages))}
+	}
+	st := c.Stages[c.Stage]
+	name := c.stageName(c.Stage)
+
+	gates := stageGates(st, s)
+	for _, g := range gates {
+		if !g.Breached {
+			continue
+		}
+		action, verb := ActionPause, "pausing"
+		if c.GateAction == GateActionAbort {
+			action, verb = ActionAbort, "aborting"
+		}
+		return Decision{Action: action, Gate: &g, Reason: fmt.Sprintf("%s breached the %s gate: %s; %s", name, g.Gate, g.Detail, verb)}
+	}
+
+	if s.Pending > 0 {
+		return pacedDispatch(c.Pacing, s, name)
+	}
+	if s.InFlight > 0 {
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: waiting for %s to finish", name, countNoun(s.InFlight, "device"))}
+	}
+
+	if s.Targets > 0 && st.Soak > 0 {
+		if c.StageDoneAt == nil {
+			until := now.Add(st.Soak.D())
+			return Decision{Action: ActionSoak, Reason: fmt.Sprintf("%s: every device finished (%s); soaking for %s until %s", name, statsOutcome(s), st.Soak, until.UTC().Format(time.RFC3339))}
+		}
+		if until := c.StageDoneAt.Add(st.Soak.D()); now.Before(until) {
+			return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: soaking until %s", name, until.UTC().Format(time.RFC3339))}
+		}
+	}
+
+	var passed string
+	if s.Targets == 0 {
+		passed = fmt.Sprintf("%s has no devices to upgrade", name)
+	} else {
+		details := make([]string, 0, len(gates)+1)
+		for _, g := range gates {
+			details = append(details, g.Gate+" "+g.Detail)
+		}
+		if st.ConnectivityRatio == 0 {
+			details = append(details, GateConnectivity+" off")
+		} else if s.UpgradedDeviceHours < MinConnectivityHours {
+			details = append(details, fmt.Sprintf("%s not judged (%.3g of %.3g device-hours of evidence)", GateConnectivity, s.UpgradedDeviceHours, MinConnectivityHours))
+		}
+		passed = fmt.Sprintf("%s passed (%s): %s", name, statsOutcome(s), strings.Join(details, "; "))
+	}
+	d := Decision{Action: ActionAdvance, Gate: &gates[0]}
+	if c.Stage == len(c.Stages)-1 {
+		d.Action = ActionComplete
+		d.Reason = passed + "; campaign complete"
+	} else {
+		d.Reason = fmt.Sprintf("%s; advancing to %s", passed, c.stageName(c.Stage+1))
+	}
+	return d
+}
+
+// nextRollback dispatches the rollback jobs with the campaign's pacing and
+// reports ActionRolledBack once none is pending or in flight.
+func (c Campaign) nextRollback(s StageStats) Decision {
+	if s.Pending > 0 {
+		return pacedDispatch(c.Pacing, s, "rollback")
+	}
+	if s.InFlight > 0 {
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("rollback: waiting for %s to finish", countNoun(s.InFlight, "device"))}
+	}
+	return Decision{Action: ActionRolledBack, Reason: fmt.Sprintf("rollback finished: %s", statsOutcome(s))}
+}
+
+// pacedDispatch sizes the next batch under the pacing limits; what says whose
+// jobs they are ("stage 1 \"canary\"", "rollback").
+func pacedDispatch(p Pacing, s StageStats, what string) Decision {
+	budget := s.Pending
+	concurrency, rate := s.Pending, s.Pending
+	if p.MaxConcurrent > 0 {
+		concurrency = p.MaxConcurrent - s.InFlight
+		budget = min(budget, concurrency)
+	}
+	if p.DevicesPerMinute > 0 {
+		rate = p.DevicesPerMinute - s.DispatchedLastMinute
+		budget = min(budget, rate)
+	}
+	// Name only the limits that hold the batch below what is pending.
+	var limits []string
+	if budget < s.Pending && concurrency == budget {
+		limits = append(limits, fmt.Sprintf("%d in flight of max_concurrent %d", s.InFlight, p.MaxConcurrent))
+	}
+	if budget < s.Pending && rate == budget {
+		limits = append(limits, fmt.Sprintf("%d sent in the last minute of devices_per_minute %d", s.DispatchedLastMinute, p.DevicesPerMinute))
+	}
+	if budget <= 0 {
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: pacing: %s; %d pending", what, strings.Join(limits, ", "), s.Pending)}
+	}
+	reason := fmt.Sprintf("%s: dispatching %s of %d pending", what, countNoun(budget, "job"), s.Pending)
+	if len(limits) > 0 {
+		reason += " (pacing: " + strings.Join(limits, ", ") + ")"
+	}
+	return Decision{Action: ActionDispatch, Dispatch: budget, Reason: reason}
+}
+
+// stageGates returns the stage's gate results in the order they are
+// judged: failure_rate always, not_back_online when it has a limit,
+// connectivity when it is on and has enough evidence.
+func stageGates(st Stage, s StageStats) []GateResult {
+	bad := s.Failed + s.TimedOut
+	rate := 0.0
+	if s.Targets > 0 {
+		rate = float64(bad) / float64(s.Targets)
+	}
+	fr := GateResult{
+		Gate:      GateFailureRate,
+		Breached:  float64(bad) > roundMicro(st.MaxFailureRate*float64(s.Targets)),
+		Value:     rate,
+		Threshold: st.MaxFailureRate,
+	}
+	op := "<="
+	if fr.Breached {
+		op = ">"
+	}
+	fr.Detail = fmt.Sprintf("%d of %d devices failed (%s) %s %s", bad, s.Targets, formatPercent(rate), op, formatPercent(st.MaxFailureRate))
+	gates := []GateResult{fr}
+
+	if st.MaxNotBackOnline >= 0 {
+		g := GateResult{
+			Gate:      GateNotBackOnline,
+			Breached:  s.NotBackOnline > st.MaxNotBackOnline,
+			Value:     float64(s.NotBackOnline),
+			Threshold: float64(st.MaxNotBackOnline),
+		}
+		op := "<="
+		if g.Breached {
+			op = ">"
+		}
+		g.Detail = fmt.Sprintf("%s not back online %s %d", countNoun(s.NotBackOnline, "device"), op, st.MaxNotBackOnline)
+		gates = append(gates, g)
+	}
+
+	if st.ConnectivityRatio > 0 && s.UpgradedDeviceHours >= MinConnectivityHours {
+		fleet := max(s.FleetDisconnectsPerHour, connectivityFloor)
+		g := GateResult{
+			Gate:      GateConnectivity,
+			Value:     s.UpgradedDisconnectsPerHour,
+			Threshold: roundMicro(st.ConnectivityRatio * fleet),
+		}
+		g.Breached = g.Value > g.Threshold
+		op := "<="
+		if g.Breached {
+			op = ">"
+		}
+		g.Detail = fmt.Sprintf("upgraded devices disconnect %.3g/device-hour over %.3g device-hours %s %.3g × max(fleet %.3g, %g) = %.3g",
+			s.UpgradedDisconnectsPerHour, s.UpgradedDeviceHours, op, st.ConnectivityRatio, s.FleetDisconnectsPerHour, connectivityFloor, g.Threshold)
+		gates = append(gates, g)
+	}
+	return gates
+}
+
+// stageName names stage i for the history: `stage 1 "canary"` (1-based).
+func (c Campaign) stageName(i int) string {
+	if n := c.Stages[i].Name; n != "" {
+		return fmt.Sprintf("stage %d %q", i+1, n)
+	}
+	return fmt.Sprintf("stage %d", i+1)
+}
+
+func statsOutcome(s StageStats) string {
+	return fmt.Sprintf("%d succeeded, %d failed, %d timed out of %d", s.Succeeded, s.Failed, s.TimedOut, s.Targets)
+}
+
+func formatPercent(r float64) string {
+	return strconv.FormatFloat(roundMicro(r*100), 'f', -1, 64) + "%"
+}
+
+func countNoun(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return strconv.Itoa(n) + " " + noun + "s"
+}
