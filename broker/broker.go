@@ -111,14 +111,14 @@ type Broker struct {
 	limits    *connectLimits
 	hook      *hook
 
-	pending   sync.Map // *mqtt.Client → *session, from OnConnect to OnSessionEstablished
-	sessions  sync.Map // *mqtt.Client → *session
-	handlers  sync.Map // topic suffix ("ota/status") → DeviceHandler
+	pending  sync.Map // *mqtt.Client → *session, from OnConnect to OnSessionEstablished
+	sessions sync.Map // *mqtt.Client → *session
+	handlers sync.Map // topic suffix ("ota/status") → DeviceHandler
 
 	notifyMu    sync.RWMutex
-	onSubscribe map[string][]func(deviceID string)    // topic suffix → callbacks
+	onSubscribe map[string][]func(deviceID string) // topic suffix → callbacks
 	onBirth     []func(deviceID, firmware, model string)
-	lastEpoch atomic.Int64
+	lastEpoch   atomic.Int64
 
 	closeOnce sync.Once
 	stop      chan struct{}
