@@ -36,7 +36,10 @@ type otaStatus struct {
 }
 
 // maxDownloadAttempts bounds the resumes of one download.
-const maxDownloadAttempts = 5
+const maxDownloadAttempts = 6
+
+// errCut is a transfer that stopped before the end; it is resumed at once.
+var errCut = errors.New("connection dropped")
 
 // handleJob runs one OTA job as firmware would: download (resuming with
 // Range after a break), verify the checksum and the signature, install,
@@ -123,6 +126,13 @@ func (d *device) download(ctx context.Context, sess session, job otaJob, brokenN
 	lastReported := 0
 	var lastErr error
 	for attempt := 1; attempt <= maxDownloadAttempts; attempt++ {
+		if attempt > 1 && lastErr != nil && !errors.Is(lastErr, errCut) {
+			// The server is away (restarting) or refused: back off before
+			// resuming, as firmware does.
+			if !sleep(ctx, min(8*time.Second, 500*time.Millisecond<<(attempt-2))) {
+				return nil, ctx.Err()
+			}
+		}
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, job.URL, nil)
 		if err != nil {
 			return nil, err
@@ -177,7 +187,7 @@ func (d *device) download(ctx context.Context, sess session, job otaJob, brokenN
 			return buf.Bytes(), nil
 		}
 		if err == nil {
-			err = fmt.Errorf("connection dropped after %d of %d bytes", buf.Len(), job.Size)
+			err = fmt.Errorf("%w after %d of %d bytes", errCut, buf.Len(), job.Size)
 		}
 		lastErr = err
 		d.sim.stats.count("ota download resumes")
