@@ -36,6 +36,9 @@ type RecorderOptions struct {
 	WriteTimeout time.Duration
 	Logger       *slog.Logger
 	Registerer   prometheus.Registerer
+	// Observe, when set, sees every event as it is recorded (live views).
+	// It runs on the broker's hot path: it must not block.
+	Observe func(Event)
 }
 
 // Recorder takes connection events from the broker's hooks without ever
@@ -122,6 +125,9 @@ func NewRecorder(w eventWriter, opts RecorderOptions) (*Recorder, error) {
 // dropping them.
 func (r *Recorder) Record(e Event) {
 	r.mRecorded.WithLabelValues(string(e.Kind)).Inc()
+	if r.opts.Observe != nil {
+		r.opts.Observe(e)
+	}
 	r.mu.Lock()
 	r.buf = append(r.buf, e)
 	n := len(r.buf)

@@ -97,6 +97,10 @@ func start(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle) 
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
+	// Open consoles' live streams end as soon as shutdown begins, so that
+	// Shutdown does not wait for them.
+	hub := web.NewHub()
+	httpSrv.RegisterOnShutdown(hub.Close)
 	logger.Info("http listening", "component", "http", "addr", httpLn.Addr().String())
 	// Serve at once: /healthz must answer while the database starts (crash
 	// recovery can take a while), and /readyz says what is still missing.
@@ -120,7 +124,7 @@ func start(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle) 
 	if _, err := migrations.Up(ctx, pool, logger); err != nil {
 		return err
 	}
-	if err := startFleet(ctx, cfg, logger, lc, api, pool, reg, publicURL(cfg, httpLn.Addr())); err != nil {
+	if err := startFleet(ctx, cfg, logger, lc, api, pool, reg, publicURL(cfg, httpLn.Addr()), hub); err != nil {
 		return err
 	}
 
@@ -134,7 +138,7 @@ func start(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle) 
 // startFleet starts the registry, the event recorder and the broker, and
 // mounts the device API. The broker stops before the recorder, so that every
 // session's server_shutdown event is recorded and flushed.
-func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Server, pool *pgxpool.Pool, reg *prometheus.Registry, baseURL string) error {
+func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Server, pool *pgxpool.Pool, reg *prometheus.Registry, baseURL string, hub *web.Hub) error {
 	pepper, err := tokenPepper(cfg, logger)
 	if err != nil {
 		return err
@@ -156,6 +160,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	svc.RegisterMetrics(reg)
 	rec, err := fleet.NewRecorder(store, fleet.RecorderOptions{
 		SpoolPath: filepath.Join(cfg.DataDir, "spool", "events.jsonl"), Logger: logger.With("component", "events"), Registerer: reg,
+		Observe: hub.Observe,
 	})
 	if err != nil {
 		return err
@@ -190,6 +195,10 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	b.OnSubscribe("ota/job", camps.DeviceListening)
 	b.OnBirth(func(id, fw, _ string) { camps.DeviceBirth(id, fw) })
 	api.MountFirmware(arts, camps, web.FirmwareOptions{MaxDownloads: cfg.OTAMaxDownloads})
+	api.MountStream(hub)
+	hubCtx, stopHub := context.WithCancel(context.Background())
+	go hub.WatchCampaigns(hubCtx, camps)
+	lc.onStop("campaign watch", func(context.Context) error { stopHub(); return nil })
 
 	if err := b.Start(); err != nil {
 		return fmt.Errorf("start mqtt broker: %w", err)

@@ -1,0 +1,175 @@
+package web
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/fleetd/fleetd/fleet"
+)
+
+// Hub fans live changes out to the console's streams: presence changes as
+// they are recorded, campaign progress as it changes. A subscriber that
+// cannot keep up misses updates rather than slowing the broker down.
+type Hub struct {
+	mu     sync.Mutex
+	subs   map[chan streamEvent]struct{}
+	closed bool
+}
+
+type streamEvent struct {
+	name string
+	data []byte
+}
+
+// NewHub returns an empty hub.
+func NewHub() *Hub { return &Hub{subs: map[chan streamEvent]struct{}{}} }
+
+// presence is the payload of a presence event.
+type presence struct {
+	DeviceID string         `json:"device_id"`
+	Kind     fleet.Kind     `json:"kind"`
+	Online   bool           `json:"online"`
+	Reason   fleet.Reason   `json:"reason,omitempty"`
+	Firmware string         `json:"firmware,omitempty"`
+	Protocol fleet.Protocol `json:"protocol_version,omitempty"`
+	At       time.Time      `json:"at"`
+}
+
+// Observe takes every recorded event; connects and disconnects become
+// presence events. It never blocks.
+func (h *Hub) Observe(e fleet.Event) {
+	if e.Kind != fleet.KindConnect && e.Kind != fleet.KindDisconnect {
+		return
+	}
+	h.mu.Lock()
+	n := len(h.subs)
+	h.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	b, _ := json.Marshal(presence{DeviceID: e.DeviceID, Kind: e.Kind, Online: e.Kind == fleet.KindConnect, Reason: e.Reason,
+		Firmware: e.Firmware, Protocol: e.ProtocolVersion, At: e.At})
+	h.publish(streamEvent{"presence", b})
+}
+
+func (h *Hub) publish(ev streamEvent) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for ch := range h.subs {
+		select {
+		case ch <- ev:
+		default: // a slow subscriber misses this one
+		}
+	}
+}
+
+func (h *Hub) subscribe() (chan streamEvent, func()) {
+	ch := make(chan streamEvent, 256)
+	h.mu.Lock()
+	if h.closed {
+		close(ch)
+	} else {
+		h.subs[ch] = struct{}{}
+	}
+	h.mu.Unlock()
+	return ch, func() {
+		h.mu.Lock()
+		if _, ok := h.subs[ch]; ok {
+			delete(h.subs, ch)
+			close(ch)
+		}
+		h.mu.Unlock()
+	}
+}
+
+func (h *Hub) subscribers() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.subs)
+}
+
+// Close ends every stream, so that a graceful shutdown does not wait for
+// consoles that stay open.
+func (h *Hub) Close() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closed = true
+	for ch := range h.subs {
+		delete(h.subs, ch)
+		close(ch)
+	}
+}
+
+// WatchCampaigns publishes a campaign event whenever a campaign's view
+// changes, checking once a second while anyone is watching.
+func (h *Hub) WatchCampaigns(ctx context.Context, c Campaigns) {
+	last := map[string]string{}
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if h.subscribers() == 0 {
+			continue
+		}
+		views, err := c.List(ctx)
+		if err != nil {
+			continue
+		}
+		for _, v := range views {
+			b, _ := json.Marshal(v)
+			if last[v.ID] != string(b) {
+				last[v.ID] = string(b)
+				h.publish(streamEvent{"campaign", b})
+			}
+		}
+	}
+}
+
+// MountStream adds GET /api/v1/stream: Server-Sent Events of presence and
+// campaign changes. It needs the bearer token like the rest of the API, so
+// browsers read it with fetch rather than EventSource.
+func (s *Server) MountStream(h *Hub) {
+	s.mount(func(_, api chi.Router) {
+		api.Get("/stream", func(w http.ResponseWriter, r *http.Request) {
+			flusher, ok := w.(http.Flusher)
+			if !ok {
+				writeJSON(w, http.StatusInternalServerError, errorBody{apiError{Code: "internal", Message: "streaming unsupported"}})
+				return
+			}
+			w.Header().Set("Content-Type", "text/event-stream")
+			w.Header().Set("Cache-Control", "no-cache")
+			w.Header().Set("X-Accel-Buffering", "no")
+			ch, done := h.subscribe()
+			defer done()
+			fmt.Fprint(w, ": fleetd live stream\n\n")
+			flusher.Flush()
+			ping := time.NewTicker(15 * time.Second)
+			defer ping.Stop()
+			for {
+				select {
+				case <-r.Context().Done():
+					return
+				case ev, ok := <-ch:
+					if !ok {
+						return
+					}
+					fmt.Fprintf(w, "event: %s\ndata: %s\n\n", ev.name, ev.data)
+					flusher.Flush()
+				case <-ping.C:
+					fmt.Fprint(w, ": ping\n\n")
+					flusher.Flush()
+				}
+			}
+		})
+	})
+}
