@@ -196,6 +196,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	b.OnBirth(func(id, fw, _ string) { camps.DeviceBirth(id, fw) })
 	api.MountFirmware(arts, camps, web.FirmwareOptions{MaxDownloads: cfg.OTAMaxDownloads})
 	api.MountStream(hub)
+	api.MountOpenAPI()
 	hubCtx, stopHub := context.WithCancel(context.Background())
 	go hub.WatchCampaigns(hubCtx, camps)
 	lc.onStop("campaign watch", func(context.Context) error { stopHub(); return nil })
