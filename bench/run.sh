@@ -2,25 +2,43 @@
 # Benchmarks, one command each: bench/run.sh NAME [ARGS]. Results are appended
 # to bench/RESULTS.md with the machine, the date and the command.
 #
-#   bench/run.sh fleetsim-scale [DEVICES] [SECONDS]
-#       fleetd (embedded PostgreSQL) and one fleetsim holding DEVICES idle devices
-#       (keepalive 300 s) for SECONDS; reports connect latency, RSS per connection of
-#       both processes, and the open-file limit that caps a process here.
+#   bench/run.sh idle-connections [DEVICES] [SECONDS]   (alias: fleetsim-scale)
+#       fleetd (embedded PostgreSQL) and Mosquitto, in turn, each holding DEVICES idle devices
+#       played by one fleetsim (keepalive 300 s); RSS per connection of both brokers.
+#   bench/run.sh connect-rate [SECONDS]
+#       CONNECT -> CONNACK -> DISCONNECT as fast as admitted: fleetd with token authentication
+#       (every connect event committed in PostgreSQL) against Mosquitto (anonymous).
+#   bench/run.sh offline-detection [DEVICES] [KEEPALIVE]
+#       DEVICES go silent with their sockets open: time to fleetd's keepalive_timeout event,
+#       and to Mosquitto's delivery of their wills.
+#   bench/run.sh per-message [SECONDS] [RATE]
+#       broker CPU time per QoS 0 telemetry message at RATE messages/s, fleetd vs Mosquitto.
+#   bench/run.sh event-ingest
+#       connection events written through fleetd's batched writer vs a raw COPY into the same
+#       table vs one INSERT per row (Go benchmarks of package fleet).
+#
+# --smoke as the last argument runs a tiny version and writes to a scratch file instead of
+# bench/RESULTS.md (the tests do this so that no benchmark rots).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=${1:-}
-[ -n "$name" ] || { sed -n '2,9p' "$0"; exit 2; }
+[ -n "$name" ] || { sed -n '2,22p' "$0"; exit 2; }
 shift
-
+smoke=false
+if [ "${!#:-}" = "--smoke" ]; then smoke=true; set -- "${@:1:$(($#-1))}"; fi
+args="$*"
+results=bench/RESULTS.md
+$smoke && results=$(mktemp)
 bin=$(mktemp -d)
 work=$(mktemp -d)
 chmod 755 "$work"
 cleanup() {
   [ -n "${fleetd_pid:-}" ] && kill -TERM "$fleetd_pid" 2>/dev/null && wait "$fleetd_pid" 2>/dev/null || true
+  [ -n "${mosq_pid:-}" ] && kill -TERM "$mosq_pid" 2>/dev/null && wait "$mosq_pid" 2>/dev/null || true
   rm -rf "$bin" "$work"
 }
 trap cleanup EXIT
-go build -o "$bin/" ./cmd/fleetd ./cmd/fleetsim
+go build -o "$bin/" ./cmd/fleetd ./cmd/fleetsim ./bench/mqttload
 
 machine() {
   echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(go version | cut -d' ' -f3), open files: soft $(ulimit -Sn) / hard $(ulimit -Hn)"
@@ -31,7 +49,7 @@ rss_kib() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
 start_fleetd() {
   FLEETD_DATA_DIR="$work/data" FLEETD_HTTP_ADDR=127.0.0.1:18080 FLEETD_MQTT_ADDR=127.0.0.1:11883 \
-  FLEETD_LOG_LEVEL=warn FLEETD_MQTT_CONNECT_RATE=0 "$bin/fleetd" 2>"$work/fleetd.log" &
+  FLEETD_LOG_LEVEL=warn FLEETD_MQTT_CONNECT_RATE=0 FLEETD_MQTT_CLIENT_CONNECT_RATE=0 "$bin/fleetd" 2>"$work/fleetd.log" &
   fleetd_pid=$!
   for _ in $(seq 150); do
     curl -fs http://127.0.0.1:18080/readyz >/dev/null 2>&1 && return 0
@@ -40,10 +58,120 @@ start_fleetd() {
   echo "fleetd did not become ready"; cat "$work/fleetd.log"; exit 1
 }
 
+stop_fleetd() { kill -TERM "$fleetd_pid"; wait "$fleetd_pid" || true; fleetd_pid=; }
+
+start_mosquitto() {
+  local mosq
+  mosq=$(command -v mosquitto || { [ -x /usr/sbin/mosquitto ] && echo /usr/sbin/mosquitto; }) ||
+    { echo "mosquitto (the peer broker) is not installed: apt-get install mosquitto"; exit 1; }
+  printf 'listener 11884 127.0.0.1\nallow_anonymous true\nmax_connections -1\nmax_queued_messages 100\npersistence false\nlog_type none\n' >"$work/mosquitto.conf"
+  "$mosq" -c "$work/mosquitto.conf" 2>"$work/mosquitto.log" &
+  mosq_pid=$!
+  for _ in $(seq 50); do
+    (exec 3<>/dev/tcp/127.0.0.1/11884) 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "mosquitto did not start"; cat "$work/mosquitto.log"; exit 1
+}
+stop_mosquitto() { kill -TERM "$mosq_pid"; wait "$mosq_pid" || true; mosq_pid=; }
+
+token() { cat "$work/data/admin-token"; }
+
+# register N devices prefix → writes $work/ids-fleetd.json (id → token) and $work/ids-anon.json
+register() {
+  local n=$1 prefix=$2 tok
+  tok=$(token)
+  { echo "{"
+    for i in $(seq 0 $((n - 1))); do
+      t=$(curl -fs -X POST -H "Authorization: Bearer $tok" -d "{\"id\":\"$prefix$i\",\"model\":\"bench\"}" \
+        http://127.0.0.1:18080/api/v1/devices | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
+      [ "$i" -gt 0 ] && echo ","
+      printf '"%s%s":"%s"' "$prefix" "$i" "$t"
+    done
+    echo "}"; } >"$work/ids-fleetd.json"
+  { echo "{"
+    for i in $(seq 0 $((n - 1))); do [ "$i" -gt 0 ] && echo ","; printf '"%s%s":""' "$prefix" "$i"; done
+    echo "}"; } >"$work/ids-anon.json"
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+header() {
+  echo
+  echo "## $1"
+  machine
+  echo "- command: \`bench/run.sh $name $args\`"
+}
+
 case "$name" in
-fleetsim-scale)
+connect-rate)
+  seconds=${1:-30}; $smoke && seconds=2
+  start_fleetd
+  register 200 cr-
+  f=$("$bin/mqttload" connect-rate -addr 127.0.0.1:11883 -ids "$work/ids-fleetd.json" -duration "${seconds}s" -concurrency 64)
+  sleep 1
+  written=$(curl -fs http://127.0.0.1:18080/metrics | awk '/^fleetd_events_written_total /{print $2}')
+  stop_fleetd
+  start_mosquitto
+  m=$("$bin/mqttload" connect-rate -addr 127.0.0.1:11884 -ids "$work/ids-anon.json" -duration "${seconds}s" -concurrency 64)
+  stop_mosquitto
+  { header "connect-rate: ${seconds}s, 64 parallel clients, 200 device ids"
+    echo "- fleetd (token auth, events committed): \`$f\`; events written to PostgreSQL: $written (a connect and a disconnect per session)"
+    echo "- mosquitto 2.0 (anonymous, peer): \`$m\`"
+    echo "- target: >= 10 000 connects/s sustained, p99 <= 20 ms, >= 1.0x Mosquitto"
+  } | tee -a "$results"
+  ;;
+offline-detection)
+  devices=${1:-200}; keepalive=${2:-5}; $smoke && devices=5 && keepalive=1
+  start_fleetd
+  register "$devices" od-
+  f=$("$bin/mqttload" freeze -addr 127.0.0.1:11883 -ids "$work/ids-fleetd.json" -keepalive "$keepalive" -events-api http://127.0.0.1:18080 -token "$(token)")
+  stop_fleetd
+  start_mosquitto
+  m=$("$bin/mqttload" freeze -addr 127.0.0.1:11884 -ids "$work/ids-anon.json" -keepalive "$keepalive" -watch-will)
+  stop_mosquitto
+  { header "offline-detection: $devices frozen devices, keepalive ${keepalive}s"
+    echo "- fleetd, silence to the keepalive_timeout event (committed within the 50 ms flush): \`$f\`"
+    echo "- mosquitto 2.0 (peer), silence to will delivery: \`$m\`"
+    echo "- target: p99 <= 1.5 x keepalive + 1 s ($((keepalive * 1500 + 1000)) ms)"
+  } | tee -a "$results"
+  ;;
+per-message)
+  seconds=${1:-20}; rate=${2:-20000}; $smoke && seconds=2 && rate=500
+  start_fleetd
+  register 100 pm-
+  before=$(cpu_ticks "$fleetd_pid")
+  f=$("$bin/mqttload" publish -addr 127.0.0.1:11883 -ids "$work/ids-fleetd.json" -rate "$rate" -duration "${seconds}s")
+  after=$(cpu_ticks "$fleetd_pid")
+  fmsgs=$(echo "$f" | sed -n 's/.*"messages":\([0-9]*\).*/\1/p')
+  fus=$(( (after - before) * 1000000 / $(getconf CLK_TCK) / (fmsgs > 0 ? fmsgs : 1) ))
+  stop_fleetd
+  start_mosquitto
+  before=$(cpu_ticks "$mosq_pid")
+  m=$("$bin/mqttload" publish -addr 127.0.0.1:11884 -ids "$work/ids-anon.json" -rate "$rate" -duration "${seconds}s")
+  after=$(cpu_ticks "$mosq_pid")
+  mmsgs=$(echo "$m" | sed -n 's/.*"messages":\([0-9]*\).*/\1/p')
+  mus=$(( (after - before) * 1000000 / $(getconf CLK_TCK) / (mmsgs > 0 ? mmsgs : 1) ))
+  stop_mosquitto
+  { header "per-message: ${rate} QoS 0 telemetry messages/s from 100 devices for ${seconds}s"
+    echo "- fleetd: $fus µs of CPU per message (\`$f\`)"
+    echo "- mosquitto 2.0 (peer): $mus µs of CPU per message (\`$m\`)"
+  } | tee -a "$results"
+  ;;
+event-ingest)
+  benchtime=3s; $smoke && benchtime=1x
+  out=$(go test -run '^$' -bench 'Ingest' -benchtime "$benchtime" ./fleet/ 2>&1 | grep -E '^Benchmark|rows/s')
+  { header "event-ingest: connection events into PostgreSQL (the test harness's private server: fsync off)"
+    echo '```'
+    echo "$out"
+    echo '```'
+    echo "- target: >= 50 000 rows/s through the writer, >= 0.3x the raw COPY; one INSERT per row shown for contrast"
+  } | tee -a "$results"
+  ;;
+idle-connections|fleetsim-scale)
   devices=${1:-15000}
   seconds=${2:-60}
+  $smoke && devices=50 && seconds=6
   start_fleetd
   base_rss=$(rss_kib "$fleetd_pid")
   cat >"$work/fleet.yaml" <<YAML
@@ -70,16 +198,39 @@ YAML
   summary=$(cat "$work/summary.json" 2>/dev/null || echo '{}')
   per_f=$(( (${held_f:-$peak_f} - base_rss) * 1024 / devices ))
   per_s=$(( ${held_s:-$peak_s} * 1024 / devices ))
+  stop_fleetd
+  # The peer: Mosquitto holding the same fleet (anonymous; the tokens are ignored).
+  start_mosquitto
+  mbase=$(rss_kib "$mosq_pid")
+  echo "{" >"$work/tokens.json"
+  for i in $(seq 0 $((devices - 1))); do [ "$i" -gt 0 ] && echo "," >>"$work/tokens.json"; printf '"idle-%s":"x"' "$i" >>"$work/tokens.json"; done
+  echo "}" >>"$work/tokens.json"
+  cat >"$work/fleet-mosq.yaml" <<YAML
+server: {mqtt: "tcp://127.0.0.1:11884"}
+run: {duration: ${seconds}s, ramp: 2000, tokens_file: "$work/tokens.json", source_addrs: [127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4]}
+cohorts:
+  - {name: idle, count: $devices, model: gw-100, firmware: 1.2.0, keepalive: 300s}
+YAML
+  "$bin/fleetsim" run -f "$work/fleet-mosq.yaml" >/dev/null 2>"$work/fleetsim-mosq.err" &
+  sim_pid=$!
+  mpeak=0
+  while kill -0 "$sim_pid" 2>/dev/null; do
+    sleep 2
+    m=$(rss_kib "$mosq_pid" 2>/dev/null || echo 0)
+    [ "$m" -gt "$mpeak" ] && mpeak=$m
+  done
+  wait "$sim_pid" || true
+  per_m=$(( (mpeak - mbase) * 1024 / devices ))
+  stop_mosquitto
   {
-    echo
-    echo "## fleetsim-scale: $devices devices for ${seconds}s"
-    machine
-    echo "- command: \`bench/run.sh fleetsim-scale $devices $seconds\`"
+    header "idle-connections: $devices devices held for ${seconds}s"
     echo "- fleetd sessions, peak: $peak_online / $devices"
     echo "- fleetd RSS: ${base_rss} KiB idle, ${held_f:-$peak_f} KiB holding the fleet → $per_f bytes per connection"
+    echo "- mosquitto 2.0 (peer) RSS: ${mbase} KiB idle, ${mpeak} KiB holding the fleet → $per_m bytes per connection"
     echo "- fleetsim RSS: ${held_s:-$peak_s} KiB → $per_s bytes per simulated device (paho clients)"
     echo "- fleetsim summary: \`$(echo "$summary" | tr -d '\n ' )\`"
-  } | tee -a bench/RESULTS.md
+    echo "- target: >= 200 000 connections (this machine: hard open-files limit $(ulimit -Hn) per process), <= 8 KiB per connection"
+  } | tee -a "$results"
   ;;
 *)
   echo "unknown benchmark $name"; exit 2 ;;
