@@ -39,14 +39,7 @@ func TestCanaryFailureGatePauses(t *testing.T) {
 	}
 	// Wait until every device is connected and listening, so the canary is
 	// dispatched at once.
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		if h, _ := api.FleetHealth(ctx); h.Devices.Online == 12 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("fleet never came online")
-		}
-	}
+	waitFleetOnline(t, api, 12)
 	if _, err := api.CampaignAction(ctx, camp.ID, "start"); err != nil {
 		t.Fatal(err)
 	}
@@ -133,14 +126,7 @@ func TestTimeoutsOfflineDevicesAndBadImages(t *testing.T) {
 		t.Fatal(err)
 	}
 	runFleet(t, api, online, p.Token())
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		if h, _ := api.FleetHealth(ctx); h.Devices.Online == 5 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("fleet never came online")
-		}
-	}
+	waitFleetOnline(t, api, 5)
 	camp, err := api.CreateCampaign(ctx, firmware.Spec{
 		Name: "2.0.0 everywhere", FirmwareID: target.ID,
 		Stages:        []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1}},

@@ -28,14 +28,7 @@ func TestCampaignSurvivesKill9(t *testing.T) {
 		Cohorts: []sim.Cohort{{Name: "gw", Count: 16, Model: "gw-100", Firmware: "2.0.0"}},
 	}
 	_, stop := runFleet(t, api, f, p.Token())
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		if h, _ := api.FleetHealth(ctx); h.Devices.Online == 16 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("fleet never came online")
-		}
-	}
+	waitFleetOnline(t, api, 16)
 	camp, err := api.CreateCampaign(ctx, firmware.Spec{
 		Name: "3.0.0", FirmwareID: target.ID,
 		Stages: []firmware.Stage{

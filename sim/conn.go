@@ -40,55 +40,10 @@ func (f *firmwareConn) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	if f.pings == "normal" {
-		f.track(p)
+		f.frame(p, nil) // bytes pass unchanged; only the framing state follows
 		return f.Conn.Write(p)
 	}
-	out := make([]byte, 0, len(p))
-	for i := 0; i < len(p); {
-		switch f.state {
-		case 0:
-			b := p[i]
-			i++
-			f.dropping = false
-			if b == 0xC0 { // PINGREQ
-				switch f.pings {
-				case "malformed":
-					b = 0xC2 // reserved flag bit set, as the buggy firmware does
-				case "none":
-					f.dropping = true
-				}
-			}
-			if !f.dropping {
-				out = append(out, b)
-			}
-			f.remaining, f.shift, f.state = 0, 0, 1
-		case 1:
-			b := p[i]
-			i++
-			if !f.dropping {
-				out = append(out, b)
-			}
-			f.remaining |= int(b&0x7f) << f.shift
-			f.shift += 7
-			if b&0x80 == 0 {
-				f.state = 2
-				if f.remaining == 0 {
-					f.state = 0
-				}
-			}
-		case 2:
-			k := min(f.remaining, len(p)-i)
-			if !f.dropping {
-				out = append(out, p[i:i+k]...)
-			}
-			i += k
-			f.remaining -= k
-			if f.remaining == 0 {
-				f.state = 0
-			}
-		}
-	}
-	if len(out) > 0 {
+	if out := f.frame(p, make([]byte, 0, len(p))); len(out) > 0 {
 		if _, err := f.Conn.Write(out); err != nil {
 			return 0, err
 		}
@@ -96,16 +51,35 @@ func (f *firmwareConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// track keeps the framing state current when bytes pass unchanged.
-func (f *firmwareConn) track(p []byte) {
+// frame advances the outgoing framing parser over p. With out non-nil it
+// also returns the bytes to send, PINGREQs rewritten (0xC2: a reserved flag
+// bit set, as the buggy firmware does) or dropped.
+func (f *firmwareConn) frame(p, out []byte) []byte {
+	keep := func(b ...byte) {
+		if out != nil && !f.dropping {
+			out = append(out, b...)
+		}
+	}
 	for i := 0; i < len(p); {
 		switch f.state {
 		case 0:
+			b := p[i]
 			i++
+			f.dropping = false
+			if b == 0xC0 && out != nil { // PINGREQ
+				switch f.pings {
+				case "malformed":
+					b = 0xC2
+				case "none":
+					f.dropping = true
+				}
+			}
+			keep(b)
 			f.remaining, f.shift, f.state = 0, 0, 1
 		case 1:
 			b := p[i]
 			i++
+			keep(b)
 			f.remaining |= int(b&0x7f) << f.shift
 			f.shift += 7
 			if b&0x80 == 0 {
@@ -116,6 +90,7 @@ func (f *firmwareConn) track(p []byte) {
 			}
 		case 2:
 			k := min(f.remaining, len(p)-i)
+			keep(p[i : i+k]...)
 			i += k
 			f.remaining -= k
 			if f.remaining == 0 {
@@ -123,6 +98,7 @@ func (f *firmwareConn) track(p []byte) {
 			}
 		}
 	}
+	return out
 }
 
 // Read blocks while frozen: the firmware no longer reads its socket.
