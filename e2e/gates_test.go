@@ -39,7 +39,7 @@ func TestCanaryFailureGatePauses(t *testing.T) {
 	}
 	// Wait until every device is connected and listening, so the canary is
 	// dispatched at once.
-	waitFleetOnline(t, api, 12)
+	waitOnline(t, api, 12, 20*time.Second)
 	if _, err := api.CampaignAction(ctx, camp.ID, "start"); err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +126,7 @@ func TestTimeoutsOfflineDevicesAndBadImages(t *testing.T) {
 		t.Fatal(err)
 	}
 	runFleet(t, api, online, p.Token())
-	waitFleetOnline(t, api, 5)
+	waitOnline(t, api, 5, 20*time.Second)
 	camp, err := api.CreateCampaign(ctx, firmware.Spec{
 		Name: "2.0.0 everywhere", FirmwareID: target.ID,
 		Stages:        []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1}},

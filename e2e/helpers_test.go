@@ -103,18 +103,3 @@ func freePort(t *testing.T) string {
 	defer ln.Close()
 	return ln.Addr().String()
 }
-
-// waitFleetOnline waits until n devices are online.
-func waitFleetOnline(t *testing.T, api *client.Client, n int) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if h, err := api.FleetHealth(context.Background()); err == nil && h.Devices.Online == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d devices never came online", n)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}

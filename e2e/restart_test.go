@@ -28,7 +28,7 @@ func TestCampaignSurvivesKill9(t *testing.T) {
 		Cohorts: []sim.Cohort{{Name: "gw", Count: 16, Model: "gw-100", Firmware: "2.0.0"}},
 	}
 	_, stop := runFleet(t, api, f, p.Token())
-	waitFleetOnline(t, api, 16)
+	waitOnline(t, api, 16, 20*time.Second)
 	camp, err := api.CreateCampaign(ctx, firmware.Spec{
 		Name: "3.0.0", FirmwareID: target.ID,
 		Stages: []firmware.Stage{

@@ -53,7 +53,9 @@ func (h *Hub) Observe(e fleet.Event) {
 	if n == 0 {
 		return
 	}
-	b, _ := json.Marshal(presence{DeviceID: e.DeviceID, Kind: e.Kind, Online: e.Kind == fleet.KindConnect, Reason: e.Reason,
+	// A session taken over leaves the device online, on its new session.
+	online := e.Kind == fleet.KindConnect || e.Reason == fleet.ReasonSessionTakeover
+	b, _ := json.Marshal(presence{DeviceID: e.DeviceID, Kind: e.Kind, Online: online, Reason: e.Reason,
 		Firmware: e.Firmware, Protocol: e.ProtocolVersion, At: e.At})
 	h.publish(streamEvent{"presence", b})
 }

@@ -57,6 +57,19 @@ func TestStream(t *testing.T) {
 		!strings.Contains(lines[1], `"reason":"keepalive_timeout"`) || !strings.Contains(lines[1], `"protocol_version":"3.1.1"`) {
 		t.Fatalf("event: %q", lines)
 	}
+	hub.Observe(fleet.Event{DeviceID: "gw-2", Kind: fleet.KindDisconnect, Reason: fleet.ReasonSessionTakeover})
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.HasPrefix(line, "data:") {
+			if !strings.Contains(line, `"device_id":"gw-2"`) || !strings.Contains(line, `"online":true`) {
+				t.Fatalf("a takeover's disconnect must leave the device online: %s", line)
+			}
+			break
+		}
+	}
 	hub.Close() // shutdown ends open streams
 	if _, err := r.ReadString('\n'); err == nil {
 		if _, err := r.ReadString('\n'); err == nil {

@@ -43,6 +43,7 @@ type Server struct {
 	metrics *httpMetrics
 	router  atomic.Pointer[chi.Mux]
 	mounts  []func(public, api chi.Router)
+	console http.Handler
 	started time.Time
 
 	mu     sync.Mutex
@@ -57,7 +58,7 @@ func New(opts Options) *Server {
 	if opts.Registry == nil {
 		opts.Registry = prometheus.NewRegistry()
 	}
-	s := &Server{opts: opts, started: time.Now(), metrics: newHTTPMetrics(opts.Registry)}
+	s := &Server{opts: opts, started: time.Now(), metrics: newHTTPMetrics(opts.Registry), console: ConsoleHandler()}
 	s.mount(func(_, api chi.Router) { api.Get("/server", s.serverInfo) })
 	return s
 }
@@ -81,6 +82,8 @@ func (s *Server) mount(f func(public, api chi.Router)) {
 	})
 	r.Get("/readyz", s.readyz)
 	r.Method(http.MethodGet, "/metrics", promhttp.HandlerFor(s.opts.Registry, promhttp.HandlerOpts{Registry: s.opts.Registry}))
+	// The web console: static assets, and index.html for its own routes.
+	r.Handle("/*", s.console)
 	r.Route("/api/v1", func(v1 chi.Router) {
 		// Unknown API paths ask for the token first: they do not reveal
 		// which endpoints exist.
