@@ -13,6 +13,13 @@
 #       and to Mosquitto's delivery of their wills.
 #   bench/run.sh per-message [SECONDS] [RATE]
 #       broker CPU time per QoS 0 telemetry message at RATE messages/s, fleetd vs Mosquitto.
+#   bench/run.sh reconnect-storm [DEVICES]
+#       fleetd restarted under DEVICES connected devices (backoff with jitter): time until all are
+#       back online against 2 x (DEVICES / connect rate), memory overshoot, connect events
+#       written; the same for Mosquitto.
+#   bench/run.sh ota-download [DOWNLOADS] [MIB]
+#       DOWNLOADS concurrent ranged downloads of a MIB image from fleetd (token-authorised,
+#       http.ServeContent) against a plain Go file server.
 #   bench/run.sh event-ingest
 #       connection events written through fleetd's batched writer vs a raw COPY into the same
 #       table vs one INSERT per row (Go benchmarks of package fleet).
@@ -22,7 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=${1:-}
-[ -n "$name" ] || { sed -n '2,22p' "$0"; exit 2; }
+[ -n "$name" ] || { sed -n '2,29p' "$0"; exit 2; }
 shift
 smoke=false
 if [ "${!#:-}" = "--smoke" ]; then smoke=true; set -- "${@:1:$(($#-1))}"; fi
@@ -47,9 +54,10 @@ machine() {
 
 rss_kib() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
+# start_fleetd [VAR=value ...]: the benchmarks' fleetd; assignments override the defaults.
 start_fleetd() {
-  FLEETD_DATA_DIR="$work/data" FLEETD_HTTP_ADDR=127.0.0.1:18080 FLEETD_MQTT_ADDR=127.0.0.1:11883 \
-  FLEETD_LOG_LEVEL=warn FLEETD_MQTT_CONNECT_RATE=0 FLEETD_MQTT_CLIENT_CONNECT_RATE=0 "$bin/fleetd" 2>"$work/fleetd.log" &
+  env FLEETD_DATA_DIR="$work/data" FLEETD_HTTP_ADDR=127.0.0.1:18080 FLEETD_MQTT_ADDR=127.0.0.1:11883 \
+    FLEETD_LOG_LEVEL=warn FLEETD_MQTT_CONNECT_RATE=0 FLEETD_MQTT_CLIENT_CONNECT_RATE=0 "$@" "$bin/fleetd" 2>>"$work/fleetd.log" &
   fleetd_pid=$!
   for _ in $(seq 150); do
     curl -fs http://127.0.0.1:18080/readyz >/dev/null 2>&1 && return 0
@@ -103,7 +111,85 @@ header() {
   echo "- command: \`bench/run.sh $name $args\`"
 }
 
+sessions() { curl -fs http://127.0.0.1:18080/metrics | awk '/^fleetd_mqtt_sessions /{print $2}'; }
+established() { ss -Htn state established "( sport = :$1 )" | wc -l; }
+
 case "$name" in
+reconnect-storm)
+  devices=${1:-15000}; $smoke && devices=100
+  rate=5000
+  start_fleetd FLEETD_MQTT_CONNECT_RATE=$rate FLEETD_MQTT_CONNECT_BURST=1000
+  cat >"$work/fleet.yaml" <<YAML
+server: {mqtt: "tcp://127.0.0.1:11883", api: "http://127.0.0.1:18080", admin_token_file: "$work/data/admin-token"}
+run: {duration: 600s, ramp: 2000, register: true, source_addrs: [127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4]}
+cohorts:
+  - {name: storm, count: $devices, model: gw-100, firmware: 1.2.0, keepalive: 300s}
+YAML
+  "$bin/fleetsim" run -f "$work/fleet.yaml" >/dev/null 2>"$work/fleetsim.err" &
+  sim_pid=$!
+  for _ in $(seq 600); do [ "$(sessions)" = "$devices" ] && break; sleep 0.2; done
+  steady=$(rss_kib "$fleetd_pid")
+  kill -TERM "$fleetd_pid"; wait "$fleetd_pid" || true
+  down=$(date +%s.%N)
+  start_fleetd FLEETD_MQTT_CONNECT_RATE=$rate FLEETD_MQTT_CONNECT_BURST=1000
+  up=$(date +%s.%N)
+  peak=0; back=""
+  for _ in $(seq 1200); do
+    r=$(rss_kib "$fleetd_pid"); [ "$r" -gt "$peak" ] && peak=$r
+    if [ "$(sessions)" = "$devices" ]; then back=$(date +%s.%N); break; fi
+    sleep 0.1
+  done
+  sleep 3
+  after=$(rss_kib "$fleetd_pid")
+  written=$(curl -fs http://127.0.0.1:18080/metrics | awk '/^fleetd_events_written_total /{print $2}')
+  kill "$sim_pid"; wait "$sim_pid" || true
+  stop_fleetd
+  f_all=$(awk -v a="$back" -v b="$up" 'BEGIN { if (a == "") print "not all back"; else printf "%.1f s", a - b }')
+  f_over=$(( (peak - steady) * 100 / steady ))
+  # The peer: Mosquitto restarted under the same fleet.
+  start_mosquitto
+  echo "{" >"$work/tokens.json"
+  for i in $(seq 0 $((devices - 1))); do [ "$i" -gt 0 ] && echo "," >>"$work/tokens.json"; printf '"storm-%s":"x"' "$i" >>"$work/tokens.json"; done
+  echo "}" >>"$work/tokens.json"
+  sed -e 's/11883/11884/' -e 's/register: true/tokens_file: "'"${work//\//\\/}"'\/tokens.json"/' -e 's/, api: [^,]*, admin_token_file: [^}]*//' "$work/fleet.yaml" >"$work/fleet-mosq.yaml"
+  "$bin/fleetsim" run -f "$work/fleet-mosq.yaml" >/dev/null 2>"$work/fleetsim-mosq.err" &
+  sim_pid=$!
+  for _ in $(seq 600); do [ "$(established 11884)" -ge "$devices" ] && break; sleep 0.2; done
+  stop_mosquitto
+  start_mosquitto
+  mup=$(date +%s.%N); mback=""
+  for _ in $(seq 1200); do
+    if [ "$(established 11884)" -ge "$devices" ]; then mback=$(date +%s.%N); break; fi
+    sleep 0.1
+  done
+  kill "$sim_pid"; wait "$sim_pid" || true
+  stop_mosquitto
+  m_all=$(awk -v a="$mback" -v b="$mup" 'BEGIN { if (a == "") print "not all back"; else printf "%.1f s", a - b }')
+  { header "reconnect-storm: $devices devices reconnecting after a restart (connect rate $rate/s, burst 1000)"
+    echo "- fleetd: all back online $f_all after it was ready (down for $(awk -v a="$up" -v b="$down" 'BEGIN{printf "%.1f", a-b}') s); RSS ${steady} KiB before, peak ${peak} KiB during the storm (+${f_over} %), ${after} KiB after; events written after the restart: ${written:-0} (a connect and a birth per device: $((2 * devices)) expected)"
+    echo "- mosquitto 2.0 (peer, no rate limit): all back online $m_all after its restart"
+    echo "- target: all online within 2 x ($devices / $rate) = $(awk -v n="$devices" -v r="$rate" 'BEGIN{printf "%.1f", 2*n/r}') s, memory overshoot <= 10 %, no crash, no lost event"
+  } | tee -a "$results"
+  ;;
+ota-download)
+  downloads=${1:-1000}; mib=${2:-4}; $smoke && downloads=20 && mib=1
+  head -c $((mib << 20)) /dev/urandom >"$work/fw.bin"
+  start_fleetd FLEETD_OTA_MAX_DOWNLOADS="$downloads"
+  id=$(curl -fs -X POST -H "Authorization: Bearer $(token)" --data-binary @"$work/fw.bin" \
+    "http://127.0.0.1:18080/api/v1/firmware?version=bench&models=gw-100" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+  f=$("$bin/mqttload" download -url "http://127.0.0.1:18080/api/v1/firmware/$id/download" -token "$(token)" -n "$downloads")
+  stop_fleetd
+  "$bin/mqttload" fileserver -addr 127.0.0.1:18090 -file "$work/fw.bin" &
+  fs_pid=$!
+  sleep 0.5
+  m=$("$bin/mqttload" download -url "http://127.0.0.1:18090/fw.bin" -n "$downloads")
+  kill "$fs_pid"; wait "$fs_pid" 2>/dev/null || true
+  { header "ota-download: $downloads concurrent ranged downloads of a $mib MiB image"
+    echo "- fleetd (token check, ServeContent from the content-addressed file): \`$f\`"
+    echo "- plain Go file server (peer): \`$m\`"
+    echo "- target: >= 0.8x the peer's throughput"
+  } | tee -a "$results"
+  ;;
 connect-rate)
   seconds=${1:-30}; $smoke && seconds=2
   start_fleetd

@@ -64,6 +64,7 @@ func (s *Server) MountFirmware(a Artifacts, c Campaigns, o FirmwareOptions) {
 	h := &firmwareHandlers{a: a, c: c, o: o, s: s, slots: make(chan struct{}, o.MaxDownloads)}
 	s.mount(func(public, api chi.Router) {
 		public.Get("/firmware/{id}/download", h.download)
+		public.Head("/firmware/{id}/download", h.download) // size and ETag before a ranged download
 		api.Post("/firmware", h.upload)
 		api.Get("/firmware", h.list)
 		api.Get("/firmware/signing-key", h.signingKey)

@@ -6,6 +6,8 @@
 //	mqttload connect-rate -addr A -ids FILE -duration D -concurrency C
 //	mqttload freeze       -addr A -ids FILE -keepalive S [-watch-will]
 //	mqttload publish      -addr A -ids FILE -rate R -duration D
+//	mqttload download     -url U [-token T] -n N      (N concurrent ranged GETs)
+//	mqttload fileserver   -addr A -file F              (the peer of downloads)
 //
 // -ids is a JSON object of client id → password ("" for anonymous brokers).
 // Each mode prints one JSON result line.
@@ -42,8 +44,19 @@ func main() {
 	watchWill := fs.Bool("watch-will", false, "freeze: measure will delivery (a subscriber on devices/+/status)")
 	rate := fs.Int("rate", 1000, "publish: messages per second in total")
 	eventsAPI := fs.String("events-api", "", "freeze: fleetd's HTTP address, to read when each keepalive_timeout was committed")
-	token := fs.String("token", "", "freeze: fleetd's admin token")
+	token := fs.String("token", "", "freeze, download: fleetd's admin token")
+	url := fs.String("url", "", "download: the image's URL")
+	n := fs.Int("n", 1000, "download: concurrent downloads")
+	file := fs.String("file", "", "fileserver: the file to serve")
 	fs.Parse(os.Args[2:])
+	switch os.Args[1] {
+	case "download":
+		json.NewEncoder(os.Stdout).Encode(download(*url, *token, *n))
+		return
+	case "fileserver":
+		serveFile(*addr, *file)
+		return
+	}
 	host, _, err := net.SplitHostPort(*addr)
 	if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
 		fail(fmt.Errorf("-addr %s: only loopback targets", *addr))
@@ -369,4 +382,85 @@ func publish(addr string, ids []cred, rate int, d time.Duration) any {
 		c.Close()
 	}
 	return map[string]any{"mode": "publish", "clients": len(conns), "messages": sent, "messages_per_s": float64(sent) / elapsed.Seconds()}
+}
+
+// download runs n concurrent GETs of the image, each asking for a range
+// that starts at a different offset (as resuming devices do) and runs to the
+// end, and reports the aggregate throughput.
+func download(url, token string, n int) any {
+	client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: n, MaxIdleConnsPerHost: n}, Timeout: 5 * time.Minute}
+	head, err := http.NewRequest(http.MethodHead, url, nil)
+	if err != nil {
+		fail(err)
+	}
+	if token != "" {
+		head.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := client.Do(head)
+	if err != nil {
+		fail(err)
+	}
+	resp.Body.Close()
+	size := resp.ContentLength
+	var bytes, failed, retried atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			from := int64(i) * 4096 % max(1, size/2)
+			for attempt := 0; attempt < 20; attempt++ {
+				req, _ := http.NewRequest(http.MethodGet, url, nil)
+				if token != "" {
+					req.Header.Set("Authorization", "Bearer "+token)
+				}
+				req.Header.Set("Range", fmt.Sprintf("bytes=%d-", from))
+				resp, err := client.Do(req)
+				if err != nil {
+					failed.Add(1)
+					return
+				}
+				if resp.StatusCode == http.StatusServiceUnavailable {
+					resp.Body.Close()
+					retried.Add(1)
+					time.Sleep(100 * time.Millisecond)
+					continue
+				}
+				got, _ := io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusPartialContent || got != size-from {
+					failed.Add(1)
+					return
+				}
+				bytes.Add(got)
+				return
+			}
+			failed.Add(1)
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	return map[string]any{"mode": "download", "downloads": n, "failed": failed.Load(), "busy_retries": retried.Load(),
+		"bytes": bytes.Load(), "seconds": elapsed.Seconds(), "mib_per_s": float64(bytes.Load()) / (1 << 20) / elapsed.Seconds()}
+}
+
+// serveFile is the plain file server downloads are compared with: Go's
+// http.ServeContent, no authentication, no limits.
+func serveFile(addr, file string) {
+	f, err := os.Open(file)
+	if err != nil {
+		fail(err)
+	}
+	st, _ := f.Stat()
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fh, err := os.Open(file)
+		if err != nil {
+			http.Error(w, err.Error(), 500)
+			return
+		}
+		defer fh.Close()
+		http.ServeContent(w, r, "fw.bin", st.ModTime(), fh)
+	})
+	fail(http.ListenAndServe(addr, h))
 }
