@@ -160,6 +160,7 @@ type StageStats struct {
 	// subset of TimedOut).
 	NotBackOnline        int
 	DispatchedLastMinute int // jobs sent in the last 60 s (pacing)
+	DispatchedLastSecond int // jobs sent in the last second (pacing spreads the minute's budget)
 	// UpgradedDisconnectsPerHour is the disconnects per device-hour of the
 	// devices this campaign upgraded so far, counted from when each came
 	// back online on the target version (the install reboot is not a
@@ -387,7 +388,8 @@ func SelectDevices(campaignID string, ids []string) []string {
 //     Gate set. Gates stay watched during the soak.
 //   - No breach and Pending > 0: the budget is Pending, capped by
 //     MaxConcurrent − InFlight (when MaxConcurrent > 0) and by
-//     DevicesPerMinute − DispatchedLastMinute (when DevicesPerMinute > 0).
+//     DevicesPerMinute − DispatchedLastMinute and ⌈DevicesPerMinute/60⌉ −
+//     DispatchedLastSecond (when DevicesPerMinute > 0).
 //     A positive budget gives ActionDispatch with Dispatch = budget, else
 //     ActionWait naming the pacing limit that holds.
 //   - Nothing pending and InFlight > 0: ActionWait.
@@ -498,8 +500,14 @@ func pacedDispatch(p Pacing, s StageStats, what string) Decision {
 		concurrency = p.MaxConcurrent - s.InFlight
 		budget = min(budget, concurrency)
 	}
+	perSecond := 0
 	if p.DevicesPerMinute > 0 {
 		rate = p.DevicesPerMinute - s.DispatchedLastMinute
+		// Spread the minute's budget over its seconds: sending a whole
+		// minute's worth at once is the reconnect and download storm pacing
+		// exists to prevent.
+		perSecond = (p.DevicesPerMinute + 59) / 60
+		rate = min(rate, perSecond-s.DispatchedLastSecond)
 		budget = min(budget, rate)
 	}
 	// Name only the limits that hold the batch below what is pending.
@@ -508,7 +516,12 @@ func pacedDispatch(p Pacing, s StageStats, what string) Decision {
 		limits = append(limits, fmt.Sprintf("%d in flight of max_concurrent %d", s.InFlight, p.MaxConcurrent))
 	}
 	if budget < s.Pending && rate == budget {
-		limits = append(limits, fmt.Sprintf("%d sent in the last minute of devices_per_minute %d", s.DispatchedLastMinute, p.DevicesPerMinute))
+		if p.DevicesPerMinute-s.DispatchedLastMinute <= perSecond-s.DispatchedLastSecond {
+			limits = append(limits, fmt.Sprintf("%d sent in the last minute of devices_per_minute %d", s.DispatchedLastMinute, p.DevicesPerMinute))
+		} else {
+			limits = append(limits, fmt.Sprintf("%d sent in the last second of %d a second (devices_per_minute %d spread over the minute)",
+				s.DispatchedLastSecond, perSecond, p.DevicesPerMinute))
+		}
 	}
 	if budget <= 0 {
 		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: pacing: %s; %d pending", what, strings.Join(limits, ", "), s.Pending)}

@@ -600,8 +600,9 @@ func stageStats(ctx context.Context, tx pgx.Tx, camp Campaign, rolling bool) (St
 		return s, err
 	}
 	s.NotBackOnline = s.TimedOut
-	if err := tx.QueryRow(ctx, `SELECT count(*) FROM campaign_devices WHERE campaign_id = $1 AND dispatched_at > now() - interval '1 minute'`, camp.ID).
-		Scan(&s.DispatchedLastMinute); err != nil {
+	if err := tx.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE dispatched_at > clock_timestamp() - interval '1 second')
+		FROM campaign_devices WHERE campaign_id = $1 AND dispatched_at > now() - interval '1 minute'`, camp.ID).
+		Scan(&s.DispatchedLastMinute, &s.DispatchedLastSecond); err != nil {
 		return s, err
 	}
 	if rolling {
