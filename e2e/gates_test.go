@@ -179,3 +179,50 @@ func TestTimeoutsOfflineDevicesAndBadImages(t *testing.T) {
 		t.Errorf("stage counts %+v", c.ByState)
 	}
 }
+
+// TestDispatchIsPaced: devices_per_minute is spread over the minute, so a
+// campaign never sends a minute's worth of jobs at once.
+func TestDispatchIsPaced(t *testing.T) {
+	p, api := fastFleetd(t, fleetdtest.DataDir(t))
+	ctx := context.Background()
+	target := upload(t, api, "1.5.0", 16<<10)
+	f := &sim.Fleet{
+		Server:  sim.Server{MQTT: "tcp://" + p.Addr("mqtt-tcp"), API: p.HTTPURL},
+		Run:     sim.RunOptions{Duration: secs(120), Register: true, Ramp: 100},
+		Cohorts: []sim.Cohort{{Name: "paced", Count: 8, Model: "gw-100", Firmware: "1.4.0"}},
+	}
+	runFleet(t, api, f, p.Token())
+	waitOnline(t, api, 8, 20*time.Second)
+	camp, err := api.CreateCampaign(ctx, firmware.Spec{Name: "paced", FirmwareID: target.ID,
+		Stages:        []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1}},
+		Pacing:        firmware.Pacing{DevicesPerMinute: 120}, // 2 a second
+		DeviceTimeout: firmware.Duration(time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := api.CampaignAction(ctx, camp.ID, "start"); err != nil {
+		t.Fatal(err)
+	}
+	waitCampaign(t, api, camp.ID, 60*time.Second, "completion", func(v firmware.CampaignView) bool { return v.State == firmware.StateCompleted })
+	devs, _ := api.CampaignDevices(ctx, camp.ID)
+	first, last := time.Time{}, time.Time{}
+	perSecond := map[int64]int{}
+	for _, d := range devs {
+		at := *d.DispatchedAt
+		if first.IsZero() || at.Before(first) {
+			first = at
+		}
+		if at.After(last) {
+			last = at
+		}
+		perSecond[at.Unix()]++
+	}
+	if spread := last.Sub(first); spread < 2500*time.Millisecond {
+		t.Fatalf("8 jobs at 2 a second were dispatched within %s", spread)
+	}
+	for sec, n := range perSecond {
+		if n > 2 {
+			t.Errorf("%d jobs dispatched in second %d, want at most 2", n, sec)
+		}
+	}
+}

@@ -93,8 +93,9 @@ type Job struct {
 var inFlight = []string{"dispatched", "downloading", "verifying", "installing", "rebooting"}
 
 // Campaigns runs staged OTA campaigns. State lives in PostgreSQL: a restart
-// (or another replica) resumes every campaign where it was, and the unique
-// (campaign, device) row with its delivered_at makes each job go out once.
+// (or another replica) resumes every campaign where it was; the unique
+// (campaign, device) row is dispatched once, and its job is sent again only
+// to a device that has not reported on it yet.
 type Campaigns struct {
 	pool      *pgxpool.Pool
 	artifacts *Artifacts
@@ -705,8 +706,9 @@ func (c *Campaigns) job(ctx context.Context, tx pgx.Tx, camp Campaign, deviceID,
 		URL: c.publicURL + "/api/v1/firmware/" + art.ID + "/download?" + c.artifacts.SignURL(art.ID, deviceID, exp)}, nil
 }
 
-// deliver sends a job to a device that is listening and records that it
-// did; a device that is not gets it when it subscribes (DeviceListening).
+// deliver sends a job to a device that is listening and records when it
+// did; a device that is not gets it when it subscribes (DeviceListening),
+// and so does one that never reported on it.
 func (c *Campaigns) deliver(ctx context.Context, s pendingSend) {
 	if !c.send.Listening(s.deviceID, "ota/job") {
 		return
@@ -746,9 +748,13 @@ func (c *Campaigns) note(n deviceNote) {
 
 func (c *Campaigns) handleNote(ctx context.Context, n deviceNote) {
 	if n.listening {
+		// A job counts as received once the device reports on it. Until then
+		// it goes out again on every subscription: handing it to the broker
+		// is not delivery (a crash can lose it from the outbound queue), and
+		// devices ignore a job id they already have.
 		rows, err := c.pool.Query(ctx, `SELECT cd.campaign_id, cd.from_version, cd.rollback_state = 'dispatched'
 			FROM campaign_devices cd JOIN campaigns c ON c.id = cd.campaign_id
-			WHERE cd.device_id = $1 AND cd.delivered_at IS NULL AND c.state IN ('running', 'rolling_back', 'paused')
+			WHERE cd.device_id = $1 AND c.state IN ('running', 'rolling_back', 'paused')
 				AND (cd.state = 'dispatched' OR cd.rollback_state = 'dispatched')`, n.deviceID)
 		if err != nil {
 			c.logger.Warn("cannot look up undelivered jobs", "device_id", n.deviceID, "err", err)

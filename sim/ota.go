@@ -36,7 +36,7 @@ type otaStatus struct {
 }
 
 // maxDownloadAttempts bounds the resumes of one download.
-const maxDownloadAttempts = 6
+const maxDownloadAttempts = 10 // with backoff: about 45 s for a server that is restarting
 
 // errCut is a transfer that stopped before the end; it is resumed at once.
 var errCut = errors.New("connection dropped")
