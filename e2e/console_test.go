@@ -364,7 +364,7 @@ func TestConsoleDeviceFilter(t *testing.T) {
 func TestConsoleDeviceTimeline(t *testing.T) {
 	p, api := consoleFleetd(t)
 	runFleet(t, api, simFleet(p,
-		sim.Cohort{Name: "bad", Count: 1, Model: "gw-100", Firmware: "1.0.3", Keepalive: secs(1), Pings: "malformed"},
+		sim.Cohort{Name: "bad", Count: 1, Model: "gw-100", Firmware: "1.0.3", Keepalive: secs(2), Pings: "malformed"},
 		sim.Cohort{Name: "good", Count: 1, Model: "gw-100", Firmware: "1.2.0", Keepalive: secs(30)}), p.Token())
 	ctx := context.Background()
 	deadline := time.Now().Add(30 * time.Second)
