@@ -47,6 +47,19 @@ cleanup() {
 trap cleanup EXIT
 go build -o "$bin/" ./cmd/fleetd ./cmd/fleetsim ./bench/mqttload
 
+# free_port prints a loopback TCP port no socket uses, below the kernel's
+# ephemeral range (where outbound connections take their ports), so that
+# runs (and the tests' smoke runs) never collide with each other.
+free_port() {
+  local p low
+  low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range)
+  while :; do
+    p=$((10000 + RANDOM % (low - 10000)))
+    [ -z "$(ss -Htan "sport = :$p")" ] && { echo "$p"; return; }
+  done
+}
+HTTP_PORT=$(free_port); MQTT_PORT=$(free_port); MOSQ_PORT=$(free_port); FILE_PORT=$(free_port)
+
 machine() {
   echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(go version | cut -d' ' -f3), open files: soft $(ulimit -Sn) / hard $(ulimit -Hn)"
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo none)"
@@ -56,11 +69,11 @@ rss_kib() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
 # start_fleetd [VAR=value ...]: the benchmarks' fleetd; assignments override the defaults.
 start_fleetd() {
-  env FLEETD_DATA_DIR="$work/data" FLEETD_HTTP_ADDR=127.0.0.1:18080 FLEETD_MQTT_ADDR=127.0.0.1:11883 \
+  env FLEETD_DATA_DIR="$work/data" FLEETD_HTTP_ADDR=127.0.0.1:$HTTP_PORT FLEETD_MQTT_ADDR=127.0.0.1:$MQTT_PORT \
     FLEETD_LOG_LEVEL=warn FLEETD_MQTT_CONNECT_RATE=0 FLEETD_MQTT_CLIENT_CONNECT_RATE=0 "$@" "$bin/fleetd" 2>>"$work/fleetd.log" &
   fleetd_pid=$!
   for _ in $(seq 150); do
-    curl -fs http://127.0.0.1:18080/readyz >/dev/null 2>&1 && return 0
+    curl -fs http://127.0.0.1:$HTTP_PORT/readyz >/dev/null 2>&1 && return 0
     sleep 0.1
   done
   echo "fleetd did not become ready"; cat "$work/fleetd.log"; exit 1
@@ -72,11 +85,11 @@ start_mosquitto() {
   local mosq
   mosq=$(command -v mosquitto || { [ -x /usr/sbin/mosquitto ] && echo /usr/sbin/mosquitto; }) ||
     { echo "mosquitto (the peer broker) is not installed: apt-get install mosquitto"; exit 1; }
-  printf 'listener 11884 127.0.0.1\nallow_anonymous true\nmax_connections -1\nmax_queued_messages 100\npersistence false\nlog_type none\n' >"$work/mosquitto.conf"
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_connections -1\nmax_queued_messages 100\npersistence false\nlog_type none\n' "$MOSQ_PORT" >"$work/mosquitto.conf"
   "$mosq" -c "$work/mosquitto.conf" 2>"$work/mosquitto.log" &
   mosq_pid=$!
   for _ in $(seq 50); do
-    (exec 3<>/dev/tcp/127.0.0.1/11884) 2>/dev/null && return 0
+    (exec 3<>/dev/tcp/127.0.0.1/"$MOSQ_PORT") 2>/dev/null && return 0
     sleep 0.1
   done
   echo "mosquitto did not start"; cat "$work/mosquitto.log"; exit 1
@@ -92,7 +105,7 @@ register() {
   { echo "{"
     for i in $(seq 0 $((n - 1))); do
       t=$(curl -fs -X POST -H "Authorization: Bearer $tok" -d "{\"id\":\"$prefix$i\",\"model\":\"bench\"}" \
-        http://127.0.0.1:18080/api/v1/devices | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
+        http://127.0.0.1:$HTTP_PORT/api/v1/devices | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
       [ "$i" -gt 0 ] && echo ","
       printf '"%s%s":"%s"' "$prefix" "$i" "$t"
     done
@@ -111,7 +124,7 @@ header() {
   echo "- command: \`bench/run.sh $name $args\`"
 }
 
-sessions() { curl -fs http://127.0.0.1:18080/metrics | awk '/^fleetd_mqtt_sessions /{print $2}'; }
+sessions() { curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^fleetd_mqtt_sessions /{print $2}'; }
 established() { ss -Htn state established "( sport = :$1 )" | wc -l; }
 
 case "$name" in
@@ -120,7 +133,7 @@ reconnect-storm)
   rate=5000
   start_fleetd FLEETD_MQTT_CONNECT_RATE=$rate FLEETD_MQTT_CONNECT_BURST=1000
   cat >"$work/fleet.yaml" <<YAML
-server: {mqtt: "tcp://127.0.0.1:11883", api: "http://127.0.0.1:18080", admin_token_file: "$work/data/admin-token"}
+server: {mqtt: "tcp://127.0.0.1:$MQTT_PORT", api: "http://127.0.0.1:$HTTP_PORT", admin_token_file: "$work/data/admin-token"}
 run: {duration: 600s, ramp: 2000, register: true, source_addrs: [127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4]}
 cohorts:
   - {name: storm, count: $devices, model: gw-100, firmware: 1.2.0, keepalive: 300s}
@@ -141,7 +154,7 @@ YAML
   done
   sleep 3
   after=$(rss_kib "$fleetd_pid")
-  written=$(curl -fs http://127.0.0.1:18080/metrics | awk '/^fleetd_events_written_total /{print $2}')
+  written=$(curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^fleetd_events_written_total /{print $2}')
   kill "$sim_pid"; wait "$sim_pid" || true
   stop_fleetd
   f_all=$(awk -v a="$back" -v b="$up" 'BEGIN { if (a == "") print "not all back"; else printf "%.1f s", a - b }')
@@ -151,15 +164,15 @@ YAML
   echo "{" >"$work/tokens.json"
   for i in $(seq 0 $((devices - 1))); do [ "$i" -gt 0 ] && echo "," >>"$work/tokens.json"; printf '"storm-%s":"x"' "$i" >>"$work/tokens.json"; done
   echo "}" >>"$work/tokens.json"
-  sed -e 's/11883/11884/' -e 's/register: true/tokens_file: "'"${work//\//\\/}"'\/tokens.json"/' -e 's/, api: [^,]*, admin_token_file: [^}]*//' "$work/fleet.yaml" >"$work/fleet-mosq.yaml"
+  sed -e "s/:$MQTT_PORT/:$MOSQ_PORT/" -e 's/register: true/tokens_file: "'"${work//\//\\/}"'\/tokens.json"/' -e 's/, api: [^,]*, admin_token_file: [^}]*//' "$work/fleet.yaml" >"$work/fleet-mosq.yaml"
   "$bin/fleetsim" run -f "$work/fleet-mosq.yaml" >/dev/null 2>"$work/fleetsim-mosq.err" &
   sim_pid=$!
-  for _ in $(seq 600); do [ "$(established 11884)" -ge "$devices" ] && break; sleep 0.2; done
+  for _ in $(seq 600); do [ "$(established "$MOSQ_PORT")" -ge "$devices" ] && break; sleep 0.2; done
   stop_mosquitto
   start_mosquitto
   mup=$(date +%s.%N); mback=""
   for _ in $(seq 1200); do
-    if [ "$(established 11884)" -ge "$devices" ]; then mback=$(date +%s.%N); break; fi
+    if [ "$(established "$MOSQ_PORT")" -ge "$devices" ]; then mback=$(date +%s.%N); break; fi
     sleep 0.1
   done
   kill "$sim_pid"; wait "$sim_pid" || true
@@ -176,13 +189,13 @@ ota-download)
   head -c $((mib << 20)) /dev/urandom >"$work/fw.bin"
   start_fleetd FLEETD_OTA_MAX_DOWNLOADS="$downloads"
   id=$(curl -fs -X POST -H "Authorization: Bearer $(token)" --data-binary @"$work/fw.bin" \
-    "http://127.0.0.1:18080/api/v1/firmware?version=bench&models=gw-100" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
-  f=$("$bin/mqttload" download -url "http://127.0.0.1:18080/api/v1/firmware/$id/download" -token "$(token)" -n "$downloads")
+    "http://127.0.0.1:$HTTP_PORT/api/v1/firmware?version=bench&models=gw-100" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+  f=$("$bin/mqttload" download -url "http://127.0.0.1:$HTTP_PORT/api/v1/firmware/$id/download" -token "$(token)" -n "$downloads")
   stop_fleetd
-  "$bin/mqttload" fileserver -addr 127.0.0.1:18090 -file "$work/fw.bin" &
+  "$bin/mqttload" fileserver -addr 127.0.0.1:$FILE_PORT -file "$work/fw.bin" &
   fs_pid=$!
   sleep 0.5
-  m=$("$bin/mqttload" download -url "http://127.0.0.1:18090/fw.bin" -n "$downloads")
+  m=$("$bin/mqttload" download -url "http://127.0.0.1:$FILE_PORT/fw.bin" -n "$downloads")
   kill "$fs_pid"; wait "$fs_pid" 2>/dev/null || true
   { header "ota-download: $downloads concurrent ranged downloads of a $mib MiB image"
     echo "- fleetd (token check, ServeContent from the content-addressed file): \`$f\`"
@@ -194,12 +207,12 @@ connect-rate)
   seconds=${1:-30}; $smoke && seconds=2
   start_fleetd
   register 200 cr-
-  f=$("$bin/mqttload" connect-rate -addr 127.0.0.1:11883 -ids "$work/ids-fleetd.json" -duration "${seconds}s" -concurrency 64)
+  f=$("$bin/mqttload" connect-rate -addr 127.0.0.1:$MQTT_PORT -ids "$work/ids-fleetd.json" -duration "${seconds}s" -concurrency 64)
   sleep 1
-  written=$(curl -fs http://127.0.0.1:18080/metrics | awk '/^fleetd_events_written_total /{print $2}')
+  written=$(curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^fleetd_events_written_total /{print $2}')
   stop_fleetd
   start_mosquitto
-  m=$("$bin/mqttload" connect-rate -addr 127.0.0.1:11884 -ids "$work/ids-anon.json" -duration "${seconds}s" -concurrency 64)
+  m=$("$bin/mqttload" connect-rate -addr 127.0.0.1:$MOSQ_PORT -ids "$work/ids-anon.json" -duration "${seconds}s" -concurrency 64)
   stop_mosquitto
   { header "connect-rate: ${seconds}s, 64 parallel clients, 200 device ids"
     echo "- fleetd (token auth, events committed): \`$f\`; events written to PostgreSQL: $written (a connect and a disconnect per session)"
@@ -211,10 +224,10 @@ offline-detection)
   devices=${1:-200}; keepalive=${2:-5}; $smoke && devices=5 && keepalive=1
   start_fleetd
   register "$devices" od-
-  f=$("$bin/mqttload" freeze -addr 127.0.0.1:11883 -ids "$work/ids-fleetd.json" -keepalive "$keepalive" -events-api http://127.0.0.1:18080 -token "$(token)")
+  f=$("$bin/mqttload" freeze -addr 127.0.0.1:$MQTT_PORT -ids "$work/ids-fleetd.json" -keepalive "$keepalive" -events-api http://127.0.0.1:$HTTP_PORT -token "$(token)")
   stop_fleetd
   start_mosquitto
-  m=$("$bin/mqttload" freeze -addr 127.0.0.1:11884 -ids "$work/ids-anon.json" -keepalive "$keepalive" -watch-will)
+  m=$("$bin/mqttload" freeze -addr 127.0.0.1:$MOSQ_PORT -ids "$work/ids-anon.json" -keepalive "$keepalive" -watch-will)
   stop_mosquitto
   { header "offline-detection: $devices frozen devices, keepalive ${keepalive}s"
     echo "- fleetd, silence to the keepalive_timeout event (committed within the 50 ms flush): \`$f\`"
@@ -227,14 +240,14 @@ per-message)
   start_fleetd
   register 100 pm-
   before=$(cpu_ticks "$fleetd_pid")
-  f=$("$bin/mqttload" publish -addr 127.0.0.1:11883 -ids "$work/ids-fleetd.json" -rate "$rate" -duration "${seconds}s")
+  f=$("$bin/mqttload" publish -addr 127.0.0.1:$MQTT_PORT -ids "$work/ids-fleetd.json" -rate "$rate" -duration "${seconds}s")
   after=$(cpu_ticks "$fleetd_pid")
   fmsgs=$(echo "$f" | sed -n 's/.*"messages":\([0-9]*\).*/\1/p')
   fus=$(( (after - before) * 1000000 / $(getconf CLK_TCK) / (fmsgs > 0 ? fmsgs : 1) ))
   stop_fleetd
   start_mosquitto
   before=$(cpu_ticks "$mosq_pid")
-  m=$("$bin/mqttload" publish -addr 127.0.0.1:11884 -ids "$work/ids-anon.json" -rate "$rate" -duration "${seconds}s")
+  m=$("$bin/mqttload" publish -addr 127.0.0.1:$MOSQ_PORT -ids "$work/ids-anon.json" -rate "$rate" -duration "${seconds}s")
   after=$(cpu_ticks "$mosq_pid")
   mmsgs=$(echo "$m" | sed -n 's/.*"messages":\([0-9]*\).*/\1/p')
   mus=$(( (after - before) * 1000000 / $(getconf CLK_TCK) / (mmsgs > 0 ? mmsgs : 1) ))
@@ -261,7 +274,7 @@ idle-connections|fleetsim-scale)
   start_fleetd
   base_rss=$(rss_kib "$fleetd_pid")
   cat >"$work/fleet.yaml" <<YAML
-server: {mqtt: "tcp://127.0.0.1:11883", api: "http://127.0.0.1:18080", admin_token_file: "$work/data/admin-token"}
+server: {mqtt: "tcp://127.0.0.1:$MQTT_PORT", api: "http://127.0.0.1:$HTTP_PORT", admin_token_file: "$work/data/admin-token"}
 run: {duration: ${seconds}s, ramp: 2000, register: true, progress: 5s, source_addrs: [127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4]}
 cohorts:
   - {name: idle, count: $devices, model: gw-100, firmware: 1.2.0, keepalive: 300s}
@@ -275,7 +288,7 @@ YAML
     f=$(rss_kib "$fleetd_pid" 2>/dev/null || echo 0); s=$(rss_kib "$sim_pid" 2>/dev/null || echo 0)
     [ "$f" -gt "$peak_f" ] && peak_f=$f
     [ "$s" -gt "$peak_s" ] && peak_s=$s
-    online=$(curl -fs http://127.0.0.1:18080/metrics | awk '/^fleetd_mqtt_sessions /{print $2}')
+    online=$(curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^fleetd_mqtt_sessions /{print $2}')
     online=${online:-0}
     [ "$online" -gt "$peak_online" ] && peak_online=$online
     [ "$online" = "$devices" ] && held_f=$f && held_s=$s
@@ -292,7 +305,7 @@ YAML
   for i in $(seq 0 $((devices - 1))); do [ "$i" -gt 0 ] && echo "," >>"$work/tokens.json"; printf '"idle-%s":"x"' "$i" >>"$work/tokens.json"; done
   echo "}" >>"$work/tokens.json"
   cat >"$work/fleet-mosq.yaml" <<YAML
-server: {mqtt: "tcp://127.0.0.1:11884"}
+server: {mqtt: "tcp://127.0.0.1:$MOSQ_PORT"}
 run: {duration: ${seconds}s, ramp: 2000, tokens_file: "$work/tokens.json", source_addrs: [127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4]}
 cohorts:
   - {name: idle, count: $devices, model: gw-100, firmware: 1.2.0, keepalive: 300s}
