@@ -667,8 +667,9 @@ func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, n in
 	}
 	rows.Close()
 	var out []pendingSend
+	arts := artifactCache{}
 	for _, p := range ps {
-		job, err := c.job(ctx, tx, camp, p.id, p.from, rolling)
+		job, err := c.job(ctx, tx, camp, p.id, p.from, rolling, arts)
 		if err != nil {
 			// No artifact to roll back to: the job fails at once, with the reason.
 			if _, uerr := tx.Exec(ctx, `UPDATE campaign_devices SET rollback_state = 'failed', finished_at = now(), error = $3
@@ -682,24 +683,35 @@ func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, n in
 	return out, nil
 }
 
+// artifactCache holds the artifacts of one dispatch batch, so that a batch
+// of a thousand jobs for one image costs one lookup, not a thousand.
+type artifactCache map[string]Artifact
+
 // job builds a device's job: the target artifact, or for a rollback the
 // artifact of the version the device ran before.
-func (c *Campaigns) job(ctx context.Context, tx pgx.Tx, camp Campaign, deviceID, from string, rolling bool) (Job, error) {
-	var art Artifact
-	var err error
+func (c *Campaigns) job(ctx context.Context, tx pgx.Tx, camp Campaign, deviceID, from string, rolling bool, arts artifactCache) (Job, error) {
 	jobID := camp.ID + ":" + deviceID
+	key := camp.FirmwareID
+	var model string
 	if rolling {
-		var model string
 		if err := tx.QueryRow(ctx, `SELECT model FROM devices WHERE id = $1`, deviceID).Scan(&model); err != nil {
 			return Job{}, err
 		}
-		art, err = c.artifacts.ForModel(ctx, model, from)
+		key = model + "\x00" + from
 		jobID += ":rollback"
-	} else {
-		art, err = c.artifacts.Get(ctx, camp.FirmwareID)
 	}
-	if err != nil {
-		return Job{}, err
+	art, ok := arts[key]
+	if !ok {
+		var err error
+		if rolling {
+			art, err = c.artifacts.ForModel(ctx, model, from)
+		} else {
+			art, err = c.artifacts.Get(ctx, camp.FirmwareID)
+		}
+		if err != nil {
+			return Job{}, err
+		}
+		arts[key] = art
 	}
 	exp := c.now().Add(time.Duration(camp.DeviceTimeout) + time.Hour)
 	return Job{JobID: jobID, CampaignID: camp.ID, Version: art.Version, SHA256: art.SHA256, Size: art.Size, Signature: art.Signature,
@@ -778,7 +790,7 @@ func (c *Campaigns) handleNote(ctx context.Context, n deviceNote) {
 				if err != nil {
 					return err
 				}
-				job, err := c.job(ctx, tx, camp, n.deviceID, u.from, u.rolling)
+				job, err := c.job(ctx, tx, camp, n.deviceID, u.from, u.rolling, artifactCache{})
 				if err != nil {
 					return err
 				}

@@ -63,10 +63,7 @@ func BenchmarkIngestCopy(b *testing.B) {
 	for b.Loop() {
 		events := ingestEvents(ingestBatch, time.Now())
 		_, err := pool.CopyFrom(ctx, pgx.Identifier{"device_events"}, eventColumns, pgx.CopyFromSlice(len(events), func(i int) ([]any, error) {
-			e := &events[i]
-			return []any{[16]byte(e.ID), e.DeviceID, e.At, string(e.Kind), string(e.Reason), e.Detail, e.Firmware, e.Model,
-				e.SessionEpoch, int16(e.ProtocolVersion), int32(e.KeepaliveRequested), int32(e.KeepaliveEffective), e.CleanStart,
-				e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, int32(e.Pings), int32(e.IdleMillis)}, nil
+			return eventRow(&events[i]), nil
 		}))
 		if err != nil {
 			b.Fatal(err)

@@ -201,6 +201,13 @@ var eventColumns = []string{"id", "device_id", "at", "kind", "reason", "detail",
 	"session_epoch", "protocol_version", "keepalive_requested", "keepalive_effective", "clean_start",
 	"remote_addr", "tls_version", "listener", "broker_node", "pings", "idle_ms"}
 
+// eventRow is an event as the values of eventColumns.
+func eventRow(e *Event) []any {
+	return []any{[16]byte(e.ID), e.DeviceID, e.At, string(e.Kind), string(e.Reason), e.Detail, e.Firmware, e.Model,
+		e.SessionEpoch, int16(e.ProtocolVersion), int32(e.KeepaliveRequested), int32(e.KeepaliveEffective), e.CleanStart,
+		e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, int32(e.Pings), int32(e.IdleMillis)}
+}
+
 // writeEvents stores a batch of events and applies their effect on presence,
 // in one transaction. Events are copied into a temporary table and inserted
 // with ON CONFLICT DO NOTHING, so writing a batch twice (a replay after an
@@ -212,10 +219,7 @@ func (s *Store) writeEvents(ctx context.Context, events []Event) error {
 			return fmt.Errorf("prepare event copy: %w", err)
 		}
 		_, err := tx.CopyFrom(ctx, pgx.Identifier{"device_events_in"}, eventColumns, pgx.CopyFromSlice(len(events), func(i int) ([]any, error) {
-			e := &events[i]
-			return []any{[16]byte(e.ID), e.DeviceID, e.At, string(e.Kind), string(e.Reason), e.Detail, e.Firmware, e.Model,
-				e.SessionEpoch, int16(e.ProtocolVersion), int32(e.KeepaliveRequested), int32(e.KeepaliveEffective), e.CleanStart,
-				e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, int32(e.Pings), int32(e.IdleMillis)}, nil
+			return eventRow(&events[i]), nil
 		}))
 		if err != nil {
 			return fmt.Errorf("copy events: %w", err)
