@@ -56,11 +56,9 @@ func (l *lifecycle) stop(timeout time.Duration) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	registered := map[string]bool{}
-	for _, s := range l.steps {
-		registered[s.name] = true
-	}
-	if !registered["http server"] {
+	// Start-up failed half way: components whose ordered stop step was not
+	// registered yet are stopped by their fallbacks.
+	if !l.started.Load() {
 		for _, f := range l.first {
 			f()
 		}
