@@ -144,7 +144,22 @@ type Campaign struct {
 	// the soak started; nil while the stage is still running.
 	StageDoneAt *time.Time `json:"stage_done_at,omitempty"`
 	Total       int        `json:"total"` // devices selected for the whole campaign (fixed at start)
+	// PacedUntil is the pacing schedule: the time at which the next job is
+	// due when jobs go out at exactly DevicesPerMinute. Start and resume set
+	// it to the current time; each paced batch moves it on by one interval
+	// per job. Zero means "now".
+	PacedUntil time.Time `json:"-"`
 }
+
+// PacingCatchUp is how far a campaign's pacing schedule may lag behind the
+// clock and still be caught up: a step that comes late (a slow database, a
+// busy machine) sends the jobs it missed, up to this much time's worth, in
+// one batch. Anything older is forgiven, not sent as a burst, which is also
+// what keeps a campaign held by max_concurrent from storming once devices
+// finish (their batches are capped by max_concurrent anyway). Campaigns must
+// be stepped well within this (fleetd's -campaign-interval is at most 2 s)
+// or pacing falls short of the rate.
+const PacingCatchUp = 5 * time.Second
 
 // StageStats is what the dispatcher counted for the current stage (and, for
 // rollback, for the rollback jobs).
@@ -158,9 +173,7 @@ type StageStats struct {
 	// NotBackOnline counts the finished devices that did not come back
 	// online on the target version within the device timeout (typically a
 	// subset of TimedOut).
-	NotBackOnline        int
-	DispatchedLastMinute int // jobs sent in the last 60 s (pacing)
-	DispatchedLastSecond int // jobs sent in the last second (pacing spreads the minute's budget)
+	NotBackOnline int
 	// UpgradedDisconnectsPerHour is the disconnects per device-hour of the
 	// devices this campaign upgraded so far, counted from when each came
 	// back online on the target version (the install reboot is not a
@@ -193,6 +206,10 @@ const (
 type Decision struct {
 	Action   Action `json:"action"`
 	Dispatch int    `json:"dispatch,omitempty"` // how many jobs to send now (ActionDispatch)
+	// PacedUntil is the campaign's new pacing schedule after this batch
+	// (ActionDispatch under devices_per_minute); the dispatcher stores it
+	// with the batch.
+	PacedUntil time.Time `json:"-"`
 	// Gate is the breached gate for ActionPause/ActionAbort, and the
 	// failure-rate gate's passing numbers for ActionAdvance/ActionComplete.
 	Gate   *GateResult `json:"gate,omitempty"`
@@ -387,9 +404,14 @@ func SelectDevices(campaignID string, ids []string) []string {
 //     GateAction is "pause" or empty, ActionAbort when it is "abort", with
 //     Gate set. Gates stay watched during the soak.
 //   - No breach and Pending > 0: the budget is Pending, capped by
-//     MaxConcurrent − InFlight (when MaxConcurrent > 0) and by
-//     DevicesPerMinute − DispatchedLastMinute and ⌈DevicesPerMinute/60⌉ −
-//     DispatchedLastSecond (when DevicesPerMinute > 0).
+//     MaxConcurrent − InFlight (when MaxConcurrent > 0) and, when
+//     DevicesPerMinute > 0, by the pacing schedule: jobs are due one
+//     interval (a minute / DevicesPerMinute) apart from PacedUntil, moved up
+//     to now − PacingCatchUp if it lags further; every job due by now may go,
+//     and Decision.PacedUntil is the schedule after them. So the long-run
+//     rate is exactly DevicesPerMinute however often the campaign is stepped
+//     (up to PacingCatchUp apart), and no batch is larger than
+//     PacingCatchUp's worth of jobs plus one.
 //     A positive budget gives ActionDispatch with Dispatch = budget, else
 //     ActionWait naming the pacing limit that holds.
 //   - Nothing pending and InFlight > 0: ActionWait.
@@ -410,7 +432,7 @@ func (c Campaign) Next(s StageStats, now time.Time) Decision {
 	switch c.State {
 	case StateRunning:
 	case StateRollingBack:
-		return c.nextRollback(s)
+		return c.nextRollback(s, now)
 	case StateDraft:
 		return Decision{Action: ActionWait, Reason: "campaign is a draft and has not been started"}
 	case StatePaused, StateAborted, StateCompleted, StateRolledBack:
@@ -438,7 +460,7 @@ func (c Campaign) Next(s StageStats, now time.Time) Decision {
 	}
 
 	if s.Pending > 0 {
-		return pacedDispatch(c.Pacing, s, name)
+		return c.pacedDispatch(s, now, name)
 	}
 	if s.InFlight > 0 {
 		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: waiting for %s to finish", name, countNoun(s.InFlight, "device"))}
@@ -481,9 +503,9 @@ func (c Campaign) Next(s StageStats, now time.Time) Decision {
 
 // nextRollback dispatches the rollback jobs with the campaign's pacing and
 // reports ActionRolledBack once none is pending or in flight.
-func (c Campaign) nextRollback(s StageStats) Decision {
+func (c Campaign) nextRollback(s StageStats, now time.Time) Decision {
 	if s.Pending > 0 {
-		return pacedDispatch(c.Pacing, s, "rollback")
+		return c.pacedDispatch(s, now, "rollback")
 	}
 	if s.InFlight > 0 {
 		return Decision{Action: ActionWait, Reason: fmt.Sprintf("rollback: waiting for %s to finish", countNoun(s.InFlight, "device"))}
@@ -493,44 +515,46 @@ func (c Campaign) nextRollback(s StageStats) Decision {
 
 // pacedDispatch sizes the next batch under the pacing limits; what says whose
 // jobs they are ("stage 1 \"canary\"", "rollback").
-func pacedDispatch(p Pacing, s StageStats, what string) Decision {
+func (c Campaign) pacedDispatch(s StageStats, now time.Time, what string) Decision {
+	p := c.Pacing
 	budget := s.Pending
-	concurrency, rate := s.Pending, s.Pending
-	if p.MaxConcurrent > 0 {
-		concurrency = p.MaxConcurrent - s.InFlight
-		budget = min(budget, concurrency)
+	var limit string // the limit that holds the batch below what is pending
+	if p.MaxConcurrent > 0 && p.MaxConcurrent-s.InFlight < budget {
+		budget = p.MaxConcurrent - s.InFlight
+		limit = fmt.Sprintf("%d in flight of max_concurrent %d", s.InFlight, p.MaxConcurrent)
 	}
-	perSecond := 0
+	var interval time.Duration
+	due := c.PacedUntil
 	if p.DevicesPerMinute > 0 {
-		rate = p.DevicesPerMinute - s.DispatchedLastMinute
-		// Spread the minute's budget over its seconds: sending a whole
-		// minute's worth at once is the reconnect and download storm pacing
-		// exists to prevent.
-		perSecond = (p.DevicesPerMinute + 59) / 60
-		rate = min(rate, perSecond-s.DispatchedLastSecond)
-		budget = min(budget, rate)
-	}
-	// Name only the limits that hold the batch below what is pending.
-	var limits []string
-	if budget < s.Pending && concurrency == budget {
-		limits = append(limits, fmt.Sprintf("%d in flight of max_concurrent %d", s.InFlight, p.MaxConcurrent))
-	}
-	if budget < s.Pending && rate == budget {
-		if p.DevicesPerMinute-s.DispatchedLastMinute <= perSecond-s.DispatchedLastSecond {
-			limits = append(limits, fmt.Sprintf("%d sent in the last minute of devices_per_minute %d", s.DispatchedLastMinute, p.DevicesPerMinute))
-		} else {
-			limits = append(limits, fmt.Sprintf("%d sent in the last second of %d a second (devices_per_minute %d spread over the minute)",
-				s.DispatchedLastSecond, perSecond, p.DevicesPerMinute))
+		interval = time.Minute / time.Duration(p.DevicesPerMinute)
+		if floor := now.Add(-PacingCatchUp); due.IsZero() {
+			due = now
+		} else if due.Before(floor) {
+			due = floor
+		}
+		ready := 0
+		if !due.After(now) {
+			ready = int(now.Sub(due)/interval) + 1
+		}
+		if ready < budget {
+			budget = ready
+			limit = fmt.Sprintf("devices_per_minute %d, %s due now", p.DevicesPerMinute, countNoun(ready, "job"))
+			if ready == 0 {
+				limit = fmt.Sprintf("devices_per_minute %d, next job due at %s", p.DevicesPerMinute, due.UTC().Format("15:04:05.000"))
+			}
 		}
 	}
 	if budget <= 0 {
-		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: pacing: %s; %d pending", what, strings.Join(limits, ", "), s.Pending)}
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: pacing: %s; %d pending", what, limit, s.Pending)}
 	}
-	reason := fmt.Sprintf("%s: dispatching %s of %d pending", what, countNoun(budget, "job"), s.Pending)
-	if len(limits) > 0 {
-		reason += " (pacing: " + strings.Join(limits, ", ") + ")"
+	d := Decision{Action: ActionDispatch, Dispatch: budget, Reason: fmt.Sprintf("%s: dispatching %s of %d pending", what, countNoun(budget, "job"), s.Pending)}
+	if limit != "" {
+		d.Reason += " (pacing: " + limit + ")"
 	}
-	return Decision{Action: ActionDispatch, Dispatch: budget, Reason: reason}
+	if interval > 0 {
+		d.PacedUntil = due.Add(time.Duration(budget) * interval)
+	}
+	return d
 }
 
 // stageGates returns the stage's gate results in the order they are

@@ -114,53 +114,97 @@ func TestCampaignNext(t *testing.T) {
 			reason: []string{"dispatching 2 jobs of 30 pending", "1 in flight of max_concurrent 3"},
 		},
 		{
-			name:   "devices_per_minute caps dispatch",
-			edit:   func(c *Campaign) { c.Stage = 2; c.Pacing = Pacing{DevicesPerMinute: 600} },
-			stats:  StageStats{Targets: 40, Pending: 30, InFlight: 7, DispatchedLastMinute: 597, Succeeded: 3},
-			want:   Decision{Action: ActionDispatch, Dispatch: 3},
-			reason: []string{"dispatching 3 jobs of 30 pending", "597 sent in the last minute of devices_per_minute 600"},
+			name: "devices_per_minute sends the jobs due by now",
+			edit: func(c *Campaign) {
+				c.Stage = 2
+				c.Pacing = Pacing{DevicesPerMinute: 600}
+				c.PacedUntil = testNow.Add(-500 * time.Millisecond)
+			},
+			stats:  StageStats{Targets: 40, Pending: 30, InFlight: 7, Succeeded: 3},
+			want:   Decision{Action: ActionDispatch, Dispatch: 6, PacedUntil: testNow.Add(100 * time.Millisecond)},
+			reason: []string{"dispatching 6 jobs of 30 pending", "devices_per_minute 600, 6 jobs due now"},
 		},
 		{
-			name:   "devices_per_minute is spread over the minute",
+			name:   "a campaign without a schedule yet sends one job",
 			edit:   func(c *Campaign) { c.Stage = 2; c.Pacing = Pacing{DevicesPerMinute: 600} },
 			stats:  StageStats{Targets: 400, Pending: 300},
-			want:   Decision{Action: ActionDispatch, Dispatch: 10},
-			reason: []string{"dispatching 10 jobs of 300 pending", "10 a second (devices_per_minute 600 spread over the minute)"},
+			want:   Decision{Action: ActionDispatch, Dispatch: 1, PacedUntil: testNow.Add(100 * time.Millisecond)},
+			reason: []string{"dispatching 1 job of 300 pending", "1 job due now"},
 		},
 		{
-			name:   "this second's share sent waits",
-			edit:   func(c *Campaign) { c.Stage = 2; c.Pacing = Pacing{DevicesPerMinute: 600} },
-			stats:  StageStats{Targets: 400, Pending: 290, InFlight: 10, DispatchedLastMinute: 10, DispatchedLastSecond: 10},
+			name: "a schedule ahead of the clock waits",
+			edit: func(c *Campaign) {
+				c.Stage = 2
+				c.Pacing = Pacing{DevicesPerMinute: 600}
+				c.PacedUntil = testNow.Add(50 * time.Millisecond)
+			},
+			stats:  StageStats{Targets: 400, Pending: 290, InFlight: 10},
 			want:   Decision{Action: ActionWait},
-			reason: []string{"pacing", "10 sent in the last second of 10 a second"},
+			reason: []string{"pacing", "devices_per_minute 600, next job due at 03:04:05.050", "290 pending"},
 		},
 		{
-			name:  "a slow rate still sends one a second",
-			edit:  func(c *Campaign) { c.Stage = 2; c.Pacing = Pacing{DevicesPerMinute: 10} },
+			name: "a lag up to the catch-up window is made up in one batch",
+			edit: func(c *Campaign) {
+				c.Stage = 2
+				c.Pacing = Pacing{DevicesPerMinute: 600}
+				c.PacedUntil = testNow.Add(-1500 * time.Millisecond)
+			},
+			stats: StageStats{Targets: 400, Pending: 300},
+			want:  Decision{Action: ActionDispatch, Dispatch: 16, PacedUntil: testNow.Add(100 * time.Millisecond)},
+		},
+		{
+			name: "an older lag is forgiven, not sent as a burst",
+			edit: func(c *Campaign) {
+				c.Stage = 2
+				c.Pacing = Pacing{DevicesPerMinute: 600}
+				c.PacedUntil = testNow.Add(-time.Hour)
+			},
+			stats:  StageStats{Targets: 400, Pending: 300},
+			want:   Decision{Action: ActionDispatch, Dispatch: 51, PacedUntil: testNow.Add(100 * time.Millisecond)},
+			reason: []string{"51 jobs due now"},
+		},
+		{
+			name: "a slow rate sends one job per interval",
+			edit: func(c *Campaign) {
+				c.Stage = 2
+				c.Pacing = Pacing{DevicesPerMinute: 10}
+				c.PacedUntil = testNow.Add(-time.Second)
+			},
 			stats: StageStats{Targets: 40, Pending: 30},
-			want:  Decision{Action: ActionDispatch, Dispatch: 1},
+			want:  Decision{Action: ActionDispatch, Dispatch: 1, PacedUntil: testNow.Add(5 * time.Second)},
 		},
 		{
-			name:   "both caps, concurrency is tighter",
-			edit:   func(c *Campaign) { c.Stage = 2; c.Pacing = Pacing{DevicesPerMinute: 600, MaxConcurrent: 5} },
-			stats:  StageStats{Targets: 40, Pending: 30, InFlight: 3, DispatchedLastMinute: 2, Succeeded: 7},
-			want:   Decision{Action: ActionDispatch, Dispatch: 2},
+			name: "both caps, concurrency is tighter",
+			edit: func(c *Campaign) {
+				c.Stage = 2
+				c.Pacing = Pacing{DevicesPerMinute: 600, MaxConcurrent: 5}
+				c.PacedUntil = testNow.Add(-time.Second)
+			},
+			stats:  StageStats{Targets: 40, Pending: 30, InFlight: 3, Succeeded: 7},
+			want:   Decision{Action: ActionDispatch, Dispatch: 2, PacedUntil: testNow.Add(-800 * time.Millisecond)},
 			reason: []string{"dispatching 2 jobs", "max_concurrent 5"},
 			not:    []string{"devices_per_minute"},
 		},
 		{
-			name:   "both caps, rate is tighter",
-			edit:   func(c *Campaign) { c.Stage = 2; c.Pacing = Pacing{DevicesPerMinute: 600, MaxConcurrent: 20} },
-			stats:  StageStats{Targets: 40, Pending: 30, InFlight: 3, DispatchedLastMinute: 596, Succeeded: 7},
-			want:   Decision{Action: ActionDispatch, Dispatch: 4},
+			name: "both caps, rate is tighter",
+			edit: func(c *Campaign) {
+				c.Stage = 2
+				c.Pacing = Pacing{DevicesPerMinute: 600, MaxConcurrent: 20}
+				c.PacedUntil = testNow.Add(-300 * time.Millisecond)
+			},
+			stats:  StageStats{Targets: 40, Pending: 30, InFlight: 3, Succeeded: 7},
+			want:   Decision{Action: ActionDispatch, Dispatch: 4, PacedUntil: testNow.Add(100 * time.Millisecond)},
 			reason: []string{"dispatching 4 jobs", "devices_per_minute 600"},
 			not:    []string{"max_concurrent"},
 		},
 		{
-			name:  "caps above pending dispatch every pending job",
-			edit:  func(c *Campaign) { c.Pacing = Pacing{DevicesPerMinute: 6000, MaxConcurrent: 100} },
+			name: "caps above pending dispatch every pending job",
+			edit: func(c *Campaign) {
+				c.Pacing = Pacing{DevicesPerMinute: 6000, MaxConcurrent: 100}
+				c.PacedUntil = testNow.Add(-time.Second)
+			},
 			stats: StageStats{Targets: 5, Pending: 5},
-			want:  Decision{Action: ActionDispatch, Dispatch: 5},
+			want:  Decision{Action: ActionDispatch, Dispatch: 5, PacedUntil: testNow.Add(-950 * time.Millisecond)},
 			not:   []string{"pacing"},
 		},
 		{
@@ -169,13 +213,6 @@ func TestCampaignNext(t *testing.T) {
 			stats:  StageStats{Targets: 40, Pending: 30, InFlight: 3, Succeeded: 7},
 			want:   Decision{Action: ActionWait},
 			reason: []string{"pacing", "3 in flight of max_concurrent 3", "30 pending"},
-		},
-		{
-			name:   "devices_per_minute reached waits",
-			edit:   func(c *Campaign) { c.Stage = 2; c.Pacing = Pacing{DevicesPerMinute: 10} },
-			stats:  StageStats{Targets: 40, Pending: 30, InFlight: 2, DispatchedLastMinute: 12, Succeeded: 8},
-			want:   Decision{Action: ActionWait},
-			reason: []string{"pacing", "12 sent in the last minute of devices_per_minute 10"},
 		},
 		{
 			name:   "nothing pending, devices in flight waits",
@@ -431,9 +468,13 @@ func TestCampaignNext(t *testing.T) {
 			want:  Decision{Action: ActionDispatch, Dispatch: 5},
 		},
 		{
-			name:   "rollback paced out waits",
-			edit:   func(c *Campaign) { c.State = StateRollingBack; c.Pacing = Pacing{DevicesPerMinute: 5} },
-			stats:  StageStats{Targets: 10, Pending: 5, InFlight: 5, DispatchedLastMinute: 5},
+			name: "rollback paced out waits",
+			edit: func(c *Campaign) {
+				c.State = StateRollingBack
+				c.Pacing = Pacing{DevicesPerMinute: 5}
+				c.PacedUntil = testNow.Add(time.Second)
+			},
+			stats:  StageStats{Targets: 10, Pending: 5, InFlight: 5},
 			want:   Decision{Action: ActionWait},
 			reason: []string{"rollback: pacing"},
 		},
@@ -532,6 +573,52 @@ func TestCampaignNextWalk(t *testing.T) {
 	}
 	if got, want := now.Sub(testNow), 3*time.Hour; got != want {
 		t.Errorf("campaign took %s of soak, want %s", got, want)
+	}
+}
+
+// TestPacingHoldsTheRate steps a paced campaign the way the dispatcher does,
+// at several step intervals with jitter and an occasional stalled step, and
+// checks that the jobs go out at the configured rate (within one job per
+// step of rounding) and never in a batch larger than the catch-up window.
+func TestPacingHoldsTheRate(t *testing.T) {
+	for _, tc := range []struct {
+		perMinute int
+		step      time.Duration
+	}{
+		{60, time.Second}, {600, 250 * time.Millisecond}, {6000, time.Second}, {6000, 100 * time.Millisecond},
+		{60000, time.Second}, {100000, 700 * time.Millisecond}, {7, 300 * time.Millisecond},
+	} {
+		t.Run(fmt.Sprintf("%d a minute, step %s", tc.perMinute, tc.step), func(t *testing.T) {
+			c := testCampaign()
+			c.Stage = 3
+			c.Pacing = Pacing{DevicesPerMinute: tc.perMinute}
+			c.PacedUntil = testNow
+			const run = 10 * time.Minute
+			maxBatch := int(PacingCatchUp*time.Duration(tc.perMinute)/time.Minute) + 1
+			now, sent := testNow, 0
+			for step := 0; now.Before(testNow.Add(run)); step++ {
+				d := c.Next(StageStats{Targets: 1 << 30, Pending: 1<<30 - sent}, now)
+				if d.Action == ActionDispatch {
+					if d.Dispatch > maxBatch {
+						t.Fatalf("step %d sent %d jobs at once; the catch-up window allows %d", step, d.Dispatch, maxBatch)
+					}
+					sent += d.Dispatch
+					c.PacedUntil = d.PacedUntil
+				} else if d.Action != ActionWait {
+					t.Fatalf("step %d: %+v", step, d)
+				}
+				// The ticker's jitter, and every 50th step a stall of 2.5 s
+				// (a slow transaction) that the schedule must make up.
+				now = now.Add(tc.step + time.Duration(step%7)*time.Millisecond)
+				if step%50 == 49 {
+					now = now.Add(2500 * time.Millisecond)
+				}
+			}
+			want := float64(tc.perMinute) * now.Sub(testNow).Minutes()
+			if dev := (float64(sent) - want) / want; dev < -0.01 || dev > 0.01 {
+				t.Errorf("sent %d jobs in %s, want %.0f (%+.2f%%)", sent, now.Sub(testNow), want, 100*dev)
+			}
+		})
 	}
 }
 

@@ -188,12 +188,16 @@ func load(ctx context.Context, q pgx.Tx, id string, lock string) (Campaign, Spec
 	var camp Campaign
 	var spec Spec
 	var state string
-	err := q.QueryRow(ctx, `SELECT id, name, firmware_id, version, spec, state, stage, stage_done_at, total FROM campaigns WHERE id = $1 `+lock, id).
-		Scan(&camp.ID, &camp.Name, &camp.FirmwareID, &camp.Version, &spec, &state, &camp.Stage, &camp.StageDoneAt, &camp.Total)
+	var pacedUntil *time.Time
+	err := q.QueryRow(ctx, `SELECT id, name, firmware_id, version, spec, state, stage, stage_done_at, total, paced_until FROM campaigns WHERE id = $1 `+lock, id).
+		Scan(&camp.ID, &camp.Name, &camp.FirmwareID, &camp.Version, &spec, &state, &camp.Stage, &camp.StageDoneAt, &camp.Total, &pacedUntil)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return camp, spec, fmt.Errorf("campaign %s: %w", id, ErrNotFound)
 	}
 	camp.State = CampaignState(state)
+	if pacedUntil != nil {
+		camp.PacedUntil = *pacedUntil
+	}
 	camp.Stages, camp.Pacing, camp.DeviceTimeout, camp.GateAction = spec.Stages, spec.Pacing, spec.DeviceTimeout, spec.GateAction
 	return camp, spec, err
 }
@@ -356,7 +360,7 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 			if _, err := tx.Exec(ctx, `UPDATE campaign_devices SET stage = 0 WHERE campaign_id = $1 AND position < $2`, id, first); err != nil {
 				return err
 			}
-			if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = 'running', total = $2, stage = 0, stage_done_at = NULL, updated_at = now() WHERE id = $1`, id, total); err != nil {
+			if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = 'running', total = $2, stage = 0, stage_done_at = NULL, paced_until = $3, updated_at = now() WHERE id = $1`, id, total, c.now()); err != nil {
 				return err
 			}
 			detail["devices"], detail["first_stage"] = total, first
@@ -377,7 +381,8 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 			if rolling > 0 {
 				next = "rolling_back"
 			}
-			if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = $2, updated_at = now() WHERE id = $1`, id, next); err != nil {
+			// Pacing starts afresh: the time spent paused is not owed as a burst.
+			if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = $2, paced_until = $3, updated_at = now() WHERE id = $1`, id, next, c.now()); err != nil {
 				return err
 			}
 		case "abort":
@@ -537,6 +542,11 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 		d := camp.Next(stats, now)
 		switch d.Action {
 		case ActionDispatch:
+			if !d.PacedUntil.IsZero() {
+				if _, err := tx.Exec(ctx, `UPDATE campaigns SET paced_until = $2 WHERE id = $1`, id, d.PacedUntil); err != nil {
+					return err
+				}
+			}
 			sends, err = c.dispatch(ctx, tx, camp, d.Dispatch, rolling)
 			return err
 		case ActionSoak:
@@ -601,11 +611,6 @@ func stageStats(ctx context.Context, tx pgx.Tx, camp Campaign, rolling bool) (St
 		return s, err
 	}
 	s.NotBackOnline = s.TimedOut
-	if err := tx.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE dispatched_at > clock_timestamp() - interval '1 second')
-		FROM campaign_devices WHERE campaign_id = $1 AND dispatched_at > now() - interval '1 minute'`, camp.ID).
-		Scan(&s.DispatchedLastMinute, &s.DispatchedLastSecond); err != nil {
-		return s, err
-	}
 	if rolling {
 		return s, nil
 	}

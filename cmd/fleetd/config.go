@@ -252,8 +252,10 @@ func (c *Config) validate() error {
 	if c.OTAMaxDownloads < 1 {
 		bad("ota-max-downloads", "must be at least 1")
 	}
-	if c.CampaignInterval < 100*time.Millisecond {
-		bad("campaign-interval", "must be at least 100ms")
+	if c.CampaignInterval < 100*time.Millisecond || c.CampaignInterval > 2*time.Second {
+		// Above 2 s the pacing schedule (firmware.PacingCatchUp) could not
+		// make up a late step, and campaigns would run under their rate.
+		bad("campaign-interval", "must be between 100ms and 2s")
 	}
 	if c.AnalysisInterval < time.Second {
 		bad("analysis-interval", "must be at least 1s")

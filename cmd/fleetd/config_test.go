@@ -94,6 +94,7 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "tls without cert", args: []string{"-mqtt-tls-addr", ":8883"}, want: []string{"FLEETD_TLS_CERT_FILE", "FLEETD_TLS_KEY_FILE"}},
 		{name: "tiny max packet", args: []string{"-mqtt-max-packet", "10"}, want: []string{"FLEETD_MQTT_MAX_PACKET"}},
 		{name: "negative connect rate", args: []string{"-mqtt-connect-rate", "-1"}, want: []string{"FLEETD_MQTT_CONNECT_RATE"}},
+		{name: "campaign interval too long for pacing", args: []string{"-campaign-interval", "5s"}, want: []string{"FLEETD_CAMPAIGN_INTERVAL", "2s"}},
 		{name: "short pepper", env: map[string]string{"FLEETD_TOKEN_PEPPER": "abcd"}, want: []string{"FLEETD_TOKEN_PEPPER"}},
 		{name: "several problems at once", env: map[string]string{"FLEETD_LOG_FORMAT": "xml", "FLEETD_HTTP_ADDR": "nope"},
 			want: []string{"FLEETD_LOG_FORMAT", "FLEETD_HTTP_ADDR"}},
