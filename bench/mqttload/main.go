@@ -8,6 +8,7 @@
 //	mqttload publish      -addr A -ids FILE -rate R -duration D
 //	mqttload download     -url U [-token T] -n N      (N concurrent ranged GETs)
 //	mqttload fileserver   -addr A -file F              (the peer of downloads)
+//	mqttload campaign-dispatch -api U -token T -dsn DSN -devices N -per-minute R
 //
 // -ids is a JSON object of client id → password ("" for anonymous brokers).
 // Each mode prints one JSON result line.
@@ -48,6 +49,10 @@ func main() {
 	url := fs.String("url", "", "download: the image's URL")
 	n := fs.Int("n", 1000, "download: concurrent downloads")
 	file := fs.String("file", "", "fileserver: the file to serve")
+	api := fs.String("api", "", "campaign-dispatch: fleetd's base URL")
+	dsn := fs.String("dsn", "", "campaign-dispatch: fleetd's database, to register devices and read dispatch times")
+	devices := fs.Int("devices", 100000, "campaign-dispatch: devices to register and upgrade")
+	perMinute := fs.Int("per-minute", 60000, "campaign-dispatch: the campaign's devices_per_minute")
 	fs.Parse(os.Args[2:])
 	switch os.Args[1] {
 	case "download":
@@ -55,6 +60,13 @@ func main() {
 		return
 	case "fileserver":
 		serveFile(*addr, *file)
+		return
+	case "campaign-dispatch":
+		res, err := campaignDispatch(*api, *token, *dsn, *devices, *perMinute)
+		if err != nil {
+			fail(err)
+		}
+		json.NewEncoder(os.Stdout).Encode(res)
 		return
 	}
 	host, _, err := net.SplitHostPort(*addr)
