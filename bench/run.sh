@@ -13,10 +13,11 @@
 #       and to Mosquitto's delivery of their wills.
 #   bench/run.sh per-message [SECONDS] [RATE]
 #       broker CPU time per QoS 0 telemetry message at RATE messages/s, fleetd vs Mosquitto.
-#   bench/run.sh reconnect-storm [DEVICES]
-#       fleetd restarted under DEVICES connected devices (backoff with jitter): time until all are
-#       back online against 2 x (DEVICES / connect rate), memory overshoot, connect events
-#       written; the same for Mosquitto.
+#   bench/run.sh reconnect-storm [DEVICES] [RETRY]
+#       fleetd restarted under DEVICES connected devices (raw MQTT, token auth) that each retry
+#       every ~RETRY (default 100ms, jittered) until admitted: time until all are back online
+#       against 2 x (DEVICES / connect rate), memory overshoot, connect events written; the same
+#       for Mosquitto. STORM_RATE=N sets fleetd's connect rate (default 5000/s).
 #   bench/run.sh ota-download [DOWNLOADS] [MIB]
 #       DOWNLOADS concurrent ranged downloads of a MIB image from fleetd (token-authorised,
 #       http.ServeContent) against a plain Go file server.
@@ -33,7 +34,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=${1:-}
-[ -n "$name" ] || { sed -n '2,33p' "$0"; exit 2; }
+[ -n "$name" ] || { sed -n '2,34p' "$0"; exit 2; }
 shift
 smoke=false
 if [ "${!#:-}" = "--smoke" ]; then smoke=true; set -- "${@:1:$(($#-1))}"; fi
@@ -129,62 +130,69 @@ header() {
 }
 
 sessions() { curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^fleetd_mqtt_sessions /{print $2}'; }
+# go_mem: the Go runtime's own view of fleetd's memory, in MiB.
+go_mem() {
+  curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^go_memstats_heap_inuse_bytes /{h=$2} /^go_memstats_stack_inuse_bytes /{s=$2} /^go_memstats_heap_idle_bytes /{i=$2} /^go_memstats_heap_released_bytes /{r=$2}
+    END {printf "heap in use %.0f MiB, stacks %.0f MiB, idle heap not yet returned to the OS %.0f MiB", h/1048576, s/1048576, (i-r)/1048576}'
+}
 established() { ss -Htn state established "( sport = :$1 )" | wc -l; }
 
 case "$name" in
 reconnect-storm)
-  devices=${1:-15000}; $smoke && devices=100
-  rate=5000
+  devices=${1:-15000}; retry=${2:-100ms}; $smoke && devices=100
+  # since_restart RESULT READY: "all back online N s after it was ready (M s after the drop)".
+  since_restart() {
+    echo "$1" | awk -v up="$2" -v d="$devices" '{
+      match($0, /"back":[0-9]+/); n = substr($0, RSTART + 7, RLENGTH - 7)
+      match($0, /"all_back_unix_ms":[0-9]+/); all = substr($0, RSTART + 19, RLENGTH - 19) / 1000
+      match($0, /"first_drop_unix_ms":[0-9]+/); drop = substr($0, RSTART + 21, RLENGTH - 21) / 1000
+      if (n != d) print "not all back (" n " of " d ")"
+      else printf "all back online %.1f s after it was ready (%.1f s after the drop)", all - up, all - drop }'
+  }
+  rate=${STORM_RATE:-5000}
   start_fleetd FLEETD_MQTT_CONNECT_RATE=$rate FLEETD_MQTT_CONNECT_BURST=1000
-  cat >"$work/fleet.yaml" <<YAML
-server: {mqtt: "tcp://127.0.0.1:$MQTT_PORT", api: "http://127.0.0.1:$HTTP_PORT", admin_token_file: "$work/data/admin-token"}
-run: {duration: 600s, ramp: 2000, register: true, source_addrs: [127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4]}
-cohorts:
-  - {name: storm, count: $devices, model: gw-100, firmware: 1.2.0, keepalive: 300s}
-YAML
-  "$bin/fleetsim" run -f "$work/fleet.yaml" >/dev/null 2>"$work/fleetsim.err" &
-  sim_pid=$!
-  for _ in $(seq 600); do [ "$(sessions)" = "$devices" ] && break; sleep 0.2; done
-  steady=$(rss_kib "$fleetd_pid")
+  "$bin/mqttload" storm -addr 127.0.0.1:$MQTT_PORT -n "$devices" -api "http://127.0.0.1:$HTTP_PORT" -token "$(token)" \
+    -ready "$work/held" -retry "$retry" -duration 120s >"$work/storm.json" 2>"$work/storm.err" &
+  load_pid=$!
+  for _ in $(seq 1200); do [ -e "$work/held" ] && break; sleep 0.2; done
+  [ -e "$work/held" ] || { echo "the devices did not all connect"; cat "$work/storm.err"; exit 1; }
+  sleep 2
+  steady=$(rss_kib "$fleetd_pid"); steady_go=$(go_mem)
   kill -TERM "$fleetd_pid"; wait "$fleetd_pid" || true
   down=$(date +%s.%N)
   start_fleetd FLEETD_MQTT_CONNECT_RATE=$rate FLEETD_MQTT_CONNECT_BURST=1000
   up=$(date +%s.%N)
-  peak=0; back=""
-  for _ in $(seq 1200); do
+  peak=0
+  while [ ! -s "$work/storm.json" ] && kill -0 "$load_pid" 2>/dev/null; do
     r=$(rss_kib "$fleetd_pid"); [ "$r" -gt "$peak" ] && peak=$r
-    if [ "$(sessions)" = "$devices" ]; then back=$(date +%s.%N); break; fi
     sleep 0.1
   done
-  sleep 3
-  after=$(rss_kib "$fleetd_pid")
+  sleep 2
+  after=$(rss_kib "$fleetd_pid"); after_go=$(go_mem)
   written=$(curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^fleetd_events_written_total /{print $2}')
-  kill "$sim_pid"; wait "$sim_pid" || true
+  online=$(sessions)
+  kill "$load_pid"; wait "$load_pid" || true
   stop_fleetd
-  f_all=$(awk -v a="$back" -v b="$up" 'BEGIN { if (a == "") print "not all back"; else printf "%.1f s", a - b }')
+  f=$(cat "$work/storm.json")
+  f_all=$(since_restart "$f" "$up")
   f_over=$(( (peak - steady) * 100 / steady ))
-  # The peer: Mosquitto restarted under the same fleet.
+  # The peer: Mosquitto restarted under the same load (anonymous, no rate limit).
+  rm -f "$work/held"
   start_mosquitto
-  echo "{" >"$work/tokens.json"
-  for i in $(seq 0 $((devices - 1))); do [ "$i" -gt 0 ] && echo "," >>"$work/tokens.json"; printf '"storm-%s":"x"' "$i" >>"$work/tokens.json"; done
-  echo "}" >>"$work/tokens.json"
-  sed -e "s/:$MQTT_PORT/:$MOSQ_PORT/" -e 's/register: true/tokens_file: "'"${work//\//\\/}"'\/tokens.json"/' -e 's/, api: [^,]*, admin_token_file: [^}]*//' "$work/fleet.yaml" >"$work/fleet-mosq.yaml"
-  "$bin/fleetsim" run -f "$work/fleet-mosq.yaml" >/dev/null 2>"$work/fleetsim-mosq.err" &
-  sim_pid=$!
-  for _ in $(seq 600); do [ "$(established "$MOSQ_PORT")" -ge "$devices" ] && break; sleep 0.2; done
+  "$bin/mqttload" storm -addr 127.0.0.1:$MOSQ_PORT -n "$devices" -ready "$work/held" -retry "$retry" -duration 120s >"$work/storm-mosq.json" 2>"$work/storm-mosq.err" &
+  load_pid=$!
+  for _ in $(seq 1200); do [ -e "$work/held" ] && break; sleep 0.2; done
   stop_mosquitto
   start_mosquitto
-  mup=$(date +%s.%N); mback=""
-  for _ in $(seq 1200); do
-    if [ "$(established "$MOSQ_PORT")" -ge "$devices" ]; then mback=$(date +%s.%N); break; fi
-    sleep 0.1
-  done
-  kill "$sim_pid"; wait "$sim_pid" || true
+  mup=$(date +%s.%N)
+  while [ ! -s "$work/storm-mosq.json" ] && kill -0 "$load_pid" 2>/dev/null; do sleep 0.1; done
+  kill "$load_pid"; wait "$load_pid" || true
   stop_mosquitto
-  m_all=$(awk -v a="$mback" -v b="$mup" 'BEGIN { if (a == "") print "not all back"; else printf "%.1f s", a - b }')
-  { header "reconnect-storm: $devices devices reconnecting after a restart (connect rate $rate/s, burst 1000)"
-    echo "- fleetd: all back online $f_all after it was ready (down for $(awk -v a="$up" -v b="$down" 'BEGIN{printf "%.1f", a-b}') s); RSS ${steady} KiB before, peak ${peak} KiB during the storm (+${f_over} %), ${after} KiB after; events written after the restart: ${written:-0} (a connect and a birth per device: $((2 * devices)) expected)"
-    echo "- mosquitto 2.0 (peer, no rate limit): all back online $m_all after its restart"
+  m=$(cat "$work/storm-mosq.json")
+  m_all=$(since_restart "$m" "$mup")
+  { header "reconnect-storm: $devices devices reconnecting after a restart, each retrying every ~$retry (connect rate $rate/s, burst 1000)"
+    echo "- fleetd: $f_all; the new process was ready $(awk -v a="$up" -v b="$down" 'BEGIN{printf "%.1f", a-b}') s after the old one exited; RSS ${steady} KiB before ($steady_go), peak ${peak} KiB during the storm (+${f_over} %), ${after} KiB after ($after_go); sessions after: ${online}; events written after the restart: ${written:-0} ($devices connects + $(echo "$f" | sed -n 's/.*"refused":\([0-9]*\).*/\1/p') refusals expected); load generator: \`$f\`"
+    echo "- mosquitto 2.0 (peer, no rate limit): $m_all; \`$m\`"
     echo "- target: all online within 2 x ($devices / $rate) = $(awk -v n="$devices" -v r="$rate" 'BEGIN{printf "%.1f", 2*n/r}') s, memory overshoot <= 10 %, no crash, no lost event"
   } | tee -a "$results"
   ;;

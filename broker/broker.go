@@ -192,7 +192,7 @@ func New(cfg Config, reg Registry, events EventSink, logger *slog.Logger, regist
 			return nil, fmt.Errorf("listen on %s (set by %s): %w", spec.addr, spec.setting, err)
 		}
 		l := &listener{id: spec.id, ln: ln, tlsConfig: spec.tls, ws: spec.ws, connectTimeout: cfg.ConnectTimeout,
-			maxPacket: cfg.MaxPacket, log: logger, m: b.m, onHandshakeError: b.handshakeFailed}
+			maxPacket: cfg.MaxPacket, log: logger, m: b.m, onHandshakeError: b.handshakeFailed, throttle: b.throttle}
 		b.listeners = append(b.listeners, l)
 	}
 	return b, nil

@@ -377,8 +377,26 @@ func TestThrottled(t *testing.T) {
 	if got := dialRaw(t, g.addr("tcp")).connect(5, "one", "one", t1, 30); got != 0 {
 		t.Fatalf("first connect: 0x%02x", got)
 	}
-	if got := dialRaw(t, g.addr("tcp")).connect(5, "two", "two", t2, 30); got != 0x9F {
+	// Over the broker's rate the connection is answered before mochi sees
+	// it (Broker.throttle): the same codes, the event, then the socket closes.
+	c := dialRaw(t, g.addr("tcp"))
+	if got := c.connect(5, "two", "two", t2, 30); got != 0x9F {
 		t.Fatalf("over the broker rate: CONNACK 0x%02x, want 0x9F", got)
+	}
+	if err := c.closedWithin(time.Second); err != nil {
+		t.Fatalf("throttled connection: %v", err)
+	}
+	if got := dialRaw(t, g.addr("tcp")).connect(4, "two", "two", t2, 30); got != 0x03 {
+		t.Fatalf("v3 over the broker rate: CONNACK 0x%02x, want 0x03", got)
+	}
+	ev := g.waitEvent("two", 5*time.Second, isEvent(fleet.KindRefused, fleet.ReasonThrottled))
+	if ev.Detail != "broker connect rate exceeded" || ev.Listener != "tcp" || ev.RemoteAddr == "" || ev.ProtocolVersion == 0 {
+		t.Fatalf("throttled event %+v", ev)
+	}
+	// A throttled socket that never sends CONNECT is closed at the connect
+	// timeout (2 s here), not held.
+	if err := dialRaw(t, g.addr("tcp")).closedWithin(4 * time.Second); err != nil {
+		t.Fatalf("silent throttled connection: %v", err)
 	}
 }
 

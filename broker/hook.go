@@ -92,7 +92,7 @@ func connackCode(version byte, r refusal) packets.Code {
 	}
 }
 
-// OnConnect rate-limits, authenticates and authorises a CONNECT. A refusal
+// OnConnect rate-limits per device, authenticates and authorises a CONNECT. A refusal
 // sends the CONNACK code itself (mochi would close the socket silently),
 // records a "refused" event and returns an error so mochi ends the connection.
 func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) (err error) {
@@ -103,19 +103,12 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) (err error) {
 	refuse := func(reason fleet.Reason, r refusal, detail string) error {
 		code := connackCode(cl.Properties.ProtocolVersion, r)
 		_ = b.srv.SendConnack(cl, code, false, nil)
-		now := time.Now()
-		b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: id, At: now, Kind: fleet.KindRefused, Reason: reason,
-			Detail: detail, ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion), KeepaliveRequested: int(pk.Connect.Keepalive),
-			CleanStart: pk.Connect.Clean, RemoteAddr: cl.Net.Remote, TLSVersion: tlsVersion(wire), Listener: cl.Net.Listener, BrokerNode: b.cfg.Node})
-		b.m.connects.WithLabelValues(string(reason)).Inc()
-		b.log.Info("connection refused", "device_id", id, "reason", reason, "detail", detail, "remote", cl.Net.Remote,
-			"listener", cl.Net.Listener, "connack", fmt.Sprintf("0x%02x", code.Code))
+		b.recordRefusal(pk, cl.Net.Listener, wire, reason, detail, code)
 		return code
 	}
 
-	if !b.limits.allowGlobal() {
-		return refuse(fleet.ReasonThrottled, refuseRateLimited, "broker connect rate exceeded")
-	}
+	// The broker-wide connect rate was checked before mochi saw the
+	// connection (Broker.throttle).
 	if id == "" {
 		return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, "empty client id: the client id must be the device id")
 	}

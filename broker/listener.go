@@ -35,6 +35,9 @@ type listener struct {
 	m              *metrics
 	// onHandshakeError reports a failed TLS handshake.
 	onHandshakeError func(remote string, f *handshakeFailure)
+	// throttle answers a connection the connect rate has no room for, and
+	// then reports true (Broker.throttle).
+	throttle func(listener string, w *wireConn) bool
 
 	serving atomic.Bool
 	closed  atomic.Bool
@@ -109,6 +112,9 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 }
 
 func (l *listener) establish(w *wireConn, establish listeners.EstablishFn) {
+	if l.throttle != nil && l.throttle(l.id, w) {
+		return
+	}
 	err := establish(l.id, w)
 	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && !w.accepted.Load() {
 		l.m.connectTimeouts.Inc()

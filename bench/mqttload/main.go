@@ -9,6 +9,7 @@
 //	mqttload download     -url U [-token T] -n N      (N concurrent ranged GETs)
 //	mqttload fileserver   -addr A -file F              (the peer of downloads)
 //	mqttload campaign-dispatch -api U -token T -dsn DSN -devices N -per-minute R
+//	mqttload storm        -addr A -n N [-api U -token T] -ready FILE [-retry D] [-sources IPs]
 //
 // -ids is a JSON object of client id → password ("" for anonymous brokers).
 // Each mode prints one JSON result line.
@@ -26,6 +27,7 @@ import (
 	"net/http"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,7 +41,7 @@ func main() {
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
 	addr := fs.String("addr", "127.0.0.1:1883", "broker address (loopback)")
 	idsFile := fs.String("ids", "", "JSON object: client id → password")
-	duration := fs.Duration("duration", 10*time.Second, "run time")
+	duration := fs.Duration("duration", 10*time.Second, "run time; storm: how long to wait for every device after the first drop")
 	concurrency := fs.Int("concurrency", 64, "parallel connects")
 	keepalive := fs.Int("keepalive", 5, "keepalive of frozen clients, seconds")
 	watchWill := fs.Bool("watch-will", false, "freeze: measure will delivery (a subscriber on devices/+/status)")
@@ -47,12 +49,15 @@ func main() {
 	eventsAPI := fs.String("events-api", "", "freeze: fleetd's HTTP address, to read when each keepalive_timeout was committed")
 	token := fs.String("token", "", "freeze, download: fleetd's admin token")
 	url := fs.String("url", "", "download: the image's URL")
-	n := fs.Int("n", 1000, "download: concurrent downloads")
+	n := fs.Int("n", 1000, "download: concurrent downloads; storm: devices")
 	file := fs.String("file", "", "fileserver: the file to serve")
 	api := fs.String("api", "", "campaign-dispatch: fleetd's base URL")
 	dsn := fs.String("dsn", "", "campaign-dispatch: fleetd's database, to register devices and read dispatch times")
 	devices := fs.Int("devices", 100000, "campaign-dispatch: devices to register and upgrade")
 	perMinute := fs.Int("per-minute", 60000, "campaign-dispatch: the campaign's devices_per_minute")
+	ready := fs.String("ready", "", "storm: file written once every device is connected")
+	retry := fs.Duration("retry", 100*time.Millisecond, "storm: mean wait between a device's reconnect attempts")
+	sources := fs.String("sources", "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4", "storm: loopback source addresses")
 	fs.Parse(os.Args[2:])
 	switch os.Args[1] {
 	case "download":
@@ -72,6 +77,23 @@ func main() {
 	host, _, err := net.SplitHostPort(*addr)
 	if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
 		fail(fmt.Errorf("-addr %s: only loopback targets", *addr))
+	}
+	if os.Args[1] == "storm" {
+		// Devices storm-0 … storm-(n-1): registered with fleetd when -api
+		// is given, anonymous (for the peer broker) otherwise.
+		ids := make([]cred, *n)
+		for i := range ids {
+			ids[i] = cred{id: fmt.Sprintf("storm-%d", i)}
+		}
+		if *api != "" {
+			if ids, err = registerDevices(*api, *token, "storm-", *n); err != nil {
+				fail(err)
+			}
+		}
+		json.NewEncoder(os.Stdout).Encode(storm(*addr, ids, strings.Split(*sources, ","), *retry, *duration, *ready))
+		// Hold the sessions until the caller has looked at the broker and
+		// ends this process.
+		select {}
 	}
 	ids, err := loadIDs(*idsFile)
 	if err != nil {
