@@ -57,25 +57,16 @@ func storm(addr string, ids []cred, sources []string, retry, timeout time.Durati
 		return d
 	}
 	conns := make([]net.Conn, len(ids))
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range 64 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := int(next.Add(1) - 1); i < len(ids); i = int(next.Add(1) - 1) {
-				for {
-					conn, code, err := handshake(dialer(i), addr, ids[i])
-					if err == nil && code == 0 {
-						conns[i] = conn
-						break
-					}
-					time.Sleep(50 * time.Millisecond)
-				}
+	inParallel(len(ids), 64, func(i int) error {
+		for {
+			conn, code, err := handshake(dialer(i), addr, ids[i])
+			if err == nil && code == 0 {
+				conns[i] = conn
+				return nil
 			}
-		}()
-	}
-	wg.Wait()
+			time.Sleep(50 * time.Millisecond)
+		}
+	})
 	if err := os.WriteFile(readyFile, []byte("held\n"), 0o644); err != nil {
 		fail(err)
 	}
@@ -162,27 +153,39 @@ func handshake(d *net.Dialer, addr string, c cred) (net.Conn, byte, error) {
 func registerDevices(api, token, prefix string, n int) ([]cred, error) {
 	cl := client.New(api, token)
 	out := make([]cred, n)
+	err := inParallel(n, 16, func(i int) error {
+		id := fmt.Sprintf("%s%d", prefix, i)
+		r, err := cl.RegisterDevice(context.Background(), fleet.NewDevice{ID: id, Model: "gw-100"})
+		if err != nil {
+			return fmt.Errorf("register %s: %w", id, err)
+		}
+		out[i] = cred{id: id, password: r.Token}
+		return nil
+	})
+	return out, err
+}
+
+// inParallel calls f for 0..n-1 from workers goroutines and returns the
+// first error; a worker whose call fails stops taking more.
+func inParallel(n, workers int, f func(i int) error) error {
 	var next atomic.Int64
-	var firstErr error
 	var mu sync.Mutex
+	var first error
 	var wg sync.WaitGroup
-	for range 16 {
+	for range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
-				id := fmt.Sprintf("%s%d", prefix, i)
-				r, err := cl.RegisterDevice(context.Background(), fleet.NewDevice{ID: id, Model: "gw-100"})
-				if err != nil {
+				if err := f(i); err != nil {
 					mu.Lock()
-					firstErr = cmp.Or(firstErr, fmt.Errorf("register %s: %w", id, err))
+					first = cmp.Or(first, err)
 					mu.Unlock()
 					return
 				}
-				out[i] = cred{id: id, password: r.Token}
 			}
 		}()
 	}
 	wg.Wait()
-	return out, firstErr
+	return first
 }
