@@ -145,7 +145,7 @@ type Campaign struct {
 	StageDoneAt *time.Time `json:"stage_done_at,omitempty"`
 	Total       int        `json:"total"` // devices selected for the whole campaign (fixed at start)
 	// PacedUntil is the pacing schedule: the time at which the next job is
-	// due when jobs go out at exactly DevicesPerMinute. Start and resume set
+	// due when jobs go out at exactly DevicesPerMinute. Start, resume and rollback set
 	// it to the current time; each paced batch moves it on by one interval
 	// per job. Zero means "now".
 	PacedUntil time.Time `json:"-"`

@@ -360,7 +360,7 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 			if _, err := tx.Exec(ctx, `UPDATE campaign_devices SET stage = 0 WHERE campaign_id = $1 AND position < $2`, id, first); err != nil {
 				return err
 			}
-			if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = 'running', total = $2, stage = 0, stage_done_at = NULL, paced_until = $3, updated_at = now() WHERE id = $1`, id, total, c.now()); err != nil {
+			if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = 'running', total = $2, stage = 0, stage_done_at = NULL, updated_at = now() WHERE id = $1`, id, total); err != nil {
 				return err
 			}
 			detail["devices"], detail["first_stage"] = total, first
@@ -381,8 +381,7 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 			if rolling > 0 {
 				next = "rolling_back"
 			}
-			// Pacing starts afresh: the time spent paused is not owed as a burst.
-			if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = $2, paced_until = $3, updated_at = now() WHERE id = $1`, id, next, c.now()); err != nil {
+			if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = $2, updated_at = now() WHERE id = $1`, id, next); err != nil {
 				return err
 			}
 		case "abort":
@@ -407,6 +406,12 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 			detail["devices"] = tag.RowsAffected()
 		default:
 			return invalid("action", "unknown action %q (start, pause, resume, abort, rollback)", action)
+		}
+		// Whatever made the campaign dispatch again (start, resume, rollback)
+		// starts its pacing schedule now: time spent paused or finished is
+		// not owed as a burst.
+		if _, err := tx.Exec(ctx, `UPDATE campaigns SET paced_until = $2 WHERE id = $1 AND state IN ('running', 'rolling_back')`, id, c.now()); err != nil {
+			return err
 		}
 		return history(ctx, tx, id, actor, action, detail)
 	})
