@@ -117,8 +117,17 @@ func TestRefusedConnects(t *testing.T) {
 			return ev.Kind == fleet.KindRefused && ev.Reason == tt.reason && strings.Contains(ev.Detail, tt.detailContaining)
 		})
 	}
-	events, _ := e.svc.Events(context.Background(), "dev", nil, 100)
-	if len(events) != 9 { // 3 refusals with id "dev" × 3 protocol versions
+	// 3 refusals with id "dev" × 3 protocol versions. The waits above see
+	// the first event of each kind; the last ones may still be on their way
+	// through the recorder's batch, so poll for all nine (and no more).
+	var events []fleet.Event
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		events, _ = e.svc.Events(context.Background(), "dev", nil, 100)
+		if len(events) >= 9 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if len(events) != 9 {
 		t.Fatalf("%d events for dev, want 9:%s", len(events), describe(events))
 	}
 }
