@@ -2,17 +2,30 @@ package fleet
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/fleetd/fleetd/internal/pgserver"
+	"github.com/fleetd/fleetd/internal/pgtest"
 	"github.com/fleetd/fleetd/migrations"
 )
 
@@ -150,4 +163,528 @@ func TestRecorderReplaysSpoolOfPreviousRun(t *testing.T) {
 func discardGauge() prometheus.Gauge { return prometheus.NewGauge(prometheus.GaugeOpts{Name: "g"}) }
 func discardCounter() prometheus.Counter {
 	return prometheus.NewCounter(prometheus.CounterOpts{Name: "c"})
+}
+
+// randomText returns n characters that do not compress, so that PostgreSQL
+// cannot shrink them under the btree limit the way it would shrink "xxx...".
+func randomText(n int) string {
+	const alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	for i := range b {
+		b[i] = alphabet[int(b[i])%len(alphabet)]
+	}
+	return string(b)
+}
+
+type deadLetterRow struct {
+	EventID string
+	Event   Event
+	Bytes   int
+	Error   string
+}
+
+func deadLetters(t *testing.T, pool *pgxpool.Pool) []deadLetterRow {
+	t.Helper()
+	rows, err := pool.Query(context.Background(), `SELECT event_id::text, event, event_bytes, error FROM event_dead_letters ORDER BY event_id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []deadLetterRow
+	for rows.Next() {
+		var d deadLetterRow
+		var raw []byte
+		if err := rows.Scan(&d.EventID, &raw, &d.Bytes, &d.Error); err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal(raw, &d.Event); err != nil {
+			t.Fatalf("dead letter %s: stored event is not its JSON: %v", d.EventID, err)
+		}
+		out = append(out, d)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func storedEventIDs(t *testing.T, pool *pgxpool.Pool) map[string]bool {
+	t.Helper()
+	rows, err := pool.Query(context.Background(), `SELECT id::text FROM device_events`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	ids := map[string]bool{}
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		ids[id] = true
+	}
+	return ids
+}
+
+// refusedEvents returns good events with two that PostgreSQL refuses for their
+// content among them: a device id too long for the btree index (SQLSTATE
+// 54000) and a NUL byte in the firmware (SQLSTATE 22021).
+func refusedEvents(good int) (events []Event, bad map[EventID]string) {
+	at := time.Now()
+	bad = map[EventID]string{}
+	for i := range good {
+		at = at.Add(time.Millisecond)
+		events = append(events, Event{ID: NewEventID(at), DeviceID: fmt.Sprintf("d%d", i%5), At: at, Kind: KindConnect, SessionEpoch: int64(i + 1)})
+		switch i {
+		case good / 6:
+			e := Event{ID: NewEventID(at), DeviceID: randomText(3500), At: at, Kind: KindRefused, Reason: ReasonAuthFailed}
+			events, bad[e.ID] = append(events, e), "SQLSTATE 54000"
+		case good * 3 / 4:
+			e := Event{ID: NewEventID(at), DeviceID: "d1", At: at, Kind: KindBirth, Firmware: "1.0\x00; DROP TABLE devices"}
+			events, bad[e.ID] = append(events, e), "SQLSTATE 22021"
+		}
+	}
+	return events, bad
+}
+
+// checkRefusedEvents finds every good event of refusedEvents in
+// device_events and the two bad ones, intact, in event_dead_letters.
+func checkRefusedEvents(t *testing.T, pool *pgxpool.Pool, events []Event, bad map[EventID]string) {
+	t.Helper()
+	stored := storedEventIDs(t, pool)
+	var missing []string
+	for _, e := range events {
+		if _, isBad := bad[e.ID]; !isBad && !stored[e.ID.String()] {
+			missing = append(missing, fmt.Sprintf("%s (%s %s)", e.ID, e.Kind, e.DeviceID))
+		}
+	}
+	if len(missing) > 0 {
+		t.Errorf("%d good events are not in device_events, e.g. %s", len(missing), missing[0])
+	}
+	if want := len(events) - len(bad); len(stored) != want {
+		t.Errorf("device_events holds %d events, want the %d good ones", len(stored), want)
+	}
+	dead := deadLetters(t, pool)
+	if len(dead) != len(bad) {
+		t.Fatalf("%d dead letters, want %d: %+v", len(dead), len(bad), dead)
+	}
+	for _, d := range dead {
+		var want *Event
+		for i := range events {
+			if events[i].ID.String() == d.EventID {
+				want = &events[i]
+			}
+		}
+		if want == nil {
+			t.Fatalf("dead letter %s is not one of the bad events", d.EventID)
+		}
+		if !strings.Contains(d.Error, bad[want.ID]) {
+			t.Errorf("dead letter %s: error %q, want one with %s", d.EventID, d.Error, bad[want.ID])
+		}
+		if diff := cmp.Diff(*want, d.Event, cmpopts.EquateApproxTime(time.Microsecond)); diff != "" {
+			t.Errorf("dead letter %s: stored event mismatch (-want +got):\n%s", d.EventID, diff)
+		}
+	}
+}
+
+// TestRecorderDeadLettersRefusedEvents writes one batch in which two events
+// are refused by PostgreSQL for their content: the other hundred are stored
+// anyway, the two are kept in event_dead_letters with their error, and
+// nothing waits in the spool.
+func TestRecorderDeadLettersRefusedEvents(t *testing.T) {
+	pool := pgtest.New(t)
+	ctx := context.Background()
+	store := NewStore(pool)
+	for i := range 5 {
+		if _, err := store.insertDevice(ctx, NewDevice{ID: fmt.Sprintf("d%d", i)}, make([]byte, 32)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	spool := filepath.Join(t.TempDir(), "events.jsonl")
+	// A long flush interval: the events reach the database in one batch, at Close.
+	var logs strings.Builder // written by the recorder's goroutine, read after Close
+	rec, err := NewRecorder(store, RecorderOptions{SpoolPath: spool, FlushInterval: time.Hour, Registerer: prometheus.NewRegistry(),
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	events, bad := refusedEvents(100)
+	for _, e := range events {
+		rec.Record(e)
+	}
+	if err := rec.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	checkRefusedEvents(t, pool, events, bad)
+	checkBoundedLogs(t, logs.String(), "kept in event_dead_letters")
+	if n := testutil.ToFloat64(rec.mDead); n != 2 {
+		t.Errorf("fleetd_events_dead_lettered_total = %v, want 2", n)
+	}
+	if n := testutil.ToFloat64(rec.mDropped); n != 0 {
+		t.Errorf("fleetd_events_dropped_total = %v, want 0", n)
+	}
+	if _, err := os.Stat(spool); !os.IsNotExist(err) {
+		t.Errorf("spool file exists (%v): refused events must not be spooled", err)
+	}
+	var online int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM devices WHERE online`).Scan(&online); err != nil {
+		t.Fatal(err)
+	}
+	if online != 5 {
+		t.Errorf("%d devices online, want 5: the good connects apply their presence", online)
+	}
+}
+
+// checkBoundedLogs finds each of want in the recorder's logs, and no line long
+// enough to carry a whole refused event: a device must not be able to write
+// kilobytes of its choosing into the logs.
+func checkBoundedLogs(t *testing.T, logs string, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(logs, w) {
+			t.Errorf("no log line says %q:\n%s", w, logs)
+		}
+	}
+	for _, line := range strings.Split(logs, "\n") {
+		if len(line) > 1500 {
+			t.Errorf("log line of %d bytes, want a bounded excerpt: %.300s...", len(line), line)
+		}
+		if strings.Contains(line, "\x00") || strings.Contains(line, "\x1b") {
+			t.Errorf("log line carries raw control characters: %q", line)
+		}
+	}
+}
+
+// TestRecorderDrainsSpoolWithRefusedEvents plays a previous run that spooled
+// a refused event among good ones, an unreadable line and, cut by a crash, a
+// half-written last line: the next run stores every good event, dead-letters
+// the refused ones and removes the spool, instead of replaying it forever.
+func TestRecorderDrainsSpoolWithRefusedEvents(t *testing.T) {
+	pool := pgtest.New(t)
+	ctx := context.Background()
+	spool := filepath.Join(t.TempDir(), "events.jsonl")
+	prev := &Recorder{opts: RecorderOptions{SpoolPath: spool}}
+	prev.mSpool, prev.mSpooled = discardGauge(), discardCounter()
+	events, bad := refusedEvents(60)
+	if err := prev.appendSpoolLocked(events[:30]); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(spool, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(f, "not json \x1b[2J\x00%s\n", strings.Repeat("z", 5000))
+	f.Close()
+	if err := prev.appendSpoolLocked(events[30:]); err != nil {
+		t.Fatal(err)
+	}
+	f, _ = os.OpenFile(spool, os.O_WRONLY|os.O_APPEND, 0)
+	fmt.Fprint(f, `{"id":"0190`)
+	f.Close()
+
+	var logs strings.Builder // written by the recorder's goroutine, read after Close
+	rec, err := NewRecorder(NewStore(pool), RecorderOptions{SpoolPath: spool, FlushInterval: 10 * time.Millisecond,
+		Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "spool replayed and removed", 10*time.Second, func() bool { _, err := os.Stat(spool); return os.IsNotExist(err) })
+	if err := rec.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	checkBoundedLogs(t, logs.String(), "kept in event_dead_letters", "skipping unreadable line")
+	checkRefusedEvents(t, pool, events, bad)
+	if n := testutil.ToFloat64(rec.mDead); n != 2 {
+		t.Errorf("fleetd_events_dead_lettered_total = %v, want 2", n)
+	}
+	if n := testutil.ToFloat64(rec.mDropped); n != 2 {
+		t.Errorf("fleetd_events_dropped_total = %v, want 2 (the unreadable and the cut line)", n)
+	}
+	if err := rec.Ready(ctx); err != nil {
+		t.Errorf("Ready after the spool drained: %v", err)
+	}
+}
+
+// downWriter is a database that can be switched off: while down, every write
+// fails the way a refused connection does.
+type downWriter struct {
+	mu     sync.Mutex
+	down   bool
+	events []Event
+}
+
+func (w *downWriter) setDown(down bool) { w.mu.Lock(); w.down = down; w.mu.Unlock() }
+
+func (w *downWriter) err() error {
+	if w.down {
+		return fmt.Errorf("begin: %w", &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED})
+	}
+	return nil
+}
+
+func (w *downWriter) writeEvents(_ context.Context, events []Event) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.err(); err != nil {
+		return err
+	}
+	w.events = append(w.events, events...)
+	return nil
+}
+
+func (w *downWriter) writeDeadLetter(context.Context, deadLetter) (bool, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.err() == nil, w.err()
+}
+
+func (w *downWriter) written() int { w.mu.Lock(); defer w.mu.Unlock(); return len(w.events) }
+
+// TestRecorderReadyReportsBehind keeps the database away longer than
+// BehindAfter: Ready fails and the oldest-unwritten gauge shows the age,
+// until the database is back and the spool drained.
+func TestRecorderReadyReportsBehind(t *testing.T) {
+	ctx := context.Background()
+	w := &downWriter{down: true}
+	spool := filepath.Join(t.TempDir(), "events.jsonl")
+	rec, err := NewRecorder(w, RecorderOptions{SpoolPath: spool, FlushInterval: 10 * time.Millisecond, BehindAfter: 300 * time.Millisecond,
+		Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rec.Close(ctx)
+	if err := rec.Ready(ctx); err != nil {
+		t.Fatalf("Ready with nothing waiting: %v", err)
+	}
+	for i := range 3 {
+		now := time.Now()
+		rec.Record(Event{ID: NewEventID(now), DeviceID: fmt.Sprintf("d%d", i), At: now, Kind: KindRefused, Reason: ReasonThrottled})
+	}
+	waitUntil(t, "Ready to report the recorder behind", 5*time.Second, func() bool { return rec.Ready(ctx) != nil })
+	err = rec.Ready(ctx)
+	if !strings.Contains(err.Error(), "event recorder is behind: oldest unwritten event is") || !strings.Contains(err.Error(), "bytes spooled") {
+		t.Errorf("Ready error %q does not say how far behind", err)
+	}
+	if age := testutil.ToFloat64(rec.mOldest); age < 0.3 {
+		t.Errorf("fleetd_event_oldest_unwritten_seconds = %v while behind, want at least 0.3", age)
+	}
+
+	w.setDown(false)
+	waitUntil(t, "Ready once the database is back", 5*time.Second, func() bool { return rec.Ready(ctx) == nil })
+	waitUntil(t, "spool drained", 5*time.Second, func() bool { _, err := os.Stat(spool); return os.IsNotExist(err) })
+	if age := testutil.ToFloat64(rec.mOldest); age != 0 {
+		t.Errorf("fleetd_event_oldest_unwritten_seconds = %v with nothing waiting, want 0", age)
+	}
+	if n := w.written(); n != 3 {
+		t.Errorf("%d events written, want 3", n)
+	}
+}
+
+// TestRecorderRepairsCutSpoolLine finds a spool whose last line a crash cut:
+// the events spooled next must start on a line of their own, or they would be
+// lost with the cut one.
+func TestRecorderRepairsCutSpoolLine(t *testing.T) {
+	ctx := context.Background()
+	spool := filepath.Join(t.TempDir(), "events.jsonl")
+	if err := os.WriteFile(spool, []byte(`{"id":"0190`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := NewRecorder(&downWriter{down: true}, RecorderOptions{SpoolPath: spool, FlushInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	e := Event{ID: NewEventID(now), DeviceID: "d", At: now, Kind: KindRefused, Reason: ReasonThrottled}
+	rec.Record(e)
+	rec.Close(ctx)
+	data, err := os.ReadFile(spool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSuffix(string(data), "\n"), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("spool has %d lines, want the cut one and the new event:\n%s", len(lines), data)
+	}
+	var got Event
+	if err := json.Unmarshal([]byte(lines[1]), &got); err != nil || got.ID != e.ID {
+		t.Fatalf("second spool line %q: %v; want event %s", lines[1], err, e.ID)
+	}
+}
+
+type safeToRetryError struct{}
+
+func (safeToRetryError) Error() string     { return "conn busy" }
+func (safeToRetryError) SafeToRetry() bool { return true }
+
+// TestDeadLetterClassifyWriteError pins which failures blame the data (the
+// batch is bisected and refused events dead-lettered) and which the database
+// (the batch waits in the spool).
+func TestDeadLetterClassifyWriteError(t *testing.T) {
+	closed, err := pgxpool.New(context.Background(), "postgres://fleetd@127.0.0.1:1/fleetd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed.Close()
+	_, closedErr := closed.Exec(context.Background(), "SELECT 1")
+	if closedErr == nil {
+		t.Fatal("exec on a closed pool succeeded")
+	}
+	pg := func(code string) error {
+		return fmt.Errorf("insert events: %w", &pgconn.PgError{Severity: "ERROR", Code: code, Message: "m"})
+	}
+	tests := []struct {
+		name string
+		err  error
+		want writeFailure
+	}{
+		{"connection refused", fmt.Errorf("begin: %w", &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}), failUnavailable},
+		{"closed pool", closedErr, failUnavailable},
+		{"deadline", fmt.Errorf("copy events: %w", context.DeadlineExceeded), failUnavailable},
+		{"canceled", context.Canceled, failUnavailable},
+		{"connection dropped", fmt.Errorf("insert events: %w", io.ErrUnexpectedEOF), failUnavailable},
+		{"conn closed", fmt.Errorf("insert events: %w", pgconn.ErrConnClosed), failUnavailable},
+		{"safe to retry", safeToRetryError{}, failUnavailable},
+		{"unknown client error", errors.New("something odd"), failUnavailable},
+		{"08006 connection failure", pg("08006"), failUnavailable},
+		{"25006 read-only standby", pg("25006"), failUnavailable},
+		{"28P01 bad password", pg("28P01"), failUnavailable},
+		{"3D000 no database", pg("3D000"), failUnavailable},
+		{"40001 serialization", pg("40001"), failUnavailable},
+		{"40P01 deadlock", pg("40P01"), failUnavailable},
+		{"42P01 missing table", pg("42P01"), failUnavailable},
+		{"42501 no privilege", pg("42501"), failUnavailable},
+		{"53100 disk full", pg("53100"), failUnavailable},
+		{"53300 too many connections", pg("53300"), failUnavailable},
+		{"55P03 lock not available", pg("55P03"), failUnavailable},
+		{"57014 statement timeout", pg("57014"), failUnavailable},
+		{"57P01 admin shutdown", pg("57P01"), failUnavailable},
+		{"57P03 cannot connect now", pg("57P03"), failUnavailable},
+		{"58030 io error", pg("58030"), failUnavailable},
+		{"XX000 internal", pg("XX000"), failUnavailable},
+		{"malformed sqlstate", pg("5"), failUnavailable},
+		{"22021 NUL byte", pg("22021"), failData},
+		{"22001 string too long", pg("22001"), failData},
+		{"22P02 invalid text", pg("22P02"), failData},
+		{"23505 unique violation", pg("23505"), failData},
+		{"23514 check violation", pg("23514"), failData},
+		{"54000 index row too large", pg("54000"), failData},
+		{"P0001 trigger raised", pg("P0001"), failData},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := classifyWriteError(tt.err); got != tt.want {
+				t.Errorf("classifyWriteError(%v) = %v, want %v", tt.err, got, tt.want)
+			}
+		})
+	}
+}
+
+// TestDeadLetterStoredForm checks that what a device chose cannot make the
+// dead-letter insert fail or grow without bound.
+func TestDeadLetterStoredForm(t *testing.T) {
+	tests := []struct {
+		name      string
+		event     Event
+		cause     error
+		wantBytes int // 0: the whole JSON
+		wantError string
+	}{
+		{name: "small", event: Event{DeviceID: "d", Kind: KindBirth, Firmware: "1\x00"}, cause: errors.New("ERROR: invalid byte (SQLSTATE 22021)"),
+			wantError: "ERROR: invalid byte (SQLSTATE 22021)"},
+		{name: "huge device id", event: Event{DeviceID: strings.Repeat("é", 10_000), Kind: KindRefused}, cause: errors.New("too big"),
+			wantBytes: deadLetterMaxEvent, wantError: "too big"},
+		{name: "error with NUL and bad UTF-8", event: Event{DeviceID: "d"}, cause: errors.New("a\x00b\xffc"), wantError: `a\x00b` + "\uFFFD" + "c"},
+		{name: "long error", event: Event{DeviceID: "d"}, cause: errors.New(strings.Repeat("ü", 2000)),
+			wantError: strings.Repeat("ü", deadLetterMaxError/2) + "…"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			full, _ := json.Marshal(&tt.event)
+			d := newDeadLetter(&tt.event, tt.cause)
+			wantBytes := tt.wantBytes
+			if wantBytes == 0 {
+				wantBytes = len(full)
+			}
+			if len(d.Event) != wantBytes || d.EventBytes != len(full) || string(d.Event) != string(full[:wantBytes]) {
+				t.Errorf("stored %d of %d bytes (EventBytes %d), want the first %d", len(d.Event), len(full), d.EventBytes, wantBytes)
+			}
+			if d.Error != tt.wantError {
+				t.Errorf("error %q, want %q", d.Error, tt.wantError)
+			}
+		})
+	}
+}
+
+// TestDeadLetterLogEvery checks the limiter that bounds dead-letter logging:
+// one line per interval, carrying the count of the lines held back.
+func TestDeadLetterLogEvery(t *testing.T) {
+	l := logEvery{every: time.Minute}
+	t0 := time.Now()
+	type step struct {
+		after    time.Duration
+		wantOK   bool
+		wantHeld int
+	}
+	for i, s := range []step{{0, true, 0}, {time.Second, false, 0}, {30 * time.Second, false, 0}, {time.Minute, true, 2}, {time.Minute + time.Second, false, 0}, {3 * time.Minute, true, 1}} {
+		held, ok := l.allow(t0.Add(s.after))
+		if ok != s.wantOK || held != s.wantHeld {
+			t.Errorf("step %d (+%s): allow = %d, %v; want %d, %v", i, s.after, held, ok, s.wantHeld, s.wantOK)
+		}
+	}
+}
+
+// TestDeadLetterLogExcerpt checks what a log line may carry of a value a
+// device chose: a bounded, escaped start.
+func TestDeadLetterLogExcerpt(t *testing.T) {
+	tests := []struct{ name, in, want string }{
+		{"plain", "gw-1", "gw-1"},
+		{"control characters", "a\x00\x1b[2J\nb\xff", `a\x00\x1b[2J\nb\xff`},
+		{"quotes", `say "hi"`, `say \"hi\"`},
+		{"long", strings.Repeat("x", 1000), strings.Repeat("x", logExcerpt) + "…"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := excerpt(tt.in); got != tt.want {
+				t.Errorf("excerpt = %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestRecorderSpoolKeepsOldestTime follows the time of the spool's first
+// event, which Ready reports, through appends and a replay that removes only
+// the part of the spool that existed when it started.
+func TestRecorderSpoolKeepsOldestTime(t *testing.T) {
+	r := &Recorder{opts: RecorderOptions{SpoolPath: filepath.Join(t.TempDir(), "events.jsonl")}}
+	r.mSpool, r.mSpooled = discardGauge(), discardCounter()
+	t0 := time.Now().Add(-time.Hour).Round(0)
+	ev := func(d time.Duration) Event {
+		return Event{ID: NewEventID(t0.Add(d)), DeviceID: "d", At: t0.Add(d), Kind: KindRefused}
+	}
+	if err := r.appendSpoolLocked([]Event{ev(2 * time.Second), ev(time.Second), ev(3 * time.Second)}); err != nil {
+		t.Fatal(err)
+	}
+	if want := t0.Add(time.Second); !r.spoolAt.Equal(want) {
+		t.Fatalf("after the first append: spool time %v, want the oldest event's %v", r.spoolAt, want)
+	}
+	replayed := r.spooled
+	if err := r.appendSpoolLocked([]Event{ev(10 * time.Second), ev(11 * time.Second)}); err != nil {
+		t.Fatal(err)
+	}
+	if want := t0.Add(time.Second); !r.spoolAt.Equal(want) {
+		t.Fatalf("after a second append: spool time %v, want still %v", r.spoolAt, want)
+	}
+	if err := r.trimSpoolLocked(replayed); err != nil {
+		t.Fatal(err)
+	}
+	if want := t0.Add(10 * time.Second); !r.spoolAt.Equal(want) {
+		t.Fatalf("after the trim: spool time %v, want the first remaining event's %v", r.spoolAt, want)
+	}
+	if err := r.trimSpoolLocked(r.spooled); err != nil {
+		t.Fatal(err)
+	}
+	if !r.spoolAt.IsZero() || r.spooled != 0 {
+		t.Fatalf("after the last trim: spool time %v, %d bytes; want none", r.spoolAt, r.spooled)
+	}
 }

@@ -231,6 +231,20 @@ func (s *Store) writeEvents(ctx context.Context, events []Event) error {
 	})
 }
 
+// writeDeadLetter keeps an event PostgreSQL refused, so that an operator can
+// see what a device sent and why it was refused. The event is written once:
+// an event refused again (a replayed spool) keeps its first row, and added
+// is false.
+func (s *Store) writeDeadLetter(ctx context.Context, d deadLetter) (added bool, err error) {
+	tag, err := s.pool.Exec(ctx, `
+		INSERT INTO event_dead_letters (event_id, event, event_bytes, error) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (event_id) DO NOTHING`, [16]byte(d.EventID), d.Event, d.EventBytes, d.Error)
+	if err != nil {
+		return false, fmt.Errorf("insert dead letter %s: %w", d.EventID, err)
+	}
+	return tag.RowsAffected() == 1, nil
+}
+
 // presenceChange is the net effect of a batch of events on the devices table.
 type presenceChange struct {
 	connects    map[string]*Event // the newest connect per device
