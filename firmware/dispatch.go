@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/internal/untrusted"
 )
 
 // Fleet is what campaigns need from the device registry.
@@ -104,12 +105,7 @@ type Campaigns struct {
 	publicURL string
 	logger    *slog.Logger
 	now       func() time.Time
-	notes     chan deviceNote
-}
-
-type deviceNote struct {
-	deviceID, firmware string
-	listening          bool // subscribed to its job topic (else: a birth)
+	notes     *noteQueue
 }
 
 // NewCampaigns builds the campaign service. publicURL is the base URL
@@ -119,7 +115,7 @@ func NewCampaigns(pool *pgxpool.Pool, artifacts *Artifacts, fl Fleet, send Sende
 		logger = slog.New(slog.DiscardHandler)
 	}
 	return &Campaigns{pool: pool, artifacts: artifacts, fleet: fl, send: send, publicURL: strings.TrimRight(publicURL, "/"),
-		logger: logger, now: time.Now, notes: make(chan deviceNote, 4096)}
+		logger: logger, now: time.Now, notes: newNoteQueue()}
 }
 
 // Create validates a spec and stores the campaign as a draft. It refuses a
@@ -479,8 +475,13 @@ func (c *Campaigns) Run(ctx context.Context, interval time.Duration) {
 		select {
 		case <-ctx.Done():
 			return
-		case n := <-c.notes:
-			c.handleNote(ctx, n)
+		case <-c.notes.wake:
+			for _, n := range c.notes.take() {
+				if ctx.Err() != nil {
+					return
+				}
+				c.handleNote(ctx, n)
+			}
 		case <-t.C:
 			if err := c.StepAll(ctx); err != nil && ctx.Err() == nil {
 				c.logger.Warn("campaign step failed; retrying", "err", err)
@@ -758,15 +759,7 @@ func (c *Campaigns) DeviceBirth(deviceID, firmware string) {
 	c.note(deviceNote{deviceID: deviceID, firmware: firmware})
 }
 
-func (c *Campaigns) note(n deviceNote) {
-	select {
-	case c.notes <- n:
-	default:
-		// The job is still delivered on the next subscription, and success
-		// is still seen on the next birth; a timeout catches the rest.
-		c.logger.Warn("campaign note queue full; dropping a note", "device_id", n.deviceID)
-	}
-}
+func (c *Campaigns) note(n deviceNote) { c.notes.add(n) }
 
 func (c *Campaigns) handleNote(ctx context.Context, n deviceNote) {
 	if n.listening {
@@ -840,18 +833,21 @@ type status struct {
 	Error    string `json:"error"`
 }
 
+// maxReportedError bounds the failure reason a device reports.
+const maxReportedError = 500
+
 // HandleStatus stores an OTA status report before the broker acknowledges
 // it (an error leaves it unacknowledged, and the device sends it again).
 // Reports never move a job back from a final state.
 func (c *Campaigns) HandleStatus(deviceID string, payload []byte) error {
 	var st status
 	if err := json.Unmarshal(payload, &st); err != nil || st.JobID == "" {
-		c.logger.Warn("malformed OTA status", "device_id", deviceID, "payload", string(payload))
+		c.logger.Warn("malformed OTA status", "device_id", deviceID, "payload", untrusted.Excerpt(payload, 200))
 		return nil // acknowledged: resending would not make it readable
 	}
 	parts := strings.Split(st.JobID, ":")
 	if len(parts) < 2 || parts[1] != deviceID {
-		c.logger.Warn("OTA status for another device's job", "device_id", deviceID, "job_id", st.JobID)
+		c.logger.Warn("OTA status for another device's job", "device_id", deviceID, "job_id", untrusted.Excerpt(st.JobID, 100))
 		return nil
 	}
 	col := "state"
@@ -863,14 +859,15 @@ func (c *Campaigns) HandleStatus(deviceID string, payload []byte) error {
 	case "downloading", "verifying", "installing", "rebooting":
 		newState = st.State
 	case "failed":
-		newState, errText = "failed", st.Error
+		// Stored and shown to operators: bounded, printable text.
+		newState, errText = "failed", untrusted.Text(st.Error, maxReportedError)
 		if errText == "" {
 			errText = "the device reported a failure without a reason"
 		}
 	case "succeeded":
 		return nil // success is the device's birth on the target version
 	default:
-		c.logger.Warn("unknown OTA state", "device_id", deviceID, "state", st.State)
+		c.logger.Warn("unknown OTA state", "device_id", deviceID, "state", untrusted.Excerpt(st.State, 32))
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -881,7 +878,7 @@ func (c *Campaigns) HandleStatus(deviceID string, payload []byte) error {
 	}
 	_, err := c.pool.Exec(ctx, fmt.Sprintf(`UPDATE campaign_devices SET %[1]s = $3, progress = $4, error = $5, finished_at = %[2]s
 		WHERE campaign_id = $1 AND device_id = $2 AND %[1]s = ANY($6)`, col, finished),
-		parts[0], deviceID, newState, st.Progress, errText, inFlight)
+		parts[0], deviceID, newState, min(max(st.Progress, 0), 100), errText, inFlight)
 	if err != nil {
 		return fmt.Errorf("store OTA status of %s: %w", deviceID, err)
 	}
