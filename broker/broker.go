@@ -23,7 +23,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/internal/untrusted"
 )
+
+// addrString is a net.Addr of an address already rendered as text.
+type addrString string
+
+func (a addrString) Network() string { return "tcp" }
+func (a addrString) String() string  { return string(a) }
 
 // Registry is what the broker needs from the device registry.
 type Registry interface {
@@ -68,6 +75,26 @@ type Config struct {
 	// one flapping device cannot use up the broker's rate.
 	ClientConnectRate  float64
 	ClientConnectBurst int
+	// AuthFailureRate and AuthFailureBurst bound failed authentications per
+	// source address (IPv4 address, IPv6 /64); past them a failed attempt is
+	// answered "connection rate exceeded". Successful ones are not charged.
+	AuthFailureRate  float64
+	AuthFailureBurst int
+	// MaxPendingConnects and MaxPendingConnectsPerSource cap the sockets that
+	// have not finished their CONNECT (0 = no cap); more are closed at once.
+	MaxPendingConnects          int
+	MaxPendingConnectsPerSource int
+	// PublishRate and PublishBurst bound the packets (other than PINGREQ) a
+	// session may send per second; SubscribeRate and SubscribeBurst the
+	// subscription filters (SUBSCRIBE and UNSUBSCRIBE). A session over
+	// either is ended with DISCONNECT 0x96 (message rate too high).
+	PublishRate    float64
+	PublishBurst   int
+	SubscribeRate  float64
+	SubscribeBurst int
+	// LogInterval is the period over which repeated refusals of one device
+	// id or address are folded into one log line.
+	LogInterval time.Duration
 	// SessionExpiry caps how long a disconnected persistent session (MQTT 3
 	// clean-session=false, or MQTT 5 session expiry) is kept.
 	SessionExpiry time.Duration
@@ -91,6 +118,24 @@ func (c *Config) defaults() {
 	if c.ClientConnectBurst == 0 {
 		c.ClientConnectBurst = 10
 	}
+	if c.AuthFailureBurst == 0 {
+		c.AuthFailureBurst = 20
+	}
+	if c.PublishRate == 0 {
+		c.PublishRate = 100
+	}
+	if c.PublishBurst == 0 {
+		c.PublishBurst = 500
+	}
+	if c.SubscribeRate == 0 {
+		c.SubscribeRate = 5
+	}
+	if c.SubscribeBurst == 0 {
+		c.SubscribeBurst = 50
+	}
+	if c.LogInterval == 0 {
+		c.LogInterval = time.Minute
+	}
 	if c.SessionExpiry == 0 {
 		c.SessionExpiry = time.Hour
 	}
@@ -110,6 +155,7 @@ type Broker struct {
 	listeners []*listener
 	limits    *connectLimits
 	hook      *hook
+	refusals  *repeatLog // refused connections and device messages
 
 	pending  sync.Map // *mqtt.Client → *session, from OnConnect to OnSessionEstablished
 	sessions sync.Map // *mqtt.Client → *session
@@ -134,6 +180,7 @@ func New(cfg Config, reg Registry, events EventSink, logger *slog.Logger, regist
 	}
 	b := &Broker{cfg: cfg, reg: reg, events: events, log: logger, m: newMetrics(), stop: make(chan struct{}), done: make(chan struct{})}
 	b.limits = newConnectLimits(cfg)
+	b.refusals = newRepeatLog(logger, cfg.LogInterval)
 	if registerer != nil {
 		b.m.register(registerer, b)
 	}
@@ -192,7 +239,8 @@ func New(cfg Config, reg Registry, events EventSink, logger *slog.Logger, regist
 			return nil, fmt.Errorf("listen on %s (set by %s): %w", spec.addr, spec.setting, err)
 		}
 		l := &listener{id: spec.id, ln: ln, tlsConfig: spec.tls, ws: spec.ws, connectTimeout: cfg.ConnectTimeout,
-			maxPacket: cfg.MaxPacket, log: logger, m: b.m, onHandshakeError: b.handshakeFailed, throttle: b.throttle}
+			maxPacket: cfg.MaxPacket, log: logger, m: b.m, onHandshakeError: b.handshakeFailed, throttle: b.throttle,
+			limits: b.limits, refusals: b.refusals}
 		b.listeners = append(b.listeners, l)
 	}
 	return b, nil
@@ -243,6 +291,7 @@ func (b *Broker) Start() error {
 	}
 	go b.flushLastSeenLoop()
 	go b.limits.pruneLoop(b.stop)
+	go b.refusals.loop(b.stop)
 	return nil
 }
 
@@ -418,11 +467,18 @@ func (b *Broker) handshakeFailed(remote string, f *handshakeFailure) {
 		}
 		cancel()
 	}
-	b.log.Warn("TLS handshake failed", "device_id", deviceID, "class", f.Class, "remote", remote, "sni", f.SNI,
-		"offered", strings.Join(f.Offered, ","), "subject", f.Subject, "sha256", f.Fingerprint, "err", f.Err)
+	// The certificate is unverified: its names are the sender's claim, so the
+	// event is the claimed device's for its diagnosis to weigh (fleet:
+	// id_used_elsewhere), and what it says is bounded.
+	key := deviceID
+	if key == "" {
+		key = sourceOf(addrString(remote)).String()
+	}
+	b.refusals.Log(slog.LevelWarn, "tls:"+key, "TLS handshake failed", "device_id", deviceID, "class", f.Class, "remote", remote,
+		"sni", excerpt(f.SNI), "offered", strings.Join(f.Offered, ","), "subject", excerpt(f.Subject), "sha256", f.Fingerprint, "err", excerpt(fmt.Sprint(f.Err)))
 	now := time.Now()
 	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: deviceID, At: now, Kind: fleet.KindRefused,
-		Reason: fleet.ReasonTLSHandshakeFailed, Detail: f.Detail(), RemoteAddr: remote, Listener: "tls", BrokerNode: b.cfg.Node})
+		Reason: fleet.ReasonTLSHandshakeFailed, Detail: untrusted.Text(f.Detail(), 300), RemoteAddr: remote, Listener: "tls", BrokerNode: b.cfg.Node})
 }
 
 // levelHandler raises the minimum level of a handler: mochi logs a warning for

@@ -49,6 +49,8 @@ func Classify(e SessionEnd) (fleet.Reason, string) {
 			return fleet.ReasonServerShutdown, ""
 		case packets.ErrPacketTooLarge:
 			return fleet.ReasonPacketTooLarge, ""
+		case packets.ErrMessageRateTooHigh:
+			return fleet.ReasonThrottled, "message rate too high: more packets or subscriptions per second than a session may send"
 		case codeDecommissioned:
 			return fleet.ReasonDecommissioned, ""
 		case packets.ErrMalformedFlags:

@@ -1,18 +1,19 @@
 package broker
 
 import (
-	"bytes"
 	"context"
 	"crypto/x509"
-	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"golang.org/x/time/rate"
 
 	"github.com/fleetd/fleetd/fleet"
 )
@@ -32,6 +33,13 @@ type session struct {
 
 	lastFlushed atomic.Int64 // last_seen written up to (unix ns)
 	denials     atomic.Int32 // ACL denials recorded for this session
+
+	// Per-session rates: packets other than PINGREQ, and subscription
+	// filters. A session over either is ended (DISCONNECT 0x96).
+	publishes, subscribes *rate.Limiter
+	// rejected says what the CONNECT carried that could not be kept (an
+	// MQTT 5 user property); recorded once the session is established.
+	rejected []string
 }
 
 // maxDenialEvents bounds the acl_denied events one session records, so a
@@ -51,7 +59,8 @@ func (h *hook) ID() string { return "fleetd" }
 func (h *hook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
-		mqtt.OnACLCheck, mqtt.OnSubscribed, mqtt.OnPublish, mqtt.OnPacketEncode, mqtt.OnClientExpired:
+		mqtt.OnACLCheck, mqtt.OnSubscribed, mqtt.OnPublish, mqtt.OnPacketEncode, mqtt.OnClientExpired,
+		mqtt.OnPacketRead:
 		return true
 	}
 	return false
@@ -65,6 +74,8 @@ const (
 	refuseNotAuthorized
 	refuseRateLimited
 	refuseUnavailable
+	refuseBadIdentifier
+	refuseBadTopic
 )
 
 // connackCode picks the CONNACK code for a refusal. MQTT 3 has only return
@@ -74,8 +85,10 @@ func connackCode(version byte, r refusal) packets.Code {
 		switch r {
 		case refuseBadCredentials:
 			return packets.ErrMalformedUsernameOrPassword // 0x04 bad user name or password
-		case refuseNotAuthorized:
+		case refuseNotAuthorized, refuseBadTopic:
 			return packets.Err3NotAuthorized // 0x05
+		case refuseBadIdentifier:
+			return packets.Err3ClientIdentifierNotValid // 0x02
 		default:
 			return packets.Err3ServerUnavailable // 0x03
 		}
@@ -87,72 +100,117 @@ func connackCode(version byte, r refusal) packets.Code {
 		return packets.ErrNotAuthorized // 0x87
 	case refuseRateLimited:
 		return packets.ErrConnectionRateExceeded // 0x9F
+	case refuseBadIdentifier:
+		return packets.ErrClientIdentifierNotValid // 0x85
+	case refuseBadTopic:
+		return packets.ErrTopicNameInvalid // 0x90
 	default:
 		return packets.ErrServerUnavailable // 0x88
 	}
 }
 
-// OnConnect rate-limits per device, authenticates and authorises a CONNECT. A refusal
-// sends the CONNACK code itself (mochi would close the socket silently),
-// records a "refused" event and returns an error so mochi ends the connection.
+// OnConnect checks, authenticates and authorises a CONNECT. A refusal sends
+// the CONNACK code itself (mochi would close the socket silently), records a
+// "refused" event and returns an error so mochi ends the connection.
+//
+// The order is what keeps an attacker who lacks a device's token from
+// locking the device out: the per-device connect rate is charged only once
+// the token (or certificate) proved the device, and failed authentications
+// are charged to their source address, not to the id they claimed.
 func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) (err error) {
 	defer h.recover(cl, "OnConnect", &err)
 	b := h.b
-	id := pk.Connect.ClientIdentifier
 	wire, _ := cl.Net.Conn.(*wireConn)
+	if wire != nil {
+		wire.connectRead()
+	}
+	// mochi's strings alias the packet buffer, which may be as large as the
+	// largest packet: anything kept past this call is a copy.
+	id := strings.Clone(pk.Connect.ClientIdentifier)
+	recordAs := id // the device the refusal is recorded for ("" for none)
 	refuse := func(reason fleet.Reason, r refusal, detail string) error {
 		code := connackCode(cl.Properties.ProtocolVersion, r)
 		_ = b.srv.SendConnack(cl, code, false, nil)
-		b.recordRefusal(pk, cl.Net.Listener, wire, reason, detail, code)
+		b.recordRefusal(pk, recordAs, cl.Net.Listener, wire, reason, detail, code)
 		return code
 	}
 
-	// The broker-wide connect rate was checked before mochi saw the
-	// connection (Broker.throttle).
-	if id == "" {
-		return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, "empty client id: the client id must be the device id")
+	// The broker-wide connect rate and the cap on pending connections were
+	// applied before mochi saw the connection (Broker.throttle, listener).
+	if err := fleet.ValidateID(id); err != nil {
+		recordAs = ""
+		var ve *fleet.ValidationError
+		msg := err.Error()
+		if errors.As(err, &ve) {
+			msg = ve.Msg
+		}
+		return refuse(fleet.ReasonAuthFailed, refuseBadIdentifier, fmt.Sprintf("client id %s is not a device id: it %s", excerpt(id), msg))
 	}
-	if !b.limits.allowClient(id) {
-		return refuse(fleet.ReasonThrottled, refuseRateLimited, "device reconnects too often")
+	if err := checkWill(id, cl.Properties.Will); err != nil {
+		return refuse(fleet.ReasonProtocolError, err.refusal, err.Error())
+	}
+	if cl.Properties.Will.Retain && !retainable(id, cl.Properties.Will.TopicName) {
+		cl.Properties.Will.Retain = false
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var info fleet.AuthInfo
+	var failure string
 	if cert := peerCertificate(wire); cert != nil {
 		if !certNames(cert, id) {
-			return refuse(fleet.ReasonAuthFailed, refuseNotAuthorized, fmt.Sprintf("client id does not match the certificate (CN %q)", cert.Subject.CommonName))
+			return refuse(fleet.ReasonAuthFailed, refuseNotAuthorized, fmt.Sprintf("client id does not match the certificate (CN %s)", excerpt(cert.Subject.CommonName)))
 		}
 		info, err = b.reg.Admit(ctx, id)
+	} else if string(pk.Connect.Username) != id {
+		failure = fmt.Sprintf("user name %s is not the device id", excerpt(pk.Connect.Username))
 	} else {
-		if string(pk.Connect.Username) != id {
-			return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, "user name must be the device id")
-		}
 		info, err = b.reg.Authenticate(ctx, id, pk.Connect.Password)
 	}
 	if err != nil {
 		b.log.Error("cannot authenticate: registry unavailable", "device_id", id, "err", err)
 		return refuse(fleet.ReasonAuthFailed, refuseUnavailable, "registry unavailable")
 	}
-	switch info.Result {
-	case fleet.AuthUnknownDevice:
-		return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, "unknown device")
-	case fleet.AuthBadToken:
-		return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, "wrong token")
-	case fleet.AuthDecommissioned:
+	switch {
+	case failure != "":
+	case info.Result == fleet.AuthUnknownDevice:
+		failure = "unknown device"
+	case info.Result == fleet.AuthBadToken:
+		failure = "wrong token"
+	case info.Result == fleet.AuthDecommissioned:
 		return refuse(fleet.ReasonDecommissioned, refuseNotAuthorized, "device is decommissioned")
+	}
+	if failure != "" {
+		if wire != nil && !b.limits.failedAuth(sourceOf(wire.RemoteAddr())) {
+			return refuse(fleet.ReasonThrottled, refuseRateLimited, "too many failed authentications from this address (this one: "+failure+")")
+		}
+		return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, failure)
+	}
+	if !b.limits.allowClient(id) {
+		return refuse(fleet.ReasonThrottled, refuseRateLimited, "device reconnects too often")
 	}
 
 	s := &session{deviceID: id, firmware: info.Firmware, model: info.Model, wire: wire, start: time.Now(),
-		keepalive: pk.Connect.Keepalive, clean: pk.Connect.Clean}
-	// MQTT 5 devices may announce their firmware in the CONNECT's user properties.
+		keepalive: pk.Connect.Keepalive, clean: pk.Connect.Clean,
+		publishes:  newLimiter(b.cfg.PublishRate, b.cfg.PublishBurst),
+		subscribes: newLimiter(b.cfg.SubscribeRate, b.cfg.SubscribeBurst)}
+	// MQTT 5 devices may announce their firmware in the CONNECT's user
+	// properties; a value that cannot be kept is recorded and ignored.
 	for _, up := range pk.Properties.User {
+		var field *string
 		switch up.Key {
 		case "firmware":
-			s.firmware = up.Val
+			field = &s.firmware
 		case "model":
-			s.model = up.Val
+			field = &s.model
+		default:
+			continue
 		}
+		if err := checkLabel(up.Key+" user property", up.Val); err != nil {
+			s.rejected = append(s.rejected, err.Error())
+			continue
+		}
+		*field = strings.Clone(up.Val)
 	}
 	// The keepalive policy caps what MQTT 5 devices may ask for, through the
 	// CONNACK's Server Keep Alive ([MQTT-3.2.2-21]); MQTT 3 devices cannot be
@@ -166,6 +224,32 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) (err error) {
 		wire.accepted.Store(true)
 	}
 	b.pending.Store(cl, s)
+	return nil
+}
+
+// willError is why a CONNECT's will is refused, with the refusal it gets.
+type willError struct {
+	refusal refusal
+	msg     string
+}
+
+func (e *willError) Error() string { return e.msg }
+
+// checkWill applies to a will the rules a publish obeys, because the broker
+// publishes it with the device's authority when the device drops, without
+// asking the ACL: the topic must be one the device may publish to, and a
+// retained will is kept only on its status topic (as for a publish, the
+// retain flag is cleared elsewhere). The size is bounded by the CONNECT's.
+func checkWill(id string, w mqtt.Will) *willError {
+	if atomic.LoadUint32(&w.Flag) == 0 {
+		return nil
+	}
+	switch {
+	case w.TopicName == "" || !utf8.ValidString(w.TopicName) || strings.ContainsAny(w.TopicName, "+#\x00"):
+		return &willError{refuseBadTopic, fmt.Sprintf("will topic %s is not a valid topic name", excerpt(w.TopicName))}
+	case !canPublish(id, w.TopicName):
+		return &willError{refuseNotAuthorized, fmt.Sprintf("will topic %s is outside the device's topics (devices/%s/status, telemetry, ota/status)", excerpt(w.TopicName), id)}
+	}
 	return nil
 }
 
@@ -191,6 +275,9 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 		Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch, ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion),
 		KeepaliveRequested: int(s.keepalive), KeepaliveEffective: int(cl.State.Keepalive), CleanStart: s.clean,
 		RemoteAddr: cl.Net.Remote, TLSVersion: tlsVersion(s.wire), Listener: cl.Net.Listener, BrokerNode: b.cfg.Node})
+	for _, why := range s.rejected {
+		b.reject(s, why)
+	}
 	b.log.Debug("device connected", "device_id", s.deviceID, "session_epoch", s.epoch, "protocol", fleet.Protocol(cl.Properties.ProtocolVersion).String(),
 		"keepalive", cl.State.Keepalive, "remote", cl.Net.Remote, "listener", cl.Net.Listener)
 
@@ -294,13 +381,6 @@ func (h *hook) denied(cl *mqtt.Client, what string) {
 	h.b.log.Warn("topic access denied", "device_id", s.deviceID, "what", what)
 }
 
-// birth is the payload of devices/{id}/status.
-type birth struct {
-	Online   *bool  `json:"online"`
-	Firmware string `json:"firmware"`
-	Model    string `json:"model"`
-}
-
 // OnPublish reads birth messages and keeps retained messages to the status
 // topic only.
 func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
@@ -324,17 +404,8 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if sub != "status" {
 		return pk, nil
 	}
-	var msg birth
-	dec := json.NewDecoder(bytes.NewReader(pk.Payload))
-	if err := dec.Decode(&msg); err != nil || msg.Online == nil || len(msg.Firmware) > 64 || len(msg.Model) > 64 {
-		h.b.log.Warn("malformed status message", "device_id", cl.ID, "payload", truncate(pk.Payload, 200),
-			"want", `{"online":true,"firmware":"1.2.0","model":"gw-100"}`)
-		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
-			return pk, packets.ErrPayloadFormatInvalid
-		}
-		return pk, nil
-	}
-	if !*msg.Online {
+	msg, err := parseBirth(pk.Payload)
+	if errors.Is(err, errNotBirth) {
 		return pk, nil // the will, or a device announcing it is going away
 	}
 	v, ok := h.b.sessions.Load(cl)
@@ -342,6 +413,15 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return pk, nil
 	}
 	s := v.(*session)
+	if err != nil {
+		// The device's previous firmware and model stay.
+		h.b.reject(s, "status message refused: "+err.Error())
+		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
+			return pk, packets.ErrPayloadFormatInvalid
+		}
+		return pk, packets.CodeSuccessIgnore // acknowledged, neither delivered nor retained
+	}
+	// json.Unmarshal copies strings, so these do not alias the packet.
 	if msg.Firmware != "" {
 		s.firmware = msg.Firmware
 	}
@@ -360,6 +440,48 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch, ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion),
 		BrokerNode: h.b.cfg.Node})
 	return pk, nil
+}
+
+// OnPacketRead applies the session's message and subscription rates. It runs
+// for every packet, so it only takes a token; a session over its rate is
+// ended with DISCONNECT 0x96 (MQTT 5; MQTT 3 has no server DISCONNECT, so the
+// socket is closed) and its disconnect is recorded as throttled.
+func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil
+	}
+	var lim *rate.Limiter
+	n := 1
+	v, ok := h.b.sessions.Load(cl)
+	if !ok {
+		return pk, nil // CONNECT, or a packet racing the session's set-up
+	}
+	s := v.(*session)
+	switch pk.FixedHeader.Type {
+	case packets.Pingreq, packets.Disconnect:
+		return pk, nil
+	case packets.Subscribe, packets.Unsubscribe:
+		lim, n = s.subscribes, max(1, len(pk.Filters))
+	default:
+		lim = s.publishes
+	}
+	if lim.AllowN(time.Now(), n) {
+		return pk, nil
+	}
+	if cl.Properties.ProtocolVersion == 5 {
+		_ = h.b.srv.DisconnectClient(cl, packets.ErrMessageRateTooHigh)
+	} else {
+		cl.Stop(packets.ErrMessageRateTooHigh)
+	}
+	return pk, packets.ErrRejectPacket
+}
+
+// reject records that something a device sent was refused and why.
+func (b *Broker) reject(s *session, why string) {
+	now := time.Now()
+	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: s.deviceID, At: now, Kind: fleet.KindRejected,
+		Detail: why, Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch, BrokerNode: b.cfg.Node})
+	b.refusals.Log(slog.LevelWarn, "rejected:"+s.deviceID, "device message refused", "device_id", s.deviceID, "why", why)
 }
 
 // OnPacketEncode advertises the broker's maximum packet size to MQTT 5
@@ -419,11 +541,4 @@ func certNames(cert *x509.Certificate, id string) bool {
 		}
 	}
 	return false
-}
-
-func truncate(b []byte, n int) string {
-	if len(b) > n {
-		return string(b[:n]) + "…"
-	}
-	return string(b)
 }

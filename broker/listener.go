@@ -38,6 +38,9 @@ type listener struct {
 	// throttle answers a connection the connect rate has no room for, and
 	// then reports true (Broker.throttle).
 	throttle func(listener string, w *wireConn) bool
+	// limits caps the connections that have not sent CONNECT yet (nil: no cap).
+	limits   *connectLimits
+	refusals *repeatLog
 
 	serving atomic.Bool
 	closed  atomic.Bool
@@ -83,6 +86,11 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 }
 
 func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
+	release, ok := l.admit(raw)
+	if !ok {
+		return
+	}
+	defer release()
 	if !l.track(raw) {
 		raw.Close()
 		return
@@ -108,7 +116,29 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 		}
 		conn = tc
 	}
-	l.establish(newWireConn(conn, tc), establish)
+	w := newWireConn(conn, tc)
+	w.onConnectRead = release
+	l.establish(w, establish)
+}
+
+// admit takes a place among the connections that have not sent CONNECT yet,
+// or closes raw when its source or the broker has none left: such sockets
+// are what an attacker without credentials can open at will. The returned
+// release may be called more than once; the first call gives the place back.
+func (l *listener) admit(raw net.Conn) (release func(), ok bool) {
+	if l.limits == nil {
+		return func() {}, true
+	}
+	src := sourceOf(raw.RemoteAddr())
+	if !l.limits.admitPending(src) {
+		l.m.pendingRefused.Inc()
+		l.refusals.Log(slog.LevelWarn, "pending:"+src.String(), "connection closed: too many connections that have not sent CONNECT",
+			"listener", l.id, "remote", raw.RemoteAddr().String())
+		raw.Close()
+		return nil, false
+	}
+	var once sync.Once
+	return func() { once.Do(func() { l.limits.releasePending(src) }) }, true
 }
 
 func (l *listener) establish(w *wireConn, establish listeners.EstablishFn) {
@@ -143,13 +173,20 @@ func (l *listener) serveWebSocket(establish listeners.EstablishFn) {
 		}
 		ws.SetReadLimit(int64(l.maxPacket) + 16)
 		raw := wsconn.New(ws)
+		release, ok := l.admit(raw)
+		if !ok {
+			return
+		}
+		defer release()
 		if !l.track(raw) {
 			raw.Close()
 			return
 		}
 		defer l.untrack(raw)
 		_ = raw.SetDeadline(time.Now().Add(l.connectTimeout))
-		l.establish(newWireConn(raw, nil), establish)
+		wc := newWireConn(raw, nil)
+		wc.onConnectRead = release
+		l.establish(wc, establish)
 	}
 	mux.HandleFunc("/mqtt", handler)
 	mux.HandleFunc("/", handler)

@@ -9,6 +9,7 @@ type metrics struct {
 	connectTimeouts prometheus.Counter
 	tlsFailures     *prometheus.CounterVec
 	aclDenials      prometheus.Counter
+	pendingRefused  prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -31,11 +32,14 @@ func newMetrics() *metrics {
 		aclDenials: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fleetd_mqtt_acl_denials_total", Help: "Publishes and subscriptions outside a device's own topics.",
 		}),
+		pendingRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fleetd_mqtt_pending_connects_refused_total", Help: "Connections closed at accept because too many connections (overall or from their source) had not sent CONNECT yet.",
+		}),
 	}
 }
 
 func (m *metrics) register(r prometheus.Registerer, b *Broker) {
-	r.MustRegister(m.connects, m.disconnects, m.acceptErrors, m.connectTimeouts, m.tlsFailures, m.aclDenials,
+	r.MustRegister(m.connects, m.disconnects, m.acceptErrors, m.connectTimeouts, m.tlsFailures, m.aclDenials, m.pendingRefused,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fleetd_mqtt_sessions", Help: "Live device sessions.",
 		}, func() float64 {

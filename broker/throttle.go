@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -41,7 +43,11 @@ func (b *Broker) throttle(listener string, w *wireConn) bool {
 		_ = w.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = w.Write(buf.Bytes())
 	}
-	b.recordRefusal(pk, listener, w, fleet.ReasonThrottled, "broker connect rate exceeded", code)
+	id := strings.Clone(pk.Connect.ClientIdentifier)
+	if fleet.ValidateID(id) != nil {
+		id = "" // not a device id: recorded under no device (OnConnect says why for admitted attempts)
+	}
+	b.recordRefusal(pk, id, listener, w, fleet.ReasonThrottled, "broker connect rate exceeded", code)
 	return true
 }
 
@@ -72,19 +78,27 @@ func readConnect(r io.Reader, maxPacket int) (packets.Packet, error) {
 	return pk, pk.ConnectDecode(body)
 }
 
-// recordRefusal records a refused CONNECT as the device's "refused" event,
-// counts it and logs it with the device id and the CONNACK code sent.
-func (b *Broker) recordRefusal(pk packets.Packet, listener string, w *wireConn, reason fleet.Reason, detail string, code packets.Code) {
-	id := pk.Connect.ClientIdentifier
+// recordRefusal records a refused CONNECT as a "refused" event of deviceID
+// ("" when the attempt named no valid device id), counts it and logs it with
+// the CONNACK code sent; repeats of one id or address within the log interval
+// are folded into one line. A refused attempt is unauthenticated by
+// definition: whoever sent it, the event says only which id it claimed and
+// where it came from, and the diagnosis compares that address with the
+// device's own (fleet.Diagnose).
+func (b *Broker) recordRefusal(pk packets.Packet, deviceID, listener string, w *wireConn, reason fleet.Reason, detail string, code packets.Code) {
 	remote := ""
 	if w != nil {
 		remote = w.RemoteAddr().String()
 	}
 	now := time.Now()
-	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: id, At: now, Kind: fleet.KindRefused, Reason: reason,
+	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: deviceID, At: now, Kind: fleet.KindRefused, Reason: reason,
 		Detail: detail, ProtocolVersion: fleet.Protocol(pk.ProtocolVersion), KeepaliveRequested: int(pk.Connect.Keepalive),
 		CleanStart: pk.Connect.Clean, RemoteAddr: remote, TLSVersion: tlsVersion(w), Listener: listener, BrokerNode: b.cfg.Node})
 	b.m.connects.WithLabelValues(string(reason)).Inc()
-	b.log.Info("connection refused", "device_id", id, "reason", reason, "detail", detail, "remote", remote,
-		"listener", listener, "connack", fmt.Sprintf("0x%02x", code.Code))
+	key := deviceID
+	if key == "" && w != nil {
+		key = sourceOf(w.RemoteAddr()).String()
+	}
+	b.refusals.Log(slog.LevelInfo, "refused:"+key, "connection refused", "device_id", deviceID, "reason", reason, "detail", detail,
+		"remote", remote, "listener", listener, "connack", fmt.Sprintf("0x%02x", code.Code))
 }

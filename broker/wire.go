@@ -21,6 +21,9 @@ type wireConn struct {
 	pings     atomic.Int32  // PINGREQs received
 	badHeader atomic.Uint32 // 0x100 | first fixed header with bad flags, or 0
 	accepted  atomic.Bool   // the CONNECT was accepted (set by the hook)
+	// onConnectRead gives back the connection's place among those that have
+	// not sent CONNECT (listener.admit); called once the CONNECT was read.
+	onConnectRead func()
 
 	state     uint8 // parser: 0 header, 1 length, 2 body, 3 lost sync
 	remaining int
@@ -86,6 +89,13 @@ func (w *wireConn) scan(p []byte) {
 		default:
 			return
 		}
+	}
+}
+
+// connectRead says the CONNECT has been read.
+func (w *wireConn) connectRead() {
+	if w.onConnectRead != nil {
+		w.onConnectRead()
 	}
 }
 

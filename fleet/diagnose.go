@@ -22,6 +22,7 @@ const (
 	ProblemFlapping             = "flapping"
 	ProblemTLSHandshakeFailures = "tls_handshake_failures"
 	ProblemAuthFailures         = "auth_failures"
+	ProblemIDUsedElsewhere      = "id_used_elsewhere"
 )
 
 // Problem is one reason a device drops, written for an operator.
@@ -117,7 +118,7 @@ func Diagnose(d Device, events []Event, incompat []Incompatibility, now time.Tim
 		})
 	}
 	for _, rule := range []func(Device, []Event, DiagnosisPolicy) *Problem{
-		malformedPings, noPings, duplicateClientID, keepaliveMismatch, flapping, tlsFailures, authFailures,
+		malformedPings, noPings, duplicateClientID, keepaliveMismatch, flapping, tlsFailures, authFailures, idUsedElsewhere,
 	} {
 		if pr := rule(d, evs, p); pr != nil {
 			out = append(out, *pr)
@@ -339,12 +340,13 @@ func flapFix(r Reason) string {
 
 // tlsFailures finds failed TLS handshakes and picks the fix from the latest
 // error, which says which side rejected which certificate.
-func tlsFailures(_ Device, evs []Event, _ DiagnosisPolicy) *Problem {
+func tlsFailures(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
 	var n int
 	var last Event
 	addrs := map[string]bool{}
+	own := ownAddresses(d, evs)
 	for _, e := range evs {
-		if e.Kind == KindRefused && e.Reason == ReasonTLSHandshakeFailed {
+		if e.Kind == KindRefused && e.Reason == ReasonTLSHandshakeFailed && !foreign(e, own) {
 			n++
 			last = e
 			if ip := hostOf(e.RemoteAddr); ip != "" {
@@ -389,13 +391,14 @@ func tlsFix(detail string) string {
 
 // authFailures finds repeated refused logins and picks the fix from the most
 // common reason the broker gave.
-func authFailures(_ Device, evs []Event, _ DiagnosisPolicy) *Problem {
+func authFailures(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
 	var n int
 	details := map[string]int{}
 	latest := map[string]time.Time{}
 	var last Event
+	own := ownAddresses(d, evs)
 	for _, e := range evs {
-		if e.Kind == KindRefused && e.Reason == ReasonAuthFailed {
+		if e.Kind == KindRefused && e.Reason == ReasonAuthFailed && !foreign(e, own) {
 			n++
 			details[e.Detail]++
 			latest[e.Detail] = e.At
@@ -419,6 +422,75 @@ func authFailures(_ Device, evs []Event, _ DiagnosisPolicy) *Problem {
 		Cause:    fmt.Sprintf("the broker refused the device's credentials %d times: %q", n, top),
 		Evidence: map[string]any{"failures": n, "detail": top, "details": details, "last_at": last.At},
 		Fix:      fix,
+	}
+}
+
+// ownAddresses are the IP addresses the device has proved itself from: those
+// of its sessions in the window, and the one it last connected from.
+func ownAddresses(d Device, evs []Event) map[string]bool {
+	own := map[string]bool{}
+	if ip := hostOf(d.RemoteAddr); ip != "" {
+		own[ip] = true
+	}
+	for _, e := range evs {
+		if e.Kind == KindConnect {
+			if ip := hostOf(e.RemoteAddr); ip != "" {
+				own[ip] = true
+			}
+		}
+	}
+	return own
+}
+
+// foreign reports whether a refused attempt under the device's id was made by
+// someone else. Refused attempts are unauthenticated: anyone can claim an id.
+// One from an address the device never connected from is someone else's; so
+// is a certificate not signed by the device CA, unless it came from where the
+// device connects (then the device itself holds the wrong certificate).
+// While the device has never connected, its address is unknown and a failed
+// login may be its own.
+func foreign(e Event, own map[string]bool) bool {
+	ip := hostOf(e.RemoteAddr)
+	if own[ip] {
+		return false
+	}
+	if e.Reason == ReasonTLSHandshakeFailed && strings.HasPrefix(e.Detail, "unknown_ca") {
+		return true
+	}
+	return len(own) > 0
+}
+
+// idUsedElsewhere finds refused attempts under the device's id that someone
+// else made (foreign), so that an attacker holding a victim's id, or a clone
+// with a stale token, is not diagnosed as the device's own wrong credentials.
+func idUsedElsewhere(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
+	own := ownAddresses(d, evs)
+	var n, tlsN int
+	addrs := map[string]bool{}
+	details := map[string]int{}
+	var last Event
+	for _, e := range evs {
+		if e.Kind != KindRefused || (e.Reason != ReasonAuthFailed && e.Reason != ReasonTLSHandshakeFailed) || !foreign(e, own) {
+			continue
+		}
+		n++
+		if e.Reason == ReasonTLSHandshakeFailed {
+			tlsN++
+		}
+		addrs[hostOf(e.RemoteAddr)] = true
+		details[e.Detail]++
+		last = e
+	}
+	if n-tlsN < minAuthFailures && tlsN < minTLSFailures {
+		return nil
+	}
+	return &Problem{
+		Code: ProblemIDUsedElsewhere,
+		Cause: fmt.Sprintf("someone else is using this device's id: %d refused attempts from %s, where the device does not connect from",
+			n, strings.Join(sortedKeys(addrs), ", ")),
+		Evidence: map[string]any{"attempts": n, "tls_handshakes": tlsN, "addresses": sortedKeys(addrs), "details": details,
+			"device_addresses": sortedKeys(own), "last_at": last.At},
+		Fix: "the device's own credentials work: find what connects from these addresses (a cloned device, a leaked id, an attacker) and stop it; rotate the device's token if it may have leaked",
 	}
 }
 

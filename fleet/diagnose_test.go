@@ -305,7 +305,13 @@ func TestDiagnoseOrder(t *testing.T) {
 			refusal(58*time.Minute, ReasonAuthFailed, "wrong token"),
 			refusal(57*time.Minute, ReasonAuthFailed, "wrong token"),
 			refusal(56*time.Minute, ReasonTLSHandshakeFailed, "EOF"),
+			// Someone else, at an address the device never connects from.
+			ev(55*time.Minute, Event{Kind: KindRefused, Reason: ReasonAuthFailed, Detail: "wrong token", RemoteAddr: "192.0.2.1:1"}),
+			ev(54*time.Minute, Event{Kind: KindRefused, Reason: ReasonAuthFailed, Detail: "wrong token", RemoteAddr: "192.0.2.1:2"}),
+			ev(53*time.Minute, Event{Kind: KindRefused, Reason: ReasonAuthFailed, Detail: "wrong token", RemoteAddr: "192.0.2.1:3"}),
 		},
+		// The refusals above from 198.51.100.4 are the device's own: it connects from there too.
+		session(45*time.Minute, 50, "198.51.100.4:41000", clean),
 		sessions(7, 9*time.Minute, 80*time.Second, cutAt(30000)),
 		takeover(30*time.Minute, 100, "203.0.113.7:50000", "198.51.100.9:61000"),
 		takeover(29*time.Minute, 101, "198.51.100.9:61000", "203.0.113.7:50000"),
@@ -325,7 +331,7 @@ func TestDiagnoseOrder(t *testing.T) {
 	}
 	want := []string{
 		ProblemIncompatibleFirmware, ProblemMalformedPings, ProblemNoPings, ProblemDuplicateClientID,
-		ProblemKeepaliveMismatch, ProblemFlapping, ProblemTLSHandshakeFailures, ProblemAuthFailures,
+		ProblemKeepaliveMismatch, ProblemFlapping, ProblemTLSHandshakeFailures, ProblemAuthFailures, ProblemIDUsedElsewhere,
 	}
 	if diff := cmp.Diff(want, codes); diff != "" {
 		t.Errorf("mismatch (-want +got):\n%s", diff)
@@ -397,6 +403,60 @@ func TestKeepalivePolicyProblem(t *testing.T) {
 			d := Device{ID: "d", Model: "gw-100", ProtocolVersion: tt.protocol, KeepaliveRequested: tt.requested}
 			if got := keepalivePolicyProblem(d, tt.cap) != nil; got != tt.want {
 				t.Fatalf("problem = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+// Refused attempts are unauthenticated: whoever holds a device's id can make
+// them. Those from where the device never connects are someone else's, and
+// must not read as the device's own wrong credentials.
+func TestDiagnoseIDUsedElsewhere(t *testing.T) {
+	own := "203.0.113.7:50000"
+	from := func(ago time.Duration, r Reason, detail, addr string) Event {
+		return ev(ago, Event{Kind: KindRefused, Reason: r, Detail: detail, RemoteAddr: addr})
+	}
+	codes := func(ps []Problem) []string {
+		var out []string
+		for _, p := range ps {
+			out = append(out, p.Code)
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name   string
+		events []Event
+		want   []string
+	}{
+		{"wrong token from another address", cat(session(50*time.Minute, 1, own, clean), []Event{
+			from(30*time.Minute, ReasonAuthFailed, "wrong token", "198.51.100.9:4000"),
+			from(20*time.Minute, ReasonAuthFailed, "wrong token", "198.51.100.9:4001"),
+			from(10*time.Minute, ReasonAuthFailed, "wrong token", "198.51.100.9:4002"),
+		}), []string{ProblemIDUsedElsewhere}},
+		{"self-signed certificate naming the device", cat(session(50*time.Minute, 1, own, clean), []Event{
+			from(10*time.Minute, ReasonTLSHandshakeFailed, "unknown_ca: tls: failed to verify certificate: x509: certificate signed by unknown authority", "198.51.100.9:4000"),
+		}), []string{ProblemIDUsedElsewhere}},
+		{"self-signed certificate before the device ever connected", []Event{
+			from(10*time.Minute, ReasonTLSHandshakeFailed, "unknown_ca: tls: failed to verify certificate: x509: certificate signed by unknown authority", "198.51.100.9:4000"),
+		}, []string{ProblemIDUsedElsewhere}},
+		{"wrong token from where the device connects", cat(session(50*time.Minute, 1, own, clean), []Event{
+			from(30*time.Minute, ReasonAuthFailed, "wrong token", "203.0.113.7:50001"),
+			from(20*time.Minute, ReasonAuthFailed, "wrong token", "203.0.113.7:50002"),
+			from(10*time.Minute, ReasonAuthFailed, "wrong token", "203.0.113.7:50003"),
+		}), []string{ProblemAuthFailures}},
+		{"both", cat(session(50*time.Minute, 1, own, clean), []Event{
+			from(30*time.Minute, ReasonAuthFailed, "wrong token", "203.0.113.7:50001"),
+			from(20*time.Minute, ReasonAuthFailed, "wrong token", "203.0.113.7:50002"),
+			from(10*time.Minute, ReasonAuthFailed, "wrong token", "203.0.113.7:50003"),
+			from(9*time.Minute, ReasonAuthFailed, "wrong token", "192.0.2.1:1"),
+			from(8*time.Minute, ReasonAuthFailed, "wrong token", "192.0.2.1:2"),
+			from(7*time.Minute, ReasonAuthFailed, "wrong token", "192.0.2.1:3"),
+		}), []string{ProblemAuthFailures, ProblemIDUsedElsewhere}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := codes(Diagnose(Device{ID: "gw-1"}, tc.events, nil, diagNow, DefaultDiagnosisPolicy()))
+			if diff := cmp.Diff(tc.want, got); diff != "" {
+				t.Fatalf("problems mismatch (-want +got):\n%s", diff)
 			}
 		})
 	}

@@ -19,6 +19,7 @@ const (
 	KindRefused    Kind = "refused"    // a connection attempt was refused; Reason says why
 	KindACLDenied  Kind = "acl_denied" // a publish or subscribe outside the device's topics
 	KindBirth      Kind = "birth"      // the device announced itself (firmware, model)
+	KindRejected   Kind = "rejected"   // a message from the device was refused (malformed birth, unusable user property); Detail says why
 )
 
 // Reason is why a session ended or an attempt was refused: one word from a

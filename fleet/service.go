@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	lru "github.com/hashicorp/golang-lru/v2"
 )
 
 // AuthResult is the outcome of checking a device's credential.
@@ -43,7 +46,8 @@ type Service struct {
 	now    func() time.Time
 
 	mu       sync.RWMutex
-	cache    map[string]*cachedCredential
+	cache    map[string]*cachedCredential  // registered devices
+	unknown  *lru.Cache[string, time.Time] // ids found unregistered, and when
 	onRevoke []func(deviceID string)
 
 	policy atomic.Pointer[compiledPolicy]
@@ -52,8 +56,7 @@ type Service struct {
 
 type cachedCredential struct {
 	credential
-	missing  bool      // negative entry: the id is not registered
-	loadedAt time.Time // for negative entries' expiry
+	missing bool // the id is not registered
 }
 
 // negativeTTL bounds how long an unknown id is remembered as unknown. Devices
@@ -61,14 +64,26 @@ type cachedCredential struct {
 // registrations made through another replica.
 const negativeTTL = 5 * time.Second
 
+// maxUnknownIDs bounds the negative cache. Unknown ids are what an attacker
+// without any token can send at will: remembering every one of them would
+// grow without end, so the least recently used are forgotten (and cost one
+// query again).
+const maxUnknownIDs = 16384
+
+var missingCredential = &cachedCredential{missing: true}
+
 // NewService builds the service. Call WarmCache before the broker accepts
 // connections.
 func NewService(store *Store, hasher *Hasher, logger *slog.Logger) *Service {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
+	unknown, err := lru.New[string, time.Time](maxUnknownIDs)
+	if err != nil {
+		panic(err) // only for a size below 1
+	}
 	return &Service{store: store, hasher: hasher, logger: logger, now: time.Now, cache: map[string]*cachedCredential{},
-		an: analysis{wake: make(chan struct{}, 1)}}
+		unknown: unknown, an: analysis{wake: make(chan struct{}, 1)}}
 }
 
 // OnRevoke registers a function called (synchronously) when a device's
@@ -147,18 +162,24 @@ func (s *Service) lookup(ctx context.Context, id string) (*cachedCredential, err
 	s.mu.RLock()
 	c, ok := s.cache[id]
 	s.mu.RUnlock()
-	if ok && (!c.missing || s.now().Sub(c.loadedAt) < negativeTTL) {
+	if ok {
 		return c, nil
 	}
+	if at, ok := s.unknown.Get(id); ok && s.now().Sub(at) < negativeTTL {
+		return missingCredential, nil
+	}
 	cred, err := s.store.credential(ctx, id)
+	// The id may alias a whole packet buffer of the broker's: what is kept
+	// is a copy.
+	id = strings.Clone(id)
 	switch {
 	case errors.Is(err, ErrNotFound):
-		c = &cachedCredential{missing: true, loadedAt: s.now()}
+		s.unknown.Add(id, s.now())
+		return missingCredential, nil
 	case err != nil:
 		return nil, fmt.Errorf("look up device %s: %w", id, err)
-	default:
-		c = &cachedCredential{credential: cred, loadedAt: s.now()}
 	}
+	c = &cachedCredential{credential: cred}
 	s.mu.Lock()
 	s.cache[id] = c
 	s.mu.Unlock()
@@ -170,7 +191,7 @@ func (s *Service) lookup(ctx context.Context, id string) (*cachedCredential, err
 func (s *Service) NoteBirth(id, firmware, model string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if c, ok := s.cache[id]; ok && !c.missing {
+	if c, ok := s.cache[id]; ok {
 		updated := *c
 		updated.firmware = firmware
 		if updated.model == "" {
@@ -196,8 +217,9 @@ func (s *Service) Register(ctx context.Context, n NewDevice) (Device, string, er
 		return Device{}, "", err
 	}
 	s.mu.Lock()
-	s.cache[d.ID] = &cachedCredential{credential: credential{hash: hash, state: StateActive, model: d.Model}, loadedAt: s.now()}
+	s.cache[d.ID] = &cachedCredential{credential: credential{hash: hash, state: StateActive, model: d.Model}}
 	s.mu.Unlock()
+	s.unknown.Remove(d.ID)
 	s.logger.Info("device registered", "device_id", d.ID, "model", d.Model)
 	return d, token, nil
 }
@@ -240,7 +262,7 @@ func (s *Service) Update(ctx context.Context, id string, p Patch) (Device, error
 	}
 	if p.Model != nil {
 		s.mu.Lock()
-		if c, ok := s.cache[id]; ok && !c.missing {
+		if c, ok := s.cache[id]; ok {
 			updated := *c
 			updated.model = d.Model
 			s.cache[id] = &updated
@@ -266,7 +288,7 @@ func (s *Service) RotateToken(ctx context.Context, id string) (string, error) {
 		return "", err
 	}
 	s.mu.Lock()
-	if c, ok := s.cache[id]; ok && !c.missing {
+	if c, ok := s.cache[id]; ok {
 		updated := *c
 		updated.hash = hash
 		s.cache[id] = &updated
@@ -289,7 +311,7 @@ func (s *Service) Decommission(ctx context.Context, id string) (Device, error) {
 		return d, err
 	}
 	s.mu.Lock()
-	s.cache[id] = &cachedCredential{credential: credential{state: StateDecommissioned}, loadedAt: s.now()}
+	s.cache[id] = &cachedCredential{credential: credential{state: StateDecommissioned}}
 	hooks := append([]func(string){}, s.onRevoke...)
 	s.mu.Unlock()
 	for _, f := range hooks {

@@ -33,8 +33,17 @@ type Config struct {
 	ConnectBurst    int
 	ClientRate      float64
 	ClientBurst     int
-	SessionExpiry   time.Duration
-	TokenPepper     string
+	// Limits on what a device or an unauthenticated client can make the broker do.
+	AuthFailureRate  float64
+	AuthFailureBurst int
+	MaxPending       int
+	MaxPendingPerSrc int
+	PublishRate      float64
+	PublishBurst     int
+	SubscribeRate    float64
+	SubscribeBurst   int
+	SessionExpiry    time.Duration
+	TokenPepper      string
 	// AnalysisInterval is how often verdicts are learned and devices re-judged.
 	AnalysisInterval time.Duration
 	SigningKey       string
@@ -50,6 +59,10 @@ type Config struct {
 	PGBin            string
 	ShutdownTimeout  time.Duration
 	Node             string
+
+	// RecorderBehindAfter is how old the oldest connection event not yet in
+	// the database may get before /readyz reports fleetd not ready.
+	RecorderBehindAfter time.Duration
 }
 
 // setting binds one flag to its environment variable.
@@ -94,10 +107,19 @@ func (c *Config) settings() []setting {
 		{name: "mqtt-connect-burst", usage: "burst of connection attempts admitted above the rate", bind: num(&c.ConnectBurst, 1000)},
 		{name: "mqtt-client-connect-rate", usage: "connection attempts per second admitted per device id; 0 = unlimited", bind: float(&c.ClientRate, 1)},
 		{name: "mqtt-client-connect-burst", usage: "burst of connection attempts per device id", bind: num(&c.ClientBurst, 10)},
+		{name: "mqtt-auth-failure-rate", usage: "failed authentications per second allowed per source address (IPv4 address or IPv6 /64); past it failures get CONNACK 'connection rate exceeded'; 0 = unlimited", bind: float(&c.AuthFailureRate, 1)},
+		{name: "mqtt-auth-failure-burst", usage: "burst of failed authentications per source address", bind: num(&c.AuthFailureBurst, 20)},
+		{name: "mqtt-max-pending-connects", usage: "connections that have not sent CONNECT yet, at most, in total; more are closed at accept; 0 = no cap", bind: num(&c.MaxPending, 10000)},
+		{name: "mqtt-max-pending-connects-per-source", usage: "connections that have not sent CONNECT yet, at most, per source address; 0 = no cap", bind: num(&c.MaxPendingPerSrc, 1000)},
+		{name: "mqtt-publish-rate", usage: "packets per second a device session may send (PINGREQ aside); a session over it is ended with DISCONNECT 0x96; -1 = unlimited", bind: float(&c.PublishRate, 100)},
+		{name: "mqtt-publish-burst", usage: "burst of packets a device session may send above the rate", bind: num(&c.PublishBurst, 500)},
+		{name: "mqtt-subscribe-rate", usage: "subscription filters per second a device session may send (SUBSCRIBE and UNSUBSCRIBE); -1 = unlimited", bind: float(&c.SubscribeRate, 5)},
+		{name: "mqtt-subscribe-burst", usage: "burst of subscription filters a device session may send above the rate", bind: num(&c.SubscribeBurst, 50)},
 		{name: "mqtt-session-expiry", usage: "longest time a disconnected persistent session is kept", bind: dur(&c.SessionExpiry, time.Hour)},
 		{name: "token-pepper", usage: "secret key for device token hashes (64 hex characters); empty generates one in the data dir; replicas must share it", bind: str(&c.TokenPepper, ""), fromFile: true},
 		{name: "database-url", usage: "PostgreSQL URL; empty starts an embedded PostgreSQL under the data dir", bind: str(&c.DatabaseURL, ""), fromFile: true},
 		{name: "data-dir", usage: "directory for the embedded database, generated secrets and spooled events", bind: str(&c.DataDir, "./fleetd-data")},
+		{name: "recorder-behind-after", usage: "how old the oldest connection event not yet in the database (in memory or spooled) may get before /readyz fails", bind: dur(&c.RecorderBehindAfter, 30*time.Second)},
 		{name: "admin-token", usage: "bearer token for /api/v1; empty generates one on first start, kept in the data dir", bind: str(&c.AdminToken, ""), fromFile: true},
 		{name: "analysis-interval", usage: "how often firmware verdicts are learned and device compatibility re-judged", bind: dur(&c.AnalysisInterval, time.Minute)},
 		{name: "firmware-signing-key", usage: "ed25519 seed (64 hex characters) that signs firmware images; empty generates one in the data dir", bind: str(&c.SigningKey, ""), fromFile: true},
@@ -233,6 +255,25 @@ func (c *Config) validate() error {
 	if c.ClientRate < 0 {
 		bad("mqtt-client-connect-rate", "must not be negative")
 	}
+	if c.AuthFailureRate < 0 {
+		bad("mqtt-auth-failure-rate", "must not be negative")
+	}
+	if c.MaxPending < 0 {
+		bad("mqtt-max-pending-connects", "must not be negative")
+	}
+	if c.MaxPendingPerSrc < 0 {
+		bad("mqtt-max-pending-connects-per-source", "must not be negative")
+	}
+	for name, v := range map[string]float64{"mqtt-publish-rate": c.PublishRate, "mqtt-subscribe-rate": c.SubscribeRate} {
+		if v <= 0 && v != -1 {
+			bad(name, "must be above 0, or -1 for unlimited")
+		}
+	}
+	for name, v := range map[string]int{"mqtt-auth-failure-burst": c.AuthFailureBurst, "mqtt-publish-burst": c.PublishBurst, "mqtt-subscribe-burst": c.SubscribeBurst} {
+		if v < 1 {
+			bad(name, "must be at least 1")
+		}
+	}
 	if c.ClientBurst < 1 {
 		bad("mqtt-client-connect-burst", "must be at least 1")
 	}
@@ -270,6 +311,9 @@ func (c *Config) validate() error {
 	}
 	if c.DataDir == "" {
 		bad("data-dir", "must not be empty")
+	}
+	if c.RecorderBehindAfter <= 0 {
+		bad("recorder-behind-after", "must be positive")
 	}
 	if c.DatabaseURL != "" {
 		if _, err := pgxpool.ParseConfig(c.DatabaseURL); err != nil {

@@ -26,8 +26,9 @@ func TestParseConfig(t *testing.T) {
 	defaults := Config{HTTPAddr: ":8080", MQTTAddr: ":1883", DataDir: "./fleetd-data", LogLevel: slog.LevelInfo,
 		LogFormat: "json", ShutdownTimeout: 20 * time.Second, Node: host,
 		MQTTMaxPacket: 256 << 10, ConnectTimeout: 10 * time.Second, ConnectRate: 5000, ConnectBurst: 1000,
-		ClientRate: 1, ClientBurst: 10, SessionExpiry: time.Hour, AnalysisInterval: time.Minute,
-		OTAMaxDownloads: 100, CampaignInterval: time.Second}
+		ClientRate: 1, ClientBurst: 10, AuthFailureRate: 1, AuthFailureBurst: 20, MaxPending: 10000, MaxPendingPerSrc: 1000,
+		PublishRate: 100, PublishBurst: 500, SubscribeRate: 5, SubscribeBurst: 50, SessionExpiry: time.Hour, AnalysisInterval: time.Minute,
+		OTAMaxDownloads: 100, CampaignInterval: time.Second, RecorderBehindAfter: 30 * time.Second}
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {
@@ -50,6 +51,8 @@ func TestParseConfig(t *testing.T) {
 			want: with(func(c *Config) { c.AdminToken = "from-a-file-0123456789" })},
 		{name: "database url from file", args: []string{"-database-url-file", dbFile},
 			want: with(func(c *Config) { c.DatabaseURL = "postgres://u:p@db:5432/fleetd" })},
+		{name: "recorder behind after", env: map[string]string{"FLEETD_RECORDER_BEHIND_AFTER": "2m"},
+			want: with(func(c *Config) { c.RecorderBehindAfter = 2 * time.Minute })},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -94,6 +97,8 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "tls without cert", args: []string{"-mqtt-tls-addr", ":8883"}, want: []string{"FLEETD_TLS_CERT_FILE", "FLEETD_TLS_KEY_FILE"}},
 		{name: "tiny max packet", args: []string{"-mqtt-max-packet", "10"}, want: []string{"FLEETD_MQTT_MAX_PACKET"}},
 		{name: "negative connect rate", args: []string{"-mqtt-connect-rate", "-1"}, want: []string{"FLEETD_MQTT_CONNECT_RATE"}},
+		{name: "zero recorder behind after", args: []string{"-recorder-behind-after", "0s"}, want: []string{"FLEETD_RECORDER_BEHIND_AFTER", "positive"}},
+		{name: "bad recorder behind after", env: map[string]string{"FLEETD_RECORDER_BEHIND_AFTER": "later"}, want: []string{"FLEETD_RECORDER_BEHIND_AFTER", "later"}},
 		{name: "campaign interval too long for pacing", args: []string{"-campaign-interval", "5s"}, want: []string{"FLEETD_CAMPAIGN_INTERVAL", "2s"}},
 		{name: "short pepper", env: map[string]string{"FLEETD_TOKEN_PEPPER": "abcd"}, want: []string{"FLEETD_TOKEN_PEPPER"}},
 		{name: "several problems at once", env: map[string]string{"FLEETD_LOG_FORMAT": "xml", "FLEETD_HTTP_ADDR": "nope"},

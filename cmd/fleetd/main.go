@@ -160,12 +160,13 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	svc.RegisterMetrics(reg)
 	rec, err := fleet.NewRecorder(store, fleet.RecorderOptions{
 		SpoolPath: filepath.Join(cfg.DataDir, "spool", "events.jsonl"), Logger: logger.With("component", "events"), Registerer: reg,
-		Observe: hub.Observe,
+		Observe: hub.Observe, BehindAfter: cfg.RecorderBehindAfter,
 	})
 	if err != nil {
 		return err
 	}
 	lc.onStop("event recorder", rec.Close)
+	api.AddCheck(web.Check{Name: "recorder", Check: rec.Ready})
 
 	b, err := broker.New(broker.Config{
 		TCPAddr: cfg.MQTTAddr, TLSAddr: cfg.MQTTTLSAddr, WSAddr: cfg.MQTTWSAddr,
@@ -173,6 +174,10 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 		MaxPacket: cfg.MQTTMaxPacket, ConnectTimeout: cfg.ConnectTimeout,
 		ConnectRate: cfg.ConnectRate, ConnectBurst: cfg.ConnectBurst,
 		ClientConnectRate: cfg.ClientRate, ClientConnectBurst: cfg.ClientBurst,
+		AuthFailureRate: cfg.AuthFailureRate, AuthFailureBurst: cfg.AuthFailureBurst,
+		MaxPendingConnects: cfg.MaxPending, MaxPendingConnectsPerSource: cfg.MaxPendingPerSrc,
+		PublishRate: cfg.PublishRate, PublishBurst: cfg.PublishBurst,
+		SubscribeRate: cfg.SubscribeRate, SubscribeBurst: cfg.SubscribeBurst,
 		SessionExpiry: cfg.SessionExpiry, Node: cfg.Node,
 	}, svc, rec, logger.With("component", "mqtt"), reg)
 	if err != nil {

@@ -21,6 +21,7 @@ export const reasonColors = {
   packet_too_large: '#e06a2b',
   server_shutdown: '#3a78d4',
   acl_denied: '#b7791f',
+  rejected: '#c05621',
   unknown: '#b9c0cc',
 };
 
@@ -231,7 +232,8 @@ export function buildSessions(events, device, now = Date.now()) {
       }
       case 'refused':
       case 'acl_denied':
-        marks.push({t, kind: e.kind, reason: e.kind === 'acl_denied' ? 'acl_denied' : e.reason || 'unknown', e});
+      case 'rejected':
+        marks.push({t, kind: e.kind, reason: e.kind === 'refused' ? e.reason || 'unknown' : e.kind, e});
         break;
       case 'birth':
         if (e.firmware && e.firmware !== lastFirmware) {
