@@ -444,20 +444,20 @@ func ownAddresses(d Device, evs []Event) map[string]bool {
 
 // foreign reports whether a refused attempt under the device's id was made by
 // someone else. Refused attempts are unauthenticated: anyone can claim an id.
-// One from an address the device never connected from is someone else's; so
-// is a certificate not signed by the device CA, unless it came from where the
-// device connects (then the device itself holds the wrong certificate).
-// While the device has never connected, its address is unknown and a failed
-// login may be its own.
+// Once the device has proved itself from some address, an attempt from an
+// address it never connected from is someone else's, and so is a certificate
+// not signed by the device CA wherever it comes from (the device has
+// credentials that work). While the device has never connected, nothing
+// tells it from an impostor, and a failure may well be its own (a device
+// provisioned with the wrong certificate or token).
 func foreign(e Event, own map[string]bool) bool {
-	ip := hostOf(e.RemoteAddr)
-	if own[ip] {
+	if len(own) == 0 {
 		return false
 	}
 	if e.Reason == ReasonTLSHandshakeFailed && strings.HasPrefix(e.Detail, "unknown_ca") {
 		return true
 	}
-	return len(own) > 0
+	return !own[hostOf(e.RemoteAddr)]
 }
 
 // idUsedElsewhere finds refused attempts under the device's id that someone

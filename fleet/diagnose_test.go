@@ -438,7 +438,10 @@ func TestDiagnoseIDUsedElsewhere(t *testing.T) {
 		}), []string{ProblemIDUsedElsewhere}},
 		{"self-signed certificate before the device ever connected", []Event{
 			from(10*time.Minute, ReasonTLSHandshakeFailed, "unknown_ca: tls: failed to verify certificate: x509: certificate signed by unknown authority", "198.51.100.9:4000"),
-		}, []string{ProblemIDUsedElsewhere}},
+		}, []string{ProblemTLSHandshakeFailures}},
+		{"self-signed certificate from where the device connects", cat(session(50*time.Minute, 1, own, clean), []Event{
+			from(10*time.Minute, ReasonTLSHandshakeFailed, "unknown_ca: tls: failed to verify certificate: x509: certificate signed by unknown authority", "203.0.113.7:50001"),
+		}), []string{ProblemIDUsedElsewhere}},
 		{"wrong token from where the device connects", cat(session(50*time.Minute, 1, own, clean), []Event{
 			from(30*time.Minute, ReasonAuthFailed, "wrong token", "203.0.113.7:50001"),
 			from(20*time.Minute, ReasonAuthFailed, "wrong token", "203.0.113.7:50002"),
