@@ -65,8 +65,12 @@ func readConnect(r io.Reader, maxPacket int) (packets.Packet, error) {
 	if pk.FixedHeader.Type != packets.Connect {
 		return pk, fmt.Errorf("first packet is type %d, not CONNECT", pk.FixedHeader.Type)
 	}
-	if pk.FixedHeader.Remaining, _, err = packets.DecodeLength(br); err != nil {
+	var lenBytes int
+	if pk.FixedHeader.Remaining, lenBytes, err = packets.DecodeLength(br); err != nil {
 		return pk, err
+	}
+	if lenBytes > 4 { // [MQTT-1.5.5]: at most four bytes; mochi's decoder takes more
+		return pk, packets.ErrMalformedVariableByteInteger
 	}
 	if pk.FixedHeader.Remaining+1 > maxPacket {
 		return pk, packets.ErrPacketTooLarge
