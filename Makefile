@@ -1,8 +1,9 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 GO ?= go
 TEST_FLAGS ?= -race -count=1 -timeout 30m
+FUZZTIME ?= 10s
 
-.PHONY: run test build vet demo
+.PHONY: run test fuzz build vet demo
 
 ## run: start fleetd with its embedded PostgreSQL under ./fleetd-data
 run:
@@ -11,6 +12,10 @@ run:
 ## test: every test, against real PostgreSQL (started by the tests) and real MQTT clients
 test:
 	$(GO) test $(TEST_FLAGS) ./...
+
+## fuzz: every fuzz target (func FuzzX in any package) for FUZZTIME each; a crash is saved under testdata/fuzz
+fuzz:
+	GO=$(GO) FUZZTIME=$(FUZZTIME) .ci/fuzz
 
 build:
 	$(GO) build -o bin/ ./cmd/...
