@@ -18,85 +18,11 @@ import (
 	"github.com/fleetd/fleetd/fleet"
 )
 
-// connectOpts describes a CONNECT as a hostile device would write it.
-type connectOpts struct {
-	v                    byte
-	id, user, pass       string
-	keepalive            uint16
-	willTopic            string
-	willPayload          []byte
-	willRetain           bool
-	willDelay            uint32 // MQTT 5 Will Delay Interval
-	sessionExpiry        uint32 // MQTT 5
-	userProps            [][2]string
-	cleanSessionDisabled bool
-}
-
-func (o connectOpts) packet() []byte {
-	if o.v == 0 {
-		o.v = 4
-	}
-	var body []byte
-	if o.v == 3 {
-		body = appendString(body, "MQIsdp")
-	} else {
-		body = appendString(body, "MQTT")
-	}
-	flags := byte(0x02)
-	if o.cleanSessionDisabled {
-		flags = 0
-	}
-	if o.user != "" {
-		flags |= 0x80
-	}
-	if o.pass != "" {
-		flags |= 0x40
-	}
-	if o.willTopic != "" {
-		flags |= 0x04 | 0x08 // will, QoS 1
-		if o.willRetain {
-			flags |= 0x20
-		}
-	}
-	body = append(body, o.v, flags)
-	body = binary.BigEndian.AppendUint16(body, o.keepalive)
-	if o.v == 5 {
-		var props []byte
-		if o.sessionExpiry > 0 {
-			props = binary.BigEndian.AppendUint32(append(props, 0x11), o.sessionExpiry)
-		}
-		for _, up := range o.userProps {
-			props = appendString(appendString(append(props, 0x26), up[0]), up[1])
-		}
-		body = append(appendVarint(body, len(props)), props...)
-	}
-	body = appendString(body, o.id)
-	if o.willTopic != "" {
-		if o.v == 5 {
-			var wp []byte
-			if o.willDelay > 0 {
-				wp = binary.BigEndian.AppendUint32(append(wp, 0x18), o.willDelay)
-			}
-			body = append(appendVarint(body, len(wp)), wp...)
-		}
-		body = appendString(body, o.willTopic)
-		body = binary.BigEndian.AppendUint16(body, uint16(len(o.willPayload)))
-		body = append(body, o.willPayload...)
-	}
-	if o.user != "" {
-		body = appendString(body, o.user)
-	}
-	if o.pass != "" {
-		body = appendString(body, o.pass)
-	}
-	return packet(0x10, body)
-}
-
 // connectWith sends a CONNECT and returns the CONNACK code.
-func (c *rawClient) connectWith(o connectOpts) byte {
+func (c *rawClient) connectWith(o connectSpec) byte {
 	c.t.Helper()
-	c.v = o.v
-	c.send(o.packet())
+	c.v = o.version
+	c.send(o.encode())
 	typ, body := c.read()
 	if typ>>4 != 2 || len(body) < 2 {
 		c.t.Fatalf("expected CONNACK, got type 0x%02x body %x", typ, body)
@@ -153,8 +79,8 @@ func TestHostileWill(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := dialRaw(t, e.addr("tcp"))
-			code := c.connectWith(connectOpts{v: tc.v, id: "evil", user: "evil", pass: evilToken, keepalive: 30,
-				willTopic: tc.topic, willPayload: []byte(`{"job_id":"forged"}`), willRetain: true})
+			code := c.connectWith(connectSpec{version: tc.v, id: "evil", user: "evil", pass: evilToken, keepalive: 30,
+				willTopic: tc.topic, willQoS: 1, willPayload: []byte(`{"job_id":"forged"}`), willRetain: true})
 			if code != tc.want {
 				t.Fatalf("CONNACK 0x%02x, want 0x%02x", code, tc.want)
 			}
@@ -177,7 +103,7 @@ func TestHostileWill(t *testing.T) {
 
 	// A retained will on telemetry is published unretained, as a publish is.
 	c := dialRaw(t, e.addr("tcp"))
-	if code := c.connectWith(connectOpts{v: 4, id: "evil", user: "evil", pass: evilToken, keepalive: 30,
+	if code := c.connectWith(connectSpec{version: 4, id: "evil", user: "evil", pass: evilToken, keepalive: 30,
 		willTopic: "devices/evil/telemetry", willPayload: []byte(`{}`), willRetain: true}); code != 0 {
 		t.Fatalf("will on its own telemetry: CONNACK 0x%02x", code)
 	}
@@ -194,8 +120,8 @@ func TestDelayedWillAfterDecommission(t *testing.T) {
 	e := newEnv(t)
 	token := e.register("gone")
 	c := dialRaw(t, e.addr("tcp"))
-	if code := c.connectWith(connectOpts{v: 5, id: "gone", user: "gone", pass: token, keepalive: 30, sessionExpiry: 60,
-		willTopic: "devices/gone/status", willPayload: []byte(`{"online":false}`), willRetain: true, willDelay: 1}); code != 0 {
+	if code := c.connectWith(connectSpec{version: 5, id: "gone", user: "gone", pass: token, keepalive: 30, sessionExpiry: 60,
+		willTopic: "devices/gone/status", willQoS: 1, willPayload: []byte(`{"online":false}`), willRetain: true, willDelay: 1}); code != 0 {
 		t.Fatalf("CONNACK 0x%02x", code)
 	}
 	c.send(publishPacket("devices/gone/status", birthPayload("1.0.0"), true, 5))
@@ -241,7 +167,7 @@ func TestHostileStringsAreRefusedAtTheEdge(t *testing.T) {
 
 	token := e.register("gw-1")
 	c := dialRaw(t, e.addr("tcp"))
-	if code := c.connectWith(connectOpts{v: 5, id: "gw-1", user: "gw-1", pass: token, keepalive: 30,
+	if code := c.connectWith(connectSpec{version: 5, id: "gw-1", user: "gw-1", pass: token, keepalive: 30,
 		userProps: [][2]string{{"firmware", strings.Repeat("9", 1000)}}}); code != 0 {
 		t.Fatalf("CONNACK 0x%02x", code)
 	}
@@ -315,9 +241,9 @@ func TestUnauthenticatedMemoryIsBounded(t *testing.T) {
 					return
 				}
 				id := fmt.Sprintf("u-%d-%d-%x", w, i, rand.Uint64())
-				o := connectOpts{v: 4, id: id, user: id, pass: big, keepalive: 30, willTopic: "devices/" + id + "/status", willPayload: will}
+				o := connectSpec{version: 4, id: id, user: id, pass: big, keepalive: 30, willTopic: "devices/" + id + "/status", willPayload: will}
 				conn.SetDeadline(time.Now().Add(5 * time.Second))
-				conn.Write(o.packet())
+				conn.Write(o.encode())
 				buf := make([]byte, 4)
 				_, _ = conn.Read(buf)
 				conn.Close()

@@ -44,30 +44,76 @@ func packet(header byte, body []byte) []byte {
 
 // connectPacket builds a CONNECT for protocol level v (3, 4 or 5).
 func connectPacket(v byte, id, user, pass string, keepalive uint16) []byte {
+	return connectSpec{version: v, id: id, user: user, pass: pass, keepalive: keepalive}.encode()
+}
+
+// connectSpec describes a CONNECT as any device, well-behaved or hostile,
+// may write it: every optional part of the variable header and payload
+// ([MQTT-3.1]).
+type connectSpec struct {
+	version         byte // 3 (MQIsdp), 4 or 5
+	id, user, pass  string
+	keepalive       uint16
+	props, willProp []byte // MQTT 5 property bytes, without their length
+	willTopic       string
+	willPayload     []byte
+	willQoS         byte
+	willRetain      bool
+	// MQTT 5 properties by name, added after props and willProp.
+	sessionExpiry uint32 // Session Expiry Interval
+	willDelay     uint32 // Will Delay Interval
+	userProps     [][2]string
+}
+
+func (s connectSpec) encode() []byte {
 	name := "MQTT"
-	if v == 3 {
+	if s.version == 3 {
 		name = "MQIsdp"
 	}
-	var body []byte
-	body = appendString(body, name)
-	flags := byte(0x02) // clean session
-	if user != "" {
-		flags |= 0x80
+	flags := byte(0x02) // clean session / clean start
+	if s.willTopic != "" {
+		flags |= 0x04 | s.willQoS<<3
+		if s.willRetain {
+			flags |= 0x20
+		}
 	}
-	if pass != "" {
+	if s.pass != "" {
 		flags |= 0x40
 	}
-	body = append(body, v, flags)
-	body = binary.BigEndian.AppendUint16(body, keepalive)
-	if v == 5 {
-		body = append(body, 0) // no properties
+	if s.user != "" {
+		flags |= 0x80
 	}
-	body = appendString(body, id)
-	if user != "" {
-		body = appendString(body, user)
+	body := appendString(nil, name)
+	body = append(body, s.version, flags)
+	body = binary.BigEndian.AppendUint16(body, s.keepalive)
+	if s.version == 5 {
+		props := s.props
+		if s.sessionExpiry > 0 {
+			props = binary.BigEndian.AppendUint32(append(props, 0x11), s.sessionExpiry)
+		}
+		for _, up := range s.userProps {
+			props = appendString(appendString(append(props, 0x26), up[0]), up[1])
+		}
+		body = append(appendVarint(body, len(props)), props...)
 	}
-	if pass != "" {
-		body = appendString(body, pass)
+	body = appendString(body, s.id)
+	if s.willTopic != "" {
+		if s.version == 5 {
+			wp := s.willProp
+			if s.willDelay > 0 {
+				wp = binary.BigEndian.AppendUint32(append(wp, 0x18), s.willDelay)
+			}
+			body = append(appendVarint(body, len(wp)), wp...)
+		}
+		body = appendString(body, s.willTopic)
+		body = binary.BigEndian.AppendUint16(body, uint16(len(s.willPayload)))
+		body = append(body, s.willPayload...)
+	}
+	if s.user != "" {
+		body = appendString(body, s.user)
+	}
+	if s.pass != "" {
+		body = appendString(body, s.pass)
 	}
 	return packet(0x10, body)
 }

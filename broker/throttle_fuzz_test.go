@@ -2,7 +2,6 @@ package broker
 
 import (
 	"bytes"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -11,61 +10,6 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 )
-
-// connectSpec describes a CONNECT for the seed corpus: every optional part
-// of the variable header and payload that a device may send ([MQTT-3.1]).
-type connectSpec struct {
-	version         byte // 3 (MQIsdp), 4 or 5
-	id, user, pass  string
-	keepalive       uint16
-	props, willProp []byte // MQTT 5 property bytes, without their length
-	willTopic       string
-	willPayload     []byte
-	willQoS         byte
-	willRetain      bool
-}
-
-func (s connectSpec) encode() []byte {
-	name := "MQTT"
-	if s.version == 3 {
-		name = "MQIsdp"
-	}
-	flags := byte(0x02) // clean session / clean start
-	if s.willTopic != "" {
-		flags |= 0x04 | s.willQoS<<3
-		if s.willRetain {
-			flags |= 0x20
-		}
-	}
-	if s.pass != "" {
-		flags |= 0x40
-	}
-	if s.user != "" {
-		flags |= 0x80
-	}
-	body := appendString(nil, name)
-	body = append(body, s.version, flags)
-	body = binary.BigEndian.AppendUint16(body, s.keepalive)
-	if s.version == 5 {
-		body = append(appendVarint(body, len(s.props)), s.props...)
-	}
-	body = appendString(body, s.id)
-	if s.willTopic != "" {
-		if s.version == 5 {
-			body = append(appendVarint(body, len(s.willProp)), s.willProp...)
-		}
-		body = appendString(body, s.willTopic)
-		body = binary.BigEndian.AppendUint16(body, uint16(len(s.willPayload)))
-		body = append(body, s.willPayload...)
-	}
-	if s.user != "" {
-		body = appendString(body, s.user)
-	}
-	if s.pass != "" {
-		body = appendString(body, s.pass)
-	}
-	return packet(0x10, body)
-}
 
 // connectProps are the CONNECT properties a fleet device typically sends:
 // session expiry, receive maximum, maximum packet size, a user property and
