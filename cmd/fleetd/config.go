@@ -246,36 +246,37 @@ func (c *Config) validate() error {
 	if c.ConnectTimeout <= 0 {
 		bad("mqtt-connect-timeout", "must be positive")
 	}
-	if c.ConnectRate < 0 {
-		bad("mqtt-connect-rate", "must not be negative")
-	}
-	if c.ConnectBurst < 1 {
-		bad("mqtt-connect-burst", "must be at least 1")
-	}
-	if c.ClientRate < 0 {
-		bad("mqtt-client-connect-rate", "must not be negative")
-	}
-	if c.AuthFailureRate < 0 {
-		bad("mqtt-auth-failure-rate", "must not be negative")
-	}
-	if c.MaxPending < 0 {
-		bad("mqtt-max-pending-connects", "must not be negative")
-	}
-	if c.MaxPendingPerSrc < 0 {
-		bad("mqtt-max-pending-connects-per-source", "must not be negative")
-	}
-	for name, v := range map[string]float64{"mqtt-publish-rate": c.PublishRate, "mqtt-subscribe-rate": c.SubscribeRate} {
-		if v <= 0 && v != -1 {
-			bad(name, "must be above 0, or -1 for unlimited")
+	// Rates and caps: 0 turns a limit off; bursts need room for one.
+	for _, f := range []struct {
+		name string
+		v    float64
+	}{
+		{"mqtt-connect-rate", c.ConnectRate}, {"mqtt-client-connect-rate", c.ClientRate}, {"mqtt-auth-failure-rate", c.AuthFailureRate},
+		{"mqtt-max-pending-connects", float64(c.MaxPending)}, {"mqtt-max-pending-connects-per-source", float64(c.MaxPendingPerSrc)},
+	} {
+		if f.v < 0 {
+			bad(f.name, "must not be negative")
 		}
 	}
-	for name, v := range map[string]int{"mqtt-auth-failure-burst": c.AuthFailureBurst, "mqtt-publish-burst": c.PublishBurst, "mqtt-subscribe-burst": c.SubscribeBurst} {
-		if v < 1 {
-			bad(name, "must be at least 1")
+	for _, f := range []struct {
+		name string
+		v    int
+	}{
+		{"mqtt-connect-burst", c.ConnectBurst}, {"mqtt-client-connect-burst", c.ClientBurst}, {"mqtt-auth-failure-burst", c.AuthFailureBurst},
+		{"mqtt-publish-burst", c.PublishBurst}, {"mqtt-subscribe-burst", c.SubscribeBurst},
+	} {
+		if f.v < 1 {
+			bad(f.name, "must be at least 1")
 		}
 	}
-	if c.ClientBurst < 1 {
-		bad("mqtt-client-connect-burst", "must be at least 1")
+	// A session rate of 0 would end every session at its first packets.
+	for _, f := range []struct {
+		name string
+		v    float64
+	}{{"mqtt-publish-rate", c.PublishRate}, {"mqtt-subscribe-rate", c.SubscribeRate}} {
+		if f.v <= 0 && f.v != -1 {
+			bad(f.name, "must be above 0, or -1 for unlimited")
+		}
 	}
 	if c.SigningKey != "" {
 		if b, err := hex.DecodeString(c.SigningKey); err != nil || len(b) != 32 {
