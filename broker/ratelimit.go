@@ -66,9 +66,14 @@ func newConnectLimits(cfg Config) *connectLimits {
 // IPv6 /64 (one host usually has a whole /64). It is the zero prefix for an
 // address that is not IP (net.Pipe in tests).
 func sourceOf(addr net.Addr) netip.Prefix {
-	ap, err := netip.ParseAddrPort(addr.String())
-	if err != nil {
-		return netip.Prefix{}
+	var ap netip.AddrPort
+	if ta, ok := addr.(*net.TCPAddr); ok {
+		ap = ta.AddrPort() // every accepted TCP connection: no parsing
+	} else {
+		var err error
+		if ap, err = netip.ParseAddrPort(addr.String()); err != nil {
+			return netip.Prefix{}
+		}
 	}
 	ip := ap.Addr().Unmap()
 	bits := 32
