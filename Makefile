@@ -2,8 +2,13 @@
 GO ?= go
 TEST_FLAGS ?= -race -count=1 -timeout 30m
 FUZZTIME ?= 10s
+GOFMT ?= gofmt
+# staticcheck is pinned: another release finds other things. `make tools`
+# installs this version into bin/, which is then preferred to one on PATH.
+STATICCHECK_VERSION := v0.8.2
+STATICCHECK ?= $(if $(wildcard bin/staticcheck),bin/staticcheck,staticcheck)
 
-.PHONY: run test fuzz build vet demo
+.PHONY: run test lint tools fuzz build vet demo
 
 ## run: start fleetd with its embedded PostgreSQL under ./fleetd-data
 run:
@@ -12,6 +17,18 @@ run:
 ## test: every test, against real PostgreSQL (started by the tests) and real MQTT clients
 test:
 	$(GO) test $(TEST_FLAGS) ./...
+
+## lint: gofmt (lists the files it would change), go vet and staticcheck; CI runs it before the tests
+lint:
+	@files=$$($(GOFMT) -l $$(git ls-files -co --exclude-standard '*.go')); \
+	if [ -n "$$files" ]; then echo "gofmt would change:"; echo "$$files"; exit 1; fi
+	$(GO) vet ./...
+	@$(STATICCHECK) -version
+	$(STATICCHECK) ./...
+
+## tools: install staticcheck $(STATICCHECK_VERSION) into bin/ from the module proxy
+tools:
+	GOBIN=$(CURDIR)/bin $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
 
 ## fuzz: every fuzz target (func FuzzX in any package) for FUZZTIME each; a crash is saved under testdata/fuzz
 fuzz:

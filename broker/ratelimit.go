@@ -97,18 +97,6 @@ func (c *connectLimits) failedAuth(src netip.Prefix) bool {
 	return allowIn(c, c.failures, src, c.failRate, c.failBurst)
 }
 
-// failing reports whether a source has used up its failed authentications,
-// without charging it.
-func (c *connectLimits) failing(src netip.Prefix) bool {
-	if c.failRate == rate.Inf {
-		return false
-	}
-	c.mu.Lock()
-	lim, ok := c.failures[src]
-	c.mu.Unlock()
-	return ok && lim.Tokens() < 1
-}
-
 // newLimiter is a token bucket of r per second (unlimited for r < 0).
 func newLimiter(r float64, burst int) *rate.Limiter {
 	if r < 0 {

@@ -97,7 +97,7 @@ func TestHealthAndReadiness(t *testing.T) {
 	if rec, _ := do(t, s, http.MethodGet, "/healthz", nil); rec.Code != http.StatusOK {
 		t.Fatalf("/healthz: %d", rec.Code)
 	}
-	rec, body := do(t, s, http.MethodGet, "/readyz", nil)
+	rec, _ := do(t, s, http.MethodGet, "/readyz", nil)
 	if rec.Code != http.StatusServiceUnavailable {
 		t.Fatalf("/readyz with no checks registered: %d, want 503", rec.Code)
 	}
@@ -111,7 +111,7 @@ func TestHealthAndReadiness(t *testing.T) {
 		return nil
 	}})
 	s.AddCheck(Check{Name: "mqtt", Check: func(context.Context) error { return nil }})
-	rec, body = do(t, s, http.MethodGet, "/readyz", nil)
+	rec, body := do(t, s, http.MethodGet, "/readyz", nil)
 	want := map[string]any{"status": "ready", "checks": map[string]any{"database": "ok", "mqtt": "ok"}}
 	if rec.Code != http.StatusOK || !cmp.Equal(want, body) {
 		t.Fatalf("/readyz: %d, mismatch (-want +got):\n%s", rec.Code, cmp.Diff(want, body))
