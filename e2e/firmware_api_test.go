@@ -100,13 +100,13 @@ func TestFirmwareAndCampaignAPI(t *testing.T) {
 	if err := api.DecideVerdict(ctx, "gw-100", "1.0.3", "confirmed"); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(1500 * time.Millisecond) // the analysis applies the decision
+	p.WaitMetric("fleetd_flagged_firmware", 1, 10*time.Second) // the analysis applies the decision
 	spec := firmware.Spec{Name: "bad idea", FirmwareID: art.ID, Stages: []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 0.1}},
 		DeviceTimeout: firmware.Duration(time.Minute)}
 	_, err = api.CreateCampaign(ctx, spec)
 	wantAPIError(t, err, http.StatusBadRequest, "firmware_id")
 	api.DecideVerdict(ctx, "gw-100", "1.0.3", "")
-	time.Sleep(1500 * time.Millisecond)
+	p.WaitMetric("fleetd_flagged_firmware", 0, 10*time.Second)
 
 	other := spec
 	other.Selector.Models = []string{"th-10"}

@@ -73,6 +73,18 @@ func idleCutProxy(t *testing.T, target string, idle time.Duration) string {
 	return ln.Addr().String()
 }
 
+// waitFor polls cond until it holds, failing the test after within.
+func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", within, what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 // TestDiagnosisScenario plays a mixed fleet and checks that fleetd says, per
 // device and per firmware, why each one drops, flags the firmware that
 // rejects pings with evidence, marks their devices incompatible, and leaves
@@ -133,7 +145,27 @@ func TestDiagnosisScenario(t *testing.T) {
 	}
 	summary := s.Run(ctx)
 	t.Logf("fleet summary: connects %d, errors %v", summary.Connects, summary.Errors)
-	time.Sleep(3 * time.Second) // two analysis rounds over the whole run
+	// Every session has ended and every event is stored; then two analysis
+	// rounds, as the first may have read the events before the last ones.
+	waitFor(t, "every device offline and every event stored", 20*time.Second, func() bool {
+		h, err := api.FleetHealth(ctx)
+		unwritten, merr := p.Metric("fleetd_event_oldest_unwritten_seconds")
+		return err == nil && h.Devices.Online == 0 && merr == nil && unwritten == 0
+	})
+	lastRound := func() time.Time {
+		var last time.Time
+		vs, _ := api.Verdicts(ctx)
+		for _, v := range vs {
+			if v.Learned && v.UpdatedAt.After(last) {
+				last = v.UpdatedAt
+			}
+		}
+		return last
+	}
+	stored := time.Now()
+	waitFor(t, "an analysis round after the events were stored to update a learned verdict", 10*time.Second, func() bool { return lastRound().After(stored) })
+	first := lastRound()
+	waitFor(t, "a second analysis round", 10*time.Second, func() bool { return lastRound().After(first) })
 
 	problems := func(id string) map[string]fleet.Problem {
 		t.Helper()

@@ -36,8 +36,10 @@ func TestStream(t *testing.T) {
 	}
 	r := bufio.NewReader(resp.Body)
 	r.ReadString('\n') // the opening comment
-	for hub.subscribers() == 0 {
-		time.Sleep(5 * time.Millisecond)
+	for deadline := time.Now().Add(5 * time.Second); hub.subscribers() == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the stream did not subscribe to the hub within 5s")
+		}
 	}
 	hub.Observe(fleet.Event{DeviceID: "gw-1", Kind: fleet.KindBirth}) // not a presence change
 	hub.Observe(fleet.Event{DeviceID: "gw-1", Kind: fleet.KindDisconnect, Reason: fleet.ReasonKeepaliveTimeout, Firmware: "1.0.3", ProtocolVersion: 4})

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -201,6 +202,43 @@ func (p *Process) WaitReady(timeout time.Duration) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	p.t.Fatalf("/readyz not 200 within %s (last: %s)\n%s", timeout, last, p.Logs())
+}
+
+// Metric returns the value of an unlabelled sample on /metrics, such as
+// fleetd_flagged_firmware. It fails when fleetd does not answer or does not
+// export the sample.
+func (p *Process) Metric(name string) (float64, error) {
+	resp, err := http.Get(p.HTTPURL + "/metrics")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
+			return strconv.ParseFloat(v, 64)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return 0, err
+	}
+	return 0, fmt.Errorf("/metrics has no sample %s", name)
+}
+
+// WaitMetric polls /metrics until the unlabelled sample name equals want.
+func (p *Process) WaitMetric(name string, want float64, within time.Duration) {
+	p.t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		got, err := p.Metric(name)
+		if err == nil && got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("%s is not %v within %s (last: %v, %v)", name, want, within, got, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // Exited reports whether the process has ended.
