@@ -167,8 +167,9 @@ type Broker struct {
 	lastEpoch   atomic.Int64
 
 	closeOnce sync.Once
-	stop      chan struct{}
-	done      chan struct{}
+	started   atomic.Bool   // Start launched the last-seen flusher, which closes done
+	stop      chan struct{} // closed by Close: the background loops end
+	done      chan struct{} // closed by the last-seen flusher after its last write
 }
 
 // New builds the broker and binds its listeners, so that a taken address
@@ -289,6 +290,7 @@ func (b *Broker) Start() error {
 	if err := b.srv.Serve(); err != nil {
 		return err
 	}
+	b.started.Store(true)
 	go b.flushLastSeenLoop()
 	go b.limits.pruneLoop(b.stop)
 	go b.refusals.loop(b.stop)
@@ -307,21 +309,37 @@ func (b *Broker) Ready(context.Context) error {
 
 // Close stops accepting, sends MQTT 5 clients DISCONNECT 0x8B (server
 // shutting down), waits for every session to end (each records its
-// server_shutdown event) and writes the last last_seen values.
+// server_shutdown event) and writes the last last_seen values. It releases
+// the listeners' addresses whether or not Start ran, and waits no longer than
+// ctx: when ctx ends first it returns an error wrapping ctx.Err() and the
+// remaining work goes on in the background. Only the first call does anything.
 func (b *Broker) Close(ctx context.Context) error {
-	var err error
+	var errs []error
 	b.closeOnce.Do(func() {
 		closed := make(chan struct{})
-		go func() { _ = b.srv.Close(); close(closed) }()
+		go func() {
+			_ = b.srv.Close()
+			// Without Start, mochi does not know the listeners: their sockets,
+			// bound by New, are closed here.
+			b.closeListeners()
+			close(closed)
+		}()
 		select {
 		case <-closed:
 		case <-ctx.Done():
-			err = fmt.Errorf("mqtt sessions still closing: %w", ctx.Err())
+			errs = append(errs, fmt.Errorf("mqtt sessions still closing: %w", ctx.Err()))
 		}
 		close(b.stop)
-		<-b.done
+		if !b.started.Load() {
+			return
+		}
+		select {
+		case <-b.done:
+		case <-ctx.Done():
+			errs = append(errs, fmt.Errorf("last_seen still being written: %w", ctx.Err()))
+		}
 	})
-	return err
+	return errors.Join(errs...)
 }
 
 func (b *Broker) closeListeners() {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"net/url"
 	"strings"
 	"sync/atomic"
@@ -442,6 +443,38 @@ func TestShutdownTellsClients(t *testing.T) {
 	}
 	for i := range 5 {
 		e.waitEvent(fmt.Sprintf("s%d", i), time.Second, isEvent(fleet.KindDisconnect, fleet.ReasonServerShutdown))
+	}
+}
+
+// TestCloseWithoutStart: a broker that was built but never started (start-up
+// failed after New) closes promptly and releases the addresses New bound.
+func TestCloseWithoutStart(t *testing.T) {
+	b, err := New(Config{TCPAddr: "127.0.0.1:0", WSAddr: "127.0.0.1:0", Node: "test"}, nil, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs := b.Addrs()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	closed := make(chan error, 1)
+	go func() { closed <- b.Close(ctx) }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close without Start did not return")
+	}
+	for id, addr := range addrs {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			t.Fatalf("%s listener's address %s still bound after Close: %v", id, addr, err)
+		}
+		ln.Close()
+	}
+	if err := b.Close(ctx); err != nil {
+		t.Fatalf("second Close: %v", err)
 	}
 }
 
