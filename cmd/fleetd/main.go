@@ -202,9 +202,8 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	api.MountFirmware(arts, camps, web.FirmwareOptions{MaxDownloads: cfg.OTAMaxDownloads})
 	api.MountStream(hub)
 	api.MountOpenAPI()
-	hubCtx, stopHub := context.WithCancel(context.Background())
-	go hub.WatchCampaigns(hubCtx, camps)
-	lc.onStop("campaign watch", func(context.Context) error { stopHub(); return nil })
+	bg := newLoops(lc)
+	bg.start("campaign watch", func(ctx context.Context) { hub.WatchCampaigns(ctx, camps) })
 
 	if err := b.Start(); err != nil {
 		return fmt.Errorf("start mqtt broker: %w", err)
@@ -217,37 +216,8 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	api.MountDevices(svc)
 	api.MountDiagnosis(svc)
 
-	campCtx, stopCamps := context.WithCancel(context.Background())
-	campsDone := make(chan struct{})
-	go func() {
-		defer close(campsDone)
-		camps.Run(campCtx, cfg.CampaignInterval)
-	}()
-	lc.onStop("campaigns", func(ctx context.Context) error {
-		stopCamps()
-		select {
-		case <-campsDone:
-			return nil
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	})
-
-	analysisCtx, stopAnalysis := context.WithCancel(context.Background())
-	analysisDone := make(chan struct{})
-	go func() {
-		defer close(analysisDone)
-		svc.RunAnalysis(analysisCtx, cfg.AnalysisInterval)
-	}()
-	lc.onStop("analysis", func(ctx context.Context) error {
-		stopAnalysis()
-		select {
-		case <-analysisDone:
-			return nil
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	})
+	bg.start("campaigns", func(ctx context.Context) { camps.Run(ctx, cfg.CampaignInterval) })
+	bg.start("analysis", func(ctx context.Context) { svc.RunAnalysis(ctx, cfg.AnalysisInterval) })
 	return nil
 }
 
