@@ -97,7 +97,7 @@ func campaignDispatch(api, token, dsn string, devices, perMinute int) (any, erro
 	expected := time.Duration(float64(view.Total) / float64(perMinute) * float64(time.Minute))
 	deadline := time.Now().Add(expected*3/2 + 30*time.Second)
 	for {
-		if err := db.QueryRow(ctx, `SELECT count(dispatched_at) FROM campaign_devices WHERE campaign_id = $1`, camp.ID).Scan(&res.Dispatched); err != nil {
+		if err := db.QueryRow(ctx, `SELECT count(dispatched_at) FROM ota_jobs WHERE campaign_id = $1 AND kind = 'forward'`, camp.ID).Scan(&res.Dispatched); err != nil {
 			return nil, err
 		}
 		if res.Dispatched == view.Total || time.Now().After(deadline) {
@@ -106,14 +106,14 @@ func campaignDispatch(api, token, dsn string, devices, perMinute int) (any, erro
 		time.Sleep(200 * time.Millisecond)
 	}
 	// The devices not registered here are fleetsim's, online.
-	if err := db.QueryRow(ctx, `SELECT count(*), count(delivered_at) FROM campaign_devices
-		WHERE campaign_id = $1 AND device_id NOT LIKE 'cd-%'`, camp.ID).Scan(&res.Online, &res.OnlineDelivered); err != nil {
+	if err := db.QueryRow(ctx, `SELECT count(*), count(delivered_at) FROM ota_jobs
+		WHERE campaign_id = $1 AND kind = 'forward' AND device_id NOT LIKE 'cd-%'`, camp.ID).Scan(&res.Online, &res.OnlineDelivered); err != nil {
 		return nil, err
 	}
 
 	// Every job's dispatch time; jobs of one batch share their transaction's.
-	rows, err := db.Query(ctx, `SELECT dispatched_at, count(*) FROM campaign_devices
-		WHERE campaign_id = $1 AND dispatched_at IS NOT NULL GROUP BY 1 ORDER BY 1`, camp.ID)
+	rows, err := db.Query(ctx, `SELECT dispatched_at, count(*) FROM ota_jobs
+		WHERE campaign_id = $1 AND kind = 'forward' AND dispatched_at IS NOT NULL GROUP BY 1 ORDER BY 1`, camp.ID)
 	if err != nil {
 		return nil, err
 	}

@@ -1,0 +1,263 @@
+package firmware
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Next decides what the campaign does now, given what the dispatcher
+// counted for the current stage. It is pure: the dispatcher executes the
+// decision, records its Reason and changes the campaign; calling Next twice
+// with the same arguments gives the same decision.
+//
+//   - Only StateRunning and StateRollingBack act. Every other state gives
+//     ActionWait with a reason ("campaign is paused").
+//   - While running, the gates are evaluated on every call, not only at the
+//     end of a stage, so that a breach stops dispatch at once (a canary
+//     whose first 2 of 5 devices failed against a 20 % limit pauses before
+//     the other 3 are sent):
+//     failure_rate breaches when Failed+TimedOut > MaxFailureRate × Targets,
+//     that is when the stage can no longer end at or under the limit;
+//     not_back_online breaches when MaxNotBackOnline >= 0 and NotBackOnline >
+//     MaxNotBackOnline; connectivity, when ConnectivityRatio > 0 and
+//     UpgradedDeviceHours >= MinConnectivityHours, breaches when
+//     UpgradedDisconnectsPerHour > ConnectivityRatio × max(FleetDisconnectsPerHour, 1).
+//     The floor of 1 disconnect per device-hour keeps a spotless fleet from
+//     turning one disconnect of an upgraded device into a breach.
+//     The first breached gate in that order wins: ActionPause when
+//     GateAction is "pause" or empty, ActionAbort when it is "abort", with
+//     Gate set. Gates stay watched during the soak.
+//   - No breach and Pending > 0: the budget is Pending, capped by
+//     MaxConcurrent − InFlight (when MaxConcurrent > 0) and, when
+//     DevicesPerMinute > 0, by the pacing schedule: jobs are due one
+//     interval (a minute / DevicesPerMinute) apart from PacedUntil, moved up
+//     to now − PacingCatchUp if it lags further; every job due by now may go,
+//     and Decision.PacedUntil is the schedule after them. So the long-run
+//     rate is exactly DevicesPerMinute however often the campaign is stepped
+//     (up to PacingCatchUp apart), and no batch is larger than
+//     PacingCatchUp's worth of jobs plus one.
+//     A positive budget gives ActionDispatch with Dispatch = budget, else
+//     ActionWait naming the pacing limit that holds.
+//   - Nothing pending and InFlight > 0: ActionWait.
+//   - Every device finished (Pending == 0 and InFlight == 0): if the stage is
+//     empty (Targets == 0, e.g. its percent was already reached) or has no
+//     soak, ActionAdvance at once, or ActionComplete after the last stage.
+//     Otherwise ActionSoak while StageDoneAt is nil (the dispatcher records
+//     StageDoneAt = now), ActionWait until StageDoneAt+Soak, then
+//     ActionAdvance or ActionComplete with the passing gate numbers in
+//     Reason and the failure-rate result in Gate.
+//   - StateRollingBack: no gates; the rollback jobs are dispatched with the
+//     same pacing, and once none is pending or in flight, ActionRolledBack.
+//
+// A running campaign whose Stage is not an index of Stages is inconsistent;
+// Next pauses it (Gate nil) so that an operator looks rather than have the
+// dispatcher act on a stage that does not exist.
+func (c Campaign) Next(s StageStats, now time.Time) Decision {
+	switch c.State {
+	case StateRunning:
+	case StateRollingBack:
+		return c.nextRollback(s, now)
+	case StateDraft:
+		return Decision{Action: ActionWait, Reason: "campaign is a draft and has not been started"}
+	case StatePaused, StateAborted, StateCompleted, StateRolledBack:
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("campaign is %s", c.State)}
+	default:
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("campaign state %q does not dispatch", c.State)}
+	}
+
+	if c.Stage < 0 || c.Stage >= len(c.Stages) {
+		return Decision{Action: ActionPause, Reason: fmt.Sprintf("campaign is at stage index %d but has %d stages; pausing for an operator", c.Stage, len(c.Stages))}
+	}
+	st := c.Stages[c.Stage]
+	name := c.stageName(c.Stage)
+
+	gates := stageGates(st, s)
+	for _, g := range gates {
+		if !g.Breached {
+			continue
+		}
+		action, verb := ActionPause, "pausing"
+		if c.GateAction == GateActionAbort {
+			action, verb = ActionAbort, "aborting"
+		}
+		return Decision{Action: action, Gate: &g, Reason: fmt.Sprintf("%s breached the %s gate: %s; %s", name, g.Gate, g.Detail, verb)}
+	}
+
+	if s.Pending > 0 {
+		return c.pacedDispatch(s, now, name)
+	}
+	if s.InFlight > 0 {
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: waiting for %s to finish", name, countNoun(s.InFlight, "device"))}
+	}
+
+	if s.Targets > 0 && st.Soak > 0 {
+		if c.StageDoneAt == nil {
+			until := now.Add(st.Soak.D())
+			return Decision{Action: ActionSoak, Reason: fmt.Sprintf("%s: every device finished (%s); soaking for %s until %s", name, statsOutcome(s), st.Soak, until.UTC().Format(time.RFC3339))}
+		}
+		if until := c.StageDoneAt.Add(st.Soak.D()); now.Before(until) {
+			return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: soaking until %s", name, until.UTC().Format(time.RFC3339))}
+		}
+	}
+
+	var passed string
+	if s.Targets == 0 {
+		passed = fmt.Sprintf("%s has no devices to upgrade", name)
+	} else {
+		details := make([]string, 0, len(gates)+1)
+		for _, g := range gates {
+			details = append(details, g.Gate+" "+g.Detail)
+		}
+		if st.ConnectivityRatio == 0 {
+			details = append(details, GateConnectivity+" off")
+		} else if s.UpgradedDeviceHours < MinConnectivityHours {
+			details = append(details, fmt.Sprintf("%s not judged (%.3g of %.3g device-hours of evidence)", GateConnectivity, s.UpgradedDeviceHours, MinConnectivityHours))
+		}
+		passed = fmt.Sprintf("%s passed (%s): %s", name, statsOutcome(s), strings.Join(details, "; "))
+	}
+	d := Decision{Action: ActionAdvance, Gate: &gates[0]}
+	if c.Stage == len(c.Stages)-1 {
+		d.Action = ActionComplete
+		d.Reason = passed + "; campaign complete"
+	} else {
+		d.Reason = fmt.Sprintf("%s; advancing to %s", passed, c.stageName(c.Stage+1))
+	}
+	return d
+}
+
+// nextRollback dispatches the rollback jobs with the campaign's pacing and
+// reports ActionRolledBack once none is pending or in flight.
+func (c Campaign) nextRollback(s StageStats, now time.Time) Decision {
+	if s.Pending > 0 {
+		return c.pacedDispatch(s, now, "rollback")
+	}
+	if s.InFlight > 0 {
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("rollback: waiting for %s to finish", countNoun(s.InFlight, "device"))}
+	}
+	return Decision{Action: ActionRolledBack, Reason: fmt.Sprintf("rollback finished: %s", statsOutcome(s))}
+}
+
+// pacedDispatch sizes the next batch under the pacing limits; what says whose
+// jobs they are ("stage 1 \"canary\"", "rollback").
+func (c Campaign) pacedDispatch(s StageStats, now time.Time, what string) Decision {
+	p := c.Pacing
+	budget := s.Pending
+	var limit string // the limit that holds the batch below what is pending
+	if p.MaxConcurrent > 0 && p.MaxConcurrent-s.InFlight < budget {
+		budget = p.MaxConcurrent - s.InFlight
+		limit = fmt.Sprintf("%d in flight of max_concurrent %d", s.InFlight, p.MaxConcurrent)
+	}
+	var interval time.Duration
+	due := c.PacedUntil
+	if p.DevicesPerMinute > 0 {
+		interval = time.Minute / time.Duration(p.DevicesPerMinute)
+		if floor := now.Add(-PacingCatchUp); due.IsZero() {
+			due = now
+		} else if due.Before(floor) {
+			due = floor
+		}
+		ready := 0
+		if !due.After(now) {
+			ready = int(now.Sub(due)/interval) + 1
+		}
+		if ready < budget {
+			budget = ready
+			limit = fmt.Sprintf("devices_per_minute %d, %s due now", p.DevicesPerMinute, countNoun(ready, "job"))
+			if ready == 0 {
+				limit = fmt.Sprintf("devices_per_minute %d, next job due at %s", p.DevicesPerMinute, due.UTC().Format("15:04:05.000"))
+			}
+		}
+	}
+	if budget <= 0 {
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: pacing: %s; %d pending", what, limit, s.Pending)}
+	}
+	d := Decision{Action: ActionDispatch, Dispatch: budget, Reason: fmt.Sprintf("%s: dispatching %s of %d pending", what, countNoun(budget, "job"), s.Pending)}
+	if limit != "" {
+		d.Reason += " (pacing: " + limit + ")"
+	}
+	if interval > 0 {
+		d.PacedUntil = due.Add(time.Duration(budget) * interval)
+	}
+	return d
+}
+
+// stageGates returns the stage's gate results in the order they are
+// judged: failure_rate always, not_back_online when it has a limit,
+// connectivity when it is on and has enough evidence.
+func stageGates(st Stage, s StageStats) []GateResult {
+	bad := s.Failed + s.TimedOut
+	rate := 0.0
+	if s.Targets > 0 {
+		rate = float64(bad) / float64(s.Targets)
+	}
+	fr := GateResult{
+		Gate:      GateFailureRate,
+		Breached:  float64(bad) > roundMicro(st.MaxFailureRate*float64(s.Targets)),
+		Value:     rate,
+		Threshold: st.MaxFailureRate,
+	}
+	op := "<="
+	if fr.Breached {
+		op = ">"
+	}
+	fr.Detail = fmt.Sprintf("%d of %d devices failed (%s) %s %s", bad, s.Targets, formatPercent(rate), op, formatPercent(st.MaxFailureRate))
+	gates := []GateResult{fr}
+
+	if st.MaxNotBackOnline >= 0 {
+		g := GateResult{
+			Gate:      GateNotBackOnline,
+			Breached:  s.NotBackOnline > st.MaxNotBackOnline,
+			Value:     float64(s.NotBackOnline),
+			Threshold: float64(st.MaxNotBackOnline),
+		}
+		op := "<="
+		if g.Breached {
+			op = ">"
+		}
+		g.Detail = fmt.Sprintf("%s not back online %s %d", countNoun(s.NotBackOnline, "device"), op, st.MaxNotBackOnline)
+		gates = append(gates, g)
+	}
+
+	if st.ConnectivityRatio > 0 && s.UpgradedDeviceHours >= MinConnectivityHours {
+		fleet := max(s.FleetDisconnectsPerHour, connectivityFloor)
+		g := GateResult{
+			Gate:      GateConnectivity,
+			Value:     s.UpgradedDisconnectsPerHour,
+			Threshold: roundMicro(st.ConnectivityRatio * fleet),
+		}
+		g.Breached = g.Value > g.Threshold
+		op := "<="
+		if g.Breached {
+			op = ">"
+		}
+		g.Detail = fmt.Sprintf("upgraded devices disconnect %.3g/device-hour over %.3g device-hours %s %.3g × max(fleet %.3g, %g) = %.3g",
+			s.UpgradedDisconnectsPerHour, s.UpgradedDeviceHours, op, st.ConnectivityRatio, s.FleetDisconnectsPerHour, connectivityFloor, g.Threshold)
+		gates = append(gates, g)
+	}
+	return gates
+}
+
+// stageName names stage i for the history: `stage 1 "canary"` (1-based).
+func (c Campaign) stageName(i int) string {
+	if n := c.Stages[i].Name; n != "" {
+		return fmt.Sprintf("stage %d %q", i+1, n)
+	}
+	return fmt.Sprintf("stage %d", i+1)
+}
+
+func statsOutcome(s StageStats) string {
+	return fmt.Sprintf("%d succeeded, %d failed, %d timed out of %d", s.Succeeded, s.Failed, s.TimedOut, s.Targets)
+}
+
+func formatPercent(r float64) string {
+	return strconv.FormatFloat(roundMicro(r*100), 'f', -1, 64) + "%"
+}
+
+func countNoun(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return strconv.Itoa(n) + " " + noun + "s"
+}
