@@ -18,6 +18,7 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/fleetd/fleetd/firmware"
+	"github.com/fleetd/fleetd/fleet"
 	"github.com/fleetd/fleetd/internal/fleetdtest"
 	"github.com/fleetd/fleetd/sim"
 	"github.com/fleetd/fleetd/web"
@@ -610,4 +611,49 @@ func TestConsoleHandler(t *testing.T) {
 	if rec := get("GET", "/ui/app.js", "If-None-Match", etag); etag == "" || rec.Code != http.StatusNotModified {
 		t.Errorf("revalidation with ETag %q: %d, want 304", etag, rec.Code)
 	}
+}
+
+// TestConsoleActionsFollowState: the campaign page shows the actions the API
+// allows, and when another client changes the campaign's state, the live
+// stream brings the new state and the buttons follow.
+func TestConsoleActionsFollowState(t *testing.T) {
+	p, api := consoleFleetd(t)
+	ctx := context.Background()
+	target := upload(t, api, "2.0.0", 4<<10)
+	// A device that never connects keeps the campaign running: its job waits.
+	if _, err := api.RegisterDevice(ctx, fleet.NewDevice{ID: "away-1", Model: "gw-100"}); err != nil {
+		t.Fatal(err)
+	}
+	camp, err := api.CreateCampaign(ctx, firmware.Spec{Name: "buttons", FirmwareID: target.ID,
+		Stages:        []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1}},
+		DeviceTimeout: firmware.Duration(10 * time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newBrowser(t, p.HTTPURL, 60*time.Second)
+	b.signIn(p.Token())
+	b.navigate("/ui/campaigns/" + camp.ID)
+	buttons := func(want string) {
+		t.Helper()
+		b.waitJS("the buttons "+want, `[...document.querySelectorAll('[data-testid=campaign-actions] button')]
+			.map((e) => e.dataset.testid.replace('action-', '')).join(',') === '`+want+`'`, 15*time.Second)
+	}
+	buttons("start")
+	b.waitLive()
+	for _, step := range []struct{ action, want string }{
+		{"start", "pause,abort,rollback"},
+		{"pause", "resume,abort,rollback"},
+		{"resume", "pause,abort,rollback"},
+		{"abort", "rollback"},
+	} {
+		v, err := api.CampaignAction(ctx, camp.ID, step.action)
+		if err != nil {
+			t.Fatalf("%s: %v", step.action, err)
+		}
+		if got := strings.Join(v.Actions, ","); got != step.want {
+			t.Fatalf("after %s the API allows %q, want %q", step.action, got, step.want)
+		}
+		buttons(step.want)
+	}
+	b.shot("aborted")
 }

@@ -20,6 +20,9 @@ type Hub struct {
 	mu     sync.Mutex
 	subs   map[chan streamEvent]struct{}
 	closed bool
+	// Campaigns changed since WatchCampaigns last published them.
+	dirty map[string]struct{}
+	wake  chan struct{}
 }
 
 type streamEvent struct {
@@ -28,7 +31,9 @@ type streamEvent struct {
 }
 
 // NewHub returns an empty hub.
-func NewHub() *Hub { return &Hub{subs: map[chan streamEvent]struct{}{}} }
+func NewHub() *Hub {
+	return &Hub{subs: map[chan streamEvent]struct{}{}, dirty: map[string]struct{}{}, wake: make(chan struct{}, 1)}
+}
 
 // presence is the payload of a presence event.
 type presence struct {
@@ -108,31 +113,51 @@ func (h *Hub) Close() {
 	}
 }
 
-// WatchCampaigns publishes a campaign event whenever a campaign's view
-// changes, checking once a second while anyone is watching.
+// CampaignChanged is told, by the code that changed it, that a campaign's
+// view changed (firmware.Campaigns.OnChange). It never blocks: changes are
+// coalesced per campaign until WatchCampaigns publishes them.
+func (h *Hub) CampaignChanged(id string) {
+	h.mu.Lock()
+	h.dirty[id] = struct{}{}
+	h.mu.Unlock()
+	select {
+	case h.wake <- struct{}{}:
+	default:
+	}
+}
+
+// campaignPublishInterval bounds how often one campaign is published: a
+// wave of device reports becomes one event per interval, not one per report.
+const campaignPublishInterval = 250 * time.Millisecond
+
+// WatchCampaigns publishes a campaign event for every campaign changed
+// (CampaignChanged), at most once per interval each, until ctx ends. It reads
+// only the campaigns that changed, and nothing while nobody watches.
 func (h *Hub) WatchCampaigns(ctx context.Context, c Campaigns) {
-	last := map[string]string{}
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-h.wake:
 		}
-		if h.subscribers() == 0 {
-			continue
-		}
-		views, err := c.List(ctx)
-		if err != nil {
-			continue
-		}
-		for _, v := range views {
-			b, _ := json.Marshal(v)
-			if last[v.ID] != string(b) {
-				last[v.ID] = string(b)
+		h.mu.Lock()
+		dirty := h.dirty
+		h.dirty = map[string]struct{}{}
+		h.mu.Unlock()
+		if h.subscribers() > 0 {
+			for id := range dirty {
+				v, err := c.Get(ctx, id)
+				if err != nil {
+					continue // deleted, or the database is away: the next change publishes it
+				}
+				b, _ := json.Marshal(v)
 				h.publish(streamEvent{"campaign", b})
 			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(campaignPublishInterval):
 		}
 	}
 }

@@ -199,6 +199,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	b.Handle("ota/status", camps.HandleStatus)
 	b.OnSubscribe("ota/job", camps.DeviceListening)
 	b.OnBirth(func(id, fw, _ string) { camps.DeviceBirth(id, fw) })
+	camps.OnChange(hub.CampaignChanged)
 	api.MountFirmware(arts, camps, web.FirmwareOptions{MaxDownloads: cfg.OTAMaxDownloads})
 	api.MountStream(hub)
 	api.MountOpenAPI()

@@ -12,36 +12,8 @@ const stateKinds = {
   draft: '', running: 'busy', paused: 'warn', completed: 'ok', aborted: 'bad', rolling_back: 'warn', rolled_back: 'off',
 };
 
-// The actions fleetd accepts in each state (firmware.Campaigns.Act).
-const allowed = {
-  draft: ['start'],
-  running: ['pause', 'abort', 'rollback'],
-  paused: ['resume', 'abort', 'rollback'],
-  rolling_back: ['pause', 'abort'],
-  completed: ['rollback'],
-  aborted: ['rollback'],
-  rolled_back: [],
-};
-
 function stateBadge(state, attrs = {}) {
   return badge(String(state).replace('_', ' '), stateKinds[state] || '', {'data-state': state, ...attrs});
-}
-
-// stageTargets mirrors firmware.StageTargets: how many devices stage i
-// covers once the campaign has selected total devices.
-function stageTargets(stages, total, i) {
-  if (i < 0 || i >= stages.length || total <= 0) return 0;
-  let assigned = 0;
-  let n = 0;
-  for (let j = 0; j <= i; j++) {
-    const s = stages[j];
-    if (s.count > 0) n = Math.min(s.count, total - assigned);
-    else if (s.percent > 0) n = Math.min(Math.ceil(Math.round(total * s.percent / 100 * 1e6) / 1e6), total) - assigned;
-    else n = 0;
-    n = Math.max(n, 0);
-    assigned += n;
-  }
-  return n;
 }
 
 function stageStatus(c, i) {
@@ -473,7 +445,7 @@ export async function campaignView(ctx, id) {
   let c = null;
 
   function drawHead() {
-    const acts = allowed[c.state] || [];
+    const acts = c.actions || []; // what the API allows in this state (firmware.Actions)
     const buttons = acts.map((a) => {
       const b = h('button', {type: 'button', class: `btn ${a === 'start' || a === 'resume' ? 'primary' : a === 'abort' || a === 'rollback' ? 'danger' : ''}`,
         'data-testid': `action-${a}`}, a[0].toUpperCase() + a.slice(1));
@@ -508,7 +480,7 @@ export async function campaignView(ctx, id) {
       const count = (c.stage_counts || [])[i] || {targets: 0, by_state: {}};
       const status = stageStatus(c, i);
       const {bar, text, split} = progressBar(count, {'data-testid': 'stage-progress', 'data-stage': i, 'data-status': status});
-      const expected = !count.targets && c.total ? stageTargets(stages, c.total, i) : 0;
+      const expected = count.targets ? 0 : count.planned || 0; // the API's firmware.StageTargets
       return h('div', {class: `stage ${status.replace(' ', '-')}`, 'data-testid': 'stage', 'data-stage': i},
         h('div', {class: 'stage-head'},
           h('strong', null, `${i + 1}. ${s.name || 'stage'}`),
