@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -24,6 +25,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/fleetd/fleetd/firmware/manifest"
 )
 
 // Sentinel errors, mapped to HTTP statuses by the web layer.
@@ -91,8 +94,11 @@ type Artifacts struct {
 	urlKey []byte
 }
 
-// NewArtifacts opens the artifact store. urlKey signs download URLs and must
-// be shared by replicas (fleetd derives it from the token pepper).
+// NewArtifacts opens the artifact store and clears what a crash left in its
+// temporary directory (see storage.go): partial uploads go, and an upload or
+// delete that was in flight is settled against the database. urlKey signs
+// download URLs and must be shared by replicas (fleetd derives it from the
+// token pepper).
 func NewArtifacts(pool *pgxpool.Pool, dir string, keys Keys, urlKey []byte) (*Artifacts, error) {
 	if len(keys.Signing) != ed25519.PrivateKeySize {
 		return nil, errors.New("firmware signing key missing")
@@ -100,7 +106,13 @@ func NewArtifacts(pool *pgxpool.Pool, dir string, keys Keys, urlKey []byte) (*Ar
 	if err := os.MkdirAll(filepath.Join(dir, "tmp"), 0o700); err != nil {
 		return nil, err
 	}
-	return &Artifacts{pool: pool, dir: dir, keys: keys, urlKey: urlKey}, nil
+	a := &Artifacts{pool: pool, dir: dir, keys: keys, urlKey: urlKey}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := a.recoverTmp(ctx); err != nil {
+		return nil, fmt.Errorf("recover firmware storage: %w", err)
+	}
+	return a, nil
 }
 
 // PublicKey is the key devices verify server-signed images with.
@@ -108,9 +120,11 @@ func (a *Artifacts) PublicKey() ed25519.PublicKey { return a.keys.Signing.Public
 
 func (a *Artifacts) path(sum string) string { return filepath.Join(a.dir, sum[:2], sum) }
 
-// Create streams an image to disk (never whole in memory), hashing it on
-// the way, signs it (or checks the uploaded signature), and records it. A
-// version that already exists for one of the models is ErrConflict.
+// Create streams an image to a temporary file (never whole in memory),
+// hashing it on the way, signs it (or checks the uploaded signature), and
+// records it; the file moves into place only with its row (put), so a
+// refused or failed upload leaves nothing behind. A version that already
+// exists for one of the models is ErrConflict.
 func (a *Artifacts) Create(ctx context.Context, n NewArtifact, body io.Reader) (Artifact, error) {
 	if n.Version == "" || len(n.Version) > 64 || strings.ContainsAny(n.Version, " /\\") {
 		return Artifact{}, invalid("version", "is required: 1 to 64 characters, no spaces or slashes")
@@ -123,7 +137,7 @@ func (a *Artifacts) Create(ctx context.Context, n NewArtifact, body io.Reader) (
 			return Artifact{}, invalid(fmt.Sprintf("models[%d]", i), "is not a model name")
 		}
 	}
-	tmp, err := os.CreateTemp(filepath.Join(a.dir, "tmp"), "upload-")
+	tmp, err := os.CreateTemp(a.tmpDir(), uploadPrefix)
 	if err != nil {
 		return Artifact{}, err
 	}
@@ -142,30 +156,23 @@ func (a *Artifacts) Create(ctx context.Context, n NewArtifact, body io.Reader) (
 	}
 	digest := h.Sum(nil)
 	art := Artifact{Version: n.Version, Models: n.Models, SHA256: hex.EncodeToString(digest), Size: size, Notes: n.Notes}
+	// The signature covers what the image is (digest, size, version,
+	// models: manifest.Image), so a signed image cannot be passed off as
+	// another version or for another model.
 	if n.Signature != "" {
-		sig, err := base64.StdEncoding.DecodeString(n.Signature)
-		if err != nil {
+		if _, err := base64.StdEncoding.DecodeString(n.Signature); err != nil {
 			return Artifact{}, invalid("signature", "is not base64")
 		}
-		for _, k := range a.keys.Trusted {
-			if ed25519.Verify(k, digest, sig) {
-				art.Signature, art.SignedBy = n.Signature, Fingerprint(k)
-			}
+		k, err := manifest.VerifyImage(a.keys.Trusted, art.Manifest(), n.Signature)
+		if err != nil {
+			return Artifact{}, invalid("signature", "does not verify with any trusted key (FLEETD_FIRMWARE_TRUSTED_KEYS_FILE): it must sign the image manifest (sha256, size, version, models)")
 		}
-		if art.Signature == "" {
-			return Artifact{}, invalid("signature", "does not verify with any trusted key (FLEETD_FIRMWARE_TRUSTED_KEYS_FILE)")
-		}
+		art.Signature, art.SignedBy = n.Signature, Fingerprint(k)
 	} else {
-		art.Signature, art.SignedBy = base64.StdEncoding.EncodeToString(ed25519.Sign(a.keys.Signing, digest)), "server"
-	}
-	if err := os.MkdirAll(filepath.Dir(a.path(art.SHA256)), 0o700); err != nil {
-		return Artifact{}, err
-	}
-	if err := os.Rename(tmp.Name(), a.path(art.SHA256)); err != nil {
-		return Artifact{}, fmt.Errorf("store upload: %w", err)
+		art.Signature, art.SignedBy = manifest.SignImage(a.keys.Signing, art.Manifest()), "server"
 	}
 	art.ID = newID("fw")
-	err = pgx.BeginFunc(ctx, a.pool, func(tx pgx.Tx) error {
+	err = a.put(ctx, tmp.Name(), art.SHA256, func(tx pgx.Tx) error {
 		if err := tx.QueryRow(ctx, `INSERT INTO firmware (id, version, models, sha256, size, signature, signed_by, notes)
 			VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at`,
 			art.ID, art.Version, art.Models, art.SHA256, art.Size, art.Signature, art.SignedBy, art.Notes).Scan(&art.CreatedAt); err != nil {
@@ -236,29 +243,14 @@ func (a *Artifacts) List(ctx context.Context) ([]Artifact, error) {
 	return out, rows.Err()
 }
 
-// Delete removes an artifact no campaign uses; its file goes when no other
-// artifact has the same bytes.
+// Delete removes an artifact that no campaign needs: one that is the target
+// of a campaign, or the image a campaign that may still roll back sends
+// some of its devices back to, is ErrConflict naming the campaign. Its file
+// goes when no other artifact has the same bytes, decided under the
+// digest's lock so that a concurrent upload of those bytes keeps its file.
+// An unknown id is ErrNotFound.
 func (a *Artifacts) Delete(ctx context.Context, id string) error {
-	art, err := a.Get(ctx, id)
-	if err != nil {
-		return err
-	}
-	var used int
-	if err := a.pool.QueryRow(ctx, `SELECT count(*) FROM campaigns WHERE firmware_id = $1`, id).Scan(&used); err != nil {
-		return err
-	}
-	if used > 0 {
-		return fmt.Errorf("firmware %s is used by %d campaign(s): %w", id, used, ErrConflict)
-	}
-	if _, err := a.pool.Exec(ctx, `DELETE FROM firmware WHERE id = $1`, id); err != nil {
-		return err
-	}
-	var same int
-	a.pool.QueryRow(ctx, `SELECT count(*) FROM firmware WHERE sha256 = $1`, art.SHA256).Scan(&same)
-	if same == 0 {
-		os.Remove(a.path(art.SHA256))
-	}
-	return nil
+	return a.remove(ctx, id)
 }
 
 // Open opens an artifact's bytes for download.
@@ -271,31 +263,33 @@ func (a *Artifacts) Open(ctx context.Context, id string) (Artifact, *os.File, er
 	return art, f, err
 }
 
-// SignURL returns the query of a download URL for one device that expires
-// at exp: device, expiry and an HMAC over (artifact, device, expiry).
-func (a *Artifacts) SignURL(artifactID, deviceID string, exp time.Time) string {
+// SignURL returns the query of a download URL for one job of one device
+// that expires at exp (the job's manifest expiry): a URL is worth nothing to
+// another device, for another job, or after its job could still run.
+func (a *Artifacts) SignURL(artifactID, deviceID, jobID string, exp time.Time) string {
 	e := strconv.FormatInt(exp.Unix(), 10)
-	return "device=" + deviceID + "&expires=" + e + "&sig=" + a.urlMAC(artifactID, deviceID, e)
+	return "device=" + url.QueryEscape(deviceID) + "&job=" + url.QueryEscape(jobID) + "&expires=" + e +
+		"&sig=" + a.urlMAC(artifactID, deviceID, jobID, e)
 }
 
 // CheckURL verifies a signed download URL.
-func (a *Artifacts) CheckURL(artifactID, deviceID, expires, sig string, now time.Time) error {
+func (a *Artifacts) CheckURL(artifactID, deviceID, jobID, expires, sig string, now time.Time) error {
 	e, err := strconv.ParseInt(expires, 10, 64)
-	if err != nil || deviceID == "" {
+	if err != nil || deviceID == "" || jobID == "" {
 		return errors.New("malformed signed URL")
 	}
 	if now.Unix() > e {
 		return errors.New("signed URL expired")
 	}
-	if !hmac.Equal([]byte(sig), []byte(a.urlMAC(artifactID, deviceID, expires))) {
+	if !hmac.Equal([]byte(sig), []byte(a.urlMAC(artifactID, deviceID, jobID, expires))) {
 		return errors.New("bad signature")
 	}
 	return nil
 }
 
-func (a *Artifacts) urlMAC(artifactID, deviceID, expires string) string {
+func (a *Artifacts) urlMAC(artifactID, deviceID, jobID, expires string) string {
 	m := hmac.New(sha256.New, a.urlKey)
-	fmt.Fprintf(m, "%s\n%s\n%s", artifactID, deviceID, expires)
+	fmt.Fprintf(m, "%s\n%s\n%s\n%s", artifactID, deviceID, jobID, expires)
 	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
 }
 

@@ -7,12 +7,15 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
+	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/fleetd/fleetd/firmware/manifest"
 	"github.com/fleetd/fleetd/internal/pgtest"
 )
 
@@ -35,20 +38,35 @@ func TestArtifactSignatures(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sig, _ := base64.StdEncoding.DecodeString(own.Signature)
-	if own.SignedBy != "server" || !ed25519.Verify(a.PublicKey(), sum[:], sig) {
-		t.Fatalf("server signature: %+v", own)
+	if _, err := manifest.VerifyImage([]ed25519.PublicKey{a.PublicKey()}, own.Manifest(), own.Signature); own.SignedBy != "server" || err != nil {
+		t.Fatalf("server signature over the image manifest: %+v %v", own, err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, own.SHA256[:2], own.SHA256)); err != nil {
 		t.Fatalf("image not stored by its SHA-256: %v", err)
 	}
 
-	vendorSig := base64.StdEncoding.EncodeToString(ed25519.Sign(vendor, sum[:]))
+	// An operator's key signs what the image is: digest, size, version, models.
+	img := manifest.Image{SHA256: hex.EncodeToString(sum[:]), Size: int64(len(image)), Version: "1.0.1", Models: []string{"gw-100"}}
+	vendorSig := manifest.SignImage(vendor, img)
 	signed, err := a.Create(ctx, NewArtifact{Version: "1.0.1", Models: []string{"gw-100"}, Signature: vendorSig}, bytes.NewReader(image))
 	if err != nil || signed.SignedBy != Fingerprint(vendorPub) || signed.Signature != vendorSig {
 		t.Fatalf("trusted signature: %+v %v", signed, err)
 	}
-	strangerSig := base64.StdEncoding.EncodeToString(ed25519.Sign(stranger, sum[:]))
+	// The same signature does not make the image another version, another
+	// model's, or (signed over the bare digest) anything at all.
+	for name, n := range map[string]NewArtifact{
+		"another version": {Version: "1.0.9", Models: []string{"gw-100"}, Signature: vendorSig},
+		"another model":   {Version: "1.0.1", Models: []string{"gw-200"}, Signature: vendorSig},
+		"bare digest":     {Version: "1.0.3", Models: []string{"gw-100"}, Signature: base64.StdEncoding.EncodeToString(ed25519.Sign(vendor, sum[:]))},
+		"untrusted key":   {Version: "1.0.2", Models: []string{"gw-100"}, Signature: manifest.SignImage(stranger, img)},
+	} {
+		_, err := a.Create(ctx, n, bytes.NewReader(image))
+		var ve *ValidationError
+		if !errors.As(err, &ve) || ve.Field != "signature" {
+			t.Fatalf("%s: %v, want a signature error", name, err)
+		}
+	}
+	strangerSig := manifest.SignImage(stranger, img)
 	_, err = a.Create(ctx, NewArtifact{Version: "1.0.2", Models: []string{"gw-100"}, Signature: strangerSig}, bytes.NewReader(image))
 	var ve *ValidationError
 	if !errors.As(err, &ve) || ve.Field != "signature" {
@@ -59,32 +77,25 @@ func TestArtifactSignatures(t *testing.T) {
 	}
 
 	now := time.Now()
-	q := a.SignURL(own.ID, "gw-1", now.Add(time.Minute))
-	parse := func(q string) (dev, exp, sig string) {
-		for _, kv := range bytes.Split([]byte(q), []byte("&")) {
-			k, v, _ := bytes.Cut(kv, []byte("="))
-			switch string(k) {
-			case "device":
-				dev = string(v)
-			case "expires":
-				exp = string(v)
-			case "sig":
-				sig = string(v)
-			}
-		}
-		return
+	q := a.SignURL(own.ID, "gw:1", "job_1", now.Add(time.Minute))
+	parse := func(q string) (dev, job, exp, sig string) {
+		v, _ := url.ParseQuery(q)
+		return v.Get("device"), v.Get("job"), v.Get("expires"), v.Get("sig")
 	}
-	dev, exp, s := parse(q)
-	if err := a.CheckURL(own.ID, dev, exp, s, now); err != nil {
-		t.Fatalf("valid URL refused: %v", err)
+	dev, job, exp, s := parse(q)
+	if err := a.CheckURL(own.ID, dev, job, exp, s, now); err != nil || dev != "gw:1" {
+		t.Fatalf("valid URL refused: %v (device %q)", err, dev)
 	}
-	if err := a.CheckURL(own.ID, "gw-2", exp, s, now); err == nil {
+	if err := a.CheckURL(own.ID, "gw-2", job, exp, s, now); err == nil {
 		t.Fatal("URL of another device accepted")
 	}
-	if err := a.CheckURL(signed.ID, dev, exp, s, now); err == nil {
+	if err := a.CheckURL(own.ID, dev, "job_2", exp, s, now); err == nil {
+		t.Fatal("URL of another job accepted")
+	}
+	if err := a.CheckURL(signed.ID, dev, job, exp, s, now); err == nil {
 		t.Fatal("URL of another image accepted")
 	}
-	if err := a.CheckURL(own.ID, dev, exp, s, now.Add(2*time.Minute)); err == nil {
+	if err := a.CheckURL(own.ID, dev, job, exp, s, now.Add(2*time.Minute)); err == nil {
 		t.Fatal("expired URL accepted")
 	}
 }

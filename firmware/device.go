@@ -9,21 +9,38 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/fleetd/fleetd/firmware/manifest"
 	"github.com/fleetd/fleetd/internal/untrusted"
 )
 
 // Job is the payload of devices/{id}/ota/job (DESIGN: device protocol).
 // JobID is the stored id of the attempt: the device reports on it by that
 // id, and fleetd never parses it.
+//
+// Manifest, signed by the server (ManifestSignature), is what the device
+// must check and act on: the image's digest, size, version and models, the
+// job and device it was issued to, whether it is a rollback, and its expiry.
+// Signature is the image's own signature (server or trusted operator key)
+// over the job-independent part (manifest.Image). Version, SHA256 and Size
+// repeat the manifest for older firmware and humans; a device must not
+// trust them alone.
 type Job struct {
-	JobID      string `json:"job_id"`
-	CampaignID string `json:"campaign_id"`
-	Version    string `json:"version"`
-	URL        string `json:"url"`
-	SHA256     string `json:"sha256"`
-	Size       int64  `json:"size"`
-	Signature  string `json:"signature"`
+	JobID             string       `json:"job_id"`
+	CampaignID        string       `json:"campaign_id"`
+	Version           string       `json:"version"`
+	URL               string       `json:"url"`
+	SHA256            string       `json:"sha256"`
+	Size              int64        `json:"size"`
+	Signature         string       `json:"signature"`
+	Manifest          manifest.Job `json:"manifest"`
+	ManifestSignature string       `json:"manifest_signature"`
 }
+
+// manifestGrace is how long after a job's device timeout its manifest and
+// download URL stay valid: long enough for a device that was slow but is
+// still within its timeout to finish the download, short enough that a
+// leaked URL or a replayed job is soon useless.
+const manifestGrace = 5 * time.Minute
 
 // status is the payload of devices/{id}/ota/status.
 type status struct {
@@ -105,6 +122,7 @@ func (c *Campaigns) HandleStatus(deviceID string, payload []byte) error {
 // jobRef names a job row and what building its message needs.
 type jobRef struct {
 	id, deviceID, from, kind string
+	dispatched               time.Time
 }
 
 // artifactCache holds the artifacts of one dispatch batch, so that a batch
@@ -136,9 +154,17 @@ func (c *Campaigns) job(ctx context.Context, q querier, camp Campaign, ref jobRe
 		}
 		arts[key] = art
 	}
-	exp := c.now().Add(time.Duration(camp.DeviceTimeout) + time.Hour)
+	exp := ref.dispatched.Add(time.Duration(camp.DeviceTimeout) + manifestGrace)
+	m := manifest.Job{Image: art.Manifest(), JobID: ref.id, DeviceID: ref.deviceID, Rollback: rolling, Expires: exp}
 	return Job{JobID: ref.id, CampaignID: camp.ID, Version: art.Version, SHA256: art.SHA256, Size: art.Size, Signature: art.Signature,
-		URL: c.publicURL + "/api/v1/firmware/" + art.ID + "/download?" + c.artifacts.SignURL(art.ID, ref.deviceID, exp)}, nil
+		Manifest: m, ManifestSignature: manifest.SignJob(c.artifacts.keys.Signing, m),
+		URL: c.publicURL + "/api/v1/firmware/" + art.ID + "/download?" + c.artifacts.SignURL(art.ID, ref.deviceID, ref.id, exp)}, nil
+}
+
+// Manifest is the job-independent part of what the artifact is, the part
+// its Signature covers.
+func (a Artifact) Manifest() manifest.Image {
+	return manifest.Image{SHA256: a.SHA256, Size: a.Size, Version: a.Version, Models: a.Models}
 }
 
 // deliver sends a job to a device that is listening and records when it
@@ -190,7 +216,7 @@ func (c *Campaigns) handleNotes(ctx context.Context) {
 // (a crash can lose it from the outbound queue), and devices ignore a job id
 // they already have.
 func (c *Campaigns) redeliver(ctx context.Context, deviceID string) {
-	rows, err := c.pool.Query(ctx, `SELECT j.id, j.campaign_id, j.kind, cd.from_version
+	rows, err := c.pool.Query(ctx, `SELECT j.id, j.campaign_id, j.kind, cd.from_version, j.dispatched_at
 		FROM ota_jobs j
 		JOIN campaign_devices cd ON cd.campaign_id = j.campaign_id AND cd.device_id = j.device_id
 		JOIN campaigns c ON c.id = j.campaign_id
@@ -205,7 +231,7 @@ func (c *Campaigns) redeliver(ctx context.Context, deviceID string) {
 	}
 	us, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (undelivered, error) {
 		u := undelivered{jobRef: jobRef{deviceID: deviceID}}
-		err := r.Scan(&u.id, &u.campaign, &u.kind, &u.from)
+		err := r.Scan(&u.id, &u.campaign, &u.kind, &u.from, &u.dispatched)
 		return u, err
 	})
 	if err != nil {

@@ -177,7 +177,7 @@ func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind
 	var out []pendingSend
 	arts := artifactCache{}
 	for _, p := range ps {
-		job, err := c.job(ctx, tx, camp, jobRef{id: p.job, deviceID: p.device, from: p.from, kind: kind}, arts)
+		job, err := c.job(ctx, tx, camp, jobRef{id: p.job, deviceID: p.device, from: p.from, kind: kind, dispatched: now}, arts)
 		if err != nil {
 			// No artifact to roll back to: the job fails at once, with the reason.
 			if _, uerr := tx.Exec(ctx, `UPDATE ota_jobs SET state = 'failed', finished_at = $2, error = $3 WHERE id = $1`,

@@ -110,8 +110,12 @@ type FirmwareProfile struct {
 
 // OTAOptions configure the devices' OTA client.
 type OTAOptions struct {
-	// PublicKey is the base64 ed25519 key firmware images are signed with.
+	// PublicKey is the base64 ed25519 key of the fleetd that issues jobs
+	// (GET /api/v1/firmware/signing-key): it signs every job's manifest.
 	PublicKey string `yaml:"public_key" json:"public_key"`
+	// TrustedKeys are more base64 ed25519 keys whose image signatures the
+	// devices accept (an operator's release keys).
+	TrustedKeys []string `yaml:"trusted_keys" json:"trusted_keys"`
 	// InstallTime is how long an install takes (default 1s).
 	InstallTime Duration `yaml:"install_time" json:"install_time"`
 	// InterruptDownloads cuts every device's first download attempt half

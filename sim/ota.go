@@ -1,30 +1,33 @@
 package sim
 
 import (
-	"bytes"
 	"context"
-	"crypto/ed25519"
 	"crypto/sha256"
-	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strconv"
 	"time"
+
+	"github.com/Masterminds/semver/v3"
+
+	"github.com/fleetd/fleetd/firmware/manifest"
 )
 
 // otaJob is the payload of devices/{id}/ota/job (DESIGN: device protocol).
+// The device acts on Manifest, once ManifestSignature verifies with a key it
+// trusts; the flat fields beside it are not trusted.
 type otaJob struct {
-	JobID      string `json:"job_id"`
-	CampaignID string `json:"campaign_id"`
-	Version    string `json:"version"`
-	URL        string `json:"url"`
-	SHA256     string `json:"sha256"`
-	Size       int64  `json:"size"`
-	Signature  string `json:"signature"` // base64 ed25519 signature of the image's SHA-256 digest
+	JobID             string       `json:"job_id"`
+	CampaignID        string       `json:"campaign_id"`
+	URL               string       `json:"url"`
+	Signature         string       `json:"signature"` // the image's: over Manifest.Image
+	Manifest          manifest.Job `json:"manifest"`
+	ManifestSignature string       `json:"manifest_signature"`
 }
 
 // otaStatus is the payload of devices/{id}/ota/status.
@@ -41,13 +44,16 @@ const maxDownloadAttempts = 10 // with backoff: about 45 s for a server that is 
 // errCut is a transfer that stopped before the end; it is resumed at once.
 var errCut = errors.New("connection dropped")
 
-// handleJob runs one OTA job as firmware would: download (resuming with
-// Range after a break), verify the checksum and the signature, install,
-// reboot into the new version. Failures are reported with their reason.
+// handleJob runs one OTA job as firmware would: check the job's signed
+// manifest (a key it trusts, its own id and model, not expired, no downgrade
+// unless it is a rollback), download the image from an allowed host without
+// credentials (resuming with Range after a break, never past the manifest's
+// size), verify the digest and the image signature, install, reboot into the
+// manifest's version. Failures are reported with their reason.
 func (d *device) handleJob(ctx context.Context, sess session, raw []byte) sessionEnd {
 	var job otaJob
 	if err := json.Unmarshal(raw, &job); err != nil || job.JobID == "" || job.URL == "" {
-		d.sim.logger.Warn("ignoring malformed OTA job", "device_id", d.id, "payload", string(raw))
+		d.sim.logger.Warn("ignoring malformed OTA job", "device_id", d.id, "payload", truncate(raw, 200))
 		return endContinue
 	}
 	if d.jobsSeen[job.JobID] {
@@ -66,29 +72,50 @@ func (d *device) handleJob(ctx context.Context, sess session, raw []byte) sessio
 		d.report(ctx, sess, otaStatus{JobID: job.JobID, State: "failed", Error: msg})
 		return endContinue
 	}
+	m := job.Manifest
+	if len(d.sim.trusted) == 0 {
+		return fail("no trusted firmware signing key configured (ota.public_key)")
+	}
+	self := manifest.Device{ID: d.id, Model: d.cohort.Model, Version: d.firmware, Older: olderVersion}
+	if err := self.Check(d.sim.trusted, m, job.ManifestSignature, time.Now()); err != nil {
+		d.sim.stats.count("ota refused")
+		return fail("refused: " + err.Error())
+	}
+	if m.JobID != job.JobID {
+		d.sim.stats.count("ota refused")
+		return fail(fmt.Sprintf("refused: the manifest is for job %q", m.JobID))
+	}
+	if _, err := manifest.VerifyImage(d.sim.trusted, m.Image, job.Signature); err != nil {
+		d.sim.stats.count("ota refused")
+		return fail("refused: image " + err.Error())
+	}
+	if err := d.sim.fleet.checkURL("job url", job.URL); err != nil {
+		d.sim.stats.count("ota refused")
+		return fail("refused: " + err.Error())
+	}
 
 	d.report(ctx, sess, otaStatus{JobID: job.JobID, State: "downloading"})
-	image, err := d.download(ctx, sess, job, failing == "download_fails")
+	image, err := d.download(ctx, sess, job.JobID, job.URL, m.Size, failing == "download_fails")
 	if err != nil {
 		if ctx.Err() != nil {
 			return endShutdown
 		}
 		return fail("download failed: " + err.Error())
 	}
+	defer func() { image.Close(); os.Remove(image.Name()) }()
 	d.report(ctx, sess, otaStatus{JobID: job.JobID, State: "verifying", Progress: 100})
 	if failing == "checksum_mismatch" {
-		image[len(image)/2] ^= 0xff // a corrupted flash read
+		corrupt(image, m.Size/2) // a corrupted flash read
 	}
-	sum := sha256.Sum256(image)
-	if got := hex.EncodeToString(sum[:]); got != job.SHA256 {
-		return fail(fmt.Sprintf("sha256 mismatch: image is %s, job says %s", got, job.SHA256))
+	h := sha256.New()
+	if _, err := image.Seek(0, io.SeekStart); err != nil {
+		return fail("read image: " + err.Error())
 	}
-	if d.sim.signingKey == nil {
-		return fail("no trusted firmware signing key configured (ota.public_key)")
+	if _, err := io.Copy(h, image); err != nil {
+		return fail("read image: " + err.Error())
 	}
-	sig, err := base64.StdEncoding.DecodeString(job.Signature)
-	if err != nil || !ed25519.Verify(d.sim.signingKey, sum[:], sig) {
-		return fail("signature does not verify with the trusted key")
+	if got := hex.EncodeToString(h.Sum(nil)); got != m.SHA256 {
+		return fail(fmt.Sprintf("sha256 mismatch: image is %s, manifest says %s", got, m.SHA256))
 	}
 	d.report(ctx, sess, otaStatus{JobID: job.JobID, State: "installing", Progress: 100})
 	if !sleep(ctx, d.sim.fleet.OTA.InstallTime.D()) {
@@ -103,10 +130,33 @@ func (d *device) handleJob(ctx context.Context, sess session, raw []byte) sessio
 		return endNeverReturn
 	}
 	d.sim.stats.count("ota installed")
-	d.firmware = job.Version
+	d.firmware = m.Version
 	d.pendingJob = job.JobID
 	d.booted = time.Now()
 	return endReboot
+}
+
+// olderVersion orders firmware versions by semver; a version that does not
+// parse is never "older" (the manifest's signature already vouches for it).
+func olderVersion(a, b string) bool {
+	va, errA := semver.NewVersion(a)
+	vb, errB := semver.NewVersion(b)
+	return errA == nil && errB == nil && va.LessThan(vb)
+}
+
+func corrupt(f *os.File, at int64) {
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, at); err == nil {
+		b[0] ^= 0xff
+		_, _ = f.WriteAt(b, at)
+	}
+}
+
+func truncate(b []byte, n int) string {
+	if len(b) > n {
+		return strconv.Quote(string(b[:n])) + "…"
+	}
+	return strconv.Quote(string(b))
 }
 
 func (d *device) report(ctx context.Context, sess session, st otaStatus) {
@@ -116,12 +166,29 @@ func (d *device) report(ctx context.Context, sess session, st otaStatus) {
 	}
 }
 
-// download fetches the image, resuming with Range/If-Range after a broken
-// transfer. With the fleet's ota.interrupt_downloads, the first attempt is cut
-// half way on purpose, to exercise the resume; with brokenNetwork every
-// attempt is cut and the download fails.
-func (d *device) download(ctx context.Context, sess session, job otaJob, brokenNetwork bool) ([]byte, error) {
-	var buf bytes.Buffer
+// download streams the image to a temporary file, resuming with
+// Range/If-Range after a broken transfer, and never takes more than size
+// bytes. It sends no credentials: the job's URL is signed for this device,
+// and a URL (or a redirect) to a host the fleet does not allow is refused.
+// With the fleet's ota.interrupt_downloads, the first attempt is cut half way
+// on purpose, to exercise the resume; with brokenNetwork every attempt is cut
+// and the download fails.
+func (d *device) download(ctx context.Context, sess session, jobID, url string, size int64, brokenNetwork bool) (*os.File, error) {
+	f, err := os.CreateTemp("", "fleetsim-image-*")
+	if err != nil {
+		return nil, err
+	}
+	img, err := d.fetch(ctx, sess, f, jobID, url, size, brokenNetwork)
+	if err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, err
+	}
+	return img, nil
+}
+
+func (d *device) fetch(ctx context.Context, sess session, f *os.File, jobID, url string, size int64, brokenNetwork bool) (*os.File, error) {
+	var have int64
 	etag := ""
 	lastReported := 0
 	var lastErr error
@@ -133,15 +200,12 @@ func (d *device) download(ctx context.Context, sess session, job otaJob, brokenN
 				return nil, ctx.Err()
 			}
 		}
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, job.URL, nil)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 		if err != nil {
 			return nil, err
 		}
-		if d.token != "" {
-			req.Header.Set("Authorization", "Bearer "+d.token)
-		}
-		if buf.Len() > 0 {
-			req.Header.Set("Range", "bytes="+strconv.Itoa(buf.Len())+"-")
+		if have > 0 {
+			req.Header.Set("Range", "bytes="+strconv.FormatInt(have, 10)+"-")
 			if etag != "" {
 				req.Header.Set("If-Range", etag)
 			}
@@ -153,7 +217,12 @@ func (d *device) download(ctx context.Context, sess session, job otaJob, brokenN
 		}
 		switch resp.StatusCode {
 		case http.StatusOK:
-			buf.Reset() // a full body: the server could not (or would not) resume
+			// A full body: the server could not (or would not) resume.
+			have = 0
+			if err := f.Truncate(0); err != nil {
+				resp.Body.Close()
+				return nil, err
+			}
 		case http.StatusPartialContent:
 		default:
 			resp.Body.Close()
@@ -169,25 +238,29 @@ func (d *device) download(ctx context.Context, sess session, job otaJob, brokenN
 		if e := resp.Header.Get("ETag"); e != "" {
 			etag = e
 		}
-		limit := int64(-1)
+		limit := size - have + 1 // one byte more than the manifest allows shows an oversized image
 		if brokenNetwork || (d.sim.fleet.OTA.InterruptDownloads && attempt == 1) {
-			limit = max(1, (job.Size-int64(buf.Len()))/2)
+			limit = max(1, (size-have)/2)
 		}
-		err = copyProgress(&buf, resp.Body, limit, func(n int) {
-			if job.Size > 0 {
-				if pct := n * 100 / int(job.Size); pct >= lastReported+25 && pct < 100 {
+		n, err := copyAt(f, have, io.LimitReader(resp.Body, limit), func(total int64) {
+			if size > 0 {
+				if pct := int(total * 100 / size); pct >= lastReported+25 && pct < 100 {
 					lastReported = pct
-					d.report(ctx, sess, otaStatus{JobID: job.JobID, State: "downloading", Progress: pct})
+					d.report(ctx, sess, otaStatus{JobID: jobID, State: "downloading", Progress: pct})
 				}
 			}
 		})
 		resp.Body.Close()
-		if err == nil && (job.Size == 0 || int64(buf.Len()) == job.Size) {
+		have += n
+		if have > size {
+			return nil, fmt.Errorf("the server sent more than the manifest's %d bytes", size)
+		}
+		if err == nil && have == size {
 			d.sim.stats.count("ota downloads")
-			return buf.Bytes(), nil
+			return f, nil
 		}
 		if err == nil {
-			err = fmt.Errorf("%w after %d of %d bytes", errCut, buf.Len(), job.Size)
+			err = fmt.Errorf("%w after %d of %d bytes", errCut, have, size)
 		}
 		lastErr = err
 		d.sim.stats.count("ota download resumes")
@@ -195,23 +268,24 @@ func (d *device) download(ctx context.Context, sess session, job otaJob, brokenN
 	return nil, fmt.Errorf("%w (gave up after %d attempts)", lastErr, maxDownloadAttempts)
 }
 
-// copyProgress copies up to limit bytes (all when limit < 0).
-func copyProgress(dst *bytes.Buffer, src io.Reader, limit int64, progress func(total int)) error {
-	if limit >= 0 {
-		src = io.LimitReader(src, limit)
-	}
+// copyAt writes src into f from offset off, reporting the running total.
+func copyAt(f *os.File, off int64, src io.Reader, progress func(total int64)) (int64, error) {
 	chunk := make([]byte, 32*1024)
+	var n int64
 	for {
-		n, err := src.Read(chunk)
-		dst.Write(chunk[:n])
-		if n > 0 {
-			progress(dst.Len())
+		k, err := src.Read(chunk)
+		if k > 0 {
+			if _, werr := f.WriteAt(chunk[:k], off+n); werr != nil {
+				return n, werr
+			}
+			n += int64(k)
+			progress(off + n)
 		}
 		if errors.Is(err, io.EOF) {
-			return nil
+			return n, nil
 		}
 		if err != nil {
-			return err
+			return n, err
 		}
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetd/fleetd/firmware/manifest"
 	"github.com/fleetd/fleetd/internal/brokertest"
 	"github.com/fleetd/fleetd/sim"
 )
@@ -36,12 +37,12 @@ func TestOTARoundTrip(t *testing.T) {
 	var mu sync.Mutex
 	var ranges []string
 	statuses := map[string][]string{} // device → states (and errors)
+	var credentials []string          // Authorization headers sent to the job URL: there must be none
 	files := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !strings.HasPrefix(r.Header.Get("Authorization"), "Bearer ") {
-			http.Error(w, "no token", http.StatusUnauthorized)
-			return
-		}
 		mu.Lock()
+		if a := r.Header.Get("Authorization"); a != "" {
+			credentials = append(credentials, a)
+		}
 		if rg := r.Header.Get("Range"); rg != "" {
 			ranges = append(ranges, rg)
 		}
@@ -59,7 +60,8 @@ func TestOTARoundTrip(t *testing.T) {
 		return nil
 	})
 
-	tokens := map[string]string{"ota-good-0": env.Register(t, "ota-good-0", "gw-100"), "ota-bad-0": env.Register(t, "ota-bad-0", "gw-100")}
+	tokens := map[string]string{"ota-good-0": env.Register(t, "ota-good-0", "gw-100"), "ota-bad-0": env.Register(t, "ota-bad-0", "gw-100"),
+		"ota-picky-0": env.Register(t, "ota-picky-0", "gw-100")}
 	tokFile := filepath.Join(t.TempDir(), "tokens.json")
 	b, _ := json.Marshal(tokens)
 	os.WriteFile(tokFile, b, 0o600)
@@ -70,6 +72,7 @@ func TestOTARoundTrip(t *testing.T) {
 		Cohorts: []sim.Cohort{
 			{Name: "ota-good", Count: 1, Model: "gw-100", Firmware: "1.0.3"},
 			{Name: "ota-bad", Count: 1, Model: "gw-100", Firmware: "1.0.3", OTAFailure: sim.OTAFailure{Mode: "checksum_mismatch"}},
+			{Name: "ota-picky", Count: 1, Model: "gw-100", Firmware: "1.0.3"},
 		},
 	}
 	if err := f.Validate(); err != nil {
@@ -84,21 +87,62 @@ func TestOTARoundTrip(t *testing.T) {
 	go func() { done <- s.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 
-	job, _ := json.Marshal(map[string]any{"job_id": "job-1", "campaign_id": "c-1", "version": "1.2.0", "url": files.URL + "/fw.bin",
-		"sha256": hex.EncodeToString(sum[:]), "size": len(image), "signature": base64.StdEncoding.EncodeToString(ed25519.Sign(priv, sum[:]))})
+	img := manifest.Image{SHA256: hex.EncodeToString(sum[:]), Size: int64(len(image)), Version: "1.2.0", Models: []string{"gw-100"}}
+	fwURL := files.URL + "/fw.bin"
+	jobFor := func(device, jobID, url string, edit func(*manifest.Job), key ed25519.PrivateKey) []byte {
+		m := manifest.Job{Image: img, JobID: jobID, DeviceID: device, Expires: time.Now().Add(time.Hour)}
+		m.Models = append([]string(nil), img.Models...)
+		if edit != nil {
+			edit(&m)
+		}
+		b, _ := json.Marshal(map[string]any{"job_id": jobID, "campaign_id": "c-1", "url": url,
+			"signature": manifest.SignImage(priv, m.Image), "manifest": m, "manifest_signature": manifest.SignJob(key, m)})
+		return b
+	}
 	history := func(id string) string {
 		mu.Lock()
 		defer mu.Unlock()
 		return strings.Join(statuses[id], ",")
 	}
-	// Send until the device has subscribed and starts downloading.
+	// A device refuses, before downloading anything, every job whose signed
+	// manifest is not for it, is expired, downgrades it, or is not signed by
+	// a key it trusts.
+	_, stranger, _ := ed25519.GenerateKey(rand.Reader)
+	refusals := []struct {
+		job  []byte
+		want string
+	}{
+		{jobFor("ota-picky-0", "r-model", fwURL, func(m *manifest.Job) { m.Models = []string{"gw-200"} }, priv), "for models"},
+		{jobFor("ota-picky-0", "r-device", fwURL, func(m *manifest.Job) { m.DeviceID = "ota-good-0" }, priv), "for device"},
+		{jobFor("ota-picky-0", "r-older", fwURL, func(m *manifest.Job) { m.Version = "1.0.0" }, priv), "not a rollback"},
+		{jobFor("ota-picky-0", "r-expired", fwURL, func(m *manifest.Job) { m.Expires = time.Now().Add(-time.Minute) }, priv), "expired"},
+		{jobFor("ota-picky-0", "r-stranger", fwURL, nil, stranger), "trusted key"},
+		{jobFor("ota-picky-0", "r-host", "http://firmware.example.com/fw.bin", nil, priv), "not loopback"},
+	}
 	deadline := time.Now().Add(20 * time.Second)
+	for i, r := range refusals {
+		for strings.Count(history("ota-picky-0"), "failedrefused") <= i {
+			if time.Now().After(deadline) {
+				t.Fatalf("ota-picky-0 did not refuse job %d: %q", i, history("ota-picky-0"))
+			}
+			env.Broker.Send("ota-picky-0", "ota/job", r.job)
+			time.Sleep(300 * time.Millisecond)
+		}
+		if h := history("ota-picky-0"); !strings.Contains(h, r.want) {
+			t.Errorf("refusal %d: %q does not say %q", i, h, r.want)
+		}
+	}
+	if h := history("ota-picky-0"); strings.Contains(h, "downloading") {
+		t.Errorf("a refused job was downloaded: %s", h)
+	}
+	jobs := map[string][]byte{"ota-good-0": jobFor("ota-good-0", "job-1", fwURL, nil, priv), "ota-bad-0": jobFor("ota-bad-0", "job-2", fwURL, nil, priv)}
+	// Send until the device has subscribed and starts downloading.
 	for _, id := range []string{"ota-good-0", "ota-bad-0"} {
 		for !strings.Contains(history(id), "downloading") {
 			if time.Now().After(deadline) {
 				t.Fatalf("%s never started the job: %q", id, history(id))
 			}
-			env.Broker.Send(id, "ota/job", job)
+			env.Broker.Send(id, "ota/job", jobs[id])
 			time.Sleep(300 * time.Millisecond)
 		}
 	}
@@ -119,7 +163,11 @@ func TestOTARoundTrip(t *testing.T) {
 	}
 	mu.Lock()
 	resumed := len(ranges) > 0 && strings.HasPrefix(ranges[0], "bytes=")
+	sentCredentials := credentials
 	mu.Unlock()
+	if len(sentCredentials) > 0 {
+		t.Errorf("devices sent credentials to the job URL: %q", sentCredentials)
+	}
 	if !resumed {
 		t.Errorf("no download was resumed with Range: %v", ranges)
 	}

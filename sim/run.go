@@ -37,15 +37,15 @@ type Options struct {
 
 // Simulator runs a fleet.
 type Simulator struct {
-	fleet      *Fleet
-	opts       Options
-	logger     *slog.Logger
-	stats      *stats
-	http       *http.Client
-	ramp       *rate.Limiter
-	serverCAs  *x509.CertPool
-	signingKey ed25519.PublicKey
-	devices    []*device
+	fleet     *Fleet
+	opts      Options
+	logger    *slog.Logger
+	stats     *stats
+	http      *http.Client
+	ramp      *rate.Limiter
+	serverCAs *x509.CertPool
+	trusted   []ed25519.PublicKey // keys whose job and image signatures devices accept
+	devices   []*device
 
 	failMu   sync.Mutex
 	failJobs map[*Cohort]int // OTA jobs seen per cohort, to spread failures evenly
@@ -75,13 +75,26 @@ func New(ctx context.Context, f *Fleet, opts Options) (*Simulator, error) {
 		ramp: rate.NewLimiter(rate.Limit(f.Run.Ramp), max(1, int(f.Run.Ramp/10)))}
 	s.http = &http.Client{Timeout: 5 * time.Minute, Transport: &http.Transport{
 		MaxIdleConnsPerHost: 64, MaxConnsPerHost: 256, IdleConnTimeout: 30 * time.Second,
-	}}
-	if f.OTA.PublicKey != "" {
-		k, err := base64.StdEncoding.DecodeString(f.OTA.PublicKey)
-		if err != nil || len(k) != ed25519.PublicKeySize {
-			return nil, errors.New("ota.public_key must be a base64 ed25519 public key (32 bytes)")
+	}, CheckRedirect: func(req *http.Request, via []*http.Request) error {
+		// A download may be redirected only to a host the fleet allows.
+		if len(via) >= 5 {
+			return errors.New("too many redirects")
 		}
-		s.signingKey = k
+		return f.checkURL("redirect of a firmware download", req.URL.String())
+	}}
+	for i, raw := range append([]string{f.OTA.PublicKey}, f.OTA.TrustedKeys...) {
+		if raw == "" {
+			continue
+		}
+		k, err := base64.StdEncoding.DecodeString(raw)
+		if err != nil || len(k) != ed25519.PublicKeySize {
+			field := "ota.public_key"
+			if i > 0 {
+				field = fmt.Sprintf("ota.trusted_keys[%d]", i-1)
+			}
+			return nil, fmt.Errorf("%s must be a base64 ed25519 public key (32 bytes)", field)
+		}
+		s.trusted = append(s.trusted, k)
 	}
 	if f.Server.CAFile != "" {
 		pem, err := os.ReadFile(f.Server.CAFile)

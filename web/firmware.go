@@ -30,7 +30,7 @@ type Artifacts interface {
 	List(ctx context.Context) ([]firmware.Artifact, error)
 	Delete(ctx context.Context, id string) error
 	Open(ctx context.Context, id string) (firmware.Artifact, *os.File, error)
-	CheckURL(artifactID, deviceID, expires, sig string, now time.Time) error
+	CheckURL(artifactID, deviceID, jobID, expires, sig string, now time.Time) error
 	PublicKey() ed25519.PublicKey
 }
 
@@ -206,7 +206,7 @@ func (h *firmwareHandlers) download(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	authorised := false
 	if q.Get("sig") != "" {
-		if err := h.a.CheckURL(id, q.Get("device"), q.Get("expires"), q.Get("sig"), time.Now()); err != nil {
+		if err := h.a.CheckURL(id, q.Get("device"), q.Get("job"), q.Get("expires"), q.Get("sig"), time.Now()); err != nil {
 			writeJSON(w, http.StatusForbidden, errorBody{apiError{Code: "forbidden", Message: "download URL: " + err.Error(), Field: "sig"}})
 			return
 		}
