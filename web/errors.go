@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"os"
 )
 
 // errorBody is the JSON shape of every error response:
@@ -94,6 +95,8 @@ func decodeJSON(r *http.Request, v any) error {
 		var typeErr *json.UnmarshalTypeError
 		var maxErr *http.MaxBytesError
 		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			return bodyTimeout(err)
 		case errors.As(err, &typeErr):
 			return BadRequest(typeErr.Field, "field "+typeErr.Field+" must be "+typeErr.Type.String())
 		case errors.As(err, &maxErr):

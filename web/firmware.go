@@ -9,6 +9,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -44,11 +45,16 @@ type Campaigns interface {
 	Act(ctx context.Context, id, action, actor string) (firmware.CampaignView, error)
 }
 
-// FirmwareOptions tune the download endpoint.
+// FirmwareOptions tune the download endpoint. A download whose client
+// stops reading loses its slot after Limits.StallTimeout (see stallWrites).
 type FirmwareOptions struct {
 	// MaxDownloads caps concurrent downloads; the excess gets 503 with
 	// Retry-After, so a campaign cannot starve the API.
 	MaxDownloads int
+	// MaxDownloadsPerSource caps concurrent downloads per source address
+	// (IPv4 address, IPv6 /64); the excess gets 429 with Retry-After, so a
+	// few clients cannot take every slot. 0 is no cap.
+	MaxDownloadsPerSource int
 	// MaxUpload caps an image's size in bytes.
 	MaxUpload int64
 }
@@ -61,7 +67,8 @@ func (s *Server) MountFirmware(a Artifacts, c Campaigns, o FirmwareOptions) {
 	if o.MaxUpload <= 0 {
 		o.MaxUpload = 512 << 20
 	}
-	h := &firmwareHandlers{a: a, c: c, o: o, s: s, slots: make(chan struct{}, o.MaxDownloads)}
+	h := &firmwareHandlers{a: a, c: c, o: o, s: s, slots: make(chan struct{}, o.MaxDownloads),
+		sources: &downloadSources{max: o.MaxDownloadsPerSource, n: map[netip.Prefix]int{}}}
 	s.mount(func(public, api chi.Router) {
 		public.Get("/firmware/{id}/download", h.download)
 		public.Head("/firmware/{id}/download", h.download) // size and ETag before a ranged download
@@ -80,11 +87,12 @@ func (s *Server) MountFirmware(a Artifacts, c Campaigns, o FirmwareOptions) {
 }
 
 type firmwareHandlers struct {
-	a     Artifacts
-	c     Campaigns
-	o     FirmwareOptions
-	s     *Server
-	slots chan struct{}
+	a       Artifacts
+	c       Campaigns
+	o       FirmwareOptions
+	s       *Server
+	slots   chan struct{}
+	sources *downloadSources
 }
 
 func (h *firmwareHandlers) fail(w http.ResponseWriter, r *http.Request, err error) {
@@ -94,8 +102,10 @@ func (h *firmwareHandlers) fail(w http.ResponseWriter, r *http.Request, err erro
 // upload takes an image either as multipart/form-data (fields version,
 // models, notes, signature before the file part "file") or as a raw body
 // with the same fields as query parameters. The image is streamed to disk.
+// An image may be large and slow to arrive: instead of the server's
+// ReadTimeout, each read of the body has Limits.ReadTimeout to bring data.
 func (h *firmwareHandlers) upload(w http.ResponseWriter, r *http.Request) {
-	r.Body = http.MaxBytesReader(w, r.Body, h.o.MaxUpload)
+	r.Body = http.MaxBytesReader(w, newUploadBody(w, r.Body, h.s.opts.Limits.ReadTimeout), h.o.MaxUpload)
 	ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	var n firmware.NewArtifact
 	splitModels := func(v string) []string {
@@ -200,7 +210,9 @@ func (h *firmwareHandlers) signingKey(w http.ResponseWriter, r *http.Request) {
 }
 
 // download serves an image with Range/If-Range and an ETag, to a device
-// holding a signed URL or to the admin. Concurrent downloads are capped.
+// holding a signed URL or to the admin. Concurrent downloads are capped per
+// source (429) and in all (503); a client that stops reading is cut off by
+// the stall deadline (stallWrites), which frees its slot.
 func (h *firmwareHandlers) download(w http.ResponseWriter, r *http.Request) {
 	id := chi.URLParam(r, "id")
 	q := r.URL.Query()
@@ -214,11 +226,17 @@ func (h *firmwareHandlers) download(w http.ResponseWriter, r *http.Request) {
 	}
 	if !authorised {
 		ok := false
-		bearerAuth(h.s.opts.AdminToken, h.s.opts.Logger)(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { ok = true })).ServeHTTP(w, r)
+		bearerAuth(h.s.opts.AdminToken, h.s.fails)(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { ok = true })).ServeHTTP(w, r)
 		if !ok {
-			return // bearerAuth answered 401
+			return // bearerAuth answered 401 or 429
 		}
 	}
+	src := sourceOf(r.RemoteAddr)
+	if !h.sources.take(src) {
+		writeTooMany(w, 5*time.Second, "too many concurrent firmware downloads from this address; retry later")
+		return
+	}
+	defer h.sources.release(src)
 	select {
 	case h.slots <- struct{}{}:
 		defer func() { <-h.slots }()

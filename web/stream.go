@@ -23,6 +23,9 @@ type Hub struct {
 	// Campaigns changed since WatchCampaigns last published them.
 	dirty map[string]struct{}
 	wake  chan struct{}
+	// Open streams, in all and per bearer token, for the caps of subscribe.
+	open        int
+	openByToken map[string]int
 }
 
 type streamEvent struct {
@@ -76,23 +79,42 @@ func (h *Hub) publish(ev streamEvent) {
 	}
 }
 
-func (h *Hub) subscribe() (chan streamEvent, func()) {
-	ch := make(chan streamEvent, 256)
+// subscribe opens a stream for a bearer token (credential). It reports
+// false, opening nothing, when maxTotal streams are open already, or
+// maxPerToken for this token (0: no cap). The stream counts until its done
+// func is called, even after Close.
+func (h *Hub) subscribe(token string, maxPerToken, maxTotal int) (chan streamEvent, func(), bool) {
 	h.mu.Lock()
+	defer h.mu.Unlock()
+	if maxTotal > 0 && h.open >= maxTotal || maxPerToken > 0 && h.openByToken[token] >= maxPerToken {
+		return nil, nil, false
+	}
+	if h.openByToken == nil {
+		h.openByToken = map[string]int{}
+	}
+	h.open++
+	h.openByToken[token]++
+	ch := make(chan streamEvent, 256)
 	if h.closed {
 		close(ch)
 	} else {
 		h.subs[ch] = struct{}{}
 	}
-	h.mu.Unlock()
+	var once sync.Once
 	return ch, func() {
-		h.mu.Lock()
-		if _, ok := h.subs[ch]; ok {
-			delete(h.subs, ch)
-			close(ch)
-		}
-		h.mu.Unlock()
-	}
+		once.Do(func() {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			if _, ok := h.subs[ch]; ok {
+				delete(h.subs, ch)
+				close(ch)
+			}
+			h.open--
+			if h.openByToken[token]--; h.openByToken[token] <= 0 {
+				delete(h.openByToken, token)
+			}
+		})
+	}, true
 }
 
 func (h *Hub) subscribers() int {
@@ -162,9 +184,15 @@ func (h *Hub) WatchCampaigns(ctx context.Context, c Campaigns) {
 	}
 }
 
+// streamRetryAfter is what a refused stream is told to wait: streams end
+// when consoles close, which nothing predicts.
+const streamRetryAfter = 10 * time.Second
+
 // MountStream adds GET /api/v1/stream: Server-Sent Events of presence and
 // campaign changes. It needs the bearer token like the rest of the API, so
-// browsers read it with fetch rather than EventSource.
+// browsers read it with fetch rather than EventSource. Open streams are
+// capped per token and in all (Limits.MaxStreamsPerToken, MaxStreams); past
+// a cap a new stream gets 429 with Retry-After.
 func (s *Server) MountStream(h *Hub) {
 	s.mount(func(_, api chi.Router) {
 		api.Get("/stream", func(w http.ResponseWriter, r *http.Request) {
@@ -173,11 +201,15 @@ func (s *Server) MountStream(h *Hub) {
 				writeJSON(w, http.StatusInternalServerError, errorBody{apiError{Code: "internal", Message: "streaming unsupported"}})
 				return
 			}
+			ch, done, ok := h.subscribe(credential(r.Context()), s.opts.Limits.MaxStreamsPerToken, s.opts.Limits.MaxStreams)
+			if !ok {
+				writeTooMany(w, streamRetryAfter, "too many live streams open; close one or retry later")
+				return
+			}
+			defer done()
 			w.Header().Set("Content-Type", "text/event-stream")
 			w.Header().Set("Cache-Control", "no-cache")
 			w.Header().Set("X-Accel-Buffering", "no")
-			ch, done := h.subscribe()
-			defer done()
 			fmt.Fprint(w, ": fleetd live stream\n\n")
 			flusher.Flush()
 			ping := time.NewTicker(15 * time.Second)

@@ -31,6 +31,8 @@ type Options struct {
 	Version string
 	// Node names this fleetd replica.
 	Node string
+	// Limits bound what one HTTP client can hold (see Limits).
+	Limits Limits
 }
 
 // Server is the HTTP handler. Readiness checks and API routes are added by
@@ -45,6 +47,8 @@ type Server struct {
 	mounts  []func(public, api chi.Router)
 	console http.Handler
 	started time.Time
+	// fails counts wrong bearer tokens per source (nil: no limit).
+	fails *authFailures
 
 	mu     sync.Mutex
 	checks []Check
@@ -58,7 +62,9 @@ func New(opts Options) *Server {
 	if opts.Registry == nil {
 		opts.Registry = prometheus.NewRegistry()
 	}
-	s := &Server{opts: opts, started: time.Now(), metrics: newHTTPMetrics(opts.Registry), console: ConsoleHandler()}
+	opts.Limits = opts.Limits.withDefaults()
+	s := &Server{opts: opts, started: time.Now(), metrics: newHTTPMetrics(opts.Registry), console: ConsoleHandler(),
+		fails: newAuthFailures(opts.Limits, opts.Logger)}
 	s.mount(func(_, api chi.Router) { api.Get("/server", s.serverInfo) })
 	return s
 }
@@ -69,7 +75,7 @@ func New(opts Options) *Server {
 func (s *Server) mount(f func(public, api chi.Router)) {
 	s.mounts = append(s.mounts, f)
 	r := chi.NewRouter()
-	r.Use(requestID, accessLog(s.opts.Logger, s.metrics), recoverer(s.opts.Logger))
+	r.Use(requestID, accessLog(s.opts.Logger, s.metrics), recoverer(s.opts.Logger), stallWrites(s.opts.Limits.StallTimeout))
 	notFound := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, errorBody{apiError{Code: "not_found", Message: "no such endpoint: " + r.URL.Path}})
 	})
@@ -87,10 +93,10 @@ func (s *Server) mount(f func(public, api chi.Router)) {
 	r.Route("/api/v1", func(v1 chi.Router) {
 		// Unknown API paths ask for the token first: they do not reveal
 		// which endpoints exist.
-		v1.NotFound(bearerAuth(s.opts.AdminToken, s.opts.Logger)(notFound).ServeHTTP)
+		v1.NotFound(bearerAuth(s.opts.AdminToken, s.fails)(notFound).ServeHTTP)
 		v1.Group(func(public chi.Router) {
 			v1.Group(func(api chi.Router) {
-				api.Use(bearerAuth(s.opts.AdminToken, s.opts.Logger))
+				api.Use(bearerAuth(s.opts.AdminToken, s.fails))
 				for _, m := range s.mounts {
 					m(public, api)
 				}

@@ -63,6 +63,16 @@ type Config struct {
 	// RecorderBehindAfter is how old the oldest connection event not yet in
 	// the database may get before /readyz reports fleetd not ready.
 	RecorderBehindAfter time.Duration
+
+	// Limits on what one HTTP client can hold (web.Limits).
+	OTAMaxDownloadsPerSource int
+	HTTPIdleTimeout          time.Duration
+	HTTPReadTimeout          time.Duration
+	HTTPStallTimeout         time.Duration
+	HTTPMaxStreams           int
+	HTTPMaxStreamsPerToken   int
+	HTTPAuthFailureRate      float64
+	HTTPAuthFailureBurst     int
 }
 
 // setting binds one flag to its environment variable.
@@ -95,6 +105,13 @@ func (c *Config) settings() []setting {
 	host, _ := os.Hostname()
 	return []setting{
 		{name: "http-addr", usage: "HTTP listen address (API, console, probes, metrics)", bind: str(&c.HTTPAddr, ":8080")},
+		{name: "http-idle-timeout", usage: "how long an idle keep-alive HTTP connection is kept open", bind: dur(&c.HTTPIdleTimeout, 60*time.Second)},
+		{name: "http-read-timeout", usage: "time an HTTP client has to send a whole request, body included; a firmware upload may take longer but must bring data at least this often", bind: dur(&c.HTTPReadTimeout, 30*time.Second)},
+		{name: "http-stall-timeout", usage: "an HTTP response whose client takes no data for this long is ended and its connection closed (a firmware download loses its slot); a slow reader is served to the end", bind: dur(&c.HTTPStallTimeout, 30*time.Second)},
+		{name: "http-max-streams", usage: "live streams (GET /api/v1/stream) open at once; more get 429 with Retry-After; 0 = no cap", bind: num(&c.HTTPMaxStreams, 256)},
+		{name: "http-max-streams-per-token", usage: "live streams open at once per bearer token; more get 429 with Retry-After; 0 = no cap", bind: num(&c.HTTPMaxStreamsPerToken, 8)},
+		{name: "http-auth-failure-rate", usage: "wrong bearer tokens per second allowed per source address (IPv4 address or IPv6 /64); past it wrong tokens get 429 instead of 401 (the right token still works); 0 = unlimited", bind: float(&c.HTTPAuthFailureRate, 1)},
+		{name: "http-auth-failure-burst", usage: "burst of wrong bearer tokens per source address", bind: num(&c.HTTPAuthFailureBurst, 20)},
 		{name: "mqtt-addr", usage: "MQTT TCP listen address; empty turns it off", bind: str(&c.MQTTAddr, ":1883")},
 		{name: "mqtt-tls-addr", usage: "MQTT over TLS listen address; empty turns it off", bind: str(&c.MQTTTLSAddr, "")},
 		{name: "mqtt-ws-addr", usage: "MQTT over WebSocket listen address (path /mqtt); empty turns it off", bind: str(&c.MQTTWSAddr, "")},
@@ -126,6 +143,7 @@ func (c *Config) settings() []setting {
 		{name: "firmware-trusted-keys-file", usage: "file of base64 ed25519 public keys (one per line) whose signatures uploads may carry instead of the server's", bind: str(&c.TrustedKeysFile, "")},
 		{name: "public-url", usage: "base URL devices download firmware from (default: http:// and the HTTP listener's address)", bind: str(&c.PublicURL, "")},
 		{name: "ota-max-downloads", usage: "concurrent firmware downloads; more get 503 with Retry-After", bind: num(&c.OTAMaxDownloads, 100)},
+		{name: "ota-max-downloads-per-source", usage: "concurrent firmware downloads per source address (IPv4 address or IPv6 /64); more get 429 with Retry-After; 0 = no cap (devices behind one NAT share an address)", bind: num(&c.OTAMaxDownloadsPerSource, 4)},
 		{name: "campaign-interval", usage: "how often running campaigns are stepped", bind: dur(&c.CampaignInterval, time.Second)},
 		{name: "log-level", usage: "log level: debug, info, warn, error", bind: func(fs *flag.FlagSet, n, u string) { fs.TextVar(&c.LogLevel, n, slog.LevelInfo, u) }},
 		{name: "log-format", usage: "log format: json or text", bind: str(&c.LogFormat, "json")},
@@ -253,6 +271,8 @@ func (c *Config) validate() error {
 	}{
 		{"mqtt-connect-rate", c.ConnectRate}, {"mqtt-client-connect-rate", c.ClientRate}, {"mqtt-auth-failure-rate", c.AuthFailureRate},
 		{"mqtt-max-pending-connects", float64(c.MaxPending)}, {"mqtt-max-pending-connects-per-source", float64(c.MaxPendingPerSrc)},
+		{"http-auth-failure-rate", c.HTTPAuthFailureRate}, {"http-max-streams", float64(c.HTTPMaxStreams)},
+		{"http-max-streams-per-token", float64(c.HTTPMaxStreamsPerToken)}, {"ota-max-downloads-per-source", float64(c.OTAMaxDownloadsPerSource)},
 	} {
 		if f.v < 0 {
 			bad(f.name, "must not be negative")
@@ -263,7 +283,7 @@ func (c *Config) validate() error {
 		v    int
 	}{
 		{"mqtt-connect-burst", c.ConnectBurst}, {"mqtt-client-connect-burst", c.ClientBurst}, {"mqtt-auth-failure-burst", c.AuthFailureBurst},
-		{"mqtt-publish-burst", c.PublishBurst}, {"mqtt-subscribe-burst", c.SubscribeBurst},
+		{"mqtt-publish-burst", c.PublishBurst}, {"mqtt-subscribe-burst", c.SubscribeBurst}, {"http-auth-failure-burst", c.HTTPAuthFailureBurst},
 	} {
 		if f.v < 1 {
 			bad(f.name, "must be at least 1")
@@ -290,6 +310,14 @@ func (c *Config) validate() error {
 	}
 	if c.PublicURL != "" && !strings.HasPrefix(c.PublicURL, "http://") && !strings.HasPrefix(c.PublicURL, "https://") {
 		bad("public-url", "must start with http:// or https://")
+	}
+	for _, f := range []struct {
+		name string
+		v    time.Duration
+	}{{"http-idle-timeout", c.HTTPIdleTimeout}, {"http-read-timeout", c.HTTPReadTimeout}, {"http-stall-timeout", c.HTTPStallTimeout}} {
+		if f.v <= 0 {
+			bad(f.name, "must be positive")
+		}
 	}
 	if c.OTAMaxDownloads < 1 {
 		bad("ota-max-downloads", "must be at least 1")

@@ -29,6 +29,8 @@ func TestParseConfig(t *testing.T) {
 		ClientRate: 1, ClientBurst: 10, AuthFailureRate: 1, AuthFailureBurst: 20, MaxPending: 10000, MaxPendingPerSrc: 1000,
 		PublishRate: 100, PublishBurst: 500, SubscribeRate: 5, SubscribeBurst: 50, SessionExpiry: time.Hour, AnalysisInterval: time.Minute,
 		OTAMaxDownloads: 100, CampaignInterval: time.Second, RecorderBehindAfter: 30 * time.Second}
+	defaults.OTAMaxDownloadsPerSource, defaults.HTTPIdleTimeout, defaults.HTTPReadTimeout, defaults.HTTPStallTimeout = 4, time.Minute, 30*time.Second, 30*time.Second
+	defaults.HTTPMaxStreams, defaults.HTTPMaxStreamsPerToken, defaults.HTTPAuthFailureRate, defaults.HTTPAuthFailureBurst = 256, 8, 1, 20
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {
@@ -53,6 +55,14 @@ func TestParseConfig(t *testing.T) {
 			want: with(func(c *Config) { c.DatabaseURL = "postgres://u:p@db:5432/fleetd" })},
 		{name: "recorder behind after", env: map[string]string{"FLEETD_RECORDER_BEHIND_AFTER": "2m"},
 			want: with(func(c *Config) { c.RecorderBehindAfter = 2 * time.Minute })},
+		{name: "http limits", env: map[string]string{"FLEETD_HTTP_IDLE_TIMEOUT": "15s", "FLEETD_HTTP_STALL_TIMEOUT": "1m", "FLEETD_HTTP_MAX_STREAMS": "0",
+			"FLEETD_HTTP_AUTH_FAILURE_RATE": "0.5", "FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE": "0"},
+			args: []string{"-http-read-timeout", "5s", "-http-max-streams-per-token", "2", "-http-auth-failure-burst", "3"},
+			want: with(func(c *Config) {
+				c.HTTPIdleTimeout, c.HTTPReadTimeout, c.HTTPStallTimeout = 15*time.Second, 5*time.Second, time.Minute
+				c.HTTPMaxStreams, c.HTTPMaxStreamsPerToken, c.HTTPAuthFailureRate, c.HTTPAuthFailureBurst = 0, 2, 0.5, 3
+				c.OTAMaxDownloadsPerSource = 0
+			})},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -101,6 +111,14 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "zero auth failure burst", args: []string{"-mqtt-auth-failure-burst", "0"}, want: []string{"FLEETD_MQTT_AUTH_FAILURE_BURST", "at least 1"}},
 		{name: "negative pending cap", env: map[string]string{"FLEETD_MQTT_MAX_PENDING_CONNECTS_PER_SOURCE": "-5"}, want: []string{"FLEETD_MQTT_MAX_PENDING_CONNECTS_PER_SOURCE", "negative"}},
 		{name: "zero recorder behind after", args: []string{"-recorder-behind-after", "0s"}, want: []string{"FLEETD_RECORDER_BEHIND_AFTER", "positive"}},
+		{name: "zero idle timeout", args: []string{"-http-idle-timeout", "0s"}, want: []string{"FLEETD_HTTP_IDLE_TIMEOUT", "positive"}},
+		{name: "zero read timeout", env: map[string]string{"FLEETD_HTTP_READ_TIMEOUT": "0s"}, want: []string{"FLEETD_HTTP_READ_TIMEOUT", "positive"}},
+		{name: "negative stall timeout", args: []string{"-http-stall-timeout", "-1s"}, want: []string{"FLEETD_HTTP_STALL_TIMEOUT", "positive"}},
+		{name: "negative stream caps", args: []string{"-http-max-streams", "-1", "-http-max-streams-per-token", "-1"},
+			want: []string{"FLEETD_HTTP_MAX_STREAMS ", "FLEETD_HTTP_MAX_STREAMS_PER_TOKEN", "negative"}},
+		{name: "negative http auth failure rate", args: []string{"-http-auth-failure-rate", "-1"}, want: []string{"FLEETD_HTTP_AUTH_FAILURE_RATE", "negative"}},
+		{name: "zero http auth failure burst", args: []string{"-http-auth-failure-burst", "0"}, want: []string{"FLEETD_HTTP_AUTH_FAILURE_BURST", "at least 1"}},
+		{name: "negative downloads per source", env: map[string]string{"FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE": "-2"}, want: []string{"FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE", "negative"}},
 		{name: "bad recorder behind after", env: map[string]string{"FLEETD_RECORDER_BEHIND_AFTER": "later"}, want: []string{"FLEETD_RECORDER_BEHIND_AFTER", "later"}},
 		{name: "campaign interval too long for pacing", args: []string{"-campaign-interval", "5s"}, want: []string{"FLEETD_CAMPAIGN_INTERVAL", "2s"}},
 		{name: "short pepper", env: map[string]string{"FLEETD_TOKEN_PEPPER": "abcd"}, want: []string{"FLEETD_TOKEN_PEPPER"}},

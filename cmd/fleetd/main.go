@@ -90,13 +90,16 @@ func start(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle) 
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		collectors.NewBuildInfoCollector(),
 	)
-	api := web.New(web.Options{AdminToken: token, Logger: logger, Registry: reg, Version: version, Node: cfg.Node})
+	api := web.New(web.Options{AdminToken: token, Logger: logger, Registry: reg, Version: version, Node: cfg.Node,
+		Limits: web.Limits{
+			IdleTimeout: cfg.HTTPIdleTimeout, ReadTimeout: cfg.HTTPReadTimeout, StallTimeout: cfg.HTTPStallTimeout,
+			MaxStreams: cfg.HTTPMaxStreams, MaxStreamsPerToken: cfg.HTTPMaxStreamsPerToken,
+			AuthFailureRate: cfg.HTTPAuthFailureRate, AuthFailureBurst: cfg.HTTPAuthFailureBurst,
+		}})
 	api.AddCheck(web.Check{Name: "lifecycle", Check: lc.check})
-	httpSrv := &http.Server{
-		Handler:           api,
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
-	}
+	// Idle, read and stall deadlines come from the limits above; there is
+	// no WriteTimeout, which would cut long downloads and live streams.
+	httpSrv := api.HTTPServer()
 	// Open consoles' live streams end as soon as shutdown begins, so that
 	// Shutdown does not wait for them.
 	hub := web.NewHub()
@@ -200,7 +203,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	b.OnSubscribe("ota/job", camps.DeviceListening)
 	b.OnBirth(func(id, fw, _ string) { camps.DeviceBirth(id, fw) })
 	camps.OnChange(hub.CampaignChanged)
-	api.MountFirmware(arts, camps, web.FirmwareOptions{MaxDownloads: cfg.OTAMaxDownloads})
+	api.MountFirmware(arts, camps, web.FirmwareOptions{MaxDownloads: cfg.OTAMaxDownloads, MaxDownloadsPerSource: cfg.OTAMaxDownloadsPerSource})
 	api.MountStream(hub)
 	api.MountOpenAPI()
 	bg := newLoops(lc)
