@@ -193,6 +193,7 @@ func (f *envFiles) UnmarshalYAML(n *yaml.Node) error {
 // port is one published port; Host is empty when Compose picks an ephemeral
 // host port.
 type port struct {
+	HostIP    string // "" = every interface
 	Host      string
 	Container string
 }
@@ -205,21 +206,22 @@ func (p *port) UnmarshalYAML(n *yaml.Node) error {
 		if i := strings.LastIndexByte(s, ':'); i >= 0 {
 			rest, container = s[:i], s[i+1:]
 		}
-		host := rest
+		host, ip := rest, ""
 		if i := strings.LastIndexByte(rest, ':'); i >= 0 {
-			host = rest[i+1:]
+			ip, host = rest[:i], rest[i+1:]
 		}
-		*p = port{Host: host, Container: container}
+		*p = port{HostIP: ip, Host: host, Container: container}
 		return nil
 	}
 	var long struct {
 		Target    string `yaml:"target"`
 		Published string `yaml:"published"`
+		HostIP    string `yaml:"host_ip"`
 	}
 	if err := n.Decode(&long); err != nil {
 		return err
 	}
-	*p = port{Host: long.Published, Container: long.Target}
+	*p = port{HostIP: long.HostIP, Host: long.Published, Container: long.Target}
 	return nil
 }
 
@@ -508,6 +510,22 @@ var composeChecks = []composeCheck{
 		},
 	},
 	{
+		name: "fleetd/published ports are bound to loopback",
+		check: func(c composeFile) error {
+			f, err := c.service("fleetd")
+			if err != nil {
+				return err
+			}
+			var errs []error
+			for _, p := range f.Ports {
+				if p.HostIP != "127.0.0.1" && p.HostIP != "[::1]" && p.HostIP != "::1" {
+					errs = append(errs, fmt.Errorf("service fleetd: port %s is published on every interface; bind it to 127.0.0.1 and expose it behind TLS on purpose", p.Container))
+				}
+			}
+			return errors.Join(errs...)
+		},
+	},
+	{
 		name: "fleetd/healthcheck hits /readyz",
 		check: func(c composeFile) error {
 			f, err := c.service("fleetd")
@@ -676,7 +694,7 @@ services:
       - fleetd_database_url
       - source: fleetd_admin_token
     ports:
-      - "1883:1883"
+      - "127.0.0.1:1883:1883"
       - "127.0.0.1:8080:8080/tcp"
     volumes:
       - fleetd-data:/var/lib/fleetd
@@ -743,7 +761,11 @@ func TestComposeChecksCatchMistakes(t *testing.T) {
 		{"port 8080 missing", "fleetd/publishes MQTT 1883 and HTTP 8080",
 			`      - "127.0.0.1:8080:8080/tcp"` + "\n", ""},
 		{"port 1883 ephemeral", "fleetd/publishes MQTT 1883 and HTTP 8080",
-			`"1883:1883"`, `"1883"`},
+			`"127.0.0.1:1883:1883"`, `"1883"`},
+		{"port 1883 on every interface", "fleetd/published ports are bound to loopback",
+			`"127.0.0.1:1883:1883"`, `"1883:1883"`},
+		{"port 8080 on every interface, long form", "fleetd/published ports are bound to loopback",
+			`      - "127.0.0.1:8080:8080/tcp"`, "      - target: 8080\n        published: 8080"},
 		{"healthcheck on /healthz", "fleetd/healthcheck hits /readyz",
 			"http://127.0.0.1:8080/readyz", "http://127.0.0.1:8080/healthz"},
 		{"no restart policy", "fleetd/restart policy",

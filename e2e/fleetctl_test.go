@@ -112,8 +112,14 @@ device_timeout: 60s
 	}
 	bad := exec.Command(bin, "-token", "wrong-token-0123456789", "fleet", "health")
 	bad.Env = []string{"FLEETD_URL=" + p.HTTPURL}
-	if out, err := bad.CombinedOutput(); err == nil || !strings.Contains(string(out), "401") {
-		t.Fatalf("wrong token: %v\n%s", err, out)
+	if out, err := bad.CombinedOutput(); err == nil || !strings.Contains(string(out), "401") || !strings.Contains(string(out), "warning: -token shows the admin token") {
+		t.Fatalf("wrong token on the command line: %v\n%s (want a 401 and the warning about -token)", err, out)
+	}
+	// -token-file wins over the environment and needs no warning.
+	viaFile := exec.Command(bin, "-token-file", filepath.Join(p.DataDir, "admin-token"), "fleet", "health")
+	viaFile.Env = []string{"FLEETD_URL=" + p.HTTPURL, "FLEETD_ADMIN_TOKEN=wrong-token-0123456789"}
+	if out, err := viaFile.CombinedOutput(); err != nil || strings.Contains(string(out), "warning") {
+		t.Fatalf("-token-file: %v\n%s", err, out)
 	}
 	if out, err := fleetctl("frobnicate"); err == nil || !strings.Contains(out, "unknown command") {
 		t.Fatalf("unknown command: %v\n%s", err, out)

@@ -24,7 +24,7 @@ import (
 
 const usage = `fleetctl talks to fleetd's REST API.
 
-Usage: fleetctl [-url URL] [-token TOKEN] [-output table|json] COMMAND
+Usage: fleetctl [-url URL] [-token-file FILE] [-output table|json] COMMAND
 
   devices list [-status online|offline] [-model M] [-firmware V] [-protocol 3.1|3.1.1|5] [-compat incompatible] [-limit N]
   devices get ID | diagnose ID | events ID | decommission ID | rotate ID
@@ -38,8 +38,9 @@ Usage: fleetctl [-url URL] [-token TOKEN] [-output table|json] COMMAND
   fleet health
   rules get | rules set -f RULES.json
 
-Settings: -url or FLEETD_URL (default http://127.0.0.1:8080); -token, FLEETD_ADMIN_TOKEN or
-FLEETD_ADMIN_TOKEN_FILE.
+Settings: -url or FLEETD_URL (default http://127.0.0.1:8080); the admin token from -token-file,
+FLEETD_ADMIN_TOKEN_FILE or FLEETD_ADMIN_TOKEN. -token TOKEN works too, but every local user sees
+it in ps: prefer a file.
 `
 
 func main() {
@@ -66,17 +67,25 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, usage) }
 	url := fs.String("url", or(getenv("FLEETD_URL"), "http://127.0.0.1:8080"), "fleetd's HTTP address")
-	token := fs.String("token", getenv("FLEETD_ADMIN_TOKEN"), "admin token")
+	token := fs.String("token", "", "admin token (visible to every local user in ps: prefer -token-file)")
+	tokenFile := fs.String("token-file", getenv("FLEETD_ADMIN_TOKEN_FILE"), "file holding the admin token")
 	output := fs.String("output", "table", "table or json")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *token == "" && getenv("FLEETD_ADMIN_TOKEN_FILE") != "" {
-		b, err := os.ReadFile(getenv("FLEETD_ADMIN_TOKEN_FILE"))
+	// The token comes from, in order: -token (warned about), -token-file or
+	// FLEETD_ADMIN_TOKEN_FILE, FLEETD_ADMIN_TOKEN.
+	switch {
+	case *token != "":
+		fmt.Fprintln(stderr, "fleetctl: warning: -token shows the admin token to every local user (ps, shell history); use -token-file or FLEETD_ADMIN_TOKEN_FILE")
+	case *tokenFile != "":
+		b, err := os.ReadFile(*tokenFile)
 		if err != nil {
-			return fmt.Errorf("FLEETD_ADMIN_TOKEN_FILE: %w", err)
+			return fmt.Errorf("admin token file (-token-file, FLEETD_ADMIN_TOKEN_FILE): %w", err)
 		}
 		*token = strings.TrimSpace(string(b))
+	default:
+		*token = getenv("FLEETD_ADMIN_TOKEN")
 	}
 	if *output != "table" && *output != "json" {
 		return fmt.Errorf("-output must be table or json, not %q", *output)
@@ -87,7 +96,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return errors.New("missing command")
 	}
 	if *token == "" {
-		return errors.New("no admin token: use -token, FLEETD_ADMIN_TOKEN or FLEETD_ADMIN_TOKEN_FILE")
+		return errors.New("no admin token: use -token-file, FLEETD_ADMIN_TOKEN_FILE or FLEETD_ADMIN_TOKEN")
 	}
 	c := &cli{api: client.New(*url, *token), out: stdout, json: *output == "json", stderr: stderr}
 	cmd, sub := rest[0], ""
