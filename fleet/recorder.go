@@ -1,7 +1,6 @@
 package fleet
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -10,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -26,12 +26,17 @@ type eventWriter interface {
 type RecorderOptions struct {
 	// SpoolPath is the file events go to while the database cannot take them.
 	SpoolPath string
+	// MaxSpoolBytes caps the spool file; see Recorder for what happens at the
+	// cap. Default 1 GiB.
+	MaxSpoolBytes int64
 	// FlushInterval is the longest an event waits in memory. Default 50 ms.
 	FlushInterval time.Duration
 	// BatchSize caps the events written in one transaction. Default 5000.
 	BatchSize int
 	// MaxBuffered is how many events may wait in memory before they are
-	// spilled to the spool file. Default 200 000.
+	// spilled to the spool file (more arrive while a spill is written: Record
+	// does not wait for it), and, once the spool is at its cap, how many may
+	// wait at all. Default 200 000.
 	MaxBuffered int
 	// WriteTimeout bounds one database write. Default 10 s.
 	WriteTimeout time.Duration
@@ -43,32 +48,91 @@ type RecorderOptions struct {
 	// Observe, when set, sees every event as it is recorded (live views).
 	// It runs on the broker's hot path: it must not block.
 	Observe func(Event)
+
+	// spoolHook, when set (tests), runs inside the spool's file I/O with
+	// fileMu held; see spoolFile.hook.
+	spoolHook func(op string)
 }
 
+// defaultMaxSpoolBytes is RecorderOptions.MaxSpoolBytes when unset.
+const defaultMaxSpoolBytes = 1 << 30
+
+// spoolLogEvery is how often dropping events at the spool cap, or failing to
+// write the spool, may be logged; the lines in between are counted in the
+// next one.
+const spoolLogEvery = time.Minute
+
 // Recorder takes connection events from the broker's hooks without ever
-// blocking them on the database, and writes them in batches. When the
-// database fails, events go to an append-only spool file (fsynced), which is
-// replayed in order once the database answers again: nothing is lost, and the
-// events' ids make the replay idempotent. Order is kept: spooled events are
-// always older than buffered ones.
+// blocking them on the database or the disk, and writes them in batches.
+// When the database fails, events go to an append-only spool file (fsynced),
+// which is replayed in order once the database answers again: nothing is
+// lost, and the events' ids make the replay idempotent. Order is kept:
+// spooled events are always older than buffered ones.
 //
 // A write PostgreSQL refuses for its content (classifyWriteError) is split in
 // halves until the refused events are alone; the rest is written and those go
 // to event_dead_letters, so that one bad event, even one left in the spool by
 // a previous run, never holds back the events of every other device.
+//
+// Record holds mu only to append to a slice. File I/O (appends and their
+// fsync, the copy that trims the spool after a replay) runs under fileMu,
+// which Record never takes, and never under mu; the lock order is fileMu,
+// then mu. Three parties do file I/O: the writer goroutine, which besides the
+// database writes spills a failed batch and trims the spool after a replay;
+// the spool goroutine, which spills the buffer when MaxBuffered events wait,
+// so that a spill never waits behind a database write of up to WriteTimeout;
+// and Close, which spills what is left when its deadline passes.
+//
+// The spool is capped at MaxSpoolBytes, so that an outage cannot fill the
+// disk. At the cap the spool takes nothing more, and recording into the
+// database goes on as soon as it answers: the spool is replayed first, so that
+// order holds, and the trim after the replay makes room again. Until then new
+// events wait in memory, at most MaxBuffered of them, and past that the newest
+// are dropped: counted in fleetd_events_dropped_total{reason="spool_full"},
+// logged once a minute, shown by fleetd_event_spool_full and by Ready, never
+// silently. Dropping the newest rather than the oldest keeps what is stored
+// an unbroken record of how the incident began, which a flood of later events
+// (a reconnect storm, an attacker's refused connects) cannot push out, and it
+// costs Record one comparison. Presence heals from the gap: a device's next
+// connect applies by its session epoch whatever was lost before it.
 type Recorder struct {
 	w    eventWriter
 	opts RecorderOptions
 
-	mu       sync.Mutex
-	buf      []Event
-	spooled  int64 // bytes in the spool file
-	closed   bool
-	wake     chan struct{}
-	stop     chan struct{}
-	done     chan struct{}
-	degraded bool      // the last write failed; logged once per outage
-	retryAt  time.Time // while degraded, the next replay attempt
+	wake          chan struct{} // Record → writer: a batch is ready
+	spill         chan struct{} // Record → spool goroutine: MaxBuffered events wait
+	stop, done    chan struct{}
+	spoolLoopDone chan struct{}
+
+	// fileMu serialises the spool's file I/O. Guarded by it: the file itself,
+	// and what only file I/O uses.
+	fileMu       sync.Mutex
+	spool        *spoolFile
+	spillRetryAt time.Time // after a failed spool write, the next attempt
+	logSpoolErr  logEvery
+
+	mu  sync.Mutex
+	buf []Event
+	// inflight is the batch the writer is writing from buf, which it does only
+	// while the spool is empty. A spill meanwhile spools a copy of it ahead of
+	// buf, so that the spool keeps the order whatever the write's outcome, and
+	// sets inflightKept: the writer then leaves the batch's fate to the spool.
+	inflight     []Event
+	inflightKept bool
+	spooled      int64 // bytes in the spool file, as of its last change
+	// spilling: a spill has taken events from buf and not yet put them in
+	// the spool (or back). The writer treats it as a spool that holds events.
+	spilling bool
+	// full: a spill found the spool at its cap; cleared by the trim after a
+	// replay. While full, nothing is spilled and Record drops events past
+	// MaxBuffered.
+	full         bool
+	fullDropped  int64 // events dropped since the spool last filled
+	unloggedFull int64 // events dropped at the cap, not yet logged
+	closed       bool
+	// lostAtStop says how many events the writer could not keep at
+	// shutdown; written before done is closed.
+	lostAtStop error
 	// The times of the oldest events not yet in the database, besides buf[0]:
 	// the batch being written, and the first event of the spool file. Zero
 	// when there is none.
@@ -76,18 +140,28 @@ type Recorder struct {
 	spoolAt    time.Time
 
 	// Used by the writer goroutine only.
+	degraded    bool      // the last write failed; logged once per outage
+	retryAt     time.Time // while degraded, the next replay attempt
+	lastFullLog time.Time // the last line about events dropped at the cap
+
 	logDeadLetter, logDropped, logUnreadable logEvery
 
-	mRecorded *prometheus.CounterVec
-	mWritten  prometheus.Counter
-	mSpooled  prometheus.Counter
-	mErrors   prometheus.Counter
-	mSpool    prometheus.Gauge
-	mBuffered prometheus.GaugeFunc
-	mBatch    prometheus.Histogram
-	mDead     prometheus.Counter
-	mDropped  prometheus.Counter
-	mOldest   prometheus.GaugeFunc
+	mRecorded       *prometheus.CounterVec
+	mWritten        prometheus.Counter
+	mSpooled        prometheus.Counter
+	mErrors         prometheus.Counter
+	mSpool          prometheus.Gauge
+	mSpoolMax       prometheus.Gauge
+	mFull           prometheus.GaugeFunc
+	mBuffered       prometheus.GaugeFunc
+	mBatch          prometheus.Histogram
+	mDead           prometheus.Counter
+	mDropped        *prometheus.CounterVec
+	mDropRefused    prometheus.Counter
+	mDropUnreadable prometheus.Counter
+	mDropFull       prometheus.Counter
+	mDropSpoolErr   prometheus.Counter
+	mOldest         prometheus.GaugeFunc
 }
 
 // NewRecorder starts the writer. Events left in the spool by a previous run
@@ -102,6 +176,9 @@ func NewRecorder(w eventWriter, opts RecorderOptions) (*Recorder, error) {
 	if opts.MaxBuffered == 0 {
 		opts.MaxBuffered = 200_000
 	}
+	if opts.MaxSpoolBytes == 0 {
+		opts.MaxSpoolBytes = defaultMaxSpoolBytes
+	}
 	if opts.WriteTimeout == 0 {
 		opts.WriteTimeout = 10 * time.Second
 	}
@@ -114,24 +191,41 @@ func NewRecorder(w eventWriter, opts RecorderOptions) (*Recorder, error) {
 	if opts.SpoolPath == "" {
 		return nil, errors.New("recorder: SpoolPath is required")
 	}
+	if opts.MaxSpoolBytes < 0 {
+		return nil, fmt.Errorf("recorder: MaxSpoolBytes %d is negative", opts.MaxSpoolBytes)
+	}
 	if err := os.MkdirAll(filepath.Dir(opts.SpoolPath), 0o700); err != nil {
 		return nil, fmt.Errorf("create spool dir: %w", err)
 	}
-	r := &Recorder{w: w, opts: opts, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
+	r := &Recorder{w: w, opts: opts, wake: make(chan struct{}, 1), spill: make(chan struct{}, 1),
+		stop: make(chan struct{}), done: make(chan struct{}), spoolLoopDone: make(chan struct{}),
+		spool:         &spoolFile{path: opts.SpoolPath, max: opts.MaxSpoolBytes, hook: opts.spoolHook},
+		logSpoolErr:   logEvery{every: spoolLogEvery},
 		logDeadLetter: logEvery{every: deadLetterLogEvery}, logDropped: logEvery{every: deadLetterLogEvery},
 		logUnreadable: logEvery{every: deadLetterLogEvery}}
-	if err := r.openSpool(); err != nil {
+	if err := r.spool.open(); err != nil {
 		return nil, err
 	}
+	r.spooled, r.spoolAt = r.spool.size, r.spool.at
+	r.full = r.spooled >= opts.MaxSpoolBytes
 	if r.spooled > 0 {
 		opts.Logger.Warn("replaying events spooled by a previous run", "spool", opts.SpoolPath, "bytes", r.spooled,
-			"oldest", r.spoolAt)
+			"oldest", r.spoolAt, "max_spool_bytes", opts.MaxSpoolBytes)
 	}
 	r.mRecorded = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetd_events_recorded_total", Help: "Connection events recorded, by kind."}, []string{"kind"})
 	r.mWritten = prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_events_written_total", Help: "Connection events committed to PostgreSQL."})
 	r.mSpooled = prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_events_spooled_total", Help: "Connection events written to the spool file because PostgreSQL could not take them."})
 	r.mErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_event_write_errors_total", Help: "Failed event batch writes."})
 	r.mSpool = prometheus.NewGauge(prometheus.GaugeOpts{Name: "fleetd_event_spool_bytes", Help: "Bytes waiting in the event spool file."})
+	r.mSpoolMax = prometheus.NewGauge(prometheus.GaugeOpts{Name: "fleetd_event_spool_max_bytes", Help: "Cap on the event spool file, in bytes."})
+	r.mFull = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fleetd_event_spool_full", Help: "1 while the event spool is at its cap: events PostgreSQL cannot take wait in memory, then are dropped."}, func() float64 {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if r.full {
+			return 1
+		}
+		return 0
+	})
 	r.mBuffered = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fleetd_event_buffered", Help: "Events waiting in memory for the writer."}, func() float64 {
 		r.mu.Lock()
 		defer r.mu.Unlock()
@@ -139,42 +233,54 @@ func NewRecorder(w eventWriter, opts RecorderOptions) (*Recorder, error) {
 	})
 	r.mBatch = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "fleetd_event_batch_seconds", Help: "Time to commit one event batch.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 14)})
 	r.mDead = prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_events_dead_lettered_total", Help: "Connection events PostgreSQL refused for their content, kept in event_dead_letters instead of device_events."})
-	r.mDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_events_dropped_total", Help: "Connection events dropped: refused by device_events and by event_dead_letters, or unreadable in the spool."})
+	r.mDropped = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetd_events_dropped_total", Help: "Connection events lost, by reason: refused (by device_events and by event_dead_letters), unreadable (a line of the spool), spool_full (PostgreSQL could not take them and the spool was at its cap), spool_error (the spool could not be written at shutdown)."}, []string{"reason"})
+	r.mDropRefused = r.mDropped.WithLabelValues("refused")
+	r.mDropUnreadable = r.mDropped.WithLabelValues("unreadable")
+	r.mDropFull = r.mDropped.WithLabelValues("spool_full")
+	r.mDropSpoolErr = r.mDropped.WithLabelValues("spool_error")
 	r.mOldest = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fleetd_event_oldest_unwritten_seconds", Help: "Age of the oldest connection event not yet in PostgreSQL (in memory or spooled); 0 when none waits."}, func() float64 {
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		return r.oldestAgeLocked(time.Now()).Seconds()
 	})
 	r.mSpool.Set(float64(r.spooled))
+	r.mSpoolMax.Set(float64(opts.MaxSpoolBytes))
 	if opts.Registerer != nil {
-		opts.Registerer.MustRegister(r.mRecorded, r.mWritten, r.mSpooled, r.mErrors, r.mSpool, r.mBuffered, r.mBatch,
-			r.mDead, r.mDropped, r.mOldest)
+		opts.Registerer.MustRegister(r.mRecorded, r.mWritten, r.mSpooled, r.mErrors, r.mSpool, r.mSpoolMax, r.mFull,
+			r.mBuffered, r.mBatch, r.mDead, r.mDropped, r.mOldest)
 	}
+	go r.spoolLoop()
 	go r.run()
 	return r, nil
 }
 
-// Record queues an event. It never waits for the database; when too many
-// events are waiting in memory it spills them to the spool file instead of
-// dropping them.
+// Record queues an event. It never waits for the database or the disk: when
+// MaxBuffered events wait in memory it hands them to the spool goroutine. At
+// the spool's cap, an event that would make more than MaxBuffered wait is
+// dropped and counted (see Recorder).
 func (r *Recorder) Record(e Event) {
 	r.mRecorded.WithLabelValues(string(e.Kind)).Inc()
 	if r.opts.Observe != nil {
 		r.opts.Observe(e)
 	}
 	r.mu.Lock()
+	if r.full && len(r.buf) >= r.opts.MaxBuffered {
+		r.fullDropped++
+		r.unloggedFull++
+		r.mu.Unlock()
+		r.mDropFull.Inc()
+		return
+	}
 	r.buf = append(r.buf, e)
 	n := len(r.buf)
-	if n >= r.opts.MaxBuffered {
-		buf := r.buf
-		r.buf = nil
-		if err := r.appendSpoolLocked(buf); err != nil {
-			// The disk failed too: keep the events in memory rather than lose them.
-			r.buf = append(buf, r.buf...)
-			r.opts.Logger.Error("event spool write failed; keeping events in memory", "err", err, "buffered", len(r.buf))
+	spill := n >= r.opts.MaxBuffered && !r.full
+	r.mu.Unlock()
+	if spill {
+		select {
+		case r.spill <- struct{}{}:
+		default:
 		}
 	}
-	r.mu.Unlock()
 	if n >= r.opts.BatchSize {
 		select {
 		case r.wake <- struct{}{}:
@@ -184,7 +290,10 @@ func (r *Recorder) Record(e Event) {
 }
 
 // Close writes every pending event, to the database or, failing that, to the
-// spool, and stops the writer.
+// spool, and stops the writer. When ctx ends first, what waits in memory and
+// the batch being written are spooled, and the error is ctx's. When the spool
+// could not keep some events (at its cap, or failing), the error says how
+// many were lost; they are counted in fleetd_events_dropped_total too.
 func (r *Recorder) Close(ctx context.Context) error {
 	r.mu.Lock()
 	if r.closed {
@@ -196,18 +305,37 @@ func (r *Recorder) Close(ctx context.Context) error {
 	close(r.stop)
 	select {
 	case <-r.done:
-		return nil
+		return r.lostAtStop
 	case <-ctx.Done():
 	}
 	// The database is too slow to drain in time: the spool keeps the rest.
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	buf := r.buf
-	r.buf = nil
-	if err := r.appendSpoolLocked(buf); err != nil {
-		return fmt.Errorf("spool %d pending events at shutdown: %w", len(buf), err)
+	if n, err := r.dropLeftovers(r.spillBuffer(true)); n > 0 {
+		return fmt.Errorf("spool %d pending events at shutdown: %w", n, err)
 	}
 	return ctx.Err()
+}
+
+// dropLeftovers counts and logs the events still in memory at shutdown, after
+// a spill that could not take them (spillErr says why), and forgets them.
+func (r *Recorder) dropLeftovers(spillErr error) (int, error) {
+	r.mu.Lock()
+	n := len(r.buf)
+	r.buf = nil
+	r.mu.Unlock()
+	if n == 0 {
+		return 0, nil
+	}
+	if spillErr == nil {
+		spillErr = errors.New("recorded during shutdown, after the last spill")
+	}
+	reason, m := "spool_error", r.mDropSpoolErr
+	if errors.Is(spillErr, errSpoolFull) {
+		reason, m = "spool_full", r.mDropFull
+	}
+	m.Add(float64(n))
+	r.opts.Logger.Error("connection events lost at shutdown: the database could not take them and the spool could not keep them",
+		"events", n, "reason", reason, "err", spillErr, "spool", r.opts.SpoolPath, "max_spool_bytes", r.opts.MaxSpoolBytes)
+	return n, spillErr
 }
 
 // Ready reports whether connection events reach the database in time. While
@@ -215,20 +343,33 @@ func (r *Recorder) Close(ctx context.Context) error {
 // spool without anyone noticing from the outside; once the oldest of them is
 // older than RecorderOptions.BehindAfter, Ready returns an error saying how
 // far behind the recorder is, so that /readyz stops claiming all is well.
+// While the spool is at its cap, Ready returns an error naming the cap: events
+// the database cannot take are then dropped past MaxBuffered.
 func (r *Recorder) Ready(ctx context.Context) error {
 	r.mu.Lock()
 	age := r.oldestAgeLocked(time.Now())
-	buffered, spooled := len(r.buf), r.spooled
+	buffered, spooled, full, dropped := len(r.buf), r.spooled, r.full, r.fullDropped
 	r.mu.Unlock()
-	if age <= r.opts.BehindAfter {
+	var errs []error
+	if full {
+		errs = append(errs, fmt.Errorf("event spool is at its cap of %d bytes (%d bytes spooled): events the database cannot take wait in memory (%d of at most %d), then are dropped (%d dropped since it filled)",
+			r.opts.MaxSpoolBytes, spooled, buffered, r.opts.MaxBuffered, dropped))
+	}
+	if age > r.opts.BehindAfter {
+		unit := time.Second
+		if age < 10*time.Second {
+			unit = 10 * time.Millisecond // a short BehindAfter (tests) still reads sensibly
+		}
+		errs = append(errs, fmt.Errorf("event recorder is behind: oldest unwritten event is %s old (%d events buffered, %d bytes spooled)",
+			age.Round(unit), buffered, spooled))
+	}
+	switch len(errs) {
+	case 0:
 		return nil
+	case 1:
+		return errs[0]
 	}
-	unit := time.Second
-	if age < 10*time.Second {
-		unit = 10 * time.Millisecond // a short BehindAfter (tests) still reads sensibly
-	}
-	return fmt.Errorf("event recorder is behind: oldest unwritten event is %s old (%d events buffered, %d bytes spooled)",
-		age.Round(unit), buffered, spooled)
+	return fmt.Errorf("%w; %w", errs[0], errs[1]) // one line in /readyz
 }
 
 // oldestAgeLocked is the age of the oldest event not yet in the database, or 0
@@ -253,6 +394,24 @@ func (r *Recorder) bufAtLocked() time.Time {
 	return r.buf[0].At
 }
 
+// spoolLoop spills the buffer when Record finds MaxBuffered events waiting.
+func (r *Recorder) spoolLoop() {
+	defer close(r.spoolLoopDone)
+	for {
+		select {
+		case <-r.stop:
+			return
+		case <-r.spill:
+		}
+		r.mu.Lock()
+		n := len(r.buf)
+		r.mu.Unlock()
+		if n >= r.opts.MaxBuffered { // the writer may have taken them meanwhile
+			r.spillBuffer(false)
+		}
+	}
+}
+
 func (r *Recorder) run() {
 	defer close(r.done)
 	t := time.NewTicker(r.opts.FlushInterval)
@@ -260,32 +419,123 @@ func (r *Recorder) run() {
 	for {
 		select {
 		case <-r.stop:
+			<-r.spoolLoopDone // it may be spilling events it took from buf
 			r.flush()
+			if n, err := r.dropLeftovers(r.spillBuffer(true)); n > 0 {
+				r.lostAtStop = fmt.Errorf("spool %d pending events at shutdown: %w", n, err)
+			}
+			r.logSpoolFull(time.Now(), true)
 			r.logHeldBack()
 			return
 		case <-r.wake:
 		case <-t.C:
 		}
 		r.flush()
+		r.logSpoolFull(time.Now(), false)
 	}
+}
+
+// spillBuffer moves the events waiting in memory to the spool, behind a copy
+// of the batch being written if there is one, so that the spool keeps the
+// events' order whatever that write's outcome (a batch written twice is
+// stored once). What does not fit under the cap goes back to the front of
+// buf, of which at most MaxBuffered events are kept: the newest beyond are
+// dropped. After a failed write the events stay in memory and the next
+// attempt waits a second, unless force (shutdown). It returns why events were
+// left in memory, if any were: errSpoolFull or the write's error; nil too
+// when it did not try, waiting after a failure.
+func (r *Recorder) spillBuffer(force bool) error {
+	r.fileMu.Lock()
+	defer r.fileMu.Unlock()
+	if !force && time.Now().Before(r.spillRetryAt) {
+		return nil
+	}
+	r.mu.Lock()
+	if r.full {
+		r.mu.Unlock()
+		return errSpoolFull
+	}
+	events := r.buf
+	r.buf = nil
+	if r.inflight != nil && !r.inflightKept {
+		events = slices.Concat(r.inflight, events)
+		r.inflightKept = true
+	}
+	r.spilling = len(events) > 0
+	r.mu.Unlock()
+	if len(events) == 0 {
+		return nil
+	}
+
+	n, err := r.spool.append(events)
+
+	r.mu.Lock()
+	r.spilling = false
+	r.spooled, r.spoolAt = r.spool.size, r.spool.at
+	if rest := events[n:]; len(rest) > 0 {
+		r.buf = slices.Concat(rest, r.buf)
+	}
+	filled := errors.Is(err, errSpoolFull)
+	dropped := 0
+	if filled {
+		r.full, r.fullDropped = true, 0
+		if extra := len(r.buf) - r.opts.MaxBuffered; extra > 0 {
+			clear(r.buf[r.opts.MaxBuffered:])
+			r.buf = r.buf[:r.opts.MaxBuffered]
+			dropped = extra
+			r.fullDropped += int64(extra)
+			r.unloggedFull += int64(extra)
+		}
+	}
+	buffered, spooled := len(r.buf), r.spooled
+	r.mu.Unlock()
+
+	r.mSpool.Set(float64(spooled))
+	r.mSpooled.Add(float64(n))
+	switch {
+	case filled:
+		r.mDropFull.Add(float64(dropped))
+		r.opts.Logger.Error("event spool reached its cap: events the database cannot take now wait in memory, and past max_buffered are dropped",
+			"spool", r.opts.SpoolPath, "spool_bytes", spooled, "max_spool_bytes", r.opts.MaxSpoolBytes,
+			"buffered", buffered, "max_buffered", r.opts.MaxBuffered)
+	case err != nil:
+		r.spillRetryAt = time.Now().Add(time.Second)
+		if held, ok := r.logSpoolErr.allow(time.Now()); ok {
+			r.opts.Logger.Error("event spool write failed; keeping events in memory", "err", err, "spool", r.opts.SpoolPath,
+				"buffered", buffered, "more_since_last_log", held)
+		}
+	}
+	return err
+}
+
+// logSpoolFull logs the events dropped at the spool's cap, at most once per
+// spoolLogEvery unless final.
+func (r *Recorder) logSpoolFull(now time.Time, final bool) {
+	if !final && !r.lastFullLog.IsZero() && now.Sub(r.lastFullLog) < spoolLogEvery {
+		return
+	}
+	r.mu.Lock()
+	n := r.unloggedFull
+	r.unloggedFull = 0
+	buffered, spooled, full := len(r.buf), r.spooled, r.full
+	r.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	r.lastFullLog = now
+	r.opts.Logger.Error("connection events dropped: the database cannot take them and the event spool is at its cap",
+		"dropped_since_last_log", n, "spool", r.opts.SpoolPath, "spool_bytes", spooled, "max_spool_bytes", r.opts.MaxSpoolBytes,
+		"buffered", buffered, "spool_full", full)
 }
 
 // flush moves what is waiting to the database. While the spool holds events,
 // new ones join it first, so that order is kept, and the spool is replayed.
 func (r *Recorder) flush() {
 	r.mu.Lock()
-	if r.spooled > 0 {
-		buf := r.buf
-		r.buf = nil
-		if err := r.appendSpoolLocked(buf); err != nil {
-			r.buf = append(buf, r.buf...)
-			r.opts.Logger.Error("event spool write failed; keeping events in memory", "err", err)
-		}
-	}
-	spooled := r.spooled
+	spooled := r.spooled > 0 || r.spilling
 	r.mu.Unlock()
-
-	if spooled > 0 {
+	if spooled {
+		r.spillBuffer(false) // after the spill under way, if any
 		// While the database is down, try once a second, not on every tick.
 		if r.degraded && time.Now().Before(r.retryAt) {
 			return
@@ -296,33 +546,32 @@ func (r *Recorder) flush() {
 	for {
 		r.mu.Lock()
 		n := min(len(r.buf), r.opts.BatchSize)
+		if r.spooled > 0 || r.spilling || n == 0 {
+			// Done, or a spill took the buffer meanwhile: then the spool goes
+			// first, on the next flush.
+			r.mu.Unlock()
+			return
+		}
 		batch := r.buf[:n:n]
 		r.buf = r.buf[n:]
 		if len(r.buf) == 0 {
 			r.buf = nil
 		}
-		if n > 0 {
-			r.inflightAt = batch[0].At
-		}
+		r.inflight, r.inflightKept, r.inflightAt = batch, false, batch[0].At
 		r.mu.Unlock()
-		if n == 0 {
-			return
-		}
 		done, err := r.store(batch)
 		r.mu.Lock()
-		r.inflightAt = time.Time{}
+		if err != nil && !r.inflightKept {
+			// What was stored stays stored; the rest waits in the spool,
+			// ahead of the newer events.
+			r.buf = slices.Concat(batch[done:], r.buf)
+		}
+		r.inflight, r.inflightKept, r.inflightAt = nil, false, time.Time{}
+		r.mu.Unlock()
 		if err != nil {
-			// What was stored stays stored; the rest waits in the spool.
-			rest := append(batch[done:], r.buf...)
-			r.buf = nil
-			if serr := r.appendSpoolLocked(rest); serr != nil {
-				r.buf = rest
-				r.opts.Logger.Error("event spool write failed; keeping events in memory", "err", serr)
-			}
-			r.mu.Unlock()
+			r.spillBuffer(false)
 			return
 		}
-		r.mu.Unlock()
 	}
 }
 
@@ -405,7 +654,7 @@ func (r *Recorder) deadLetter(e *Event, cause error) error {
 		r.unavailable(err, 1)
 		return err
 	default:
-		r.mDropped.Inc()
+		r.mDropRefused.Inc()
 		if held, ok := r.logDropped.allow(time.Now()); ok {
 			r.opts.Logger.Error("database refused a connection event and its dead letter; event dropped",
 				"event", e.ID.String(), "device", excerpt(e.DeviceID), "device_bytes", len(e.DeviceID),
@@ -434,17 +683,21 @@ func (r *Recorder) logHeldBack() {
 
 // replay writes the spool to the database in batches, in file order. Only
 // the part of the file that existed when it started is replayed and removed;
-// events spilled meanwhile stay for the next round.
+// events spilled meanwhile stay for the next round. It reads without fileMu:
+// appends only add to the end of the file, and only this goroutine trims it.
 func (r *Recorder) replay() {
+	r.mu.Lock()
+	limit := r.spooled
+	r.mu.Unlock()
+	if limit == 0 {
+		return // a spill failed and put its events back
+	}
 	f, err := os.Open(r.opts.SpoolPath)
 	if err != nil {
 		r.opts.Logger.Error("open event spool", "err", err)
 		return
 	}
 	defer f.Close()
-	r.mu.Lock()
-	limit := r.spooled
-	r.mu.Unlock()
 	lines := newSpoolLines(io.LimitReader(f, limit))
 	batch := make([]Event, 0, r.opts.BatchSize)
 	total := 0
@@ -471,14 +724,35 @@ func (r *Recorder) replay() {
 			break
 		}
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if err := r.trimSpoolLocked(limit); err != nil {
+	if err := r.trimSpool(limit); err != nil {
 		r.opts.Logger.Error("trim event spool", "err", err)
 		return
 	}
 	r.degraded = false
 	r.opts.Logger.Info("database answers again; replayed spooled connection events", "events", total)
+}
+
+// trimSpool drops the first n bytes of the spool, which are stored now; the
+// copy of the rest runs under fileMu, while Record goes on. It makes room
+// under the cap again.
+func (r *Recorder) trimSpool(n int64) error {
+	r.fileMu.Lock()
+	defer r.fileMu.Unlock()
+	err := r.spool.trim(n)
+	r.mu.Lock()
+	r.spooled, r.spoolAt = r.spool.size, r.spool.at
+	wasFull := r.full
+	if err == nil {
+		r.full = r.spooled >= r.opts.MaxSpoolBytes
+	}
+	cleared, dropped, spooled := wasFull && !r.full, r.fullDropped, r.spooled
+	r.mu.Unlock()
+	r.mSpool.Set(float64(spooled))
+	if cleared {
+		r.opts.Logger.Warn("event spool is below its cap again", "spool", r.opts.SpoolPath, "spool_bytes", spooled,
+			"max_spool_bytes", r.opts.MaxSpoolBytes, "dropped_while_full", dropped)
+	}
+	return err
 }
 
 // parseSpoolLine decodes one spooled event. An unreadable line (a crash in
@@ -493,210 +767,10 @@ func (r *Recorder) parseSpoolLine(l spoolLine) (Event, bool) {
 	if err == nil {
 		return e, true
 	}
-	r.mDropped.Inc()
+	r.mDropUnreadable.Inc()
 	if held, ok := r.logUnreadable.allow(time.Now()); ok {
 		r.opts.Logger.Error("skipping unreadable line in event spool", "err", cleanText(err.Error(), logExcerpt),
 			"line", excerpt(string(l.data)), "line_bytes", l.size, "more_since_last_log", held)
 	}
 	return e, false
-}
-
-// openSpool takes over the spool a previous run left: its size, the time of
-// its first event, and a final newline, without which the first event
-// appended now would merge with a line cut by a crash and be lost with it.
-func (r *Recorder) openSpool() error {
-	f, err := os.OpenFile(r.opts.SpoolPath, os.O_RDWR, 0)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("open event spool: %w", err)
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return fmt.Errorf("open event spool: %w", err)
-	}
-	r.spooled = st.Size()
-	if r.spooled == 0 {
-		return nil
-	}
-	last := make([]byte, 1)
-	if _, err := f.ReadAt(last, r.spooled-1); err != nil {
-		return fmt.Errorf("read event spool: %w", err)
-	}
-	if last[0] != '\n' {
-		if _, err := f.WriteAt([]byte{'\n'}, r.spooled); err != nil {
-			return fmt.Errorf("repair event spool: %w", err)
-		}
-		if err := f.Sync(); err != nil {
-			return fmt.Errorf("repair event spool: %w", err)
-		}
-		r.spooled++
-	}
-	if r.spoolAt = firstSpooledAt(f); r.spoolAt.IsZero() {
-		r.spoolAt = time.Now() // unknown, but at least as old as this start
-	}
-	return nil
-}
-
-// firstSpooledAt is the time of the first readable event of a spool file, or
-// zero when it has none.
-func firstSpooledAt(f io.ReaderAt) time.Time {
-	lines := newSpoolLines(io.NewSectionReader(f, 0, 1<<62))
-	for {
-		l, err := lines.next()
-		if err != nil {
-			return time.Time{}
-		}
-		var e Event
-		if !l.tooLong && json.Unmarshal(l.data, &e) == nil && !e.At.IsZero() {
-			return e.At
-		}
-	}
-}
-
-// maxSpoolLine bounds the memory one spooled event may take during a replay;
-// a longer line is skipped rather than stopping the replay.
-const maxSpoolLine = 16 << 20
-
-var errTooLong = fmt.Errorf("line longer than %d bytes", maxSpoolLine)
-
-// spoolLine is one line of the spool, without its newline.
-type spoolLine struct {
-	data    []byte // the line, or only its start when tooLong
-	size    int    // the whole line's length
-	tooLong bool
-}
-
-// spoolLines reads the spool line by line, whatever the lines' lengths.
-type spoolLines struct {
-	br  *bufio.Reader
-	buf []byte
-}
-
-func newSpoolLines(r io.Reader) *spoolLines {
-	return &spoolLines{br: bufio.NewReaderSize(r, 64*1024)}
-}
-
-// next returns the next line, valid until the following call, or io.EOF.
-func (s *spoolLines) next() (spoolLine, error) {
-	l := spoolLine{}
-	s.buf = s.buf[:0]
-	for {
-		chunk, err := s.br.ReadSlice('\n')
-		l.size += len(chunk)
-		if !l.tooLong && len(s.buf)+len(chunk) <= maxSpoolLine {
-			s.buf = append(s.buf, chunk...)
-		} else {
-			l.tooLong = true
-		}
-		if errors.Is(err, bufio.ErrBufferFull) {
-			continue
-		}
-		if err != nil && !(errors.Is(err, io.EOF) && l.size > 0) {
-			return l, err
-		}
-		if n := len(chunk); n > 0 && chunk[n-1] == '\n' {
-			l.size--
-			if !l.tooLong {
-				s.buf = s.buf[:len(s.buf)-1]
-			}
-		}
-		l.data = s.buf
-		return l, nil
-	}
-}
-
-// appendSpoolLocked appends events to the spool as JSON lines and fsyncs.
-func (r *Recorder) appendSpoolLocked(events []Event) error {
-	if len(events) == 0 {
-		return nil
-	}
-	f, err := os.OpenFile(r.opts.SpoolPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return err
-	}
-	w := bufio.NewWriterSize(f, 64*1024)
-	enc := json.NewEncoder(w)
-	for i := range events {
-		if err := enc.Encode(&events[i]); err != nil {
-			f.Close()
-			return err
-		}
-	}
-	if err := w.Flush(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	st, err := f.Stat()
-	f.Close()
-	if err != nil {
-		return err
-	}
-	if r.spooled == 0 || r.spoolAt.IsZero() {
-		r.spoolAt = oldestAt(events)
-	}
-	r.spooled = st.Size()
-	r.mSpool.Set(float64(r.spooled))
-	r.mSpooled.Add(float64(len(events)))
-	return nil
-}
-
-// oldestAt is the earliest time of events, ignoring zero times.
-func oldestAt(events []Event) time.Time {
-	var t time.Time
-	for i := range events {
-		if at := events[i].At; !at.IsZero() && (t.IsZero() || at.Before(t)) {
-			t = at
-		}
-	}
-	return t
-}
-
-// trimSpoolLocked drops the first n bytes of the spool (they are stored now).
-func (r *Recorder) trimSpoolLocked(n int64) error {
-	if r.spooled == n {
-		if err := os.Remove(r.opts.SpoolPath); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return err
-		}
-		r.spooled = 0
-		r.spoolAt = time.Time{}
-		r.mSpool.Set(0)
-		return nil
-	}
-	src, err := os.Open(r.opts.SpoolPath)
-	if err != nil {
-		return err
-	}
-	defer src.Close()
-	if _, err := src.Seek(n, io.SeekStart); err != nil {
-		return err
-	}
-	tmp := r.opts.SpoolPath + ".tmp"
-	dst, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	written, err := io.Copy(dst, src)
-	if err == nil {
-		err = dst.Sync()
-	}
-	if err != nil {
-		dst.Close()
-		return err
-	}
-	if err := os.Rename(tmp, r.opts.SpoolPath); err != nil {
-		dst.Close()
-		return err
-	}
-	r.spooled = written
-	r.spoolAt = firstSpooledAt(dst)
-	dst.Close()
-	r.mSpool.Set(float64(written))
-	return nil
 }

@@ -11,8 +11,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -142,10 +145,9 @@ func TestRecorderReplaysSpoolOfPreviousRun(t *testing.T) {
 	store := NewStore(pool)
 	spool := filepath.Join(t.TempDir(), "events.jsonl")
 	// A previous run spooled two events and died.
-	prev := &Recorder{opts: RecorderOptions{SpoolPath: spool}}
-	prev.mSpool, prev.mSpooled = discardGauge(), discardCounter()
+	prev := &spoolFile{path: spool}
 	now := time.Now()
-	if err := prev.appendSpoolLocked([]Event{
+	if _, err := prev.append([]Event{
 		{ID: NewEventID(now), DeviceID: "x", At: now, Kind: KindRefused, Reason: ReasonAuthFailed},
 		{ID: NewEventID(now), DeviceID: "y", At: now, Kind: KindRefused, Reason: ReasonThrottled},
 	}); err != nil {
@@ -158,11 +160,6 @@ func TestRecorderReplaysSpoolOfPreviousRun(t *testing.T) {
 	defer rec.Close(ctx)
 	waitUntil(t, "spool replayed", 10*time.Second, func() bool { n, _ := countEvents(t, pool); return n == 2 })
 	waitUntil(t, "spool removed", 5*time.Second, func() bool { _, err := os.Stat(spool); return os.IsNotExist(err) })
-}
-
-func discardGauge() prometheus.Gauge { return prometheus.NewGauge(prometheus.GaugeOpts{Name: "g"}) }
-func discardCounter() prometheus.Counter {
-	return prometheus.NewCounter(prometheus.CounterOpts{Name: "c"})
 }
 
 // randomText returns n characters that do not compress, so that PostgreSQL
@@ -321,8 +318,8 @@ func TestRecorderDeadLettersRefusedEvents(t *testing.T) {
 	if n := testutil.ToFloat64(rec.mDead); n != 2 {
 		t.Errorf("fleetd_events_dead_lettered_total = %v, want 2", n)
 	}
-	if n := testutil.ToFloat64(rec.mDropped); n != 0 {
-		t.Errorf("fleetd_events_dropped_total = %v, want 0", n)
+	if n := testutil.ToFloat64(rec.mDropRefused); n != 0 {
+		t.Errorf(`fleetd_events_dropped_total{reason="refused"} = %v, want 0`, n)
 	}
 	if _, err := os.Stat(spool); !os.IsNotExist(err) {
 		t.Errorf("spool file exists (%v): refused events must not be spooled", err)
@@ -364,10 +361,9 @@ func TestRecorderDrainsSpoolWithRefusedEvents(t *testing.T) {
 	pool := pgtest.New(t)
 	ctx := context.Background()
 	spool := filepath.Join(t.TempDir(), "events.jsonl")
-	prev := &Recorder{opts: RecorderOptions{SpoolPath: spool}}
-	prev.mSpool, prev.mSpooled = discardGauge(), discardCounter()
+	prev := &spoolFile{path: spool}
 	events, bad := refusedEvents(60)
-	if err := prev.appendSpoolLocked(events[:30]); err != nil {
+	if _, err := prev.append(events[:30]); err != nil {
 		t.Fatal(err)
 	}
 	f, err := os.OpenFile(spool, os.O_WRONLY|os.O_APPEND, 0)
@@ -376,7 +372,7 @@ func TestRecorderDrainsSpoolWithRefusedEvents(t *testing.T) {
 	}
 	fmt.Fprintf(f, "not json \x1b[2J\x00%s\n", strings.Repeat("z", 5000))
 	f.Close()
-	if err := prev.appendSpoolLocked(events[30:]); err != nil {
+	if _, err := prev.append(events[30:]); err != nil {
 		t.Fatal(err)
 	}
 	f, _ = os.OpenFile(spool, os.O_WRONLY|os.O_APPEND, 0)
@@ -398,8 +394,8 @@ func TestRecorderDrainsSpoolWithRefusedEvents(t *testing.T) {
 	if n := testutil.ToFloat64(rec.mDead); n != 2 {
 		t.Errorf("fleetd_events_dead_lettered_total = %v, want 2", n)
 	}
-	if n := testutil.ToFloat64(rec.mDropped); n != 2 {
-		t.Errorf("fleetd_events_dropped_total = %v, want 2 (the unreadable and the cut line)", n)
+	if n := testutil.ToFloat64(rec.mDropUnreadable); n != 2 {
+		t.Errorf(`fleetd_events_dropped_total{reason="unreadable"} = %v, want 2 (the unreadable and the cut line)`, n)
 	}
 	if err := rec.Ready(ctx); err != nil {
 		t.Errorf("Ready after the spool drained: %v", err)
@@ -409,6 +405,7 @@ func TestRecorderDrainsSpoolWithRefusedEvents(t *testing.T) {
 // downWriter is a database that can be switched off: while down, every write
 // fails the way a refused connection does.
 type downWriter struct {
+	delay  time.Duration // each write takes this long
 	mu     sync.Mutex
 	down   bool
 	events []Event
@@ -424,6 +421,7 @@ func (w *downWriter) err() error {
 }
 
 func (w *downWriter) writeEvents(_ context.Context, events []Event) error {
+	time.Sleep(w.delay)
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if err := w.err(); err != nil {
@@ -656,35 +654,442 @@ func TestDeadLetterLogExcerpt(t *testing.T) {
 // event, which Ready reports, through appends and a replay that removes only
 // the part of the spool that existed when it started.
 func TestRecorderSpoolKeepsOldestTime(t *testing.T) {
-	r := &Recorder{opts: RecorderOptions{SpoolPath: filepath.Join(t.TempDir(), "events.jsonl")}}
-	r.mSpool, r.mSpooled = discardGauge(), discardCounter()
+	r := &spoolFile{path: filepath.Join(t.TempDir(), "events.jsonl")}
 	t0 := time.Now().Add(-time.Hour).Round(0)
 	ev := func(d time.Duration) Event {
 		return Event{ID: NewEventID(t0.Add(d)), DeviceID: "d", At: t0.Add(d), Kind: KindRefused}
 	}
-	if err := r.appendSpoolLocked([]Event{ev(2 * time.Second), ev(time.Second), ev(3 * time.Second)}); err != nil {
+	if _, err := r.append([]Event{ev(2 * time.Second), ev(time.Second), ev(3 * time.Second)}); err != nil {
 		t.Fatal(err)
 	}
-	if want := t0.Add(time.Second); !r.spoolAt.Equal(want) {
-		t.Fatalf("after the first append: spool time %v, want the oldest event's %v", r.spoolAt, want)
+	if want := t0.Add(time.Second); !r.at.Equal(want) {
+		t.Fatalf("after the first append: spool time %v, want the oldest event's %v", r.at, want)
 	}
-	replayed := r.spooled
-	if err := r.appendSpoolLocked([]Event{ev(10 * time.Second), ev(11 * time.Second)}); err != nil {
+	replayed := r.size
+	if _, err := r.append([]Event{ev(10 * time.Second), ev(11 * time.Second)}); err != nil {
 		t.Fatal(err)
 	}
-	if want := t0.Add(time.Second); !r.spoolAt.Equal(want) {
-		t.Fatalf("after a second append: spool time %v, want still %v", r.spoolAt, want)
+	if want := t0.Add(time.Second); !r.at.Equal(want) {
+		t.Fatalf("after a second append: spool time %v, want still %v", r.at, want)
 	}
-	if err := r.trimSpoolLocked(replayed); err != nil {
+	if err := r.trim(replayed); err != nil {
 		t.Fatal(err)
 	}
-	if want := t0.Add(10 * time.Second); !r.spoolAt.Equal(want) {
-		t.Fatalf("after the trim: spool time %v, want the first remaining event's %v", r.spoolAt, want)
+	if want := t0.Add(10 * time.Second); !r.at.Equal(want) {
+		t.Fatalf("after the trim: spool time %v, want the first remaining event's %v", r.at, want)
 	}
-	if err := r.trimSpoolLocked(r.spooled); err != nil {
+	if err := r.trim(r.size); err != nil {
 		t.Fatal(err)
 	}
-	if !r.spoolAt.IsZero() || r.spooled != 0 {
-		t.Fatalf("after the last trim: spool time %v, %d bytes; want none", r.spoolAt, r.spooled)
+	if !r.at.IsZero() || r.size != 0 {
+		t.Fatalf("after the last trim: spool time %v, %d bytes; want none", r.at, r.size)
+	}
+}
+
+// syncBuffer is a log sink the recorder's goroutines write while a test reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+// recordN records n events of device d, each a millisecond after the last of
+// events, and returns events with them appended.
+func recordN(rec *Recorder, events []Event, n int) []Event {
+	t0 := time.Now().Add(-time.Minute)
+	for range n {
+		at := t0.Add(time.Duration(len(events)) * time.Millisecond)
+		e := Event{ID: NewEventID(at), DeviceID: fmt.Sprintf("d%04d", len(events)), At: at, Kind: KindRefused, Reason: ReasonThrottled}
+		events = append(events, e)
+		rec.Record(e)
+	}
+	return events
+}
+
+// checkWrittenInOrder finds each of want written, in want's order. A batch
+// may be written twice (a spill copies the batch being written), so only the
+// first write of each event counts.
+func checkWrittenInOrder(t *testing.T, written, want []Event) {
+	t.Helper()
+	seen := map[EventID]bool{}
+	var got []string
+	for _, e := range written {
+		if !seen[e.ID] {
+			seen[e.ID] = true
+			got = append(got, e.DeviceID)
+		}
+	}
+	var wantIDs []string
+	for _, e := range want {
+		wantIDs = append(wantIDs, e.DeviceID)
+	}
+	if diff := cmp.Diff(wantIDs, got); diff != "" {
+		t.Errorf("written events mismatch (-want +got):\n%s", diff)
+	}
+}
+
+func spoolLineCount(t *testing.T, path string) int {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Count(string(data), "\n")
+}
+
+// TestRecorderSpoolCap fills a small spool while the database is down: the
+// spool stops at its cap, MaxBuffered events wait in memory and the newest
+// beyond them are dropped, and all of it shows in Ready, in the metrics and
+// in one log line per interval. Once the database is back, what was kept is
+// written in order and the recorder is ready again.
+func TestRecorderSpoolCap(t *testing.T) {
+	ctx := context.Background()
+	w := &downWriter{down: true}
+	spool := filepath.Join(t.TempDir(), "events.jsonl")
+	var logs syncBuffer
+	const maxBuffered, maxSpool = 10, 2048
+	rec, err := NewRecorder(w, RecorderOptions{SpoolPath: spool, MaxSpoolBytes: maxSpool, MaxBuffered: maxBuffered,
+		FlushInterval: 10 * time.Millisecond, BehindAfter: time.Hour, Registerer: prometheus.NewRegistry(),
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rec.Close(ctx)
+	if n := testutil.ToFloat64(rec.mSpoolMax); n != maxSpool {
+		t.Errorf("fleetd_event_spool_max_bytes = %v, want %d", n, maxSpool)
+	}
+
+	events := recordN(rec, nil, 100)
+	waitUntil(t, "the spool at its cap and the buffer full", 5*time.Second, func() bool {
+		return testutil.ToFloat64(rec.mFull) == 1 && testutil.ToFloat64(rec.mBuffered) == maxBuffered
+	})
+	spooled := spoolLineCount(t, spool)
+	st, err := os.Stat(spool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Size() > maxSpool || spooled == 0 {
+		t.Fatalf("spool holds %d events in %d bytes, want some, at most %d bytes", spooled, st.Size(), maxSpool)
+	}
+	if n := testutil.ToFloat64(rec.mSpool); n != float64(st.Size()) {
+		t.Errorf("fleetd_event_spool_bytes = %v, want %d", n, st.Size())
+	}
+	wantDropped := 100 - spooled - maxBuffered
+	if n := testutil.ToFloat64(rec.mDropFull); n != float64(wantDropped) {
+		t.Errorf(`fleetd_events_dropped_total{reason="spool_full"} = %v, want %d (100 recorded, %d spooled, %d buffered)`,
+			n, wantDropped, spooled, maxBuffered)
+	}
+	err = rec.Ready(ctx)
+	if err == nil || !strings.Contains(err.Error(), "event spool is at its cap of 2048 bytes") ||
+		!strings.Contains(err.Error(), fmt.Sprintf("%d dropped", wantDropped)) {
+		t.Errorf("Ready = %v, want an error naming the spool cap and the events dropped", err)
+	}
+	waitUntil(t, "a log line about the dropped events", 5*time.Second, func() bool {
+		return strings.Contains(logs.String(), "connection events dropped")
+	})
+
+	// More events while nothing has changed: dropped at once, and not one
+	// log line each.
+	events = recordN(rec, events, 50)
+	if n := testutil.ToFloat64(rec.mDropFull); n != float64(wantDropped+50) {
+		t.Errorf(`fleetd_events_dropped_total{reason="spool_full"} = %v, want %d`, n, wantDropped+50)
+	}
+
+	w.setDown(false)
+	kept := events[:spooled+maxBuffered]
+	waitUntil(t, "the kept events written", 10*time.Second, func() bool { return w.written() == len(kept) })
+	waitUntil(t, "Ready once the spool drained", 5*time.Second, func() bool { return rec.Ready(ctx) == nil })
+	if n := testutil.ToFloat64(rec.mFull); n != 0 {
+		t.Errorf("fleetd_event_spool_full = %v after the spool drained, want 0", n)
+	}
+	if err := rec.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	w.mu.Lock()
+	checkWrittenInOrder(t, w.events, kept)
+	if len(w.events) != len(kept) {
+		t.Errorf("%d events written, want the %d kept exactly once", len(w.events), len(kept))
+	}
+	w.mu.Unlock()
+
+	out := logs.String()
+	checkBoundedLogs(t, out, "event spool reached its cap", "event spool is below its cap again")
+	if n := strings.Count(out, "event spool reached its cap"); n != 1 {
+		t.Errorf("%d lines say the spool reached its cap, want 1:\n%s", n, out)
+	}
+	// One line when the first events were dropped, and one at shutdown for
+	// the rest: none per event.
+	lines := regexp.MustCompile(`connection events dropped.*dropped_since_last_log=(\d+)`).FindAllStringSubmatch(out, -1)
+	total := 0
+	for _, l := range lines {
+		n, _ := strconv.Atoi(l[1])
+		total += n
+	}
+	if len(lines) != 2 || total != wantDropped+50 {
+		t.Errorf("%d lines about dropped events counting %d, want 2 counting %d:\n%s", len(lines), total, wantDropped+50, out)
+	}
+}
+
+// spoolGate holds the spool's file I/O at one operation, once, until released.
+type spoolGate struct {
+	op      string
+	armed   atomic.Bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func newSpoolGate(op string, armed bool) *spoolGate {
+	g := &spoolGate{op: op, entered: make(chan struct{}), release: make(chan struct{})}
+	g.armed.Store(armed)
+	return g
+}
+
+func (g *spoolGate) hook(op string) {
+	if op == g.op && g.armed.CompareAndSwap(true, false) {
+		close(g.entered)
+		<-g.release
+	}
+}
+
+func waitFor(t *testing.T, what string, c <-chan struct{}) {
+	t.Helper()
+	select {
+	case <-c:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("timed out waiting for %s", what)
+	}
+}
+
+// TestRecorderRecordDoesNotWaitForSpoolIO holds the spool's file I/O (an
+// append's fsync, the copy that trims the spool after a replay) and records
+// past MaxBuffered meanwhile: Record, Ready and the metrics return at once,
+// and every event reaches the database in order once the disk is let go.
+func TestRecorderRecordDoesNotWaitForSpoolIO(t *testing.T) {
+	tests := []struct {
+		name string
+		op   string
+		// prepare readies the recorder and arms the gate; trigger, on a
+		// goroutine of its own so that a Record that waits for the disk fails
+		// the test instead of hanging it, makes the recorder enter the gated
+		// operation.
+		prepare func(t *testing.T, rec *Recorder, w *downWriter, g *spoolGate) []Event
+		trigger func(rec *Recorder, w *downWriter, events []Event) []Event
+	}{
+		{name: "fsync", op: "fsync",
+			prepare: func(t *testing.T, rec *Recorder, w *downWriter, g *spoolGate) []Event {
+				w.setDown(true)
+				g.armed.Store(true)
+				return nil
+			},
+			trigger: func(rec *Recorder, w *downWriter, events []Event) []Event {
+				// Spilled by the writer (a failed batch) or the spool
+				// goroutine (MaxBuffered), whichever comes first.
+				return recordN(rec, events, 10)
+			}},
+		{name: "trim", op: "trim",
+			prepare: func(t *testing.T, rec *Recorder, w *downWriter, g *spoolGate) []Event {
+				w.setDown(true)
+				events := recordN(rec, nil, 5)
+				waitUntil(t, "events spooled", 5*time.Second, func() bool { return testutil.ToFloat64(rec.mSpooled) == 5 })
+				g.armed.Store(true)
+				return events
+			},
+			trigger: func(rec *Recorder, w *downWriter, events []Event) []Event {
+				w.setDown(false) // replayed, then trimmed
+				return events
+			}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			w := &downWriter{}
+			g := newSpoolGate(tt.op, false)
+			rec, err := NewRecorder(w, RecorderOptions{SpoolPath: filepath.Join(t.TempDir(), "events.jsonl"), MaxBuffered: 10,
+				FlushInterval: 10 * time.Millisecond, Registerer: prometheus.NewRegistry(), spoolHook: g.hook})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer rec.Close(ctx)
+			events := tt.prepare(t, rec, w, g)
+			held := make(chan []Event, 1)
+			go func() { held <- tt.trigger(rec, w, events) }()
+			waitFor(t, "the spool's "+tt.op, g.entered)
+			select {
+			case events = <-held:
+			case <-time.After(10 * time.Second):
+				close(g.release)
+				t.Fatalf("Record waited for the spool's %s", tt.op)
+			}
+
+			recorded := make(chan struct{})
+			go func() {
+				defer close(recorded)
+				events = recordN(rec, events, 1000)
+				_ = rec.Ready(ctx)
+				testutil.ToFloat64(rec.mBuffered)
+				testutil.ToFloat64(rec.mOldest)
+				testutil.ToFloat64(rec.mFull)
+			}()
+			select {
+			case <-recorded:
+			case <-time.After(10 * time.Second):
+				close(g.release)
+				t.Fatalf("Record, Ready or a metric waited for the spool's %s", tt.op)
+			}
+			close(g.release)
+			w.setDown(false)
+			waitUntil(t, "every event written", 10*time.Second, func() bool {
+				w.mu.Lock()
+				defer w.mu.Unlock()
+				seen := map[EventID]bool{}
+				for _, e := range w.events {
+					seen[e.ID] = true
+				}
+				return len(seen) == len(events)
+			})
+			if err := rec.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			checkWrittenInOrder(t, w.events, events)
+		})
+	}
+}
+
+// gatedWriter is a database whose event writes wait until released, and
+// then fail as unavailable.
+type gatedWriter struct {
+	entered chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func (w *gatedWriter) writeEvents(ctx context.Context, _ []Event) error {
+	w.once.Do(func() { close(w.entered) })
+	<-w.release
+	return fmt.Errorf("begin: %w", &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED})
+}
+
+func (w *gatedWriter) writeDeadLetter(context.Context, deadLetter) (bool, error) {
+	return false, errors.New("not reached")
+}
+
+// TestRecorderSpillsWhileWriteHangs holds a database write: events past
+// MaxBuffered still reach the spool, ahead of them the batch being written,
+// and a Close whose deadline passes loses none of them: the next run writes
+// every one, in order.
+func TestRecorderSpillsWhileWriteHangs(t *testing.T) {
+	spool := filepath.Join(t.TempDir(), "events.jsonl")
+	w := &gatedWriter{entered: make(chan struct{}), release: make(chan struct{})}
+	rec, err := NewRecorder(w, RecorderOptions{SpoolPath: spool, MaxBuffered: 10, FlushInterval: 10 * time.Millisecond,
+		WriteTimeout: time.Hour, Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	events := recordN(rec, nil, 3)
+	waitFor(t, "the first write", w.entered)
+	events = recordN(rec, events, 40)
+	waitUntil(t, "every event spooled while the write hangs", 5*time.Second, func() bool {
+		return spoolLineCount(t, spool) == len(events)
+	})
+	events = recordN(rec, events, 5) // in memory when Close gives up
+	expired, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := rec.Close(expired); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Close past its deadline = %v, want context.Canceled", err)
+	}
+	close(w.release)
+	<-rec.done
+
+	next := &downWriter{}
+	rec2, err := NewRecorder(next, RecorderOptions{SpoolPath: spool, FlushInterval: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "spool replayed and removed", 5*time.Second, func() bool { _, err := os.Stat(spool); return os.IsNotExist(err) })
+	if err := rec2.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	checkWrittenInOrder(t, next.events, events)
+	if len(next.events) != len(events) {
+		t.Errorf("%d events written, want %d exactly once", len(next.events), len(events))
+	}
+}
+
+// TestRecorderKeepsOrderThroughFlappingDatabase records from several
+// goroutines while the database goes down and up, with batches small enough
+// that spills, replays and failed writes interleave: every event is written,
+// and each producer's in the order it recorded them.
+func TestRecorderKeepsOrderThroughFlappingDatabase(t *testing.T) {
+	// Writes slow enough for spills to overlap them.
+	w := &downWriter{delay: time.Millisecond}
+	rec, err := NewRecorder(w, RecorderOptions{SpoolPath: filepath.Join(t.TempDir(), "events.jsonl"), MaxBuffered: 50,
+		BatchSize: 20, FlushInterval: time.Millisecond, Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const producers, perRound, rounds = 4, 300, 5
+	epochs := make([]int64, producers)
+	for round := range rounds {
+		// Odd rounds record during an outage; even ones into an empty spool
+		// and a database that answers, faster than it writes.
+		down := round%2 == 1
+		w.setDown(down)
+		var wg sync.WaitGroup
+		for p := range producers {
+			wg.Go(func() {
+				for i := range perRound {
+					if i%10 == 0 {
+						time.Sleep(time.Millisecond) // spread the round over several flushes, not for synchronisation
+					}
+					epochs[p]++
+					at := time.Now()
+					rec.Record(Event{ID: NewEventID(at), DeviceID: fmt.Sprintf("p%d", p), At: at, Kind: KindRefused,
+						Reason: ReasonThrottled, SessionEpoch: epochs[p]})
+				}
+			})
+		}
+		wg.Wait()
+		if down {
+			w.setDown(false)
+			waitUntil(t, "the spool replayed", 10*time.Second, func() bool { return testutil.ToFloat64(rec.mSpool) == 0 })
+		}
+	}
+	total := producers * perRound * rounds
+	waitUntil(t, "every event written", 20*time.Second, func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		seen := map[EventID]bool{}
+		for _, e := range w.events {
+			seen[e.ID] = true
+		}
+		return len(seen) == total
+	})
+	if err := rec.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	seen := map[EventID]bool{}
+	last := map[string]int64{}
+	for _, e := range w.events {
+		if seen[e.ID] {
+			continue // a batch written twice: the first write counts
+		}
+		seen[e.ID] = true
+		if e.SessionEpoch != last[e.DeviceID]+1 {
+			t.Fatalf("producer %s: event %d written after event %d", e.DeviceID, e.SessionEpoch, last[e.DeviceID])
+		}
+		last[e.DeviceID] = e.SessionEpoch
 	}
 }

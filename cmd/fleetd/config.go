@@ -63,6 +63,9 @@ type Config struct {
 	// RecorderBehindAfter is how old the oldest connection event not yet in
 	// the database may get before /readyz reports fleetd not ready.
 	RecorderBehindAfter time.Duration
+	// EventSpoolMaxBytes caps the file connection events are spooled to
+	// while the database cannot take them.
+	EventSpoolMaxBytes int64
 
 	// Limits on what one HTTP client can hold (web.Limits).
 	OTAMaxDownloadsPerSource int
@@ -137,6 +140,7 @@ func (c *Config) settings() []setting {
 		{name: "database-url", usage: "PostgreSQL URL; empty starts an embedded PostgreSQL under the data dir", bind: str(&c.DatabaseURL, ""), fromFile: true},
 		{name: "data-dir", usage: "directory for the embedded database, generated secrets and spooled events", bind: str(&c.DataDir, "./fleetd-data")},
 		{name: "recorder-behind-after", usage: "how old the oldest connection event not yet in the database (in memory or spooled) may get before /readyz fails", bind: dur(&c.RecorderBehindAfter, 30*time.Second)},
+		{name: "event-spool-max-bytes", usage: "cap on the file connection events are spooled to while the database cannot take them, in bytes; at the cap /readyz fails and events past what memory holds are dropped and counted", bind: func(fs *flag.FlagSet, n, u string) { fs.Int64Var(&c.EventSpoolMaxBytes, n, 1<<30, u) }},
 		{name: "admin-token", usage: "bearer token for /api/v1; empty generates one on first start, kept in the data dir", bind: str(&c.AdminToken, ""), fromFile: true},
 		{name: "analysis-interval", usage: "how often firmware verdicts are learned and device compatibility re-judged", bind: dur(&c.AnalysisInterval, time.Minute)},
 		{name: "firmware-signing-key", usage: "ed25519 seed (64 hex characters) that signs firmware images; empty generates one in the data dir", bind: str(&c.SigningKey, ""), fromFile: true},
@@ -343,6 +347,11 @@ func (c *Config) validate() error {
 	}
 	if c.RecorderBehindAfter <= 0 {
 		bad("recorder-behind-after", "must be positive")
+	}
+	if c.EventSpoolMaxBytes < 1<<20 {
+		// Less would not hold a few thousand events: the cap would be hit in
+		// the first seconds of any outage.
+		bad("event-spool-max-bytes", "must be at least %d bytes (1 MiB)", 1<<20)
 	}
 	if c.DatabaseURL != "" {
 		if _, err := pgxpool.ParseConfig(c.DatabaseURL); err != nil {

@@ -31,6 +31,7 @@ func TestParseConfig(t *testing.T) {
 		OTAMaxDownloads: 100, CampaignInterval: time.Second, RecorderBehindAfter: 30 * time.Second}
 	defaults.OTAMaxDownloadsPerSource, defaults.HTTPIdleTimeout, defaults.HTTPReadTimeout, defaults.HTTPStallTimeout = 4, time.Minute, 30*time.Second, 30*time.Second
 	defaults.HTTPMaxStreams, defaults.HTTPMaxStreamsPerToken, defaults.HTTPAuthFailureRate, defaults.HTTPAuthFailureBurst = 256, 8, 1, 20
+	defaults.EventSpoolMaxBytes = 1 << 30
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {
@@ -55,6 +56,8 @@ func TestParseConfig(t *testing.T) {
 			want: with(func(c *Config) { c.DatabaseURL = "postgres://u:p@db:5432/fleetd" })},
 		{name: "recorder behind after", env: map[string]string{"FLEETD_RECORDER_BEHIND_AFTER": "2m"},
 			want: with(func(c *Config) { c.RecorderBehindAfter = 2 * time.Minute })},
+		{name: "event spool cap", env: map[string]string{"FLEETD_EVENT_SPOOL_MAX_BYTES": "1048576"},
+			want: with(func(c *Config) { c.EventSpoolMaxBytes = 1 << 20 })},
 		{name: "http limits", env: map[string]string{"FLEETD_HTTP_IDLE_TIMEOUT": "15s", "FLEETD_HTTP_STALL_TIMEOUT": "1m", "FLEETD_HTTP_MAX_STREAMS": "0",
 			"FLEETD_HTTP_AUTH_FAILURE_RATE": "0.5", "FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE": "0"},
 			args: []string{"-http-read-timeout", "5s", "-http-max-streams-per-token", "2", "-http-auth-failure-burst", "3"},
@@ -120,6 +123,8 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "zero http auth failure burst", args: []string{"-http-auth-failure-burst", "0"}, want: []string{"FLEETD_HTTP_AUTH_FAILURE_BURST", "at least 1"}},
 		{name: "negative downloads per source", env: map[string]string{"FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE": "-2"}, want: []string{"FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE", "negative"}},
 		{name: "bad recorder behind after", env: map[string]string{"FLEETD_RECORDER_BEHIND_AFTER": "later"}, want: []string{"FLEETD_RECORDER_BEHIND_AFTER", "later"}},
+		{name: "tiny event spool cap", args: []string{"-event-spool-max-bytes", "4096"}, want: []string{"FLEETD_EVENT_SPOOL_MAX_BYTES", "at least 1048576"}},
+		{name: "event spool cap with a unit", env: map[string]string{"FLEETD_EVENT_SPOOL_MAX_BYTES": "1GiB"}, want: []string{"FLEETD_EVENT_SPOOL_MAX_BYTES", "1GiB"}},
 		{name: "campaign interval too long for pacing", args: []string{"-campaign-interval", "5s"}, want: []string{"FLEETD_CAMPAIGN_INTERVAL", "2s"}},
 		{name: "short pepper", env: map[string]string{"FLEETD_TOKEN_PEPPER": "abcd"}, want: []string{"FLEETD_TOKEN_PEPPER"}},
 		{name: "several problems at once", env: map[string]string{"FLEETD_LOG_FORMAT": "xml", "FLEETD_HTTP_ADDR": "nope"},

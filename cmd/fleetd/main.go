@@ -163,7 +163,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	svc.RegisterMetrics(reg)
 	rec, err := fleet.NewRecorder(store, fleet.RecorderOptions{
 		SpoolPath: filepath.Join(cfg.DataDir, "spool", "events.jsonl"), Logger: logger.With("component", "events"), Registerer: reg,
-		Observe: hub.Observe, BehindAfter: cfg.RecorderBehindAfter,
+		Observe: hub.Observe, BehindAfter: cfg.RecorderBehindAfter, MaxSpoolBytes: cfg.EventSpoolMaxBytes,
 	})
 	if err != nil {
 		return err
