@@ -277,6 +277,12 @@ func collapsePresence(events []Event) presenceChange {
 }
 
 func applyPresence(ctx context.Context, tx pgx.Tx, pc presenceChange) error {
+	// Every writer of device rows (this one, last_seen, the analysis, other
+	// replicas' writers) takes their locks in id order first, so that two of
+	// them updating overlapping devices queue instead of deadlocking.
+	if err := lockDevices(ctx, tx, pc.deviceIDs()); err != nil {
+		return err
+	}
 	if n := len(pc.connects); n > 0 {
 		ids, epochs, ats := make([]string, 0, n), make([]int64, 0, n), make([]time.Time, 0, n)
 		protos, kaReq, kaEff := make([]int16, 0, n), make([]int32, 0, n), make([]int32, 0, n)
@@ -340,14 +346,50 @@ func (s *Store) touchLastSeen(ctx context.Context, seen map[string]time.Time) er
 	for id, t := range seen {
 		ids, times = append(ids, id), append(times, t)
 	}
-	_, err := s.pool.Exec(ctx, `
-		UPDATE devices d SET last_seen = s.at
-		FROM unnest($1::text[], $2::timestamptz[]) AS s(id, at)
-		WHERE d.id = s.id AND (d.last_seen IS NULL OR d.last_seen < s.at)`, ids, times)
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if err := lockDevices(ctx, tx, ids); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `
+			UPDATE devices d SET last_seen = s.at
+			FROM unnest($1::text[], $2::timestamptz[]) AS s(id, at)
+			WHERE d.id = s.id AND (d.last_seen IS NULL OR d.last_seen < s.at)`, ids, times)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("update last_seen: %w", err)
 	}
 	return nil
+}
+
+// lockDevices takes the row locks of the given devices in id order. An
+// UPDATE … FROM locks rows in whatever order its join produces them, so two
+// of them over overlapping devices can deadlock (SQLSTATE 40P01); taking the
+// locks first, in one order, makes them queue instead.
+func lockDevices(ctx context.Context, tx pgx.Tx, ids []string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	_, err := tx.Exec(ctx, `SELECT 1 FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE`, ids)
+	if err != nil {
+		return fmt.Errorf("lock devices: %w", err)
+	}
+	return nil
+}
+
+// deviceIDs lists every device the change touches, once.
+func (pc presenceChange) deviceIDs() []string {
+	seen := make(map[string]struct{}, len(pc.connects)+len(pc.disconnects)+len(pc.births))
+	for _, m := range []map[string]*Event{pc.connects, pc.disconnects, pc.births} {
+		for id := range m {
+			seen[id] = struct{}{}
+		}
+	}
+	ids := make([]string, 0, len(seen))
+	for id := range seen {
+		ids = append(ids, id)
+	}
+	return ids
 }
 
 // EventCursor positions a page of events: events strictly older than it.

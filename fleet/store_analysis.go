@@ -206,8 +206,14 @@ func (s *Store) setCompat(ctx context.Context, ids []string, lists [][]Incompati
 		b, _ := json.Marshal(l)
 		flags[i], docs[i] = len(l) > 0, string(b)
 	}
-	_, err := s.pool.Exec(ctx, `UPDATE devices d SET incompatible = x.inc, incompatibilities = x.doc::jsonb, updated_at = now()
-		FROM unnest($1::text[], $2::bool[], $3::text[]) AS x(id, inc, doc) WHERE d.id = x.id`, ids, flags, docs)
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if err := lockDevices(ctx, tx, ids); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `UPDATE devices d SET incompatible = x.inc, incompatibilities = x.doc::jsonb, updated_at = now()
+			FROM unnest($1::text[], $2::bool[], $3::text[]) AS x(id, inc, doc) WHERE d.id = x.id`, ids, flags, docs)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("update compatibility: %w", err)
 	}
