@@ -156,6 +156,7 @@ type Broker struct {
 	limits    *connectLimits
 	hook      *hook
 	refusals  *repeatLog // refused connections and device messages
+	idLocks   idLocks    // one CONNECT per client id at a time (takeover.go)
 
 	pending  sync.Map // *mqtt.Client → *session, from OnConnect to OnSessionEstablished
 	sessions sync.Map // *mqtt.Client → *session
@@ -241,7 +242,7 @@ func New(cfg Config, reg Registry, events EventSink, logger *slog.Logger, regist
 		}
 		l := &listener{id: spec.id, ln: ln, tlsConfig: spec.tls, ws: spec.ws, connectTimeout: cfg.ConnectTimeout,
 			maxPacket: cfg.MaxPacket, log: logger, m: b.m, onHandshakeError: b.handshakeFailed, throttle: b.throttle,
-			limits: b.limits, refusals: b.refusals}
+			limits: b.limits, refusals: b.refusals, closeV3: b.closeV3Clients}
 		b.listeners = append(b.listeners, l)
 	}
 	return b, nil
@@ -356,7 +357,7 @@ func (b *Broker) Kick(deviceID string) {
 	if cl, ok := b.srv.Clients.Get(deviceID); ok && !cl.Net.Inline {
 		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
 		if !cl.Closed() {
-			_ = b.srv.DisconnectClient(cl, codeDecommissioned)
+			b.endSession(cl, codeDecommissioned)
 		}
 		b.srv.UnsubscribeClient(cl)
 		cl.ClearInflights()
@@ -369,6 +370,29 @@ func (b *Broker) Kick(deviceID string) {
 	}
 	b.limits.forget(deviceID)
 	b.log.Info("device session ended: decommissioned", "device_id", deviceID)
+}
+
+// closeV3Clients closes the sockets of a listener's MQTT 3 clients at
+// shutdown, before mochi sends every client DISCONNECT 0x8B, which MQTT 3
+// does not define from the server.
+func (b *Broker) closeV3Clients(listener string) {
+	for _, cl := range b.srv.Clients.GetByListener(listener) {
+		if cl.Properties.ProtocolVersion < 5 && !cl.Closed() {
+			cl.Stop(packets.ErrServerShuttingDown)
+		}
+	}
+}
+
+// endSession ends a client's session with a reason: MQTT 5 clients get a
+// DISCONNECT with the reason code; MQTT 3.1 and 3.1.1 define no DISCONNECT
+// from the server, so their socket is closed ([MQTT-3.14.0-1]: the client
+// sends DISCONNECT, the server closes the network connection).
+func (b *Broker) endSession(cl *mqtt.Client, code packets.Code) {
+	if cl.Properties.ProtocolVersion == 5 {
+		_ = b.srv.DisconnectClient(cl, code)
+		return
+	}
+	cl.Stop(code)
 }
 
 // Send publishes a message to one device on devices/{id}/{sub} with QoS 1.

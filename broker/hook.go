@@ -32,6 +32,7 @@ type session struct {
 	clean     bool
 
 	lastFlushed atomic.Int64 // last_seen written up to (unix ns)
+	takenOver   atomic.Bool  // a newer session of the id took this one over
 	denials     atomic.Int32 // ACL denials recorded for this session
 
 	// Per-session rates: packets other than PINGREQ, and subscription
@@ -60,7 +61,7 @@ func (h *hook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
 		mqtt.OnACLCheck, mqtt.OnSubscribed, mqtt.OnPublish, mqtt.OnPacketEncode, mqtt.OnClientExpired,
-		mqtt.OnPacketRead:
+		mqtt.OnPacketRead, mqtt.OnSessionEstablish:
 		return true
 	}
 	return false
@@ -222,6 +223,9 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) (err error) {
 	}
 	if wire != nil {
 		wire.accepted.Store(true)
+		// Held until the CONNACK is out (OnSessionEstablished), or until the
+		// connection ends if it never gets there (listener.establish).
+		wire.releaseID = b.idLocks.lock(id)
 	}
 	b.pending.Store(cl, s)
 	return nil
@@ -269,6 +273,11 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	s := v.(*session)
 	s.epoch = b.nextEpoch()
 	b.sessions.Store(cl, s)
+	// Released once the session is indexed: the next CONNECT of this id
+	// finds it there and marks it taken over (OnSessionEstablish).
+	if s.wire != nil {
+		s.wire.releaseConnectLock()
+	}
 	b.m.connects.WithLabelValues("ok").Inc()
 	now := time.Now()
 	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: s.deviceID, At: now, Kind: fleet.KindConnect,
@@ -285,7 +294,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	// before the client was registered) must still end the session.
 	if info, err := b.reg.Admit(context.Background(), s.deviceID); err == nil && info.Result != fleet.AuthOK {
 		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
-		_ = b.srv.DisconnectClient(cl, codeDecommissioned)
+		b.endSession(cl, codeDecommissioned)
 	}
 }
 
@@ -303,6 +312,10 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	cause := cl.StopCause()
 	if cause == nil {
 		cause = err
+	}
+	if s.takenOver.Load() {
+		cause = packets.ErrSessionTakenOver
+		awaitTakeover(cl)
 	}
 	end := SessionEnd{Cause: cause}
 	pings, idle := 0, time.Duration(0)
@@ -468,11 +481,7 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	if lim.AllowN(time.Now(), n) {
 		return pk, nil
 	}
-	if cl.Properties.ProtocolVersion == 5 {
-		_ = h.b.srv.DisconnectClient(cl, packets.ErrMessageRateTooHigh)
-	} else {
-		cl.Stop(packets.ErrMessageRateTooHigh)
-	}
+	h.b.endSession(cl, packets.ErrMessageRateTooHigh)
 	return pk, packets.ErrRejectPacket
 }
 

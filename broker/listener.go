@@ -41,6 +41,9 @@ type listener struct {
 	// limits caps the connections that have not sent CONNECT yet (nil: no cap).
 	limits   *connectLimits
 	refusals *repeatLog
+	// closeV3 closes the listener's MQTT 3 clients before mochi's
+	// closeClients sends DISCONNECT to every client (nil: none).
+	closeV3 func(listener string)
 
 	serving atomic.Bool
 	closed  atomic.Bool
@@ -146,6 +149,7 @@ func (l *listener) establish(w *wireConn, establish listeners.EstablishFn) {
 		return
 	}
 	err := establish(l.id, w)
+	w.releaseConnectLock() // a CONNECT accepted but never acknowledged
 	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && !w.accepted.Load() {
 		l.m.connectTimeouts.Inc()
 		l.log.Info("closed a connection that sent no CONNECT in time", "listener", l.id,
@@ -230,6 +234,9 @@ func (l *listener) Close(closeClients listeners.CloseFn) {
 		_ = srv.Close()
 	} else {
 		_ = l.ln.Close()
+	}
+	if l.closeV3 != nil {
+		l.closeV3(l.id)
 	}
 	closeClients(l.id)
 	l.mu.Lock()

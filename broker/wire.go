@@ -24,6 +24,8 @@ type wireConn struct {
 	// onConnectRead gives back the connection's place among those that have
 	// not sent CONNECT (listener.admit); called once the CONNECT was read.
 	onConnectRead func()
+	// releaseID gives back the client id's connect lock (Broker.idLocks).
+	releaseID func()
 
 	state     uint8 // parser: 0 header, 1 length, 2 body, 3 lost sync
 	remaining int
@@ -96,6 +98,14 @@ func (w *wireConn) scan(p []byte) {
 func (w *wireConn) connectRead() {
 	if w.onConnectRead != nil {
 		w.onConnectRead()
+	}
+}
+
+// releaseConnectLock gives back the id's connect lock, if this connection
+// holds it; safe to call more than once.
+func (w *wireConn) releaseConnectLock() {
+	if w.releaseID != nil {
+		w.releaseID()
 	}
 }
 
