@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/fleetd/fleetd/internal/netsource"
 )
 
 // connectLimits are the broker's defences against connection floods, each
@@ -62,27 +64,9 @@ func newConnectLimits(cfg Config) *connectLimits {
 	}
 }
 
-// sourceOf is the unit the per-source limits count: the IPv4 address, or the
-// IPv6 /64 (one host usually has a whole /64). It is the zero prefix for an
-// address that is not IP (net.Pipe in tests).
-func sourceOf(addr net.Addr) netip.Prefix {
-	var ap netip.AddrPort
-	if ta, ok := addr.(*net.TCPAddr); ok {
-		ap = ta.AddrPort() // every accepted TCP connection: no parsing
-	} else {
-		var err error
-		if ap, err = netip.ParseAddrPort(addr.String()); err != nil {
-			return netip.Prefix{}
-		}
-	}
-	ip := ap.Addr().Unmap()
-	bits := 32
-	if ip.Is6() {
-		bits = 64
-	}
-	p, _ := ip.Prefix(bits)
-	return p
-}
+// sourceOf is the unit the per-source limits count (netsource): the IPv4
+// address or the IPv6 /64.
+func sourceOf(addr net.Addr) netip.Prefix { return netsource.OfAddr(addr) }
 
 func (c *connectLimits) allowGlobal() bool { return c.global.Allow() }
 

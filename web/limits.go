@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/fleetd/fleetd/internal/netsource"
 )
 
 // Limits bound what one HTTP client can hold: a connection it does not use,
@@ -186,22 +188,9 @@ func (w *stallWriter) Flush() {
 
 func (w *stallWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// sourceOf is the unit per-source limits count, as on the MQTT side: the
-// IPv4 address, or the IPv6 /64 (one host usually has a whole /64). It is
-// the zero prefix when the remote address is not an IP address.
-func sourceOf(remoteAddr string) netip.Prefix {
-	ap, err := netip.ParseAddrPort(remoteAddr)
-	if err != nil {
-		return netip.Prefix{}
-	}
-	ip := ap.Addr().Unmap()
-	bits := 32
-	if ip.Is6() {
-		bits = 64
-	}
-	p, _ := ip.Prefix(bits)
-	return p
-}
+// sourceOf is the unit per-source limits count, as on the MQTT side
+// (netsource): the IPv4 address, or the IPv6 /64.
+func sourceOf(remoteAddr string) netip.Prefix { return netsource.OfString(remoteAddr) }
 
 // writeTooMany answers 429 with Retry-After (whole seconds, at least one)
 // and the API's JSON error.
