@@ -227,6 +227,10 @@ func TestMalformedPingreq(t *testing.T) {
 	if ev.Detail != "PINGREQ with reserved flags 0x2" || ev.Pings != 2 || ev.IdleMillis > 1000 {
 		t.Fatalf("detail %q pings %d, want the PINGREQ named and 2 pings counted", ev.Detail, ev.Pings)
 	}
+	// CONNECT and two PINGREQs, 2 bytes each after the CONNECT.
+	if ev.PacketsIn != 3 || ev.BytesIn < 4+14 || ev.DurationMillis <= 0 {
+		t.Fatalf("packets %d bytes %d duration %d ms: want the session's 3 packets and their bytes", ev.PacketsIn, ev.BytesIn, ev.DurationMillis)
+	}
 }
 
 // TestKeepaliveTimeout: a device that goes silent with its socket open is
@@ -244,6 +248,9 @@ func TestKeepaliveTimeout(t *testing.T) {
 	ev := e.waitEvent("frozen", limit, isEvent(fleet.KindDisconnect, fleet.ReasonKeepaliveTimeout))
 	if ev.IdleMillis < 2900 || ev.Pings != 0 {
 		t.Errorf("idle %d ms, pings %d: want ~3000 ms of silence and no pings", ev.IdleMillis, ev.Pings)
+	}
+	if ev.PacketsIn != 1 || ev.DurationMillis < 2900 || ev.DurationMillis-int64(ev.IdleMillis) > 500 {
+		t.Errorf("packets %d, duration %d ms, idle %d ms: want only the CONNECT, then silence to the end", ev.PacketsIn, ev.DurationMillis, ev.IdleMillis)
 	}
 	t.Logf("keepalive_timeout committed %s after the device went silent (limit %s)", time.Since(silentSince).Round(time.Millisecond), limit)
 }
@@ -358,7 +365,10 @@ func TestPacketTooLarge(t *testing.T) {
 	if err := c.closedWithin(5 * time.Second); err != nil {
 		t.Fatal(err)
 	}
-	e.waitEvent("chatty", 5*time.Second, isEvent(fleet.KindDisconnect, fleet.ReasonPacketTooLarge))
+	ev := e.waitEvent("chatty", 5*time.Second, isEvent(fleet.KindDisconnect, fleet.ReasonPacketTooLarge))
+	if want := fmt.Sprintf("maximum packet size of %d bytes", 256<<10); !strings.Contains(ev.Detail, want) {
+		t.Fatalf("detail %q: want it to name the limit (%s)", ev.Detail, want)
+	}
 }
 
 // TestThrottled: over the broker's connect rate, and over one device's, a

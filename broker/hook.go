@@ -183,12 +183,12 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) (err error) {
 	}
 	if failure != "" {
 		if wire != nil && !b.limits.failedAuth(sourceOf(wire.RemoteAddr())) {
-			return refuse(fleet.ReasonThrottled, refuseRateLimited, "too many failed authentications from this address (this one: "+failure+")")
+			return refuse(fleet.ReasonThrottled, refuseRateLimited, fleet.DetailFailedAuthPrefix+" from this address (this one: "+failure+")")
 		}
 		return refuse(fleet.ReasonAuthFailed, refuseBadCredentials, failure)
 	}
 	if !b.limits.allowClient(id) {
-		return refuse(fleet.ReasonThrottled, refuseRateLimited, "device reconnects too often")
+		return refuse(fleet.ReasonThrottled, refuseRateLimited, fleet.DetailReconnectsTooOften)
 	}
 
 	s := &session{deviceID: id, firmware: info.Firmware, model: info.Model, wire: wire, start: time.Now(),
@@ -318,20 +318,26 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		awaitTakeover(cl)
 	}
 	end := SessionEnd{Cause: cause}
-	pings, idle := 0, time.Duration(0)
+	var pings, packets int
+	var bytes int64
+	idle := time.Duration(0)
 	if s.wire != nil {
 		end.BadHeader = s.wire.BadHeader()
-		pings = int(s.wire.pings.Load())
+		pings, packets, bytes = int(s.wire.pings.Load()), int(s.wire.packets.Load()), s.wire.bytes.Load()
 		idle = time.Since(s.wire.LastRead())
 	}
 	reason, detail := Classify(end)
+	if reason == fleet.ReasonPacketTooLarge {
+		detail = fmt.Sprintf("a packet above the maximum packet size of %d bytes", b.cfg.MaxPacket)
+	}
 	b.m.disconnects.WithLabelValues(string(reason)).Inc()
 	now := time.Now()
 	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: s.deviceID, At: now, Kind: fleet.KindDisconnect,
 		Reason: reason, Detail: detail, Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch,
 		ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion), KeepaliveRequested: int(s.keepalive),
 		KeepaliveEffective: int(cl.State.Keepalive), CleanStart: s.clean, RemoteAddr: cl.Net.Remote,
-		TLSVersion: tlsVersion(s.wire), Listener: cl.Net.Listener, BrokerNode: b.cfg.Node, Pings: pings, IdleMillis: int(idle.Milliseconds())})
+		TLSVersion: tlsVersion(s.wire), Listener: cl.Net.Listener, BrokerNode: b.cfg.Node, Pings: pings, IdleMillis: int(idle.Milliseconds()),
+		PacketsIn: packets, BytesIn: bytes, DurationMillis: now.Sub(s.start).Milliseconds()})
 	level := slog.LevelInfo
 	if reason == fleet.ReasonClientDisconnect || reason == fleet.ReasonServerShutdown {
 		level = slog.LevelDebug

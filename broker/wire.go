@@ -10,7 +10,8 @@ import (
 // wireConn wraps every device connection. It follows the MQTT framing of the
 // bytes the device sends, cheaply (headers are inspected, bodies skipped by
 // count), to learn what mochi does not tell: which packet had malformed
-// flags, how many PINGREQs the device sent, and when it was last heard from.
+// flags, how many PINGREQs and packets and bytes the device sent, and when it
+// was last heard from.
 // Only mochi's reader goroutine calls Read, so the parser state needs no lock;
 // the results are atomics read by hooks and the last-seen flusher.
 type wireConn struct {
@@ -19,6 +20,8 @@ type wireConn struct {
 
 	lastRead  atomic.Int64  // unix nanoseconds of the last byte received
 	pings     atomic.Int32  // PINGREQs received
+	packets   atomic.Int32  // control packets received (fixed headers seen)
+	bytes     atomic.Int64  // bytes received
 	badHeader atomic.Uint32 // 0x100 | first fixed header with bad flags, or 0
 	accepted  atomic.Bool   // the CONNECT was accepted (set by the hook)
 	// onConnectRead gives back the connection's place among those that have
@@ -49,6 +52,7 @@ func (w *wireConn) Read(p []byte) (int, error) {
 	n, err := w.Conn.Read(p)
 	if n > 0 {
 		w.lastRead.Store(time.Now().UnixNano())
+		w.bytes.Add(int64(n))
 		w.scan(p[:n])
 	}
 	return n, err
@@ -61,6 +65,7 @@ func (w *wireConn) scan(p []byte) {
 		case stHeader:
 			b := p[i]
 			i++
+			w.packets.Add(1)
 			if b>>4 == 12 {
 				w.pings.Add(1)
 			}

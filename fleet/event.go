@@ -117,6 +117,12 @@ type Event struct {
 	TLSVersion         string    `json:"tls_version,omitempty"`
 	Listener           string    `json:"listener,omitempty"`
 	BrokerNode         string    `json:"broker_node,omitempty"`
-	Pings              int       `json:"pings,omitempty"`
-	IdleMillis         int       `json:"idle_ms,omitempty"`
+	// What the broker saw of the session, on disconnect events: PINGREQs,
+	// how long the device had been silent when it ended, packets and bytes
+	// the device sent, and how long the session lasted.
+	Pings          int   `json:"pings,omitempty"`
+	IdleMillis     int   `json:"idle_ms,omitempty"`
+	PacketsIn      int   `json:"packets_in,omitempty"`
+	BytesIn        int64 `json:"bytes_in,omitempty"`
+	DurationMillis int64 `json:"duration_ms,omitempty"`
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 
@@ -199,13 +200,19 @@ func (s *Store) credential(ctx context.Context, id string) (credential, error) {
 
 var eventColumns = []string{"id", "device_id", "at", "kind", "reason", "detail", "firmware", "model",
 	"session_epoch", "protocol_version", "keepalive_requested", "keepalive_effective", "clean_start",
-	"remote_addr", "tls_version", "listener", "broker_node", "pings", "idle_ms"}
+	"remote_addr", "tls_version", "listener", "broker_node", "pings", "idle_ms", "packets_in", "bytes_in", "duration_ms"}
 
 // eventRow is an event as the values of eventColumns.
 func eventRow(e *Event) []any {
 	return []any{[16]byte(e.ID), e.DeviceID, e.At, string(e.Kind), string(e.Reason), e.Detail, e.Firmware, e.Model,
 		e.SessionEpoch, int16(e.ProtocolVersion), int32(e.KeepaliveRequested), int32(e.KeepaliveEffective), e.CleanStart,
-		e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, int32(e.Pings), int32(e.IdleMillis)}
+		e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, clamp32(e.Pings), clamp32(e.IdleMillis), clamp32(e.PacketsIn), e.BytesIn, e.DurationMillis}
+}
+
+// clamp32 fits a counter into an integer column: a session idle for 25 days
+// or sending 2^31 packets must not wrap into a negative number.
+func clamp32(n int) int32 {
+	return int32(min(max(n, 0), math.MaxInt32))
 }
 
 // writeEvents stores a batch of events and applies their effect on presence,
@@ -400,7 +407,8 @@ type EventCursor struct {
 
 func (s *Store) listEvents(ctx context.Context, deviceID string, before *EventCursor, limit int) ([]Event, error) {
 	q := `SELECT id, device_id, at, kind, reason, detail, firmware, model, session_epoch, protocol_version,
-		keepalive_requested, keepalive_effective, clean_start, remote_addr, tls_version, listener, broker_node, pings, idle_ms
+		keepalive_requested, keepalive_effective, clean_start, remote_addr, tls_version, listener, broker_node, pings, idle_ms,
+		packets_in, bytes_in, duration_ms
 		FROM device_events WHERE device_id = $1`
 	args := []any{deviceID}
 	if before != nil {
@@ -420,7 +428,8 @@ func (s *Store) listEvents(ctx context.Context, deviceID string, before *EventCu
 		var kind, reason string
 		var proto int16
 		if err := rows.Scan(&id, &e.DeviceID, &e.At, &kind, &reason, &e.Detail, &e.Firmware, &e.Model, &e.SessionEpoch, &proto,
-			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.CleanStart, &e.RemoteAddr, &e.TLSVersion, &e.Listener, &e.BrokerNode, &e.Pings, &e.IdleMillis); err != nil {
+			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.CleanStart, &e.RemoteAddr, &e.TLSVersion, &e.Listener, &e.BrokerNode, &e.Pings, &e.IdleMillis,
+			&e.PacketsIn, &e.BytesIn, &e.DurationMillis); err != nil {
 			return nil, fmt.Errorf("list events of %s: %w", deviceID, err)
 		}
 		e.ID, e.Kind, e.Reason, e.ProtocolVersion = EventID(id), Kind(kind), Reason(reason), Protocol(proto)
