@@ -14,15 +14,30 @@ import (
 // device cannot work on its firmware) first, the ones an operator fixes
 // outside the device (credentials, certificates) last.
 const (
-	ProblemIncompatibleFirmware = "incompatible_firmware"
-	ProblemMalformedPings       = "malformed_pings"
-	ProblemNoPings              = "no_pings"
-	ProblemDuplicateClientID    = "duplicate_client_id"
-	ProblemKeepaliveMismatch    = "keepalive_mismatch"
-	ProblemFlapping             = "flapping"
-	ProblemTLSHandshakeFailures = "tls_handshake_failures"
-	ProblemAuthFailures         = "auth_failures"
-	ProblemIDUsedElsewhere      = "id_used_elsewhere"
+	ProblemIncompatibleFirmware   = "incompatible_firmware"
+	ProblemMalformedPings         = "malformed_pings"
+	ProblemNoPings                = "no_pings"
+	ProblemStalls                 = "stalls"
+	ProblemOversizedPackets       = "oversized_packets"
+	ProblemDuplicateClientID      = "duplicate_client_id"
+	ProblemKeepaliveMismatch      = "keepalive_mismatch"
+	ProblemThrottled              = "throttled"
+	ProblemFlapping               = "flapping"
+	ProblemTLSHandshakeFailures   = "tls_handshake_failures"
+	ProblemAuthFailures           = "auth_failures"
+	ProblemIDUsedElsewhere        = "id_used_elsewhere"
+	ProblemDecommissionedRetrying = "decommissioned_retrying"
+)
+
+// Details the broker writes on refusals, so that rules can tell a device's
+// own fault from one anyone could cause under its id.
+const (
+	// DetailReconnectsTooOften: the per-id connect limit, applied after the
+	// device authenticated, so it is always the device's own doing.
+	DetailReconnectsTooOften = "device reconnects too often"
+	// DetailFailedAuthPrefix starts a refusal by the per-source limit on
+	// failed authentications: unauthenticated, like any wrong token.
+	DetailFailedAuthPrefix = "too many failed authentications"
 )
 
 // Problem is one reason a device drops, written for an operator.
@@ -57,15 +72,23 @@ type DiagnosisPolicy struct {
 	// IdleCutTolerance is the relative spread around the median idle time
 	// that still counts as "the same" (0.15 = ±15 %).
 	IdleCutTolerance float64
+	// IdleCutShare is the least share of the device's lost connections that
+	// must end at that idle time: a path that cuts idle connections ends
+	// nearly every session the same way, random drops do not.
+	IdleCutShare float64
 }
 
 // DefaultDiagnosisPolicy returns the thresholds operators see by default. An
 // hour of history is long enough to see a pattern and short enough that a
 // fixed device looks healthy soon after. Seven sessions in ten minutes is
 // more than any device reconnects by design. Two takeovers between different
-// addresses rule out a single reconnect racing its own stale session. Three
-// sessions lost within ±15 % of one idle time is a pattern that radio noise
-// does not produce, while NAT and load-balancer timers jitter by much less.
+// addresses, or two live sessions taking the id from each other, rule out a
+// single reconnect racing its own stale session. Three sessions lost within
+// ±15 % of one idle time, and at least half of all the device's lost
+// connections, is a pattern that radio noise does not produce (random drops
+// spread their idle times over the whole keepalive period, so a ±15 % band
+// holds at most about a third of them), while NAT and load-balancer timers
+// jitter by much less.
 func DefaultDiagnosisPolicy() DiagnosisPolicy {
 	return DiagnosisPolicy{
 		Window:           time.Hour,
@@ -74,16 +97,23 @@ func DefaultDiagnosisPolicy() DiagnosisPolicy {
 		TakeoverMin:      2,
 		IdleCutMin:       3,
 		IdleCutTolerance: 0.15,
+		IdleCutShare:     0.5,
 	}
 }
 
 // Fixed thresholds of the rules whose evidence is unambiguous.
 const (
-	minNoPings         = 2 // one timeout without pings may be a device that published instead
+	minNoPings         = 2 // one timeout without pings may be a device that published instead (unless the session proves it, see noPings)
 	minMalformedPings  = 1 // the broker never drops a well-formed PINGREQ
+	minStalls          = 2 // one silent end after pings is a link that died; the firmware hangs when it repeats
+	minOversized       = 1 // the broker only refuses a packet above the size it advertised
+	minThrottled       = 1 // the limits are well above what any device needs by design
 	minAuthFailures    = 3 // one or two are a typo or a race with a token rotation
 	minTLSFailures     = 1 // the handshake either works or it does not
+	minIdleCutMillis   = 1000
 	fixUpgradeFirmware = "upgrade the firmware (a campaign can target incompatible devices)"
+	fixStalls          = "the firmware hangs (a frozen main loop or network stack until its watchdog reboots it): collect the device's logs and upgrade the firmware; if it sits on a weak link, check its signal too"
+	fixFlapLost        = "its connections break without a DISCONNECT: if keepalive_mismatch is named, fix the keepalive; otherwise check the device's power, signal and network"
 )
 
 // Diagnose explains why a device drops: the current problems, each with its
@@ -118,7 +148,8 @@ func Diagnose(d Device, events []Event, incompat []Incompatibility, now time.Tim
 		})
 	}
 	for _, rule := range []func(Device, []Event, DiagnosisPolicy) *Problem{
-		malformedPings, noPings, duplicateClientID, keepaliveMismatch, flapping, tlsFailures, authFailures, idUsedElsewhere,
+		malformedPings, noPings, stalls, oversizedPackets, duplicateClientID, keepaliveMismatch, throttled, flapping,
+		tlsFailures, authFailures, idUsedElsewhere, decommissionedRetrying,
 	} {
 		if pr := rule(d, evs, p); pr != nil {
 			out = append(out, *pr)
@@ -133,7 +164,7 @@ func malformedPings(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
 	var n int
 	var last Event
 	for _, e := range evs {
-		if e.Kind == KindDisconnect && e.Reason == ReasonProtocolError && strings.HasPrefix(e.Detail, pingDetailPrefix) {
+		if e.Kind == KindDisconnect && e.Reason == ReasonProtocolError && strings.HasPrefix(e.Detail, pingDetailPrefix) && onFirmware(d, e) {
 			n++
 			last = e
 		}
@@ -152,15 +183,31 @@ func malformedPings(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
 }
 
 // noPings finds sessions that hit the keepalive deadline without a single
-// PINGREQ.
+// PINGREQ, on the device's current firmware. Two such sessions name it. One
+// is enough when it proves the firmware never keeps a session alive: the
+// device went silent within its first keepalive period (everything it sent
+// came before it was due to ping) and stayed silent to the deadline. A
+// device that published instead of pinging and then lost its network has
+// talked past its first period, so it needs the second session, and so does
+// a firmware seen pinging in another session of the window (one silent end
+// is then more likely a lost link).
 func noPings(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
-	var n int
+	var n, proven int
+	pinged := false
 	for _, e := range evs {
-		if e.Kind == KindDisconnect && e.Reason == ReasonKeepaliveTimeout && e.Pings == 0 {
-			n++
+		if e.Kind != KindDisconnect || !onFirmware(d, e) {
+			continue
+		}
+		pinged = pinged || e.Pings > 0
+		if e.Reason != ReasonKeepaliveTimeout || e.Pings != 0 {
+			continue
+		}
+		n++
+		if k := keepaliveOf(e); k > 0 && e.DurationMillis > 0 && talkedFor(e) < int64(k)*1000 {
+			proven++
 		}
 	}
-	if n < minNoPings {
+	if n < minNoPings && (proven == 0 || pinged) {
 		return nil
 	}
 	return &Problem{
@@ -171,63 +218,267 @@ func noPings(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
 	}
 }
 
-// duplicateClientID finds session takeovers between different IP addresses.
-// A takeover's old session is the disconnect event's; its new session is the
-// connect with the next higher epoch. Only differing IPs count: the same IP
-// on another port is usually one device reconnecting (through NAT) before the
-// broker noticed its old connection had gone. A takeover whose new session is
-// not among the events is not counted.
-func duplicateClientID(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
-	var connects []Event
+// stalls finds sessions that hit the keepalive deadline after the device
+// had been pinging: it stopped sending anything, its connection left open.
+// That is a firmware that hangs (a frozen main loop or network stack, until
+// a watchdog reboots it), or a link that died without closing; once it
+// repeats, the firmware is the place to look.
+func stalls(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
+	var n int
+	var talked []int64
+	var last Event
 	for _, e := range evs {
-		if e.Kind == KindConnect {
-			connects = append(connects, e)
+		if e.Kind == KindDisconnect && e.Reason == ReasonKeepaliveTimeout && e.Pings > 0 && onFirmware(d, e) {
+			n++
+			last = e
+			if e.DurationMillis > 0 {
+				talked = append(talked, talkedFor(e))
+			}
 		}
 	}
+	if n < minStalls {
+		return nil
+	}
+	cause := fmt.Sprintf("the device stops talking with its connection open: %d sessions hit the keepalive deadline after it had been pinging (the last after %d pings)", n, last.Pings)
+	evidence := map[string]any{"sessions": n, "keepalive": keepaliveOf(last), "last_at": last.At, "firmware": d.Firmware}
+	if len(talked) > 0 {
+		// The median time into a session at which the device froze.
+		slices.Sort(talked)
+		after := int(math.Round(float64(talked[len(talked)/2]) / 1000))
+		cause += fmt.Sprintf("; it went silent about %d s into a session", after)
+		evidence["talked_seconds"] = after
+	}
+	return &Problem{
+		Code:     ProblemStalls,
+		Cause:    cause,
+		Evidence: evidence,
+		Fix:      fixStalls,
+	}
+}
+
+// oversizedPackets finds sessions the broker ended because the device sent
+// a packet larger than the maximum packet size (advertised to MQTT 5
+// devices in the CONNACK).
+func oversizedPackets(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
 	var n int
+	var last Event
+	for _, e := range evs {
+		if e.Kind == KindDisconnect && e.Reason == ReasonPacketTooLarge {
+			n++
+			last = e
+		}
+	}
+	if n < minOversized {
+		return nil
+	}
+	cause := fmt.Sprintf("the device sends packets larger than the broker accepts: %d sessions ended for it", n)
+	if last.Detail != "" {
+		cause += " (" + last.Detail + ")"
+	}
+	return &Problem{
+		Code:     ProblemOversizedPackets,
+		Cause:    cause,
+		Evidence: map[string]any{"sessions": n, "detail": last.Detail, "last_at": last.At, "firmware": d.Firmware},
+		Fix:      "make the firmware split or shrink its messages, or raise FLEETD_MQTT_MAX_PACKET_SIZE if such messages are expected",
+	}
+}
+
+// throttled finds the broker's limits applied to the device itself: connects
+// refused because the device reconnects too often (counted after it
+// authenticated), and sessions ended because it sent messages too fast.
+func throttled(_ Device, evs []Event, _ DiagnosisPolicy) *Problem {
+	var refused, ended int
+	var last Event
+	for _, e := range evs {
+		switch {
+		case e.Kind == KindRefused && e.Reason == ReasonThrottled && e.Detail == DetailReconnectsTooOften:
+			refused++
+		case e.Kind == KindDisconnect && e.Reason == ReasonThrottled:
+			ended++
+		default:
+			continue
+		}
+		last = e
+	}
+	if refused+ended < minThrottled {
+		return nil
+	}
+	var parts, fixes []string
+	if refused > 0 {
+		parts = append(parts, fmt.Sprintf("refused %d connects because it reconnects too often", refused))
+		fixes = append(fixes, "make the device reconnect with exponential backoff and jitter")
+	}
+	if ended > 0 {
+		parts = append(parts, fmt.Sprintf("ended %d sessions because it sent messages faster than a session may", ended))
+		fixes = append(fixes, "make it publish less often (or raise FLEETD_MQTT_PUBLISH_RATE)")
+	}
+	return &Problem{
+		Code:     ProblemThrottled,
+		Cause:    "the broker throttles the device: it " + strings.Join(parts, " and "),
+		Evidence: map[string]any{"refused_connects": refused, "ended_sessions": ended, "last_at": last.At},
+		Fix:      strings.Join(fixes, "; "),
+	}
+}
+
+// decommissionedRetrying finds a decommissioned device that keeps trying to
+// connect: the zombie nobody switched off, seen from the server side.
+func decommissionedRetrying(d Device, evs []Event, p DiagnosisPolicy) *Problem {
+	if d.State != StateDecommissioned {
+		return nil
+	}
+	var n int
+	var first, last Event
+	addrs := map[string]bool{}
+	for _, e := range evs {
+		if e.Kind != KindRefused || e.Reason != ReasonDecommissioned {
+			continue
+		}
+		if n == 0 {
+			first = e
+		}
+		n++
+		last = e
+		if ip := hostOf(e.RemoteAddr); ip != "" {
+			addrs[ip] = true
+		}
+	}
+	if n == 0 {
+		return nil
+	}
+	span := last.At.Sub(first.At)
+	every := "once"
+	if n > 1 {
+		every = "every " + (span / time.Duration(n-1)).Round(time.Second).String()
+	}
+	when := "the last hour"
+	if p.Window > 0 {
+		when = "the last " + p.Window.String()
+	}
+	return &Problem{
+		Code: ProblemDecommissionedRetrying,
+		Cause: fmt.Sprintf("the device is decommissioned but still tries to connect: %d attempts in %s (%s) from %s, the last at %s",
+			n, when, every, strings.Join(sortedKeys(addrs), ", "), last.At.UTC().Format(time.RFC3339)),
+		Evidence: map[string]any{"attempts": n, "addresses": sortedKeys(addrs), "first_at": first.At, "last_at": last.At,
+			"decommissioned_at": d.DecommissionedAt},
+		Fix: "find the device at these addresses and switch it off or wipe it; register it again if it should be back in the fleet",
+	}
+}
+
+// duplicateClientID finds two devices taking one client id from each other.
+// A takeover's old session is the disconnect event's; its new session is the
+// connect with the next higher epoch. Two kinds of takeover show a clone:
+//   - between different IP addresses (a single device reconnecting keeps
+//     its address, or changes it once, not back and forth);
+//   - ping-pong, whatever the addresses (two gateways behind one router
+//     share one): the taken-over session had itself just taken the id over,
+//     and it was live, heard from within its keepalive. A device that
+//     reconnects over its own stale session takes over a session that had
+//     gone silent, and does not lose the new one the same way at once.
+//
+// TakeoverMin takeovers of either kind name it (by default the second: a
+// chain of two takeovers in a row, the second of a live session, is one
+// ping-pong).
+func duplicateClientID(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
+	var connects []Event
+	var epochs []int64 // every session seen, by its connect or its end
+	takenOver := map[int64]bool{}
+	for _, e := range evs {
+		switch e.Kind {
+		case KindConnect:
+			connects = append(connects, e)
+		case KindDisconnect:
+			takenOver[e.SessionEpoch] = takenOver[e.SessionEpoch] || e.Reason == ReasonSessionTakeover
+		default:
+			continue
+		}
+		epochs = append(epochs, e.SessionEpoch)
+	}
+	// next returns the connect of the session just after an epoch.
+	next := func(epoch int64) *Event {
+		var best *Event
+		for i, c := range connects {
+			if c.SessionEpoch > epoch && (best == nil || c.SessionEpoch < best.SessionEpoch) {
+				best = &connects[i]
+			}
+		}
+		return best
+	}
+	// prevTakenOver reports whether the session just before an epoch was
+	// taken over (by the one at epoch, then).
+	prevTakenOver := func(epoch int64) bool {
+		var prev int64
+		found := false
+		for _, x := range epochs {
+			if x < epoch && (!found || x > prev) {
+				prev, found = x, true
+			}
+		}
+		return found && takenOver[prev]
+	}
+	var takeovers, crossAddr, pingPong int
 	addrs := map[string]bool{}
 	for _, e := range evs {
 		if e.Kind != KindDisconnect || e.Reason != ReasonSessionTakeover {
 			continue
 		}
-		var next *Event
-		for i, c := range connects {
-			if c.SessionEpoch > e.SessionEpoch && (next == nil || c.SessionEpoch < next.SessionEpoch) {
-				next = &connects[i]
+		takeovers++
+		if next := next(e.SessionEpoch); next != nil {
+			oldIP, newIP := hostOf(e.RemoteAddr), hostOf(next.RemoteAddr)
+			if oldIP != "" && newIP != "" && oldIP != newIP {
+				crossAddr++
+				addrs[oldIP], addrs[newIP] = true, true
+				continue
 			}
 		}
-		if next == nil {
-			continue
+		k := keepaliveOf(e)
+		live := e.IdleMillis >= 0 && (k == 0 && e.IdleMillis < 60_000 || e.IdleMillis < k*1000)
+		if live && prevTakenOver(e.SessionEpoch) {
+			pingPong++
+			if ip := hostOf(e.RemoteAddr); ip != "" {
+				addrs[ip] = true
+			}
 		}
-		oldIP, newIP := hostOf(e.RemoteAddr), hostOf(next.RemoteAddr)
-		if oldIP == "" || newIP == "" || oldIP == newIP {
-			continue
-		}
-		n++
-		addrs[oldIP], addrs[newIP] = true, true
 	}
-	if n == 0 || n < p.TakeoverMin {
+	// A ping-pong is a chain's second takeover or later: the chain holds one
+	// takeover more than its ping-pongs.
+	crossOK := crossAddr > 0 && crossAddr >= p.TakeoverMin
+	pingPongOK := pingPong > 0 && pingPong+1 >= p.TakeoverMin
+	if !crossOK && !pingPongOK {
 		return nil
+	}
+	cause := fmt.Sprintf("two devices share this client id: they took the session from each other %d times from different addresses", crossAddr)
+	if !crossOK {
+		cause = fmt.Sprintf("two devices share this client id: live sessions took it from each other %d times in a row (from %s: behind one NAT)",
+			pingPong+1, strings.Join(sortedKeys(addrs), ", "))
 	}
 	return &Problem{
 		Code:     ProblemDuplicateClientID,
-		Cause:    fmt.Sprintf("two devices share this client id: they took the session from each other %d times from different addresses", n),
-		Evidence: map[string]any{"takeovers": n, "addresses": sortedKeys(addrs)},
+		Cause:    cause,
+		Evidence: map[string]any{"takeovers": takeovers, "cross_address": crossAddr, "ping_pong": pingPong, "addresses": sortedKeys(addrs)},
 		Fix:      "give each device its own id and token (register a second device)",
 	}
 }
 
 // keepaliveMismatch finds sessions lost at about the same idle time, shorter
-// than the keepalive: a NAT or load balancer forgets idle connections before
-// the device pings. A session idle for at least its keepalive is left out,
-// because the broker's own deadline (1.5 × keepalive, [MQTT-3.1.2-24]) or a
-// device that stopped pinging explains it. A keepalive of 0 (off) never
-// pings, so it cannot outlast any idle cut.
+// than the keepalive, while the device was silent: a NAT or load balancer
+// forgets idle connections before the device pings. A session idle for at
+// least its keepalive is left out, because the broker's own deadline (1.5 ×
+// keepalive, [MQTT-3.1.2-24]) or a device that stopped pinging explains it;
+// so is a drop within a second of the device's last packet (it was sending,
+// not idle). A keepalive of 0 (off) never pings, so it cannot outlast any
+// idle cut. The cut must explain most of the device's lost connections
+// (IdleCutShare): a device that drops at random also ends a few sessions at
+// similar idle times, but not most of them.
 func keepaliveMismatch(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
 	var cands []Event
+	lost := 0
 	for _, e := range evs {
-		if e.Kind != KindDisconnect || (e.Reason != ReasonConnectionLost && e.Reason != ReasonKeepaliveTimeout) || e.IdleMillis <= 0 {
+		if e.Kind != KindDisconnect || e.Reason != ReasonConnectionLost {
 			continue
+		}
+		lost++
+		if e.IdleMillis < minIdleCutMillis || e.Detail != "" {
+			continue // sending when it dropped, or a write timeout: not an idle cut
 		}
 		if k := keepaliveOf(e); k == 0 || e.IdleMillis < k*1000 {
 			cands = append(cands, e)
@@ -261,7 +512,7 @@ func keepaliveMismatch(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
 			cluster = append(cluster, e)
 		}
 	}
-	if len(cluster) == 0 || len(cluster) < p.IdleCutMin {
+	if len(cluster) == 0 || len(cluster) < p.IdleCutMin || float64(len(cluster)) < p.IdleCutShare*float64(lost) {
 		return nil
 	}
 	// Report the keepalive of the newest session: the setting to change.
@@ -275,13 +526,15 @@ func keepaliveMismatch(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
 	return &Problem{
 		Code:     ProblemKeepaliveMismatch,
 		Cause:    cause,
-		Evidence: map[string]any{"idle_seconds": idle, "keepalive": k, "sessions": len(cluster)},
+		Evidence: map[string]any{"idle_seconds": idle, "keepalive": k, "sessions": len(cluster), "lost_connections": lost},
 		Fix:      fmt.Sprintf("use a keepalive below %d s (e.g. %d s) for this device or model", idle, max(idle/2, 1)),
 	}
 }
 
 // flapping finds a device that starts session after session; the cause is
-// whatever ends most of them.
+// whatever ends most of them. It is a summary: the rules that name a specific
+// cause run on the same events and are reported as well, and the fix points
+// at them.
 func flapping(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
 	var starts []time.Time
 	reasons := map[string]int{}
@@ -327,13 +580,15 @@ func flapFix(r Reason) string {
 	case ReasonSessionTakeover:
 		return "another device uses this client id (see duplicate_client_id): give each device its own id and token"
 	case ReasonKeepaliveTimeout:
-		return "fix the keepalive: the device goes silent past its keepalive (see keepalive_mismatch and no_pings)"
+		return "the device goes silent past its keepalive: see no_pings (it never pings) or stalls (it hangs)"
 	case ReasonProtocolError:
-		return "upgrade the firmware: the broker closes its sessions for protocol errors"
+		return "upgrade the firmware: the broker closes its sessions for protocol errors (see malformed_pings)"
 	case ReasonThrottled:
-		return "make the device reconnect with backoff and jitter: the broker throttles its reconnects"
+		return "the broker throttles the device (see throttled): make it send less and reconnect with backoff and jitter"
 	case ReasonPacketTooLarge:
-		return "make the device send smaller packets or raise the broker's maximum packet size"
+		return "the device sends packets above the broker's maximum (see oversized_packets)"
+	case ReasonConnectionLost:
+		return fixFlapLost
 	}
 	return "check the device's power and network"
 }
@@ -398,7 +653,7 @@ func authFailures(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
 	var last Event
 	own := ownAddresses(d, evs)
 	for _, e := range evs {
-		if e.Kind == KindRefused && e.Reason == ReasonAuthFailed && !foreign(e, own) {
+		if isAuthRefusal(e) && !foreign(e, own) {
 			n++
 			details[e.Detail]++
 			latest[e.Detail] = e.At
@@ -470,7 +725,7 @@ func idUsedElsewhere(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
 	details := map[string]int{}
 	var last Event
 	for _, e := range evs {
-		if e.Kind != KindRefused || (e.Reason != ReasonAuthFailed && e.Reason != ReasonTLSHandshakeFailed) || !foreign(e, own) {
+		if !isAuthRefusal(e) && (e.Kind != KindRefused || e.Reason != ReasonTLSHandshakeFailed) || !foreign(e, own) {
 			continue
 		}
 		n++
@@ -493,6 +748,25 @@ func idUsedElsewhere(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
 		Fix: "the device's own credentials work: find what connects from these addresses (a cloned device, a leaked id, an attacker) and stop it; rotate the device's token if it may have leaked",
 	}
 }
+
+// isAuthRefusal reports a refusal for wrong credentials, including one the
+// per-source limit on failed authentications turned into a throttle: both
+// are unauthenticated, so anyone could have caused them under the id.
+func isAuthRefusal(e Event) bool {
+	return e.Kind == KindRefused && (e.Reason == ReasonAuthFailed ||
+		e.Reason == ReasonThrottled && strings.HasPrefix(e.Detail, DetailFailedAuthPrefix))
+}
+
+// onFirmware reports whether an event happened on the device's current
+// firmware (or says nothing about it), so that a problem of the firmware a
+// campaign replaced disappears with it.
+func onFirmware(d Device, e Event) bool {
+	return e.Firmware == "" || d.Firmware == "" || e.Firmware == d.Firmware
+}
+
+// talkedFor is how long into a session the device last sent something: its
+// duration minus the silence at its end.
+func talkedFor(e Event) int64 { return max(e.DurationMillis-int64(e.IdleMillis), 0) }
 
 // keepaliveOf is the keepalive in seconds that governed a session: the
 // broker's (MQTT 5 Server Keep Alive) when it set one, else the device's.

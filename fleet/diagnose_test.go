@@ -56,10 +56,20 @@ var (
 	refusal  = func(ago time.Duration, r Reason, detail string) Event {
 		return ev(ago, Event{Kind: KindRefused, Reason: r, Detail: detail, RemoteAddr: "198.51.100.4:41000"})
 	}
+	// takeover: a connect from newAddr takes over the session of oldEpoch,
+	// whose device was last heard from 45 s before (past its keepalive of 30
+	// s: a stale session); liveTakeover: 2 s before (a live one).
 	takeover = func(ago time.Duration, oldEpoch int64, oldAddr, newAddr string) []Event {
+		return takeoverIdle(ago, oldEpoch, oldAddr, newAddr, 45000)
+	}
+	liveTakeover = func(ago time.Duration, oldEpoch int64, oldAddr, newAddr string) []Event {
+		return takeoverIdle(ago, oldEpoch, oldAddr, newAddr, 2000)
+	}
+	takeoverIdle = func(ago time.Duration, oldEpoch int64, oldAddr, newAddr string, idle int) []Event {
 		return []Event{
-			ev(ago, Event{Kind: KindConnect, SessionEpoch: oldEpoch + 1, RemoteAddr: newAddr}),
-			ev(ago, Event{Kind: KindDisconnect, Reason: ReasonSessionTakeover, SessionEpoch: oldEpoch, RemoteAddr: oldAddr, Pings: 5}),
+			ev(ago, Event{Kind: KindConnect, SessionEpoch: oldEpoch + 1, RemoteAddr: newAddr, KeepaliveRequested: 30}),
+			ev(ago, Event{Kind: KindDisconnect, Reason: ReasonSessionTakeover, SessionEpoch: oldEpoch, RemoteAddr: oldAddr, Pings: 5,
+				KeepaliveRequested: 30, IdleMillis: idle}),
 		}
 	}
 )
@@ -129,12 +139,39 @@ func TestDiagnose(t *testing.T) {
 		), nil, []Problem{{
 			Code:     ProblemDuplicateClientID,
 			Cause:    "two devices share this client id: they took the session from each other 2 times from different addresses",
-			Evidence: map[string]any{"takeovers": 2, "addresses": []string{"198.51.100.9", "203.0.113.7"}},
+			Evidence: map[string]any{"takeovers": 2, "cross_address": 2, "ping_pong": 0, "addresses": []string{"198.51.100.9", "203.0.113.7"}},
 			Fix:      "give each device its own id and token (register a second device)",
 		}}},
-		{"same IP on another port is one device", cat(
+		{"same IP on another port, stale sessions: one device reconnecting", cat(
 			takeover(20*time.Minute, 1, "203.0.113.7:50000", "203.0.113.7:50001"),
 			takeover(10*time.Minute, 2, "203.0.113.7:50001", "203.0.113.7:50002"),
+			takeover(5*time.Minute, 3, "203.0.113.7:50002", "203.0.113.7:50003"),
+		), nil, nil},
+		{"clones behind one NAT: live sessions take the id back and forth", cat(
+			liveTakeover(20*time.Second, 1, "203.0.113.7:50000", "203.0.113.7:50001"),
+			liveTakeover(18*time.Second, 2, "203.0.113.7:50001", "203.0.113.7:50002"),
+			liveTakeover(16*time.Second, 3, "203.0.113.7:50002", "203.0.113.7:50003"),
+		), nil, []Problem{{
+			Code:     ProblemDuplicateClientID,
+			Cause:    "two devices share this client id: live sessions took it from each other 3 times in a row (from 203.0.113.7: behind one NAT)",
+			Evidence: map[string]any{"takeovers": 3, "cross_address": 0, "ping_pong": 2, "addresses": []string{"203.0.113.7"}},
+			Fix:      "give each device its own id and token (register a second device)",
+		}}},
+		{"the second takeover in a row, of a live session, names it", cat(
+			takeover(20*time.Second, 1, "203.0.113.7:50000", "203.0.113.7:50001"),
+			liveTakeover(18*time.Second, 2, "203.0.113.7:50001", "203.0.113.7:50002"),
+		), nil, []Problem{{
+			Code:     ProblemDuplicateClientID,
+			Cause:    "two devices share this client id: live sessions took it from each other 2 times in a row (from 203.0.113.7: behind one NAT)",
+			Evidence: map[string]any{"takeovers": 2, "cross_address": 0, "ping_pong": 1, "addresses": []string{"203.0.113.7"}},
+			Fix:      "give each device its own id and token (register a second device)",
+		}}},
+		{"one live takeover is a reconnect", liveTakeover(18*time.Second, 2, "203.0.113.7:50001", "203.0.113.7:50002"), nil, nil},
+		{"live takeovers that did not follow a takeover are reconnects", cat(
+			session(50*time.Minute, 1, "203.0.113.7:50000", clean),
+			liveTakeover(40*time.Minute, 2, "203.0.113.7:50000", "203.0.113.7:50001"),
+			session(30*time.Minute, 4, "203.0.113.7:50000", clean),
+			liveTakeover(20*time.Minute, 5, "203.0.113.7:50000", "203.0.113.7:50001"),
 		), nil, nil},
 		{"IPv6 addresses, epochs with gaps, newest first", []Event{
 			ev(5*time.Minute, Event{Kind: KindConnect, SessionEpoch: 9, RemoteAddr: "[2001:db8::2]:1883"}),
@@ -145,12 +182,13 @@ func TestDiagnose(t *testing.T) {
 		}, nil, []Problem{{
 			Code:     ProblemDuplicateClientID,
 			Cause:    "two devices share this client id: they took the session from each other 2 times from different addresses",
-			Evidence: map[string]any{"takeovers": 2, "addresses": []string{"2001:db8::1", "2001:db8::2"}},
+			Evidence: map[string]any{"takeovers": 2, "cross_address": 2, "ping_pong": 0, "addresses": []string{"2001:db8::1", "2001:db8::2"}},
 			Fix:      "give each device its own id and token (register a second device)",
 		}}},
 		{"takeover whose new session is unknown", cat(
 			takeover(20*time.Minute, 1, "203.0.113.7:50000", "198.51.100.9:61000"),
-			[]Event{ev(10*time.Minute, Event{Kind: KindDisconnect, Reason: ReasonSessionTakeover, SessionEpoch: 2, RemoteAddr: "198.51.100.9:61000"})},
+			[]Event{ev(10*time.Minute, Event{Kind: KindDisconnect, Reason: ReasonSessionTakeover, SessionEpoch: 2, RemoteAddr: "198.51.100.9:61000",
+				KeepaliveRequested: 30, IdleMillis: 45000})},
 		), nil, nil},
 		{"first takeover outside the window", cat(
 			takeover(65*time.Minute, 1, "203.0.113.7:50000", "198.51.100.9:61000"),
@@ -165,11 +203,11 @@ func TestDiagnose(t *testing.T) {
 		{"three idle cuts at 30 s", cat(
 			session(30*time.Minute, 1, "203.0.113.7:50000", cutAt(30000)),
 			session(20*time.Minute, 2, "203.0.113.7:50000", cutAt(29500)),
-			session(10*time.Minute, 3, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 1, IdleMillis: 31000}),
+			session(10*time.Minute, 3, "203.0.113.7:50000", cutAt(31000)),
 		), nil, []Problem{{
 			Code:     ProblemKeepaliveMismatch,
 			Cause:    "something on the path cuts idle connections at about 30 s, before the device's keepalive of 60 s",
-			Evidence: map[string]any{"idle_seconds": 30, "keepalive": 60, "sessions": 3},
+			Evidence: map[string]any{"idle_seconds": 30, "keepalive": 60, "sessions": 3, "lost_connections": 3},
 			Fix:      "use a keepalive below 30 s (e.g. 15 s) for this device or model",
 		}}},
 		{"cuts among random losses, effective keepalive", cat(
@@ -181,7 +219,7 @@ func TestDiagnose(t *testing.T) {
 		), nil, []Problem{{
 			Code:     ProblemKeepaliveMismatch,
 			Cause:    "something on the path cuts idle connections at about 240 s, before the device's keepalive of 300 s",
-			Evidence: map[string]any{"idle_seconds": 240, "keepalive": 300, "sessions": 3},
+			Evidence: map[string]any{"idle_seconds": 240, "keepalive": 300, "sessions": 3, "lost_connections": 5},
 			Fix:      "use a keepalive below 240 s (e.g. 120 s) for this device or model",
 		}}},
 		{"idle times too spread", cat(
@@ -189,10 +227,28 @@ func TestDiagnose(t *testing.T) {
 			session(20*time.Minute, 2, "203.0.113.7:50000", cutAt(30000)),
 			session(10*time.Minute, 3, "203.0.113.7:50000", cutAt(45000)),
 		), nil, nil},
-		{"broker deadline at 1.5 keepalive is not a path cut", cat(
+		{"broker deadline at 1.5 keepalive is not a path cut but a stall", cat(
 			session(30*time.Minute, 1, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 4, IdleMillis: 90000}),
 			session(20*time.Minute, 2, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 4, IdleMillis: 90100}),
 			session(10*time.Minute, 3, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 4, IdleMillis: 89900}),
+		), nil, []Problem{{
+			Code:     ProblemStalls,
+			Cause:    "the device stops talking with its connection open: 3 sessions hit the keepalive deadline after it had been pinging (the last after 4 pings)",
+			Evidence: map[string]any{"sessions": 3, "keepalive": 60, "last_at": diagNow.Add(-9 * time.Minute), "firmware": "1.0.3"},
+			Fix:      fixStalls,
+		}}},
+		{"random drops at idle times over the whole keepalive are not a path cut", func() []Event {
+			var out []Event
+			for i, idle := range []int{3100, 3300, 3500, 900, 1500, 2600, 200, 3800, 1200, 2100} {
+				out = append(out, session(time.Duration(50-4*i)*time.Minute, int64(i+1), "203.0.113.7:50000",
+					Event{Reason: ReasonConnectionLost, Pings: 1, IdleMillis: idle, KeepaliveRequested: 4})...)
+			}
+			return out
+		}(), nil, nil},
+		{"drops while sending are not idle cuts", cat(
+			session(30*time.Minute, 1, "203.0.113.7:50000", cutAt(400)),
+			session(20*time.Minute, 2, "203.0.113.7:50000", cutAt(420)),
+			session(10*time.Minute, 3, "203.0.113.7:50000", cutAt(410)),
 		), nil, nil},
 		{"clean disconnects after idling are not cuts", sessions(3, 30*time.Minute, 10*time.Minute, Event{Reason: ReasonClientDisconnect, IdleMillis: 30000}), nil, nil},
 		{"keepalive off", []Event{
@@ -202,7 +258,7 @@ func TestDiagnose(t *testing.T) {
 		}, nil, []Problem{{
 			Code:     ProblemKeepaliveMismatch,
 			Cause:    "something on the path cuts idle connections at about 120 s, and the device has keepalive off",
-			Evidence: map[string]any{"idle_seconds": 120, "keepalive": 0, "sessions": 3},
+			Evidence: map[string]any{"idle_seconds": 120, "keepalive": 0, "sessions": 3, "lost_connections": 3},
 			Fix:      "use a keepalive below 120 s (e.g. 60 s) for this device or model",
 		}}},
 		{"one cut outside the window", cat(
@@ -218,7 +274,7 @@ func TestDiagnose(t *testing.T) {
 			Cause: "the device started 7 sessions within 10m0s; most sessions ended with connection_lost",
 			Evidence: map[string]any{"sessions": 7, "window": "10m0s", "dominant_reason": "connection_lost",
 				"reasons": map[string]int{"connection_lost": 7}},
-			Fix: "check the device's power and network",
+			Fix: fixFlapLost,
 		}}},
 		{"seven sessions exactly ten minutes apart", sessions(7, 10*time.Minute, 100*time.Second, lost), nil, nil},
 		{"seven sessions spread over twelve minutes", sessions(7, 13*time.Minute, 2*time.Minute, lost), nil, nil},
@@ -227,11 +283,16 @@ func TestDiagnose(t *testing.T) {
 			sessions(7, 9*time.Minute+30*time.Second, 90*time.Second, Event{Reason: ReasonKeepaliveTimeout, Pings: 2, IdleMillis: 90000}),
 			session(40*time.Minute, 20, "203.0.113.7:50000", clean),
 		), nil, []Problem{{
+			Code:     ProblemStalls,
+			Cause:    "the device stops talking with its connection open: 7 sessions hit the keepalive deadline after it had been pinging (the last after 2 pings)",
+			Evidence: map[string]any{"sessions": 7, "keepalive": 60, "last_at": diagNow.Add(30 * time.Second), "firmware": "1.0.3"},
+			Fix:      fixStalls,
+		}, {
 			Code:  ProblemFlapping,
 			Cause: "the device started 7 sessions within 10m0s; most sessions ended with keepalive_timeout",
 			Evidence: map[string]any{"sessions": 7, "window": "10m0s", "dominant_reason": "keepalive_timeout",
 				"reasons": map[string]int{"keepalive_timeout": 7, "client_disconnect": 1}},
-			Fix: "fix the keepalive: the device goes silent past its keepalive (see keepalive_mismatch and no_pings)",
+			Fix: "the device goes silent past its keepalive: see no_pings (it never pings) or stalls (it hangs)",
 		}}},
 
 		// tls_handshake_failures
@@ -281,14 +342,119 @@ func TestDiagnose(t *testing.T) {
 			refusal(10*time.Minute, ReasonAuthFailed, "wrong token"),
 		}, nil, nil},
 		{"other refusals are not auth failures", []Event{
-			refusal(30*time.Minute, ReasonThrottled, ""),
-			refusal(20*time.Minute, ReasonThrottled, ""),
-			refusal(10*time.Minute, ReasonThrottled, ""),
+			refusal(30*time.Minute, ReasonThrottled, "broker connect rate exceeded"),
+			refusal(20*time.Minute, ReasonThrottled, "broker connect rate exceeded"),
+			refusal(10*time.Minute, ReasonThrottled, "broker connect rate exceeded"),
 		}, nil, nil},
+		{"failed authentications the per-source limit throttled are auth failures", []Event{
+			refusal(30*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(20*time.Minute, ReasonAuthFailed, "wrong token"),
+			refusal(10*time.Minute, ReasonThrottled, DetailFailedAuthPrefix+" from this address (this one: wrong token)"),
+		}, nil, []Problem{{
+			Code:  ProblemAuthFailures,
+			Cause: `the broker refused the device's credentials 3 times: "wrong token"`,
+			Evidence: map[string]any{"failures": 3, "detail": "wrong token", "last_at": diagNow.Add(-10 * time.Minute),
+				"details": map[string]int{"wrong token": 2, DetailFailedAuthPrefix + " from this address (this one: wrong token)": 1}},
+			Fix: "rotate the device's token and provision it",
+		}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got := Diagnose(dev, tt.events, tt.incompat, diagNow, p)
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("mismatch (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// TestDiagnoseCauses covers the causes one or two occurrences prove, each
+// next to the near miss that must not name it.
+func TestDiagnoseCauses(t *testing.T) {
+	p := DefaultDiagnosisPolicy()
+	dev := Device{ID: "gw-1", Model: "gw-100", Firmware: "1.0.3", ProtocolVersion: 4, KeepaliveRequested: 60}
+	retired := dev
+	retired.State = StateDecommissioned
+	// A session that hit the deadline without a ping: silent after talking
+	// for talked ms (CONNECT, birth), then 1.5 × 60 s to the deadline.
+	silent := func(talked int64, pings int) Event {
+		return Event{Reason: ReasonKeepaliveTimeout, Pings: pings, IdleMillis: 90000, DurationMillis: talked + 90000}
+	}
+	tooBig := Event{Reason: ReasonPacketTooLarge, Detail: "a packet above the maximum packet size of 262144 bytes", Pings: 1, IdleMillis: 10}
+	retry := func(ago time.Duration) Event {
+		return ev(ago, Event{Kind: KindRefused, Reason: ReasonDecommissioned, Detail: "device is decommissioned", RemoteAddr: "198.51.100.4:41000"})
+	}
+	noPingsProblem := func(n int) []Problem {
+		return []Problem{{Code: ProblemNoPings, Cause: "the device never sends PINGREQ: its firmware does not keep the session alive",
+			Evidence: map[string]any{"sessions": n, "firmware": "1.0.3"}, Fix: fixUpgradeFirmware}}
+	}
+	tests := []struct {
+		name   string
+		dev    Device
+		events []Event
+		want   []Problem
+	}{
+		// no_pings from one session that proves it.
+		{"one timeout, silent from its first keepalive period", dev, session(5*time.Minute, 1, "203.0.113.7:50000", silent(300, 0)), noPingsProblem(1)},
+		{"one timeout after publishing past the first period", dev, session(5*time.Minute, 1, "203.0.113.7:50000", silent(120000, 0)), nil},
+		{"one silent timeout on a firmware seen pinging", dev, cat(
+			session(20*time.Minute, 1, "203.0.113.7:50000", clean),
+			session(5*time.Minute, 2, "203.0.113.7:50000", silent(300, 0)),
+		), nil},
+		{"timeouts on the firmware a campaign replaced", dev, cat(
+			session(30*time.Minute, 1, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, IdleMillis: 90000, Firmware: "0.9.0"}),
+			session(20*time.Minute, 2, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, IdleMillis: 90000, Firmware: "0.9.0"}),
+		), nil},
+
+		// stalls
+		{"one stall is a lost link", dev, session(5*time.Minute, 1, "203.0.113.7:50000", silent(40000, 1)), nil},
+		{"two stalls", dev, cat(
+			session(20*time.Minute, 1, "203.0.113.7:50000", silent(40000, 1)),
+			session(5*time.Minute, 2, "203.0.113.7:50000", silent(200000, 3)),
+		), []Problem{{
+			Code:     ProblemStalls,
+			Cause:    "the device stops talking with its connection open: 2 sessions hit the keepalive deadline after it had been pinging (the last after 3 pings); it went silent about 200 s into a session",
+			Evidence: map[string]any{"sessions": 2, "keepalive": 60, "last_at": diagNow.Add(-4 * time.Minute), "firmware": "1.0.3", "talked_seconds": 200},
+			Fix:      fixStalls,
+		}}},
+
+		// oversized_packets
+		{"one oversized packet", dev, session(5*time.Minute, 1, "203.0.113.7:50000", tooBig), []Problem{{
+			Code:     ProblemOversizedPackets,
+			Cause:    "the device sends packets larger than the broker accepts: 1 sessions ended for it (a packet above the maximum packet size of 262144 bytes)",
+			Evidence: map[string]any{"sessions": 1, "detail": tooBig.Detail, "last_at": diagNow.Add(-4 * time.Minute), "firmware": "1.0.3"},
+			Fix:      "make the firmware split or shrink its messages, or raise FLEETD_MQTT_MAX_PACKET_SIZE if such messages are expected",
+		}}},
+
+		// throttled
+		{"one throttled reconnect", dev, []Event{refusal(2*time.Minute, ReasonThrottled, DetailReconnectsTooOften)}, []Problem{{
+			Code:     ProblemThrottled,
+			Cause:    "the broker throttles the device: it refused 1 connects because it reconnects too often",
+			Evidence: map[string]any{"refused_connects": 1, "ended_sessions": 0, "last_at": diagNow.Add(-2 * time.Minute)},
+			Fix:      "make the device reconnect with exponential backoff and jitter",
+		}}},
+		{"a session ended for its message rate", dev, session(5*time.Minute, 1, "203.0.113.7:50000", Event{Reason: ReasonThrottled, Detail: "message rate too high"}), []Problem{{
+			Code:     ProblemThrottled,
+			Cause:    "the broker throttles the device: it ended 1 sessions because it sent messages faster than a session may",
+			Evidence: map[string]any{"refused_connects": 0, "ended_sessions": 1, "last_at": diagNow.Add(-4 * time.Minute)},
+			Fix:      "make it publish less often (or raise FLEETD_MQTT_PUBLISH_RATE)",
+		}}},
+		{"the broker's own connect rate is not the device's doing", dev, []Event{refusal(2*time.Minute, ReasonThrottled, "broker connect rate exceeded")}, nil},
+
+		// decommissioned_retrying
+		{"a decommissioned device still trying", retired, []Event{retry(30 * time.Minute), retry(20 * time.Minute), retry(10 * time.Minute)}, []Problem{{
+			Code:  ProblemDecommissionedRetrying,
+			Cause: "the device is decommissioned but still tries to connect: 3 attempts in the last 1h0m0s (every 10m0s) from 198.51.100.4, the last at 2025-03-01T11:50:00Z",
+			Evidence: map[string]any{"attempts": 3, "addresses": []string{"198.51.100.4"}, "first_at": diagNow.Add(-30 * time.Minute),
+				"last_at": diagNow.Add(-10 * time.Minute), "decommissioned_at": (*time.Time)(nil)},
+			Fix: "find the device at these addresses and switch it off or wipe it; register it again if it should be back in the fleet",
+		}}},
+		{"a decommissioned device that went quiet", retired, []Event{retry(70 * time.Minute)}, nil},
+		{"an active device is not retired", dev, []Event{retry(10 * time.Minute)}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := Diagnose(tt.dev, tt.events, nil, diagNow, p)
 			if diff := cmp.Diff(tt.want, got); diff != "" {
 				t.Errorf("mismatch (-want +got):\n%s", diff)
 			}
@@ -318,20 +484,28 @@ func TestDiagnoseOrder(t *testing.T) {
 		session(40*time.Minute, 200, "203.0.113.7:50000", noPingKA),
 		session(39*time.Minute, 201, "203.0.113.7:50000", noPingKA),
 		session(38*time.Minute, 202, "203.0.113.7:50000", badPing),
+		session(37*time.Minute, 203, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 3, IdleMillis: 90000}),
+		session(36*time.Minute, 204, "203.0.113.7:50000", Event{Reason: ReasonKeepaliveTimeout, Pings: 3, IdleMillis: 90000}),
+		session(35*time.Minute, 205, "203.0.113.7:50000", Event{Reason: ReasonPacketTooLarge}),
+		[]Event{
+			refusal(34*time.Minute, ReasonThrottled, DetailReconnectsTooOften),
+			refusal(33*time.Minute, ReasonDecommissioned, "device is decommissioned"),
+		},
 	)
 	// Newest first, as the store returns them.
 	for i, j := 0, len(events)-1; i < j; i, j = i+1, j-1 {
 		events[i], events[j] = events[j], events[i]
 	}
-	dev := Device{ID: "gw-1", Firmware: "1.0.3", ProtocolVersion: 5}
+	dev := Device{ID: "gw-1", Firmware: "1.0.3", ProtocolVersion: 5, State: StateDecommissioned}
 	got := Diagnose(dev, events, []Incompatibility{{IncompatRejectsPings, "rejects pings"}}, diagNow, DefaultDiagnosisPolicy())
 	var codes []string
 	for _, pr := range got {
 		codes = append(codes, pr.Code)
 	}
 	want := []string{
-		ProblemIncompatibleFirmware, ProblemMalformedPings, ProblemNoPings, ProblemDuplicateClientID,
-		ProblemKeepaliveMismatch, ProblemFlapping, ProblemTLSHandshakeFailures, ProblemAuthFailures, ProblemIDUsedElsewhere,
+		ProblemIncompatibleFirmware, ProblemMalformedPings, ProblemNoPings, ProblemStalls, ProblemOversizedPackets,
+		ProblemDuplicateClientID, ProblemKeepaliveMismatch, ProblemThrottled, ProblemFlapping, ProblemTLSHandshakeFailures,
+		ProblemAuthFailures, ProblemIDUsedElsewhere, ProblemDecommissionedRetrying,
 	}
 	if diff := cmp.Diff(want, codes); diff != "" {
 		t.Errorf("mismatch (-want +got):\n%s", diff)
@@ -365,7 +539,8 @@ func TestDiagnoseTLSFix(t *testing.T) {
 }
 
 func TestDiagnoseFlapFix(t *testing.T) {
-	// A flapping device whose sessions are taken over also shows the takeovers.
+	// A flapping device whose stale sessions are taken over by its own
+	// reconnects, from one address: flapping, and no clone.
 	events := []Event{}
 	for i := range 7 {
 		events = append(events, takeover(time.Duration(9-i)*time.Minute, int64(i+1), "203.0.113.7:50000", "203.0.113.7:50001")...)
