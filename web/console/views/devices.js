@@ -194,11 +194,16 @@ const problemTitles = {
   incompatible_firmware: 'Incompatible firmware',
   malformed_pings: 'Malformed pings',
   no_pings: 'Never pings',
+  stalls: 'Hangs with its connection open',
+  oversized_packets: 'Packets too large',
   duplicate_client_id: 'Two devices share this id',
   keepalive_mismatch: 'Idle connections are cut',
+  throttled: 'Throttled by the broker',
   flapping: 'Flapping',
   tls_handshake_failures: 'TLS handshakes fail',
   auth_failures: 'Authentication fails',
+  id_used_elsewhere: 'Someone else uses this id',
+  decommissioned_retrying: 'Decommissioned, still trying',
   keepalive_above_policy: 'Keepalive above policy',
 };
 
