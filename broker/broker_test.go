@@ -215,7 +215,8 @@ func TestMalformedPingreq(t *testing.T) {
 	if code := c.connect(4, "buggy", "buggy", tok, 30); code != 0 {
 		t.Fatalf("CONNACK 0x%02x", code)
 	}
-	c.send([]byte{0xC0, 0x00}) // a good PINGREQ
+	time.Sleep(700 * time.Millisecond) // a silence the session survives
+	c.send([]byte{0xC0, 0x00})         // a good PINGREQ
 	if typ, _ := c.read(); typ != 0xD0 {
 		t.Fatalf("expected PINGRESP, got 0x%02x", typ)
 	}
@@ -228,8 +229,9 @@ func TestMalformedPingreq(t *testing.T) {
 		t.Fatalf("detail %q pings %d, want the PINGREQ named and 2 pings counted", ev.Detail, ev.Pings)
 	}
 	// CONNECT and two PINGREQs, 2 bytes each after the CONNECT.
-	if ev.PacketsIn != 3 || ev.BytesIn < 4+14 || ev.DurationMillis <= 0 {
-		t.Fatalf("packets %d bytes %d duration %d ms: want the session's 3 packets and their bytes", ev.PacketsIn, ev.BytesIn, ev.DurationMillis)
+	if ev.PacketsIn != 3 || ev.BytesIn < 4+14 || ev.MaxSilenceMillis < 650 || ev.MaxSilenceMillis > 1500 {
+		t.Fatalf("packets %d bytes %d longest silence %d ms: want the session's 3 packets, their bytes and the 700 ms pause",
+			ev.PacketsIn, ev.BytesIn, ev.MaxSilenceMillis)
 	}
 }
 
@@ -249,7 +251,7 @@ func TestKeepaliveTimeout(t *testing.T) {
 	if ev.IdleMillis < 2900 || ev.Pings != 0 {
 		t.Errorf("idle %d ms, pings %d: want ~3000 ms of silence and no pings", ev.IdleMillis, ev.Pings)
 	}
-	if ev.PacketsIn != 1 || ev.DurationMillis < 2900 || ev.DurationMillis-int64(ev.IdleMillis) > 500 {
+	if ev.PacketsIn != 1 || ev.DurationMillis < 2900 || ev.DurationMillis-int64(ev.IdleMillis) > 500 || ev.MaxSilenceMillis > 500 {
 		t.Errorf("packets %d, duration %d ms, idle %d ms: want only the CONNECT, then silence to the end", ev.PacketsIn, ev.DurationMillis, ev.IdleMillis)
 	}
 	t.Logf("keepalive_timeout committed %s after the device went silent (limit %s)", time.Since(silentSince).Round(time.Millisecond), limit)

@@ -320,11 +320,11 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	end := SessionEnd{Cause: cause}
 	var pings, packets int
 	var bytes int64
-	idle := time.Duration(0)
+	var idle, silence time.Duration
 	if s.wire != nil {
 		end.BadHeader = s.wire.BadHeader()
 		pings, packets, bytes = int(s.wire.pings.Load()), int(s.wire.packets.Load()), s.wire.bytes.Load()
-		idle = time.Since(s.wire.LastRead())
+		idle, silence = time.Since(s.wire.LastRead()), time.Duration(s.wire.maxSilence.Load())
 	}
 	reason, detail := Classify(end)
 	if reason == fleet.ReasonPacketTooLarge {
@@ -337,7 +337,7 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion), KeepaliveRequested: int(s.keepalive),
 		KeepaliveEffective: int(cl.State.Keepalive), CleanStart: s.clean, RemoteAddr: cl.Net.Remote,
 		TLSVersion: tlsVersion(s.wire), Listener: cl.Net.Listener, BrokerNode: b.cfg.Node, Pings: pings, IdleMillis: int(idle.Milliseconds()),
-		PacketsIn: packets, BytesIn: bytes, DurationMillis: now.Sub(s.start).Milliseconds()})
+		PacketsIn: packets, BytesIn: bytes, DurationMillis: now.Sub(s.start).Milliseconds(), MaxSilenceMillis: int(silence.Milliseconds())})
 	level := slog.LevelInfo
 	if reason == fleet.ReasonClientDisconnect || reason == fleet.ReasonServerShutdown {
 		level = slog.LevelDebug

@@ -22,6 +22,9 @@ type wireConn struct {
 	pings     atomic.Int32  // PINGREQs received
 	packets   atomic.Int32  // control packets received (fixed headers seen)
 	bytes     atomic.Int64  // bytes received
+	// maxSilence is the longest wait, in nanoseconds, between two reads
+	// that returned bytes: the longest silence the connection survived.
+	maxSilence atomic.Int64
 	badHeader atomic.Uint32 // 0x100 | first fixed header with bad flags, or 0
 	accepted  atomic.Bool   // the CONNECT was accepted (set by the hook)
 	// onConnectRead gives back the connection's place among those that have
@@ -51,7 +54,10 @@ const (
 func (w *wireConn) Read(p []byte) (int, error) {
 	n, err := w.Conn.Read(p)
 	if n > 0 {
-		w.lastRead.Store(time.Now().UnixNano())
+		now := time.Now().UnixNano()
+		if gap := now - w.lastRead.Swap(now); gap > w.maxSilence.Load() {
+			w.maxSilence.Store(gap) // only the reader writes it
+		}
 		w.bytes.Add(int64(n))
 		w.scan(p[:n])
 	}

@@ -93,8 +93,9 @@ func (s *Service) RunAnalysis(ctx context.Context, interval time.Duration) {
 	}
 }
 
-// Analyze learns verdicts from the events in the policy's window, records
-// them (those whose evidence aged out expire), and marks each device
+// Analyze learns verdicts from the events in the policy's window, starting
+// from the firmware learned-flagged before (see LearnVerdicts), records them
+// and their flips (verdicts no longer learned expire), and marks each device
 // incompatible or not, with its reasons.
 func (s *Service) Analyze(ctx context.Context) error {
 	p := s.currentPolicy()
@@ -103,14 +104,24 @@ func (s *Service) Analyze(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	learned := LearnVerdicts(stats, p.VerdictPolicy())
-	for i := range learned {
-		if learned[i].Samples, err = s.store.pingSamples(ctx, learned[i].Model, learned[i].Firmware, since, 5); err != nil {
+	// The flagged set comes from the database, not from this replica's last
+	// analysis, so every replica applies the same hysteresis.
+	before, err := s.store.learnedFirmware(ctx)
+	if err != nil {
+		return err
+	}
+	learned := LearnVerdicts(stats, before, p.VerdictPolicy())
+	for i, v := range learned.Flagged {
+		if learned.Flagged[i].Samples, err = s.store.pingSamples(ctx, v.Model, v.Firmware, since, 5); err != nil {
 			return err
 		}
 	}
-	if err := s.store.saveLearned(ctx, learned); err != nil {
+	saved, err := s.store.saveLearned(ctx, before, learned)
+	if err != nil {
 		return err
+	}
+	if !saved {
+		s.logger.Info("verdicts saved by another replica during this analysis; keeping theirs")
 	}
 	rows, err := s.store.verdicts(ctx)
 	if err != nil {

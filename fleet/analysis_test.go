@@ -170,11 +170,19 @@ func TestPolicyRulesAndKeepalive(t *testing.T) {
 		{Policy{Models: map[string]ModelRules{"gw-100": {MinFirmware: "one"}}}, "models.gw-100.min_firmware"},
 		{Policy{Keepalive: KeepalivePolicy{MaxSeconds: -1}}, "keepalive.max_seconds"},
 		{Policy{Verdicts: VerdictPolicy{RateRatio: -2}}, "verdicts.rate_ratio"},
+		{Policy{Verdicts: VerdictPolicy{ClearFraction: -0.1}}, "verdicts.clear_fraction"},
+		{Policy{Verdicts: VerdictPolicy{ClearFraction: 1.5}}, "verdicts.clear_fraction"},
 	} {
 		var ve *ValidationError
 		if _, err := svc.SetPolicy(ctx, bad.p); !errors.As(err, &ve) || ve.Field != bad.field {
 			t.Errorf("policy %+v: got %v, want a validation error on %s", bad.p, err, bad.field)
 		}
+	}
+	if got := svc.Policy().VerdictPolicy().ClearFraction; got != 0.6 {
+		t.Fatalf("clear fraction of a policy without one: %v, want the default 0.6", got)
+	}
+	if _, err := svc.SetPolicy(ctx, Policy{Verdicts: VerdictPolicy{ClearFraction: 1}}); err != nil {
+		t.Fatalf("clear fraction 1 (no hysteresis): %v", err)
 	}
 }
 

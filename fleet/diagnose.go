@@ -466,9 +466,10 @@ func duplicateClientID(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
 // keepalive, [MQTT-3.1.2-24]) or a device that stopped pinging explains it;
 // so is a drop within a second of the device's last packet (it was sending,
 // not idle). A keepalive of 0 (off) never pings, so it cannot outlast any
-// idle cut. The cut must explain most of the device's lost connections
-// (IdleCutShare): a device that drops at random also ends a few sessions at
-// similar idle times, but not most of them.
+// idle cut. The cut must explain at least IdleCutShare of the device's lost
+// connections, and no session may have survived a longer silence: a device
+// that drops at random also ends a few sessions at similar idle times, but
+// not most of them, and some of its sessions outlive its ping interval.
 func keepaliveMismatch(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
 	var cands []Event
 	lost := 0
@@ -514,6 +515,15 @@ func keepaliveMismatch(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
 	}
 	if len(cluster) == 0 || len(cluster) < p.IdleCutMin || float64(len(cluster)) < p.IdleCutShare*float64(lost) {
 		return nil
+	}
+	// A path that cuts idle connections at C never lets one stay silent
+	// longer: a session that survived a longer silence (a device that
+	// dropped at random after outliving its first ping interval) disproves it.
+	longest := slices.MaxFunc(cluster, func(a, b Event) int { return cmp.Compare(a.IdleMillis, b.IdleMillis) }).IdleMillis
+	for _, e := range evs {
+		if e.Kind == KindDisconnect && e.MaxSilenceMillis > longest {
+			return nil
+		}
 	}
 	// Report the keepalive of the newest session: the setting to change.
 	latest := slices.MaxFunc(cluster, func(a, b Event) int { return a.At.Compare(b.At) })

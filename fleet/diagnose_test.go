@@ -245,6 +245,12 @@ func TestDiagnose(t *testing.T) {
 			}
 			return out
 		}(), nil, nil},
+		{"a session that survived a longer silence disproves the cut", cat(
+			session(40*time.Minute, 1, "203.0.113.7:50000", cutAt(30000)),
+			session(30*time.Minute, 2, "203.0.113.7:50000", cutAt(29500)),
+			session(20*time.Minute, 3, "203.0.113.7:50000", cutAt(31000)),
+			session(10*time.Minute, 4, "203.0.113.7:50000", Event{Reason: ReasonConnectionLost, Pings: 3, IdleMillis: 5000, MaxSilenceMillis: 59000}),
+		), nil, nil},
 		{"drops while sending are not idle cuts", cat(
 			session(30*time.Minute, 1, "203.0.113.7:50000", cutAt(400)),
 			session(20*time.Minute, 2, "203.0.113.7:50000", cutAt(420)),

@@ -119,10 +119,12 @@ type Event struct {
 	BrokerNode         string    `json:"broker_node,omitempty"`
 	// What the broker saw of the session, on disconnect events: PINGREQs,
 	// how long the device had been silent when it ended, packets and bytes
-	// the device sent, and how long the session lasted.
-	Pings          int   `json:"pings,omitempty"`
-	IdleMillis     int   `json:"idle_ms,omitempty"`
-	PacketsIn      int   `json:"packets_in,omitempty"`
-	BytesIn        int64 `json:"bytes_in,omitempty"`
-	DurationMillis int64 `json:"duration_ms,omitempty"`
+	// the device sent, how long the session lasted, and the longest silence
+	// the session survived (between two reads from the device).
+	Pings            int   `json:"pings,omitempty"`
+	IdleMillis       int   `json:"idle_ms,omitempty"`
+	PacketsIn        int   `json:"packets_in,omitempty"`
+	BytesIn          int64 `json:"bytes_in,omitempty"`
+	DurationMillis   int64 `json:"duration_ms,omitempty"`
+	MaxSilenceMillis int   `json:"max_silence_ms,omitempty"`
 }

@@ -66,6 +66,9 @@ func (p Policy) VerdictPolicy() VerdictPolicy {
 	if v.RateRatio == 0 {
 		v.RateRatio = d.RateRatio
 	}
+	if v.ClearFraction == 0 {
+		v.ClearFraction = d.ClearFraction
+	}
 	return v
 }
 
@@ -105,6 +108,8 @@ func (p Policy) compile() (*compiledPolicy, error) {
 		return nil, invalid("verdicts.min_rate", "must not be negative")
 	case v.RateRatio < 0:
 		return nil, invalid("verdicts.rate_ratio", "must not be negative")
+	case v.ClearFraction < 0 || v.ClearFraction > 1:
+		return nil, invalid("verdicts.clear_fraction", "must be more than 0 and at most 1 (0 takes the default, %g)", DefaultVerdictPolicy().ClearFraction)
 	case p.VerdictWindowSeconds < 0:
 		return nil, invalid("verdict_window_seconds", "must not be negative")
 	}

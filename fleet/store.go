@@ -200,13 +200,13 @@ func (s *Store) credential(ctx context.Context, id string) (credential, error) {
 
 var eventColumns = []string{"id", "device_id", "at", "kind", "reason", "detail", "firmware", "model",
 	"session_epoch", "protocol_version", "keepalive_requested", "keepalive_effective", "clean_start",
-	"remote_addr", "tls_version", "listener", "broker_node", "pings", "idle_ms", "packets_in", "bytes_in", "duration_ms"}
+	"remote_addr", "tls_version", "listener", "broker_node", "pings", "idle_ms", "packets_in", "bytes_in", "duration_ms", "max_silence_ms"}
 
 // eventRow is an event as the values of eventColumns.
 func eventRow(e *Event) []any {
 	return []any{[16]byte(e.ID), e.DeviceID, e.At, string(e.Kind), string(e.Reason), e.Detail, e.Firmware, e.Model,
 		e.SessionEpoch, int16(e.ProtocolVersion), int32(e.KeepaliveRequested), int32(e.KeepaliveEffective), e.CleanStart,
-		e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, clamp32(e.Pings), clamp32(e.IdleMillis), clamp32(e.PacketsIn), e.BytesIn, e.DurationMillis}
+		e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, clamp32(e.Pings), clamp32(e.IdleMillis), clamp32(e.PacketsIn), e.BytesIn, e.DurationMillis, clamp32(e.MaxSilenceMillis)}
 }
 
 // clamp32 fits a counter into an integer column: a session idle for 25 days
@@ -408,7 +408,7 @@ type EventCursor struct {
 func (s *Store) listEvents(ctx context.Context, deviceID string, before *EventCursor, limit int) ([]Event, error) {
 	q := `SELECT id, device_id, at, kind, reason, detail, firmware, model, session_epoch, protocol_version,
 		keepalive_requested, keepalive_effective, clean_start, remote_addr, tls_version, listener, broker_node, pings, idle_ms,
-		packets_in, bytes_in, duration_ms
+		packets_in, bytes_in, duration_ms, max_silence_ms
 		FROM device_events WHERE device_id = $1`
 	args := []any{deviceID}
 	if before != nil {
@@ -429,7 +429,7 @@ func (s *Store) listEvents(ctx context.Context, deviceID string, before *EventCu
 		var proto int16
 		if err := rows.Scan(&id, &e.DeviceID, &e.At, &kind, &reason, &e.Detail, &e.Firmware, &e.Model, &e.SessionEpoch, &proto,
 			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.CleanStart, &e.RemoteAddr, &e.TLSVersion, &e.Listener, &e.BrokerNode, &e.Pings, &e.IdleMillis,
-			&e.PacketsIn, &e.BytesIn, &e.DurationMillis); err != nil {
+			&e.PacketsIn, &e.BytesIn, &e.DurationMillis, &e.MaxSilenceMillis); err != nil {
 			return nil, fmt.Errorf("list events of %s: %w", deviceID, err)
 		}
 		e.ID, e.Kind, e.Reason, e.ProtocolVersion = EventID(id), Kind(kind), Reason(reason), Protocol(proto)

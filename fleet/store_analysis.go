@@ -1,10 +1,13 @@
 package fleet
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -96,12 +99,64 @@ func (s *Store) pingSamples(ctx context.Context, model, firmware string, since t
 	return out, rows.Err()
 }
 
-// saveLearned records the verdicts learned now; verdicts learned before
-// whose evidence is gone are kept with learned=false (they expired).
-func (s *Store) saveLearned(ctx context.Context, verdicts []Verdict) error {
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		models, firmwares := make([]string, 0, len(verdicts)), make([]string, 0, len(verdicts))
-		for _, v := range verdicts {
+// verdictsLock is the advisory lock that serialises saveLearned across
+// replicas ("verdict" in ASCII), so that a flip is recorded once.
+const verdictsLock = 0x76657264696374
+
+// History kept per (model, firmware, flag), and shown with each verdict.
+const (
+	verdictHistoryKept  = 50
+	verdictHistoryShown = 20
+)
+
+// learnedFirmware returns the groups whose learned verdict is in force: the
+// flagged set LearnVerdicts starts from.
+func (s *Store) learnedFirmware(ctx context.Context) (map[FirmwareKey]bool, error) {
+	return learnedFirmware(ctx, s.pool)
+}
+
+func learnedFirmware(ctx context.Context, q interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}) (map[FirmwareKey]bool, error) {
+	rows, err := q.Query(ctx, `SELECT model, firmware FROM firmware_verdicts WHERE learned AND flag = $1`, IncompatRejectsPings)
+	if err != nil {
+		return nil, fmt.Errorf("learned verdicts: %w", err)
+	}
+	defer rows.Close()
+	out := map[FirmwareKey]bool{}
+	for rows.Next() {
+		var k FirmwareKey
+		if err := rows.Scan(&k.Model, &k.Firmware); err != nil {
+			return nil, fmt.Errorf("learned verdicts: %w", err)
+		}
+		out[k] = true
+	}
+	return out, rows.Err()
+}
+
+// saveLearned records what the analysis learned from the flagged set
+// before: the verdicts in force now are stored learned, the others expire
+// (kept with learned=false), and each flip is appended to the history —
+// "flagged" for a group not learned before, "cleared" for one no longer
+// learned — whose oldest rows beyond verdictHistoryKept are deleted.
+//
+// It saves nothing and returns false when the learned set in the database
+// is no longer before: another replica saved its analysis in between, and
+// one learned from a stale set would undo its flips.
+func (s *Store) saveLearned(ctx context.Context, before map[FirmwareKey]bool, l Learned) (saved bool, err error) {
+	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, verdictsLock); err != nil {
+			return fmt.Errorf("lock verdicts: %w", err)
+		}
+		prev, err := learnedFirmware(ctx, tx)
+		if err != nil {
+			return err
+		}
+		if !maps.Equal(prev, trueKeys(before)) {
+			return nil
+		}
+		models, firmwares := make([]string, 0, len(l.Flagged)), make([]string, 0, len(l.Flagged))
+		for _, v := range l.Flagged {
 			models, firmwares = append(models, v.Model), append(firmwares, v.Firmware)
 		}
 		if _, err := tx.Exec(ctx, `
@@ -111,7 +166,7 @@ func (s *Store) saveLearned(ctx context.Context, verdicts []Verdict) error {
 				WHERE l.model = v.model AND l.firmware = v.firmware)`, models, firmwares, IncompatRejectsPings); err != nil {
 			return fmt.Errorf("expire verdicts: %w", err)
 		}
-		for _, v := range verdicts {
+		for _, v := range l.Flagged {
 			if _, err := tx.Exec(ctx, `
 				INSERT INTO firmware_verdicts (model, firmware, flag, learned, evidence, learned_at)
 				VALUES ($1, $2, $3, true, $4, now())
@@ -121,8 +176,82 @@ func (s *Store) saveLearned(ctx context.Context, verdicts []Verdict) error {
 				return fmt.Errorf("save verdict: %w", err)
 			}
 		}
+		if err := appendFlips(ctx, tx, prev, l); err != nil {
+			return err
+		}
+		saved = true
 		return nil
 	})
+	return saved, err
+}
+
+// appendFlips appends a history row for each group whose learned state
+// differs from prev and bounds the history of those groups.
+func appendFlips(ctx context.Context, tx pgx.Tx, prev map[FirmwareKey]bool, l Learned) error {
+	var models, firmwares, flags, changes, docs []string
+	var rates, baselines []float64
+	add := func(change string, v Verdict) {
+		v.Samples = nil // the verdict row keeps the latest; history keeps the numbers
+		doc, _ := json.Marshal(v)
+		models, firmwares, flags = append(models, v.Model), append(firmwares, v.Firmware), append(flags, IncompatRejectsPings)
+		changes, rates, baselines, docs = append(changes, change), append(rates, v.Rate), append(baselines, v.FleetRate), append(docs, string(doc))
+	}
+	now := map[FirmwareKey]bool{}
+	for _, v := range l.Flagged {
+		k := FirmwareKey{v.Model, v.Firmware}
+		now[k] = true
+		if !prev[k] {
+			add("flagged", v)
+		}
+	}
+	cleared := map[FirmwareKey]Verdict{}
+	for _, v := range l.Cleared {
+		cleared[FirmwareKey{v.Model, v.Firmware}] = v
+	}
+	gone := slices.SortedFunc(maps.Keys(prev), func(a, b FirmwareKey) int {
+		return cmp.Or(cmp.Compare(a.Model, b.Model), cmp.Compare(a.Firmware, b.Firmware))
+	})
+	for _, k := range gone {
+		if now[k] {
+			continue
+		}
+		v, ok := cleared[k]
+		if !ok {
+			v = Verdict{Model: k.Model, Firmware: k.Firmware, Flag: IncompatRejectsPings, Evidence: "no longer learned"}
+		}
+		add("cleared", v)
+	}
+	if len(changes) == 0 {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, `
+		INSERT INTO firmware_verdict_history (model, firmware, flag, change, rate, baseline, evidence)
+		SELECT model, firmware, flag, change, rate, baseline, evidence::jsonb
+		FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::float8[], $7::text[])
+			AS c(model, firmware, flag, change, rate, baseline, evidence)`,
+		models, firmwares, flags, changes, rates, baselines, docs); err != nil {
+		return fmt.Errorf("append verdict history: %w", err)
+	}
+	if _, err := tx.Exec(ctx, `
+		DELETE FROM firmware_verdict_history h USING (
+			SELECT id, row_number() OVER (PARTITION BY model, firmware, flag ORDER BY at DESC, id DESC) AS n
+			FROM firmware_verdict_history
+			WHERE (model, firmware, flag) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))) old
+		WHERE h.id = old.id AND old.n > $4`, models, firmwares, flags, verdictHistoryKept); err != nil {
+		return fmt.Errorf("trim verdict history: %w", err)
+	}
+	return nil
+}
+
+// trueKeys drops the false entries of a set.
+func trueKeys(set map[FirmwareKey]bool) map[FirmwareKey]bool {
+	out := make(map[FirmwareKey]bool, len(set))
+	for k, ok := range set {
+		if ok {
+			out[k] = true
+		}
+	}
+	return out
 }
 
 // FirmwareVerdict is a verdict row: what was learned and what the operator
@@ -137,6 +266,23 @@ type FirmwareVerdict struct {
 	Evidence  *Verdict   `json:"evidence,omitempty"`
 	LearnedAt *time.Time `json:"learned_at,omitempty"`
 	UpdatedAt time.Time  `json:"updated_at"`
+	// History holds the newest flips of the learned verdict, newest first
+	// (at most 20; the database keeps 50).
+	History []VerdictChange `json:"history"`
+}
+
+// VerdictChange is one flip of a learned verdict.
+type VerdictChange struct {
+	At time.Time `json:"at"`
+	// Change is "flagged" or "cleared".
+	Change string `json:"change"`
+	// Rate and Baseline are the firmware's ping-related disconnects per
+	// device-hour and what they were compared with (Verdict.FleetRate).
+	Rate     float64 `json:"rate"`
+	Baseline float64 `json:"baseline"`
+	// Evidence is the verdict at the flip, without sample events; for a
+	// "cleared" change its sentence says why it cleared.
+	Evidence Verdict `json:"evidence"`
 }
 
 func (s *Store) verdicts(ctx context.Context) ([]FirmwareVerdict, error) {
@@ -147,13 +293,41 @@ func (s *Store) verdicts(ctx context.Context) ([]FirmwareVerdict, error) {
 	}
 	defer rows.Close()
 	out := []FirmwareVerdict{}
+	type key struct{ model, firmware, flag string }
+	idx := map[key]int{}
 	for rows.Next() {
-		var v FirmwareVerdict
+		v := FirmwareVerdict{History: []VerdictChange{}}
 		if err := rows.Scan(&v.Model, &v.Firmware, &v.Flag, &v.Learned, &v.Decision, &v.Evidence, &v.LearnedAt, &v.UpdatedAt); err != nil {
 			return nil, fmt.Errorf("list verdicts: %w", err)
 		}
 		v.Active = v.Decision == "confirmed" || (v.Learned && v.Decision != "overridden")
+		idx[key{v.Model, v.Firmware, v.Flag}] = len(out)
 		out = append(out, v)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list verdicts: %w", err)
+	}
+	rows.Close()
+	rows, err = s.pool.Query(ctx, `
+		SELECT v.model, v.firmware, v.flag, h.at, h.change, h.rate, h.baseline, h.evidence
+		FROM firmware_verdicts v CROSS JOIN LATERAL (
+			SELECT id, at, change, rate, baseline, evidence FROM firmware_verdict_history h
+			WHERE h.model = v.model AND h.firmware = v.firmware AND h.flag = v.flag
+			ORDER BY h.at DESC, h.id DESC LIMIT $1) h
+		ORDER BY v.model, v.firmware, v.flag, h.at DESC, h.id DESC`, verdictHistoryShown)
+	if err != nil {
+		return nil, fmt.Errorf("list verdict history: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var k key
+		var c VerdictChange
+		if err := rows.Scan(&k.model, &k.firmware, &k.flag, &c.At, &c.Change, &c.Rate, &c.Baseline, &c.Evidence); err != nil {
+			return nil, fmt.Errorf("list verdict history: %w", err)
+		}
+		if i, ok := idx[k]; ok { // a row added between the two queries has no entry
+			out[i].History = append(out[i].History, c)
+		}
 	}
 	return out, rows.Err()
 }
@@ -222,7 +396,7 @@ func (s *Store) setCompat(ctx context.Context, ids []string, lists [][]Incompati
 
 func (s *Store) eventsSince(ctx context.Context, deviceID string, since time.Time) ([]Event, error) {
 	rows, err := s.pool.Query(ctx, `SELECT device_id, at, kind, reason, detail, firmware, model, session_epoch, protocol_version,
-		keepalive_requested, keepalive_effective, remote_addr, pings, idle_ms
+		keepalive_requested, keepalive_effective, remote_addr, pings, idle_ms, packets_in, bytes_in, duration_ms, max_silence_ms
 		FROM device_events WHERE device_id = $1 AND at >= $2 ORDER BY at DESC LIMIT 5000`, deviceID, since)
 	if err != nil {
 		return nil, fmt.Errorf("events of %s: %w", deviceID, err)
@@ -234,7 +408,8 @@ func (s *Store) eventsSince(ctx context.Context, deviceID string, since time.Tim
 		var kind, reason string
 		var proto int16
 		if err := rows.Scan(&e.DeviceID, &e.At, &kind, &reason, &e.Detail, &e.Firmware, &e.Model, &e.SessionEpoch, &proto,
-			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.RemoteAddr, &e.Pings, &e.IdleMillis); err != nil {
+			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.RemoteAddr, &e.Pings, &e.IdleMillis,
+			&e.PacketsIn, &e.BytesIn, &e.DurationMillis, &e.MaxSilenceMillis); err != nil {
 			return nil, err
 		}
 		e.Kind, e.Reason, e.ProtocolVersion = Kind(kind), Reason(reason), Protocol(proto)

@@ -140,7 +140,7 @@ export async function overviewView(ctx) {
             v.decision ? h('span', {class: 'badge'}, v.decision) : h('span', {class: 'badge'}, 'learned')),
           ev.evidence ? h('p', {class: 'evidence'}, ev.evidence) : null,
           !ev.evidence && ev.devices !== undefined ? h('p', {class: 'muted small'},
-            `${fmtNum(ev.rate)} ping-related disconnects per device-hour against ${fmtNum(ev.fleet_rate)} for the rest of the fleet; ` +
+            `${fmtNum(ev.rate)} ping-related disconnects per device-hour against a baseline of ${fmtNum(ev.fleet_rate)} (the other firmware); ` +
             `${ev.ping_disconnects} disconnects over ${fmtNum(ev.device_hours)} device-hours on ${ev.devices} devices.`) : null,
           h('p', {class: 'small'},
             link(uiPath('devices') + `?model=${encodeURIComponent(v.model)}&firmware=${encodeURIComponent(v.firmware)}`, 'Devices'), ' · ',
