@@ -279,7 +279,7 @@ func oversizedPackets(d Device, evs []Event, _ DiagnosisPolicy) *Problem {
 		Code:     ProblemOversizedPackets,
 		Cause:    cause,
 		Evidence: map[string]any{"sessions": n, "detail": last.Detail, "last_at": last.At, "firmware": d.Firmware},
-		Fix:      "make the firmware split or shrink its messages, or raise FLEETD_MQTT_MAX_PACKET_SIZE if such messages are expected",
+		Fix:      "make the firmware split or shrink its messages, or raise FLEETD_MQTT_MAX_PACKET if such messages are expected",
 	}
 }
 

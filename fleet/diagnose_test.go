@@ -429,7 +429,7 @@ func TestDiagnoseCauses(t *testing.T) {
 			Code:     ProblemOversizedPackets,
 			Cause:    "the device sends packets larger than the broker accepts: 1 sessions ended for it (a packet above the maximum packet size of 262144 bytes)",
 			Evidence: map[string]any{"sessions": 1, "detail": tooBig.Detail, "last_at": diagNow.Add(-4 * time.Minute), "firmware": "1.0.3"},
-			Fix:      "make the firmware split or shrink its messages, or raise FLEETD_MQTT_MAX_PACKET_SIZE if such messages are expected",
+			Fix:      "make the firmware split or shrink its messages, or raise FLEETD_MQTT_MAX_PACKET if such messages are expected",
 		}}},
 
 		// throttled
