@@ -65,7 +65,7 @@ func Classify(e SessionEnd) (fleet.Reason, string) {
 	if errors.Is(cause, os.ErrDeadlineExceeded) {
 		var op *net.OpError
 		if errors.As(cause, &op) && op.Op == "write" {
-			return fleet.ReasonConnectionLost, "write timeout: the client stopped reading"
+			return fleet.ReasonConnectionLost, fleet.DetailWriteTimeoutPrefix + ": the client stopped reading"
 		}
 		return fleet.ReasonKeepaliveTimeout, ""
 	}

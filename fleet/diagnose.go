@@ -38,6 +38,9 @@ const (
 	// DetailFailedAuthPrefix starts a refusal by the per-source limit on
 	// failed authentications: unauthenticated, like any wrong token.
 	DetailFailedAuthPrefix = "too many failed authentications"
+	// DetailWriteTimeoutPrefix starts a lost connection the broker ended
+	// because the device stopped reading what it was sent.
+	DetailWriteTimeoutPrefix = "write timeout"
 )
 
 // Problem is one reason a device drops, written for an operator.
@@ -478,8 +481,8 @@ func keepaliveMismatch(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
 			continue
 		}
 		lost++
-		if e.IdleMillis < minIdleCutMillis || e.Detail != "" {
-			continue // sending when it dropped, or a write timeout: not an idle cut
+		if e.IdleMillis < minIdleCutMillis || strings.HasPrefix(e.Detail, DetailWriteTimeoutPrefix) {
+			continue // sending when it dropped, or it stopped reading: not an idle cut
 		}
 		if k := keepaliveOf(e); k == 0 || e.IdleMillis < k*1000 {
 			cands = append(cands, e)

@@ -52,7 +52,9 @@ var (
 	lost     = Event{Reason: ReasonConnectionLost, Pings: 3, IdleMillis: 70000} // silent past its keepalive: no path cut
 	noPingKA = Event{Reason: ReasonKeepaliveTimeout, IdleMillis: 90000}
 	badPing  = Event{Reason: ReasonProtocolError, Detail: "PINGREQ with reserved flags 0x2", Pings: 1, IdleMillis: 200}
-	cutAt    = func(ms int) Event { return Event{Reason: ReasonConnectionLost, Pings: 2, IdleMillis: ms} }
+	cutAt    = func(ms int) Event {
+		return Event{Reason: ReasonConnectionLost, Detail: "closed by the client without DISCONNECT", Pings: 2, IdleMillis: ms}
+	}
 	refusal  = func(ago time.Duration, r Reason, detail string) Event {
 		return ev(ago, Event{Kind: KindRefused, Reason: r, Detail: detail, RemoteAddr: "198.51.100.4:41000"})
 	}
@@ -251,6 +253,14 @@ func TestDiagnose(t *testing.T) {
 			session(20*time.Minute, 3, "203.0.113.7:50000", cutAt(31000)),
 			session(10*time.Minute, 4, "203.0.113.7:50000", Event{Reason: ReasonConnectionLost, Pings: 3, IdleMillis: 5000, MaxSilenceMillis: 59000}),
 		), nil, nil},
+		{"a device that stopped reading is not cut", func() []Event {
+			var out []Event
+			for i := range 3 {
+				out = append(out, session(time.Duration(30-10*i)*time.Minute, int64(i+1), "203.0.113.7:50000",
+					Event{Reason: ReasonConnectionLost, Detail: DetailWriteTimeoutPrefix + ": the client stopped reading", IdleMillis: 30000})...)
+			}
+			return out
+		}(), nil, nil},
 		{"drops while sending are not idle cuts", cat(
 			session(30*time.Minute, 1, "203.0.113.7:50000", cutAt(400)),
 			session(20*time.Minute, 2, "203.0.113.7:50000", cutAt(420)),

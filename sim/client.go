@@ -138,7 +138,7 @@ func connectV5(ctx context.Context, p connectParams) (session, error) {
 	lost := func() { s.once.Do(func() { close(s.done) }) }
 	cfg := paho.ClientConfig{
 		ClientID:           p.id,
-		Conn:               p.conn, // firmwareConn serialises writes
+		Conn:               p.conn, // a sync.Locker: paho writes each packet whole under it
 		OnClientError:      func(error) { lost() },
 		OnServerDisconnect: func(*paho.Disconnect) { lost() },
 		OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(r paho.PublishReceived) (bool, error) {

@@ -11,11 +11,18 @@ import (
 // the library sends, and it can freeze (stop reading and writing while the
 // socket stays open). It follows the outgoing MQTT framing, so it touches a
 // PINGREQ only at a packet boundary, however the library splits its writes.
+//
+// It is a sync.Locker: paho.golang writes one packet in several Writes
+// (header, properties, payload) from several goroutines (its pinger sends a
+// PINGREQ of its own right after CONNACK) and holds the lock of a conn that
+// has one for the whole packet. Without it a PINGREQ could land inside the
+// birth message and the broker would see a malformed packet.
 type firmwareConn struct {
 	net.Conn
 	pings string // normal, malformed, none
 
-	wmu       sync.Mutex // the libraries write from several goroutines
+	pmu       sync.Mutex // one packet at a time (Lock, Unlock)
+	wmu       sync.Mutex // one Write at a time: the libraries write from several goroutines
 	state     uint8      // outgoing parser: 0 header, 1 length, 2 body
 	remaining int
 	shift     uint
@@ -30,6 +37,12 @@ type firmwareConn struct {
 func newFirmwareConn(c net.Conn, pings string) *firmwareConn {
 	return &firmwareConn{Conn: c, pings: pings, thaw: make(chan struct{})}
 }
+
+// Lock is taken by paho.golang around the Writes of one packet.
+func (f *firmwareConn) Lock() { f.pmu.Lock() }
+
+// Unlock ends the packet that Lock started.
+func (f *firmwareConn) Unlock() { f.pmu.Unlock() }
 
 // Write applies the firmware's ping behaviour and, when frozen, pretends to
 // send.

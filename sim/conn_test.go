@@ -3,7 +3,10 @@ package sim
 import (
 	"bytes"
 	"net"
+	"sync"
 	"testing"
+
+	"github.com/eclipse/paho.golang/packets"
 )
 
 // recorder is the socket under a firmwareConn: it keeps what was sent.
@@ -63,5 +66,46 @@ func TestFirmwareConnFreeze(t *testing.T) {
 	fc.closeSocket()
 	if _, err := b.Write([]byte("y")); err == nil {
 		t.Fatal("socket still open after closeSocket")
+	}
+}
+
+// TestFirmwareConnWholePackets: paho.golang writes a packet in several Write
+// calls from several goroutines (its pinger sends the first PINGREQ while
+// the birth message is going out); a PINGREQ must never land inside another
+// packet.
+func TestFirmwareConnWholePackets(t *testing.T) {
+	rec := &recorder{}
+	fc := newFirmwareConn(rec, "normal")
+	const n = 200
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			pb := &packets.Publish{Topic: "devices/d/telemetry", QoS: 1, PacketID: uint16(i + 1), Payload: []byte(`{"rssi_dbm":-50}`),
+				Properties: &packets.Properties{}}
+			if _, err := pb.WriteTo(fc); err != nil {
+				t.Error(err)
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			if _, err := packets.NewControlPacket(packets.PINGREQ).WriteTo(fc); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	r := bytes.NewReader(rec.sent.Bytes())
+	got := map[byte]int{}
+	for r.Len() > 0 {
+		cp, err := packets.ReadPacket(r)
+		if err != nil {
+			t.Fatalf("stream broken after %v: %v", got, err)
+		}
+		got[cp.Type]++
+	}
+	if got[packets.PUBLISH] != n || got[packets.PINGREQ] != n || len(got) != 2 {
+		t.Fatalf("packets by type %v, want %d PUBLISH and %d PINGREQ", got, n, n)
 	}
 }

@@ -28,6 +28,8 @@ type device struct {
 	src      net.IP // local address to connect from; nil = any
 	cert     *tls.Certificate
 	rnd      *rand.Rand
+	flapRnd  *rand.Rand // flap jitter only, seeded from the id: a run repeats its flap timings
+	oversize []byte     // the oversized telemetry payload, shared by the cohort (read only)
 	booted   time.Time
 
 	pendingJob string          // job reported as succeeded once the device is back on the new firmware
@@ -194,8 +196,9 @@ func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessi
 		defer t.Stop()
 		telemetry = t.C
 	}
-	flap := timerChan(d.cohort.FlapEvery.D())
+	flap := timerChan(d.flapAfter())
 	freeze := timerChan(d.cohort.FreezeAfter.D())
+	oversized := timerChan(d.cohort.OversizedEvery.D())
 	for {
 		select {
 		case <-ctx.Done():
@@ -209,6 +212,12 @@ func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessi
 		case <-flap:
 			d.sim.stats.count("flaps")
 			return endLost // the socket is closed without DISCONNECT
+		case <-oversized:
+			// One message over the broker's maximum packet size, as firmware
+			// that dumps a whole log buffer does. The broker hangs up part way
+			// (packet_too_large); the session then ends through sess.Done.
+			d.sim.stats.count("oversized")
+			_ = d.publish(ctx, sess, "telemetry", d.oversize, 0, false)
 		case <-freeze:
 			d.sim.stats.count("freezes")
 			fc.freeze()
@@ -224,6 +233,20 @@ func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessi
 			}
 		}
 	}
+}
+
+// flapAfter is how long the next session lasts before the device drops it:
+// FlapEvery plus a uniform random extra in [0, FlapJitter); 0 when the device
+// does not flap.
+func (d *device) flapAfter() time.Duration {
+	every := d.cohort.FlapEvery.D()
+	if every <= 0 {
+		return 0
+	}
+	if j := d.cohort.FlapJitter.D(); j > 0 {
+		every += time.Duration(d.flapRnd.Int64N(int64(j)))
+	}
+	return every
 }
 
 func (d *device) publish(ctx context.Context, sess session, sub string, payload []byte, qos byte, retain bool) error {

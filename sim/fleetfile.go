@@ -1,9 +1,11 @@
 // Package sim plays fleets of MQTT devices, healthy and broken, against
 // fleetd: the same device protocol as real firmware, including the bugs that
 // fleetd exists to catch (malformed or missing pings, frozen sockets, shared
-// client ids, flapping, bad credentials and certificates, reconnect storms),
-// and an OTA client. cmd/fleetsim runs it from a fleet file; the tests use it
-// to build realistic fleets.
+// client ids from two places or from behind one NAT, flapping on a fixed or a
+// jittered period, oversized packets, bad credentials and certificates,
+// decommissioned devices that keep trying, reconnect storms), and an OTA
+// client. cmd/fleetsim runs it from a fleet file; the tests use it to build
+// realistic fleets.
 package sim
 
 import (
@@ -146,8 +148,32 @@ type Cohort struct {
 	FreezeFor   Duration `yaml:"freeze_for" json:"freeze_for"`
 	// FlapEvery drops the connection (no DISCONNECT) this long after each connect.
 	FlapEvery Duration `yaml:"flap_every" json:"flap_every"`
-	// DuplicateIDs makes devices share ids in pairs, from different source addresses.
+	// FlapJitter adds a uniform random extra in [0, FlapJitter) to each
+	// session before it is dropped (flap_every 3s, flap_jitter 3s: drops
+	// every 3–6 s), as a marginal radio link does. The draws come from a
+	// source seeded from the device id, so every run plays the same session
+	// lengths. It needs flap_every.
+	FlapJitter Duration `yaml:"flap_jitter" json:"flap_jitter"`
+	// DuplicateIDs makes devices share ids in pairs.
 	DuplicateIDs bool `yaml:"duplicate_ids" json:"duplicate_ids"`
+	// DuplicateFrom says where a pair connects from: different_addresses
+	// (default: two source addresses, two boxes flashed with one identity in
+	// two places) or same_address (one source address, different ports: two
+	// gateways behind one NAT router). It needs duplicate_ids.
+	DuplicateFrom string `yaml:"duplicate_from" json:"duplicate_from"`
+	// OversizedEvery makes the device publish one telemetry message whose
+	// payload is OversizedBytes long (default 300000, above fleetd's default
+	// maximum packet of 256 KiB, FLEETD_MQTT_MAX_PACKET) this long after each
+	// connect: the broker ends the session (packet_too_large) and the device
+	// reconnects.
+	OversizedEvery Duration `yaml:"oversized_every" json:"oversized_every"`
+	OversizedBytes int      `yaml:"oversized_bytes" json:"oversized_bytes"`
+	// Decommissioned makes the simulator register the devices, so that they
+	// hold a valid token, then decommission them through the API before the
+	// run: they keep connecting with the revoked token, with the cohort's
+	// reconnect policy, and are refused every time (the zombies of a real
+	// fleet). It needs run.register and token credentials.
+	Decommissioned bool `yaml:"decommissioned" json:"decommissioned"`
 	// Credentials: token (default), bad_token, cert, expired_cert, unknown_ca_cert.
 	Credentials string `yaml:"credentials" json:"credentials"`
 	// Reconnect: backoff (exponential with full jitter, default) or naive (at once).
@@ -164,6 +190,16 @@ type OTAFailure struct {
 	// spread evenly over the jobs so that small samples see it exactly.
 	Rate float64 `yaml:"rate" json:"rate"`
 }
+
+// Sizes of an oversized message's payload. The default is above fleetd's
+// default maximum packet (256 KiB); the bounds are those of fleetd's
+// FLEETD_MQTT_MAX_PACKET (1 KiB) and, less room for the topic, of MQTT's
+// largest packet (256 MiB).
+const (
+	defaultOversizedBytes = 300_000
+	minOversizedBytes     = 1 << 10
+	maxOversizedBytes     = 255 << 20
+)
 
 // Load reads a fleet file (YAML or JSON) and validates it.
 func Load(path string) (*Fleet, error) {
@@ -292,6 +328,45 @@ func (f *Fleet) Validate() error {
 		case "backoff", "naive":
 		default:
 			return fmt.Errorf("%s: %q: want backoff or naive", field("reconnect"), c.Reconnect)
+		}
+		if c.FlapJitter < 0 {
+			return fmt.Errorf("%s must not be negative", field("flap_jitter"))
+		}
+		if c.FlapJitter > 0 && c.FlapEvery <= 0 {
+			return fmt.Errorf("%s needs %s", field("flap_jitter"), field("flap_every"))
+		}
+		switch c.DuplicateFrom {
+		case "":
+			if c.DuplicateIDs {
+				c.DuplicateFrom = "different_addresses"
+			}
+		case "different_addresses", "same_address":
+			if !c.DuplicateIDs {
+				return fmt.Errorf("%s needs %s: true", field("duplicate_from"), field("duplicate_ids"))
+			}
+		default:
+			return fmt.Errorf("%s: %q: want different_addresses or same_address", field("duplicate_from"), c.DuplicateFrom)
+		}
+		if c.OversizedEvery < 0 {
+			return fmt.Errorf("%s must not be negative", field("oversized_every"))
+		}
+		if c.OversizedBytes != 0 && c.OversizedEvery == 0 {
+			return fmt.Errorf("%s needs %s", field("oversized_bytes"), field("oversized_every"))
+		}
+		if c.OversizedEvery > 0 && c.OversizedBytes == 0 {
+			c.OversizedBytes = defaultOversizedBytes
+		}
+		if c.OversizedBytes != 0 && (c.OversizedBytes < minOversizedBytes || c.OversizedBytes > maxOversizedBytes) {
+			return fmt.Errorf("%s must be between %d and %d (fleetd's maximum packet is 1 KiB to 256 MiB)",
+				field("oversized_bytes"), minOversizedBytes, maxOversizedBytes)
+		}
+		if c.Decommissioned {
+			if !f.Run.Register {
+				return fmt.Errorf("%s needs run.register: the simulator registers the devices, then decommissions them", field("decommissioned"))
+			}
+			if c.Credentials != "token" {
+				return fmt.Errorf("%s needs %s token, not %s", field("decommissioned"), field("credentials"), c.Credentials)
+			}
 		}
 		switch c.OTAFailure.Mode {
 		case "", "download_fails", "checksum_mismatch", "install_fails", "never_returns":

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
 )
 
 func TestLoadFleetFile(t *testing.T) {
@@ -16,6 +18,12 @@ run: {duration: 90s, register: true}
 firmware: {"1.0.3": {pings: malformed}}
 cohorts:
   - {name: gw, count: 2, firmware: 1.0.3, keepalive: 20, telemetry: 5s}
+  - {name: jittery, count: 1, flap_every: 3s, flap_jitter: 3}
+  - {name: nat, count: 2, duplicate_ids: true, duplicate_from: same_address}
+  - {name: clone, count: 2, duplicate_ids: true}
+  - {name: chatty, count: 1, oversized_every: 30s}
+  - {name: chatty-1k, count: 1, oversized_every: 1m, oversized_bytes: 1024}
+  - {name: zombie, count: 1, decommissioned: true}
 `), 0o644)
 	f, err := Load(path)
 	if err != nil {
@@ -25,6 +33,22 @@ cohorts:
 	if f.Run.Duration.D() != 90*time.Second || c.Keepalive.D() != 20*time.Second || c.Telemetry.D() != 5*time.Second ||
 		c.IDPrefix != "gw-" || c.Protocol != "3.1.1" || c.Reconnect != "backoff" || c.Credentials != "token" {
 		t.Fatalf("defaults or durations wrong: %+v %+v", f.Run, c)
+	}
+	want := []Cohort{
+		{FlapEvery: Duration(3 * time.Second), FlapJitter: Duration(3 * time.Second)},
+		{DuplicateIDs: true, DuplicateFrom: "same_address"},
+		{DuplicateIDs: true, DuplicateFrom: "different_addresses"},
+		{OversizedEvery: Duration(30 * time.Second), OversizedBytes: 300000},
+		{OversizedEvery: Duration(time.Minute), OversizedBytes: 1024},
+		{Decommissioned: true},
+	}
+	for i, w := range want {
+		g := f.Cohorts[i+1]
+		got := Cohort{FlapEvery: g.FlapEvery, FlapJitter: g.FlapJitter, DuplicateIDs: g.DuplicateIDs, DuplicateFrom: g.DuplicateFrom,
+			OversizedEvery: g.OversizedEvery, OversizedBytes: g.OversizedBytes, Decommissioned: g.Decommissioned}
+		if diff := cmp.Diff(w, got); diff != "" {
+			t.Errorf("cohort %s mismatch (-want +got):\n%s", g.Name, diff)
+		}
 	}
 	if got := f.pingsFor(&c, "1.0.3"); got != "malformed" {
 		t.Fatalf("firmware profile ignored: %s", got)
@@ -57,6 +81,23 @@ func TestFleetValidation(t *testing.T) {
 		{"bad ota mode", func(f *Fleet) { f.Cohorts[0].OTAFailure.Mode = "explodes" }, "ota_failure.mode"},
 		{"bad source addr", func(f *Fleet) { f.Run.SourceAddrs = []string{"localhost"} }, "source_addrs"},
 		{"duplicate prefix", func(f *Fleet) { f.Cohorts = append(f.Cohorts, Cohort{Name: "c", Count: 1}) }, "id_prefix"},
+		{"negative flap jitter", func(f *Fleet) { f.Cohorts[0].FlapEvery, f.Cohorts[0].FlapJitter = Duration(time.Second), -1 }, "cohorts[0].flap_jitter"},
+		{"flap jitter without flap_every", func(f *Fleet) { f.Cohorts[0].FlapJitter = Duration(time.Second) }, "cohorts[0].flap_jitter needs cohorts[0].flap_every"},
+		{"bad duplicate_from", func(f *Fleet) { f.Cohorts[0].DuplicateIDs, f.Cohorts[0].DuplicateFrom = true, "nearby" }, "cohorts[0].duplicate_from"},
+		{"duplicate_from without duplicate_ids", func(f *Fleet) { f.Cohorts[0].DuplicateFrom = "same_address" }, "cohorts[0].duplicate_from needs cohorts[0].duplicate_ids"},
+		{"negative oversized_every", func(f *Fleet) { f.Cohorts[0].OversizedEvery = -1 }, "cohorts[0].oversized_every"},
+		{"oversized_bytes without oversized_every", func(f *Fleet) { f.Cohorts[0].OversizedBytes = 300000 }, "cohorts[0].oversized_bytes needs cohorts[0].oversized_every"},
+		{"oversized_bytes too small", func(f *Fleet) { f.Cohorts[0].OversizedEvery, f.Cohorts[0].OversizedBytes = Duration(time.Second), 100 }, "cohorts[0].oversized_bytes"},
+		{"oversized_bytes too large", func(f *Fleet) {
+			f.Cohorts[0].OversizedEvery, f.Cohorts[0].OversizedBytes = Duration(time.Second), 300<<20
+		}, "cohorts[0].oversized_bytes"},
+		{"decommissioned without register", func(f *Fleet) {
+			f.Run.Register, f.Run.TokensFile, f.Cohorts[0].Decommissioned = false, "tokens.json", true
+		}, "cohorts[0].decommissioned needs run.register"},
+		{"decommissioned with a certificate", func(f *Fleet) {
+			f.TLS = TLSFiles{DeviceCACert: "ca.crt", DeviceCAKey: "ca.key"}
+			f.Cohorts[0].URL, f.Cohorts[0].Credentials, f.Cohorts[0].Decommissioned = "tls://127.0.0.1:8883", "cert", true
+		}, "cohorts[0].decommissioned needs cohorts[0].credentials token"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/x509"
@@ -8,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"log/slog"
 	"math"
@@ -127,33 +129,71 @@ func (s *Simulator) buildDevices() error {
 	n := 0
 	for ci := range s.fleet.Cohorts {
 		c := &s.fleet.Cohorts[ci]
+		var oversize []byte
+		if c.OversizedEvery > 0 {
+			oversize = oversizedPayload(c.OversizedBytes)
+		}
+		var pairSrc net.IP
 		for i := range c.Count {
 			id := fmt.Sprintf("%s%d", c.IDPrefix, i)
 			var src net.IP
 			if len(srcs) > 0 {
 				src = srcs[n%len(srcs)]
 			}
+			twin := 0 // which device of a duplicate pair
 			if c.DuplicateIDs {
-				// Pairs share an id and connect from two different addresses,
-				// as two boxes flashed with the same identity would.
-				id = fmt.Sprintf("%s%d", c.IDPrefix, i/2)
-				if i%2 == 1 {
-					src = twinAddress(srcs, n)
+				// Pairs share an id. By default they connect from two
+				// different addresses, as two boxes flashed with the same
+				// identity would; with same_address both use the first's
+				// address (the system's choice when none is configured,
+				// 127.0.0.1 on loopback) on different ports, as two gateways
+				// behind one NAT router do.
+				id, twin = fmt.Sprintf("%s%d", c.IDPrefix, i/2), i%2
+				switch {
+				case twin == 0:
+					pairSrc = src
+				case c.DuplicateFrom == "same_address":
+					src = pairSrc
+				default:
+					src = twinAddress(srcs, n, src)
 				}
 			}
 			s.devices = append(s.devices, &device{sim: s, cohort: c, id: id, firmware: c.Firmware, src: src, jobsSeen: map[string]bool{},
-				rnd: rand.New(rand.NewPCG(uint64(n), uint64(time.Now().UnixNano()))), booted: time.Now()})
+				rnd:     rand.New(rand.NewPCG(uint64(n), uint64(time.Now().UnixNano()))),
+				flapRnd: flapSource(id, twin), oversize: oversize, booted: time.Now()})
 			n++
 		}
 	}
 	return nil
 }
 
-// twinAddress picks the second device of a duplicate pair a different source
-// address: another configured one, or 127.0.0.2 on loopback.
-func twinAddress(srcs []net.IP, n int) net.IP {
-	if len(srcs) > 1 {
-		return srcs[(n+1)%len(srcs)]
+// flapSource is the random source of a device's flap jitter: seeded from the
+// device id (and, for the two devices of a duplicate pair, which one it is),
+// so that every run of a fleet file gives each device the same sequence of
+// session lengths.
+func flapSource(id string, twin int) *rand.Rand {
+	h := fnv.New64a()
+	h.Write([]byte(id))
+	return rand.New(rand.NewPCG(h.Sum64(), uint64(twin)))
+}
+
+// oversizedPayload is a JSON telemetry message of exactly n bytes (n ≥ 10):
+// a log buffer dumped in one message.
+func oversizedPayload(n int) []byte {
+	const head, tail = `{"log":"`, `"}`
+	b := make([]byte, 0, n)
+	b = append(b, head...)
+	b = append(b, bytes.Repeat([]byte{'x'}, n-len(head)-len(tail))...)
+	return append(b, tail...)
+}
+
+// twinAddress picks the second device of a duplicate pair (device n) a
+// source address other than the first's (device n-1): its own turn in the
+// round robin of configured addresses, src, when there are several, or
+// 127.0.0.2 on loopback.
+func twinAddress(srcs []net.IP, n int, src net.IP) net.IP {
+	if len(srcs) > 1 && !src.Equal(srcs[(n-1)%len(srcs)]) {
+		return src
 	}
 	return net.IPv4(127, 0, 0, 2)
 }
@@ -219,6 +259,14 @@ func (s *Simulator) provisionTokens(ctx context.Context) error {
 					errs <- fmt.Errorf("register %s: %w", d.id, err)
 					return
 				}
+				if d.cohort.Decommissioned {
+					// The device keeps the token it was just given: valid a
+					// moment ago, revoked now.
+					if _, err := api.Decommission(ctx, d.id); err != nil {
+						errs <- fmt.Errorf("decommission %s: %w", d.id, err)
+						return
+					}
+				}
 				mu.Lock()
 				tokens[d.id] = tok
 				mu.Unlock()
@@ -245,10 +293,14 @@ func (s *Simulator) provisionTokens(ctx context.Context) error {
 	if err := <-errs; err != nil {
 		return err
 	}
+	decommissioned := map[string]bool{}
 	for _, d := range need {
 		d.token = tokens[d.id]
+		if d.cohort.Decommissioned {
+			decommissioned[d.id] = true
+		}
 	}
-	s.logger.Info("devices registered", "devices", len(tokens))
+	s.logger.Info("devices registered", "devices", len(tokens), "decommissioned", len(decommissioned))
 	return nil
 }
 

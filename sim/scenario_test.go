@@ -105,9 +105,10 @@ func TestDiagnosisScenario(t *testing.T) {
 	api := client.New(p.HTTPURL, p.Token())
 	ctx := context.Background()
 	// Small-fleet thresholds: a minute of a few devices. Two firmware that
-	// reject pings share this fleet, and each is compared with the rest of
-	// the fleet pooled (the other one included), hence the ratio of 2.
-	if _, err := api.SetPolicy(ctx, fleet.Policy{Verdicts: fleet.VerdictPolicy{MinDevices: 3, MinDeviceHours: 0.005, MinEvents: 5, MinRate: 1, RateRatio: 2}}); err != nil {
+	// reject pings share this fleet; each is compared with the median of the
+	// other firmware, which the other bad one cannot raise: the production
+	// ratio of 5 flags both.
+	if _, err := api.SetPolicy(ctx, fleet.Policy{Verdicts: fleet.VerdictPolicy{MinDevices: 3, MinDeviceHours: 0.005, MinEvents: 5, MinRate: 1, RateRatio: 5}}); err != nil {
 		t.Fatal(err)
 	}
 	for _, id := range []string{"expired-0", "foreign-0"} {
@@ -251,7 +252,7 @@ func TestDiagnosisScenario(t *testing.T) {
 	// Rules changed through the API apply without a restart: MQTT 5 is
 	// declared unsupported on 2.0.x, and the gw-200 devices become
 	// incompatible; the rule removed, they are compatible again.
-	if _, err := api.SetPolicy(ctx, fleet.Policy{Verdicts: fleet.VerdictPolicy{MinDevices: 3, MinDeviceHours: 0.005, MinEvents: 5, MinRate: 1, RateRatio: 2},
+	if _, err := api.SetPolicy(ctx, fleet.Policy{Verdicts: fleet.VerdictPolicy{MinDevices: 3, MinDeviceHours: 0.005, MinEvents: 5, MinRate: 1, RateRatio: 5},
 		Models: map[string]fleet.ModelRules{"gw-200": {Firmware: []fleet.FirmwareRange{{Versions: ">=2.0.0, <2.1.0", Protocols: []string{"3.1.1"}}}}}}); err != nil {
 		t.Fatal(err)
 	}
@@ -270,7 +271,7 @@ func TestDiagnosisScenario(t *testing.T) {
 		}
 	}
 	waitIncompatible("ok5-0", true)
-	if _, err := api.SetPolicy(ctx, fleet.Policy{Verdicts: fleet.VerdictPolicy{MinDevices: 3, MinDeviceHours: 0.005, MinEvents: 5, MinRate: 1, RateRatio: 2}}); err != nil {
+	if _, err := api.SetPolicy(ctx, fleet.Policy{Verdicts: fleet.VerdictPolicy{MinDevices: 3, MinDeviceHours: 0.005, MinEvents: 5, MinRate: 1, RateRatio: 5}}); err != nil {
 		t.Fatal(err)
 	}
 	waitIncompatible("ok5-0", false)
