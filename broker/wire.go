@@ -18,15 +18,15 @@ type wireConn struct {
 	net.Conn
 	tls *tls.Conn // the TLS connection underneath, if any
 
-	lastRead  atomic.Int64  // unix nanoseconds of the last byte received
-	pings     atomic.Int32  // PINGREQs received
-	packets   atomic.Int32  // control packets received (fixed headers seen)
-	bytes     atomic.Int64  // bytes received
+	lastRead atomic.Int64 // unix nanoseconds of the last byte received
+	pings    atomic.Int32 // PINGREQs received
+	packets  atomic.Int32 // control packets received (fixed headers seen)
+	bytes    atomic.Int64 // bytes received
 	// maxSilence is the longest wait, in nanoseconds, between two reads
 	// that returned bytes: the longest silence the connection survived.
 	maxSilence atomic.Int64
-	badHeader atomic.Uint32 // 0x100 | first fixed header with bad flags, or 0
-	accepted  atomic.Bool   // the CONNECT was accepted (set by the hook)
+	badHeader  atomic.Uint32 // 0x100 | first fixed header with bad flags, or 0
+	accepted   atomic.Bool   // the CONNECT was accepted (set by the hook)
 	// onConnectRead gives back the connection's place among those that have
 	// not sent CONNECT (listener.admit); called once the CONNECT was read.
 	onConnectRead func()

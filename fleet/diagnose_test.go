@@ -55,7 +55,7 @@ var (
 	cutAt    = func(ms int) Event {
 		return Event{Reason: ReasonConnectionLost, Detail: "closed by the client without DISCONNECT", Pings: 2, IdleMillis: ms}
 	}
-	refusal  = func(ago time.Duration, r Reason, detail string) Event {
+	refusal = func(ago time.Duration, r Reason, detail string) Event {
 		return ev(ago, Event{Kind: KindRefused, Reason: r, Detail: detail, RemoteAddr: "198.51.100.4:41000"})
 	}
 	// takeover: a connect from newAddr takes over the session of oldEpoch,
