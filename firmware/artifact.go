@@ -1,7 +1,7 @@
-// Package firmware holds firmware artifacts (content-addressed files with a
-// SHA-256 and an ed25519 signature), the OTA job protocol, and staged rollout
-// campaigns with their state machine and dispatcher. It owns its PostgreSQL
-// tables.
+// Package firmware holds firmware artifacts (images stored in PostgreSQL by
+// SHA-256, cached in content-addressed files, with an ed25519 signature), the
+// OTA job protocol, and staged rollout campaigns with their state machine and
+// dispatcher. It owns its PostgreSQL tables.
 package firmware
 
 import (
@@ -15,11 +15,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -33,6 +35,13 @@ import (
 var (
 	ErrNotFound = errors.New("not found")
 	ErrConflict = errors.New("conflict")
+	// ErrUnavailable is an artifact whose image is neither in the database
+	// nor cached on this replica: one recorded before images lived in the
+	// database, whose file is on a replica that has not started since.
+	ErrUnavailable = errors.New("image unavailable")
+	// ErrCorrupt is an image whose bytes do not match its artifact's size
+	// and SHA-256. It is never served.
+	ErrCorrupt = errors.New("image corrupt")
 )
 
 // ValidationError names the request field that is wrong.
@@ -84,33 +93,61 @@ func Fingerprint(k ed25519.PublicKey) string {
 	return hex.EncodeToString(sum[:8])
 }
 
-// Artifacts stores firmware images: bytes under dir by SHA-256, records in
-// PostgreSQL.
+// Artifacts stores firmware images: records and bytes in PostgreSQL (bytes
+// in chunks by SHA-256, chunks.go), and a cache of the bytes under dir by
+// SHA-256, so that every replica on the database serves every image.
 type Artifacts struct {
 	pool *pgxpool.Pool
 	dir  string
 	keys Keys
 	// urlKey signs short-lived download URLs.
 	urlKey []byte
+	log    *slog.Logger
+	// flights fills the cache once per digest however many downloads ask.
+	flights flights
+	// fills counts the images copied from the database into the cache.
+	fills atomic.Int64
 }
+
+// ArtifactOption configures NewArtifacts.
+type ArtifactOption func(*Artifacts)
+
+// WithLogger names where the store reports what it does with images on its
+// own: images imported into the database or unavailable at start-up, the
+// cache filled, an image found corrupt. Without it, nowhere.
+func WithLogger(l *slog.Logger) ArtifactOption { return func(a *Artifacts) { a.log = l } }
 
 // NewArtifacts opens the artifact store and clears what a crash left in its
 // temporary directory (see storage.go): partial uploads go, and an upload or
-// delete that was in flight is settled against the database. urlKey signs
+// delete that was in flight is settled against the database. Then it
+// imports into the database the images of artifacts recorded before images
+// lived there, from the files of this replica (importLocal), and removes
+// cached images that no artifact has any more (sweepCache). urlKey signs
 // download URLs and must be shared by replicas (fleetd derives it from the
 // token pepper).
-func NewArtifacts(pool *pgxpool.Pool, dir string, keys Keys, urlKey []byte) (*Artifacts, error) {
+func NewArtifacts(pool *pgxpool.Pool, dir string, keys Keys, urlKey []byte, opts ...ArtifactOption) (*Artifacts, error) {
 	if len(keys.Signing) != ed25519.PrivateKeySize {
 		return nil, errors.New("firmware signing key missing")
 	}
 	if err := os.MkdirAll(filepath.Join(dir, "tmp"), 0o700); err != nil {
 		return nil, err
 	}
-	a := &Artifacts{pool: pool, dir: dir, keys: keys, urlKey: urlKey}
+	a := &Artifacts{pool: pool, dir: dir, keys: keys, urlKey: urlKey, log: slog.New(slog.DiscardHandler)}
+	for _, o := range opts {
+		o(a)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := a.recoverTmp(ctx); err != nil {
 		return nil, fmt.Errorf("recover firmware storage: %w", err)
+	}
+	// Each image has its own deadline (fillTimeout): a large import must
+	// not run out of the recovery's minute.
+	if err := a.importLocal(context.Background()); err != nil {
+		return nil, fmt.Errorf("import firmware images into the database: %w", err)
+	}
+	if err := a.sweepCache(ctx); err != nil {
+		return nil, err
 	}
 	return a, nil
 }
@@ -122,9 +159,10 @@ func (a *Artifacts) path(sum string) string { return filepath.Join(a.dir, sum[:2
 
 // Create streams an image to a temporary file (never whole in memory),
 // hashing it on the way, signs it (or checks the uploaded signature), and
-// records it; the file moves into place only with its row (put), so a
-// refused or failed upload leaves nothing behind. A version that already
-// exists for one of the models is ErrConflict.
+// records it; the bytes go into the database (streamed from the file, one
+// chunk at a time) and the file moves into this replica's cache only with
+// its row (put), so a refused or failed upload leaves nothing behind. A
+// version that already exists for one of the models is ErrConflict.
 func (a *Artifacts) Create(ctx context.Context, n NewArtifact, body io.Reader) (Artifact, error) {
 	if n.Version == "" || len(n.Version) > 64 || strings.ContainsAny(n.Version, " /\\") {
 		return Artifact{}, invalid("version", "is required: 1 to 64 characters, no spaces or slashes")
@@ -172,7 +210,7 @@ func (a *Artifacts) Create(ctx context.Context, n NewArtifact, body io.Reader) (
 		art.Signature, art.SignedBy = manifest.SignImage(a.keys.Signing, art.Manifest()), "server"
 	}
 	art.ID = newID("fw")
-	err = a.put(ctx, tmp.Name(), art.SHA256, func(tx pgx.Tx) error {
+	err = a.put(ctx, tmp.Name(), art.SHA256, art.Size, func(tx pgx.Tx) error {
 		if err := tx.QueryRow(ctx, `INSERT INTO firmware (id, version, models, sha256, size, signature, signed_by, notes)
 			VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at`,
 			art.ID, art.Version, art.Models, art.SHA256, art.Size, art.Signature, art.SignedBy, art.Notes).Scan(&art.CreatedAt); err != nil {
@@ -253,14 +291,34 @@ func (a *Artifacts) Delete(ctx context.Context, id string) error {
 	return a.remove(ctx, id)
 }
 
-// Open opens an artifact's bytes for download.
+// Open opens an artifact's bytes for download, from this replica's cache,
+// which it first fills from the database if need be (fill: once however
+// many downloads ask at the same time). An unknown id is ErrNotFound; an
+// image that is nowhere is ErrUnavailable; one whose bytes in the database
+// do not match the artifact is ErrCorrupt, and is not cached.
 func (a *Artifacts) Open(ctx context.Context, id string) (Artifact, *os.File, error) {
 	art, err := a.Get(ctx, id)
 	if err != nil {
 		return art, nil, err
 	}
-	f, err := os.Open(a.path(art.SHA256))
-	return art, f, err
+	if f, ok := a.cached(art); ok {
+		return art, f, nil
+	}
+	err = a.flights.do(ctx, art.SHA256, func() error {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fillTimeout)
+		defer cancel()
+		return a.fill(ctx, art)
+	})
+	if err != nil {
+		return art, nil, err
+	}
+	if f, ok := a.cached(art); ok {
+		return art, f, nil
+	}
+	if _, err := a.Get(ctx, id); err != nil {
+		return art, nil, err // deleted on this replica since the fill
+	}
+	return art, nil, fmt.Errorf("firmware %s: cached image %s went away", id, art.SHA256)
 }
 
 // SignURL returns the query of a download URL for one job of one device

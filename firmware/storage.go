@@ -16,25 +16,33 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
-// Image files live at dir/<sha256[:2]>/<sha256>, one file per digest
-// however many artifacts have those bytes. Every change to one happens
-// inside a transaction holding the digest's advisory lock (lockDigest):
-// an upload moves its file into place after inserting its row and before
-// committing; a delete decides that no other row has the digest, and moves
-// the file aside, after deleting its row and before committing. A decision
-// is thus never made on rows that a concurrent transaction is about to
-// commit, in this process or in another replica on the same database.
+// Image bytes live in the database (chunks.go); each replica caches them
+// in files at dir/<sha256[:2]>/<sha256>, one file per digest however many
+// artifacts have those bytes. Every change to a digest's chunks or to its
+// file happens inside a transaction holding the digest's advisory lock
+// (lockDigest): an upload stores the chunks (unless the digest has them)
+// and moves its file into place after inserting its row and before
+// committing; a delete decides that no other row has the digest, deletes
+// the chunks and moves the file aside, after deleting its row and before
+// committing; a download that fills the cache moves its file into place
+// while a row has the digest. A decision is thus never made on rows that a
+// concurrent transaction is about to commit, in this process or in another
+// replica on the same database. Another replica's cached file of a deleted
+// digest stays until that replica starts again (sweepCache); its downloads
+// answer 404 meanwhile, as the row is gone.
 //
 // dir/tmp holds what is not settled yet, named so that a start-up after a
 // crash knows what to do with it:
 //
 //	upload-*              an upload being received: removed
+//	cache-*               an image being copied from the database: removed
 //	pending-<sha256>-*    empty; an upload or a clean-up of that digest whose
 //	                      outcome was not seen: settled (reconcile)
 //	delete-<sha256>-*     an image a delete moved aside: put back if a row
 //	                      still has the digest, else removed
 const (
 	uploadPrefix  = "upload-"
+	cachePrefix   = "cache-"
 	pendingPrefix = "pending-"
 	deletePrefix  = "delete-"
 )
@@ -92,13 +100,15 @@ func (a *Artifacts) mark(sum string) (string, error) {
 	return f.Name(), f.Close()
 }
 
-// put records an upload and moves its file into place: the row is inserted
-// (by record), then the file renamed, then the transaction committed, all
-// under the digest's lock. When the record fails nothing was moved and the
-// caller removes its upload; when the commit fails (or its outcome is
-// unknown) the digest is reconciled, so that the file stays only if a row
-// has it.
-func (a *Artifacts) put(ctx context.Context, upload, sum string, record func(pgx.Tx) error) error {
+// put records an upload, stores its bytes in the database and moves its
+// file into place: the row is inserted (by record), then the chunks stored
+// (streamed from the file, unless the digest has them already), then the
+// file renamed, then the transaction committed, all under the digest's
+// lock. When the record or the chunks fail nothing was moved and the caller
+// removes its upload; when the commit fails (or its outcome is unknown) the
+// digest is reconciled, so that the file stays only if a row has it. The
+// chunks commit or roll back with the row.
+func (a *Artifacts) put(ctx context.Context, upload, sum string, size int64, record func(pgx.Tx) error) error {
 	marker, err := a.mark(sum)
 	if err != nil {
 		return fmt.Errorf("store upload: %w", err)
@@ -109,6 +119,9 @@ func (a *Artifacts) put(ctx context.Context, upload, sum string, record func(pgx
 			return err
 		}
 		if err := record(tx); err != nil {
+			return err
+		}
+		if err := storeChunks(ctx, tx, sum, size, upload); err != nil {
 			return err
 		}
 		placed = true // from here the file may be in place, or half way
@@ -127,11 +140,12 @@ func (a *Artifacts) put(ctx context.Context, upload, sum string, record func(pgx
 }
 
 // remove deletes an artifact's row, and in the same transaction, under the
-// digest's lock, decides whether its file goes: only when no other row has
-// the digest. The file is moved aside before the commit and removed after
-// it; when the commit fails (or its outcome is unknown) the digest is
-// reconciled, which puts the file back if the row is still there. keptBy
-// runs first, with the row locked, and may refuse the delete.
+// digest's lock, decides whether its chunks and its file go: only when no
+// other row has the digest. The chunks go with the commit; the file is
+// moved aside before the commit and removed after it; when the commit fails
+// (or its outcome is unknown) the digest is reconciled, which puts the file
+// back if the row is still there. keptBy runs first, with the row locked,
+// and may refuse the delete.
 func (a *Artifacts) remove(ctx context.Context, id string) error {
 	var aside, sum string
 	err := pgx.BeginFunc(ctx, a.pool, func(tx pgx.Tx) error {
@@ -160,6 +174,9 @@ func (a *Artifacts) remove(ctx context.Context, id string) error {
 		if used, err := referenced(ctx, tx, sum); err != nil || used {
 			return err
 		}
+		if _, err := tx.Exec(ctx, `DELETE FROM firmware_chunks WHERE sha256 = $1`, sum); err != nil {
+			return fmt.Errorf("remove image %s: %w", sum, err)
+		}
 		p := filepath.Join(a.tmpDir(), deletePrefix+sum+"-"+newID("")[1:])
 		switch err := os.Rename(a.path(sum), p); {
 		case errors.Is(err, fs.ErrNotExist):
@@ -185,7 +202,8 @@ func (a *Artifacts) remove(ctx context.Context, id string) error {
 
 // reconcile settles a digest whose last change was not seen to commit:
 // under its lock, the image file stays (or, from aside, goes back) when a
-// row has the digest, and goes otherwise. When the database cannot say, an
+// row has the digest, and goes otherwise, with any chunk left of it (there
+// should be none: chunks commit with rows). When the database cannot say, an
 // image moved aside goes back where rows look for it, with a marker so that
 // the next start-up tries again (a file too many, never one too few); the
 // caller keeps its own marker, if it has one.
@@ -201,6 +219,9 @@ func (a *Artifacts) reconcile(ctx context.Context, sum, aside string) error {
 			return err
 		}
 		if !used {
+			if _, err := tx.Exec(ctx, `DELETE FROM firmware_chunks WHERE sha256 = $1`, sum); err != nil {
+				return err
+			}
 			if err := os.Remove(a.path(sum)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				return err
 			}
@@ -253,7 +274,7 @@ func (a *Artifacts) recoverTmp(ctx context.Context) error {
 			}
 			settled[sum] = true
 		case pending:
-		case strings.HasPrefix(name, uploadPrefix):
+		case strings.HasPrefix(name, uploadPrefix), strings.HasPrefix(name, cachePrefix):
 		default:
 			continue // not ours
 		}
@@ -272,10 +293,14 @@ func markedDigest(name, prefix string) (string, bool) {
 		return "", false
 	}
 	sum := rest[:64]
-	if _, err := hex.DecodeString(sum); err != nil || strings.ToLower(sum) != sum {
-		return "", false
-	}
-	return sum, true
+	return sum, isDigest(sum)
+}
+
+// isDigest says whether s is a SHA-256 as images are named: 64 lower-case
+// hex digits.
+func isDigest(s string) bool {
+	_, err := hex.DecodeString(s)
+	return err == nil && len(s) == 64 && strings.ToLower(s) == s
 }
 
 // mayRollBack says whether a campaign in state s may still send its devices

@@ -58,22 +58,28 @@ func storedFiles(t *testing.T, dir string) []string {
 }
 
 // wantFiles checks that dir holds exactly the images of the artifacts in
-// the database: no orphan, no temporary file, none missing.
+// the database: no orphan, no temporary file, none missing; and that the
+// database holds the chunks of exactly those images.
 func wantFiles(t *testing.T, a *Artifacts, dir string) {
 	t.Helper()
 	arts, err := a.List(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{}
+	want, sums := []string{}, []string{}
 	for _, art := range arts {
 		if f := art.SHA256[:2] + "/" + art.SHA256; !slices.Contains(want, f) {
 			want = append(want, f)
+			sums = append(sums, art.SHA256)
 		}
 	}
 	slices.Sort(want)
 	if diff := cmp.Diff(want, storedFiles(t, dir)); diff != "" {
 		t.Fatalf("stored files mismatch (-want +got):\n%s", diff)
+	}
+	slices.Sort(sums)
+	if diff := cmp.Diff(sums, chunkDigests(t, a.pool)); diff != "" {
+		t.Fatalf("images in the database mismatch (-want +got):\n%s", diff)
 	}
 }
 
@@ -212,6 +218,9 @@ func TestDeleteRacingUploadOfSameBytes(t *testing.T) {
 		for _, art := range arts {
 			if _, err := os.Stat(a.path(art.SHA256)); err != nil {
 				t.Fatalf("iteration %d: %s (%s) lost its file: %v", i, art.ID, art.Version, err)
+			}
+			if diff := cmp.Diff([]string{art.SHA256}, chunkDigests(t, a.pool)); diff != "" {
+				t.Fatalf("iteration %d: images in the database mismatch (-want +got):\n%s", i, diff)
 			}
 		}
 		old = created

@@ -22,6 +22,11 @@ import (
 func init() {
 	RegisterError(firmware.ErrNotFound, http.StatusNotFound, "not_found")
 	RegisterError(firmware.ErrConflict, http.StatusConflict, "conflict")
+	// An image recorded before images lived in the database, whose file is
+	// on a replica that has not started since: it may come back.
+	RegisterError(firmware.ErrUnavailable, http.StatusServiceUnavailable, "image_unavailable")
+	// Bytes that do not match the artifact's digest are never served.
+	RegisterError(firmware.ErrCorrupt, http.StatusInternalServerError, "image_corrupt")
 }
 
 // Artifacts is what the firmware endpoints need.
@@ -101,7 +106,8 @@ func (h *firmwareHandlers) fail(w http.ResponseWriter, r *http.Request, err erro
 
 // upload takes an image either as multipart/form-data (fields version,
 // models, notes, signature before the file part "file") or as a raw body
-// with the same fields as query parameters. The image is streamed to disk.
+// with the same fields as query parameters. The image is streamed to a
+// temporary file, then into the database (never whole in memory).
 // An image may be large and slow to arrive: instead of the server's
 // ReadTimeout, each read of the body has Limits.ReadTimeout to bring data.
 func (h *firmwareHandlers) upload(w http.ResponseWriter, r *http.Request) {
@@ -210,9 +216,12 @@ func (h *firmwareHandlers) signingKey(w http.ResponseWriter, r *http.Request) {
 }
 
 // download serves an image with Range/If-Range and an ETag, to a device
-// holding a signed URL or to the admin. Concurrent downloads are capped per
-// source (429) and in all (503); a client that stops reading is cut off by
-// the stall deadline (stallWrites), which frees its slot.
+// holding a signed URL or to the admin, from this replica's cache of the
+// images in the database (Open fills it on the first download, within the
+// download's slot). An image that is nowhere is 503, one whose bytes do not
+// match its digest 500, both naming the artifact. Concurrent downloads are
+// capped per source (429) and in all (503); a client that stops reading is
+// cut off by the stall deadline (stallWrites), which frees its slot.
 func (h *firmwareHandlers) download(w http.ResponseWriter, r *http.Request) {
 	id := chi.URLParam(r, "id")
 	q := r.URL.Query()
