@@ -28,13 +28,20 @@
 #   bench/run.sh event-ingest
 #       connection events written through fleetd's batched writer vs a raw COPY into the same
 #       table vs one INSERT per row (Go benchmarks of package fleet).
+#   bench/run.sh replicas [N] [DEVICES]
+#       N fleetd replicas on one PostgreSQL behind HAProxy, DEVICES devices played by
+#       ceil(DEVICES / 18000) fleetsim processes; decommissions and token rotations through random
+#       replicas, then a campaign over every device: connects, kick latency across replicas, job
+#       delivery (jobs / devices, none twice), RSS per replica. Up to 9 000 devices connect through
+#       HAProxy (it holds 2 fds per connection under the same 20 000 limit); above, each fleetsim
+#       spreads its devices over the replicas directly (REPLICAS_VIA=haproxy|direct forces one).
 #
 # --smoke as the last argument runs a tiny version and writes to a scratch file instead of
 # bench/RESULTS.md (the tests do this so that no benchmark rots).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=${1:-}
-[ -n "$name" ] || { sed -n '2,34p' "$0"; exit 2; }
+[ -n "$name" ] || { sed -n '2,40p' "$0"; exit 2; }
 shift
 smoke=false
 if [ "${!#:-}" = "--smoke" ]; then smoke=true; set -- "${@:1:$(($#-1))}"; fi
@@ -44,13 +51,25 @@ $smoke && results=$(mktemp)
 bin=$(mktemp -d)
 work=$(mktemp -d)
 chmod 755 "$work"
+# stop_pids PID...: SIGTERM to each, then wait for all of them.
+stop_pids() {
+  local p
+  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "$@"; do wait "$p" 2>/dev/null || true; done
+}
+sim_pids=(); replica_pids=(); haproxy_pid=; pg_pid=
 cleanup() {
   [ -n "${fleetd_pid:-}" ] && kill -TERM "$fleetd_pid" 2>/dev/null && wait "$fleetd_pid" 2>/dev/null || true
   [ -n "${mosq_pid:-}" ] && kill -TERM "$mosq_pid" 2>/dev/null && wait "$mosq_pid" 2>/dev/null || true
+  # The replicas benchmark's processes, load first and the database last.
+  ((${#sim_pids[@]})) && stop_pids "${sim_pids[@]}"
+  [ -n "$haproxy_pid" ] && stop_pids "$haproxy_pid"
+  ((${#replica_pids[@]})) && stop_pids "${replica_pids[@]}"
+  [ -n "$pg_pid" ] && stop_pids "$pg_pid"
   rm -rf "$bin" "$work"
 }
 trap cleanup EXIT
-go build -o "$bin/" ./cmd/fleetd ./cmd/fleetsim ./bench/mqttload
+go build -o "$bin/" ./cmd/fleetd ./cmd/fleetsim ./bench/mqttload ./bench/replicaload
 
 # free_port prints a loopback TCP port no socket uses, below the kernel's
 # ephemeral range (where outbound connections take their ports), so that
@@ -376,6 +395,102 @@ YAML
     echo "- fleetsim RSS: ${held_s:-$peak_s} KiB → $per_s bytes per simulated device (paho clients)"
     echo "- fleetsim summary: \`$(echo "$summary" | tr -d '\n ' )\`"
     echo "- target: >= 200 000 connections (this machine: hard open-files limit $(ulimit -Hn) per process), <= 8 KiB per connection"
+  } | tee -a "$results"
+  ;;
+replicas)
+  n=${1:-5}; devices=${2:-95000}; $smoke && n=2 && devices=200
+  per_sim=18000   # a fleetsim process holds at most 20 000 open files
+  sims=$(( (devices + per_sim - 1) / per_sim ))
+  via=${REPLICAS_VIA:-}
+  # HAProxy holds two fds per proxied connection under the same 20 000 limit.
+  why="REPLICAS_VIA=$via"
+  [ -n "$via" ] || { [ "$devices" -le 9000 ] && via=haproxy || via=direct; why="HAProxy's 2 fds per connection would not fit $devices under the 20 000 limit"; }
+  haproxy=$(command -v haproxy || { [ -x /usr/sbin/haproxy ] && echo /usr/sbin/haproxy; }) ||
+    { echo "haproxy is not installed: apt-get install haproxy (.ci/run installs it)"; exit 1; }
+  # One PostgreSQL for every replica: fleetd's embedded-mode code, run by replicaload.
+  "$bin/replicaload" postgres -dir "$work/pg" -ready "$work/pg.dsn" 2>"$work/pg.log" &
+  pg_pid=$!
+  for _ in $(seq 300); do [ -s "$work/pg.dsn" ] && break; kill -0 "$pg_pid" 2>/dev/null || break; sleep 0.1; done
+  [ -s "$work/pg.dsn" ] || { echo "postgres did not start"; cat "$work/pg.log"; exit 1; }
+  dsn=$(cat "$work/pg.dsn")
+  # The secrets every replica shares, from files as in deploy/compose.replicas.yml.
+  mkdir -p "$work/secrets"
+  for s in admin-token token-pepper firmware-signing-key; do od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$work/secrets/$s"; done
+  proxy_mqtt=$(free_port); proxy_http=$(free_port)
+  public=""; [ "$via" = haproxy ] && public="http://127.0.0.1:$proxy_http"
+  apis=(); nodes=(); mqtts=(); backends=()
+  for i in $(seq "$n"); do
+    hp=$(free_port); mp=$(free_port)
+    env FLEETD_DATA_DIR="$work/r$i" FLEETD_NODE="r$i" FLEETD_HTTP_ADDR=127.0.0.1:$hp FLEETD_MQTT_ADDR=127.0.0.1:$mp \
+      FLEETD_DATABASE_URL="$dsn" FLEETD_ADMIN_TOKEN_FILE="$work/secrets/admin-token" \
+      FLEETD_TOKEN_PEPPER_FILE="$work/secrets/token-pepper" FLEETD_FIRMWARE_SIGNING_KEY_FILE="$work/secrets/firmware-signing-key" \
+      ${public:+FLEETD_PUBLIC_URL=$public} FLEETD_LOG_LEVEL=warn FLEETD_CAMPAIGN_INTERVAL=500ms \
+      FLEETD_MQTT_CONNECT_RATE=0 FLEETD_MQTT_CLIENT_CONNECT_RATE=0 FLEETD_MQTT_MAX_PENDING_CONNECTS_PER_SOURCE=0 \
+      FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE=0 FLEETD_OTA_MAX_DOWNLOADS=1000 "$bin/fleetd" 2>>"$work/r$i.log" &
+    replica_pids+=($!)
+    apis+=("http://127.0.0.1:$hp"); nodes+=("r$i"); mqtts+=("127.0.0.1:$mp"); backends+=("r$i|127.0.0.1:$mp|127.0.0.1:$hp")
+  done
+  # They started together and raced for the migrations (an advisory lock).
+  for i in $(seq "$n"); do
+    ok=false
+    for _ in $(seq 300); do curl -fs "${apis[$((i-1))]}/readyz" >/dev/null 2>&1 && ok=true && break; sleep 0.1; done
+    $ok || { echo "replica r$i did not become ready"; cat "$work/r$i.log"; exit 1; }
+  done
+  join() { local IFS=,; echo "$*"; }
+  "$bin/replicaload" haproxy-config -replicas "$(join "${backends[@]}")" -mqtt 127.0.0.1:$proxy_mqtt -http 127.0.0.1:$proxy_http \
+    -socket "$work/haproxy.sock" -maxconn 9500 >"$work/haproxy.cfg"
+  "$haproxy" -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+  haproxy_pid=$!
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$proxy_http/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  curl -fs "http://127.0.0.1:$proxy_http/readyz" >/dev/null || { echo "haproxy does not answer"; cat "$work/haproxy.log"; exit 1; }
+  tok=$(cat "$work/secrets/admin-token")
+  key=$(curl -fs -H "Authorization: Bearer $tok" "http://127.0.0.1:$proxy_http/api/v1/firmware/signing-key" | sed -n 's/.*"public_key":"\([^"]*\)".*/\1/p')
+  if [ "$via" = haproxy ]; then target=(-mqtt "tcp://127.0.0.1:$proxy_mqtt"); else target=(-direct "$(join "${mqtts[@]}")"); fi
+  reg=$("$bin/replicaload" setup -apis "$(join "${apis[@]}")" -token "$tok" -devices "$devices" -sims "$sims" "${target[@]}" \
+    -signing-key "$key" -dir "$work")
+  started=$(date +%s.%N)
+  for s in $(seq 0 $((sims - 1))); do
+    "$bin/fleetsim" run -f "$work/fleet-$s.json" -summary "$work/summary-$s.json" >/dev/null 2>"$work/fleetsim-$s.err" &
+    sim_pids+=($!)
+  done
+  online=$("$bin/replicaload" wait-online -dsn "$dsn" -devices "$devices" -timeout "$($smoke && echo 30s || echo 300s)")
+  sleep 2
+  # Memory while holding the fleet, before the operations.
+  rss=""
+  for i in $(seq "$n"); do
+    sess=$(curl -fs "${apis[$((i-1))]}/metrics" | awk '/^fleetd_mqtt_sessions /{print $2}')
+    r=$(rss_kib "${replica_pids[$((i-1))]}" 2>/dev/null || true)
+    rss="$rss r$i $(( ${r:-0} / 1024 )) MiB (${sess:-?} sessions);"
+  done
+  r=$(rss_kib "$haproxy_pid" 2>/dev/null || true); hrss=$(( ${r:-0} / 1024 ))
+  proxied=$("$bin/replicaload" haproxy-stat -socket "$work/haproxy.sock")
+  ops=$($smoke && echo 5 || echo 100)
+  kicks=$("$bin/replicaload" kicks -apis "$(join "${apis[@]}")" -nodes "$(join "${nodes[@]}")" -mqtt-addrs "$(join "${mqtts[@]}")" \
+    -token "$tok" -dsn "$dsn" -dir "$work" -decommission "$ops" -rotate "$ops" -timeout 5s)
+  camp=$("$bin/replicaload" campaign -apis "$(join "${apis[@]}")" -token "$tok" -dsn "$dsn" -per-minute 60000 \
+    -timeout "$($smoke && echo 30s || echo 600s)")
+  # Let the last jobs reach the devices before fleetsim counts them.
+  sleep 2
+  stop_pids "${sim_pids[@]}"; sim_pids=()
+  summ=$("$bin/replicaload" summaries "$work"/summary-*.json)
+  crashed=""
+  for i in $(seq "$n"); do kill -0 "${replica_pids[$((i-1))]}" 2>/dev/null || crashed="$crashed r$i"; done
+  stop_pids "$haproxy_pid"; haproxy_pid=
+  stop_pids "${replica_pids[@]}"; replica_pids=()
+  stop_pids "$pg_pid"; pg_pid=
+  field() { echo "$1" | sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" | head -1; }
+  jobs=$(echo "$summ" | sed -n 's/.*"ota jobs":\([0-9]*\).*/\1/p'); jobs=${jobs:-0}
+  dups=$(echo "$summ" | sed -n 's/.*"ota duplicate jobs":\([0-9]*\).*/\1/p'); dups=${dups:-0}
+  at_start=$(field "$camp" online_at_start)
+  { header "replicas: $n fleetd replicas on one PostgreSQL, $devices devices from $sims fleetsim process(es), connecting $([ "$via" = haproxy ] && echo "through HAProxy (leastconn, /readyz checks)" || echo "straight to the replicas, each fleetsim spread over all of them ($why); HAProxy in front of the API")"
+    echo "- registration through random replicas: \`$reg\`"
+    echo "- connects: $(field "$online" online) of $devices online $(field "$online" seconds) s after the first fleetsim started, by node (the registry's presence) \`$(echo "$online" | sed -n 's/.*"online_by_node":\({[^}]*}\).*/\1/p')\`; connect latency p99 per fleetsim: $(echo "$summ" | sed -n 's/.*"connect_p99_ms_per_sim":\[\([^]]*\)\].*/\1/p') ms"
+    echo "- fleetsim: \`$summ\`"
+    echo "- RSS holding the fleet:$rss HAProxy $hrss MiB; HAProxy's view (state, sessions): \`$proxied\`"
+    echo "- kicks ($ops decommissions and $ops rotations through random replicas; latency from the API call to the disconnect event the holding replica recorded; old token tried on every replica 1 s after the call): \`$kicks\`"
+    echo "- campaign over every device (devices_per_minute 60000; upload and start through random replicas): \`$camp\`"
+    echo "- job delivery: $jobs jobs received by devices for ${at_start:-?} devices online at the start ($(awk -v j="$jobs" -v n="${at_start:-0}" 'BEGIN{if (n > 0) printf "%.1f", 100*j/n; else print "-"}') %), $dups received twice${crashed:+; replicas that died during the run:$crashed}"
+    echo "- target (issue #16): >= 95 000 devices over 5 replicas; a rotation or decommission through any replica kicks the session within 1 s (p99), the old token refused everywhere; every online device gets its job, none twice"
   } | tee -a "$results"
   ;;
 *)

@@ -46,6 +46,11 @@ type composeFile struct {
 	Services map[string]service   `yaml:"services"`
 	Secrets  map[string]topSecret `yaml:"secrets"`
 	Volumes  map[string]any       `yaml:"volumes"` // values may be null
+
+	// dir is the file's folder relative to the repository root ("" for the
+	// root): Compose resolves relative paths (build context, secret files,
+	// bind mounts) from there.
+	dir string
 }
 
 type topSecret struct {
@@ -132,8 +137,33 @@ func (e *environment) UnmarshalYAML(n *yaml.Node) error {
 	*e = environment{}
 	switch n.Kind {
 	case yaml.MappingNode:
+		// Merge keys (<<: *anchor, or a list of anchors) first, so that the
+		// mapping's own keys win, as in Compose.
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			k, v := n.Content[i], n.Content[i+1]
+			if k.Tag != "!!merge" {
+				continue
+			}
+			srcs := []*yaml.Node{v}
+			if v.Kind == yaml.SequenceNode {
+				srcs = v.Content
+			}
+			for _, src := range srcs {
+				if src.Kind == yaml.AliasNode {
+					src = src.Alias
+				}
+				var merged environment
+				if err := merged.UnmarshalYAML(src); err != nil {
+					return err
+				}
+				maps.Copy(*e, merged)
+			}
+		}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			if k.Tag == "!!merge" {
+				continue
+			}
 			if v.Kind != yaml.ScalarNode {
 				return fmt.Errorf("line %d: environment %s: value must be a scalar", v.Line, k.Value)
 			}
@@ -442,14 +472,18 @@ var composeChecks = []composeCheck{
 			if ctx == "" {
 				ctx = "."
 			}
-			if path.Clean(ctx) != "." {
-				return fmt.Errorf("service fleetd: build context is %q, want the repository root \".\"", f.Build.Context)
+			if path.Clean(path.Join(c.dir, ctx)) != "." {
+				root := "."
+				if c.dir != "" {
+					root = path.Join(strings.Repeat("../", strings.Count(path.Clean(c.dir), "/")+1))
+				}
+				return fmt.Errorf("service fleetd: build context is %q, want the repository root %q", f.Build.Context, root)
 			}
 			df := f.Build.Dockerfile
 			if df == "" {
 				df = "Dockerfile"
 			}
-			if _, err := os.Stat(filepath.Join(repoRoot, ctx, df)); err != nil {
+			if _, err := os.Stat(filepath.Join(repoRoot, c.dir, ctx, df)); err != nil {
 				return fmt.Errorf("service fleetd: build dockerfile %q: %w", df, err)
 			}
 			return nil

@@ -72,15 +72,20 @@ type Process struct {
 	t       testing.TB
 	Cmd     *exec.Cmd
 	DataDir string
+	// Node is the replica's name (FLEETD_NODE) when the environment sets it;
+	// empty means fleetd's default, the host name.
+	Node string
 	// HTTPURL is http://addr of the HTTP listener, read from fleetd's log.
 	HTTPURL string
-	// Addrs maps a listener's log component ("http", "mqtt", ...) to the address it bound.
+	// Addrs maps a listener's log component ("http", "mqtt-tcp", ...) to the address it bound.
 	Addrs map[string]string
 
-	mu     sync.Mutex
-	logs   bytes.Buffer
-	exited chan struct{}
-	err    error
+	env       []string // as passed to Start, for Token
+	listening chan struct{}
+	mu        sync.Mutex
+	logs      bytes.Buffer
+	exited    chan struct{}
+	err       error
 }
 
 // Start runs fleetd with the given environment (on top of a minimal one: PATH,
@@ -89,8 +94,26 @@ type Process struct {
 // is still running.
 func Start(t testing.TB, dataDir string, env ...string) *Process {
 	t.Helper()
-	p := &Process{t: t, DataDir: dataDir, Addrs: map[string]string{}, exited: make(chan struct{})}
-	cmd := exec.Command(Binary(t))
+	p, err := launch(t, Binary(t), dataDir, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.killAtEnd()
+	if err := p.waitListening(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// launch starts fleetd and returns at once; it neither fails the test nor
+// registers a clean-up, so that several replicas can be started together and
+// come up concurrently.
+func launch(t testing.TB, bin, dataDir string, env []string) (*Process, error) {
+	p := &Process{t: t, DataDir: dataDir, Addrs: map[string]string{}, exited: make(chan struct{}), env: env}
+	if v, ok := lastEnv(env, "FLEETD_NODE"); ok {
+		p.Node = v
+	}
+	cmd := exec.Command(bin)
 	cmd.Env = append([]string{
 		"PATH=" + os.Getenv("PATH"),
 		"HOME=" + os.Getenv("HOME"),
@@ -105,14 +128,14 @@ func Start(t testing.TB, dataDir string, env ...string) *Process {
 	}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	cmd.Stdout = io.Discard
 	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+		return nil, fmt.Errorf("start fleetd: %w", err)
 	}
 	p.Cmd = cmd
-	addrs := make(chan struct{})
+	p.listening = make(chan struct{})
 	var once sync.Once
 	go func() {
 		sc := bufio.NewScanner(stderr)
@@ -129,7 +152,7 @@ func Start(t testing.TB, dataDir string, env ...string) *Process {
 				p.Addrs[rec.Component] = rec.Addr
 				if rec.Component == "http" {
 					p.HTTPURL = "http://" + rec.Addr
-					once.Do(func() { close(addrs) })
+					once.Do(func() { close(p.listening) })
 				}
 			}
 			p.mu.Unlock()
@@ -137,22 +160,43 @@ func Start(t testing.TB, dataDir string, env ...string) *Process {
 		p.err = cmd.Wait()
 		close(p.exited)
 	}()
-	t.Cleanup(func() {
+	return p, nil
+}
+
+// killAtEnd kills the process when the test ends if it is still running, and
+// logs what it logged when the test failed.
+func (p *Process) killAtEnd() {
+	p.t.Cleanup(func() {
 		if !p.Exited() {
 			p.Kill()
 		}
-		if t.Failed() {
-			t.Logf("fleetd log (%s):\n%s", dataDir, p.Logs())
+		if p.t.Failed() {
+			p.t.Logf("fleetd log (%s):\n%s", p.DataDir, p.Logs())
 		}
 	})
+}
+
+// waitListening waits until fleetd has logged its HTTP address.
+func (p *Process) waitListening(timeout time.Duration) error {
 	select {
-	case <-addrs:
+	case <-p.listening:
+		return nil
 	case <-p.exited:
-		t.Fatalf("fleetd exited before listening: %v\n%s", p.err, p.Logs())
-	case <-time.After(30 * time.Second):
-		t.Fatalf("fleetd did not log its HTTP address within 30s\n%s", p.Logs())
+		return fmt.Errorf("fleetd exited before listening: %v\n%s", p.err, p.Logs())
+	case <-time.After(timeout):
+		return fmt.Errorf("fleetd did not log its HTTP address within %s\n%s", timeout, p.Logs())
 	}
-	return p
+}
+
+// lastEnv returns the value of the last NAME=value in env: the one exec
+// passes on when a name is given twice.
+func lastEnv(env []string, name string) (string, bool) {
+	for i := len(env) - 1; i >= 0; i-- {
+		if v, ok := strings.CutPrefix(env[i], name+"="); ok {
+			return v, true
+		}
+	}
+	return "", false
 }
 
 // Logs returns everything fleetd has logged so far.
@@ -273,10 +317,19 @@ func (p *Process) Kill() {
 	<-p.exited
 }
 
-// Token returns the admin token, generated in the data dir unless configured.
+// Token returns the admin token: the one the environment configured
+// (FLEETD_ADMIN_TOKEN or FLEETD_ADMIN_TOKEN_FILE), else the one generated in
+// the data dir.
 func (p *Process) Token() string {
 	p.t.Helper()
-	data, err := os.ReadFile(filepath.Join(p.DataDir, "admin-token"))
+	if v, ok := lastEnv(p.env, "FLEETD_ADMIN_TOKEN"); ok && v != "" {
+		return v
+	}
+	path := filepath.Join(p.DataDir, "admin-token")
+	if v, ok := lastEnv(p.env, "FLEETD_ADMIN_TOKEN_FILE"); ok && v != "" {
+		path = v
+	}
+	data, err := os.ReadFile(path)
 	if err != nil {
 		p.t.Fatalf("read admin token: %v", err)
 	}
