@@ -103,6 +103,11 @@ type Config struct {
 	LastSeenInterval time.Duration
 	// Node names this replica in events.
 	Node string
+	// Clock gives session epochs their time. Replicas sharing a database
+	// pass its clock (cluster.Clock), so that a device's session on one
+	// replica is later than its previous one on another; nil is the local
+	// clock.
+	Clock func() time.Time
 }
 
 func (c *Config) defaults() {
@@ -372,6 +377,18 @@ func (b *Broker) Kick(deviceID string) {
 	b.log.Info("device session ended: decommissioned", "device_id", deviceID)
 }
 
+// EndRotated ends a device's live session because its token was rotated:
+// MQTT 5 clients get DISCONNECT 0x98 "device token rotated", MQTT 3 clients
+// have their socket closed, and the end is recorded as token_rotated. The
+// device keeps its subscriptions and retained birth; it reconnects with its
+// new token.
+func (b *Broker) EndRotated(deviceID string) {
+	if cl, ok := b.srv.Clients.Get(deviceID); ok && !cl.Net.Inline && !cl.Closed() {
+		b.endSession(cl, codeTokenRotated)
+		b.log.Info("device session ended: token rotated", "device_id", deviceID)
+	}
+}
+
 // closeV3Clients closes the sockets of a listener's MQTT 3 clients at
 // shutdown, before mochi sends every client DISCONNECT 0x8B, which MQTT 3
 // does not define from the server.
@@ -431,6 +448,33 @@ func (b *Broker) OnBirth(f func(deviceID, firmware, model string)) {
 	b.onBirth = append(b.onBirth, f)
 }
 
+// Connected reports whether a device has a live session on this broker.
+func (b *Broker) Connected(deviceID string) bool {
+	cl, ok := b.srv.Clients.Get(deviceID)
+	return ok && !cl.Closed() && !cl.Net.Inline
+}
+
+// TakeOverRemote ends the device's session here if a newer one (a later
+// epoch) was established on another replica: one live session per id across
+// replicas, as within one ([MQTT-3.1.4-2]). It is recorded as
+// session_takeover, like a takeover within this broker.
+func (b *Broker) TakeOverRemote(deviceID string, epoch int64) {
+	cl, ok := b.srv.Clients.Get(deviceID)
+	if !ok || cl.Closed() || cl.Net.Inline {
+		return
+	}
+	v, ok := b.sessions.Load(cl)
+	if !ok {
+		return
+	}
+	s := v.(*session)
+	if s.epoch >= epoch {
+		return
+	}
+	s.takenOverRemotely.Store(true)
+	b.endSession(cl, packets.ErrSessionTakenOver)
+}
+
 // Listening reports whether a device has a live session subscribed to
 // devices/{id}/{sub}.
 func (b *Broker) Listening(deviceID, sub string) bool {
@@ -447,7 +491,11 @@ func (b *Broker) Listening(deviceID, sub string) bool {
 func (b *Broker) nextEpoch() int64 {
 	for {
 		last := b.lastEpoch.Load()
-		next := max(time.Now().UnixMicro(), last+1)
+		now := time.Now
+		if b.cfg.Clock != nil {
+			now = b.cfg.Clock
+		}
+		next := max(now().UnixMicro(), last+1)
 		if b.lastEpoch.CompareAndSwap(last, next) {
 			return next
 		}

@@ -20,6 +20,10 @@ import (
 // being a distinct value it also tells Classify who ended the session.
 var codeDecommissioned = packets.Code{Code: 0x98, Reason: "device decommissioned"}
 
+// codeTokenRotated ends the session opened with a token that was rotated:
+// 0x98 "administrative action" too, told apart by its reason string.
+var codeTokenRotated = packets.Code{Code: 0x98, Reason: "device token rotated"}
+
 // SessionEnd is what is known when a session ends.
 type SessionEnd struct {
 	// Cause is the client's stop cause (mochi's StopCause, or the read error).
@@ -53,6 +57,8 @@ func Classify(e SessionEnd) (fleet.Reason, string) {
 			return fleet.ReasonThrottled, "message rate too high: more packets or subscriptions per second than a session may send"
 		case codeDecommissioned:
 			return fleet.ReasonDecommissioned, ""
+		case codeTokenRotated:
+			return fleet.ReasonTokenRotated, ""
 		case packets.ErrMalformedFlags:
 			if e.BadHeader != 0 {
 				return fleet.ReasonProtocolError, describeBadHeader(e.BadHeader)

@@ -33,7 +33,10 @@ type session struct {
 
 	lastFlushed atomic.Int64 // last_seen written up to (unix ns)
 	takenOver   atomic.Bool  // a newer session of the id took this one over
-	denials     atomic.Int32 // ACL denials recorded for this session
+	// takenOverRemotely: a newer session of the id on another replica
+	// (TakeOverRemote); mochi here has no successor to mark.
+	takenOverRemotely atomic.Bool
+	denials           atomic.Int32 // ACL denials recorded for this session
 
 	// Per-session rates: packets other than PINGREQ, and subscription
 	// filters. A session over either is ended (DISCONNECT 0x96).
@@ -313,9 +316,12 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if cause == nil {
 		cause = err
 	}
-	if s.takenOver.Load() {
+	switch {
+	case s.takenOver.Load():
 		cause = packets.ErrSessionTakenOver
 		awaitTakeover(cl)
+	case s.takenOverRemotely.Load():
+		cause = packets.ErrSessionTakenOver
 	}
 	end := SessionEnd{Cause: cause}
 	var pings, packets int

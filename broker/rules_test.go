@@ -34,6 +34,8 @@ func TestClassify(t *testing.T) {
 		{"decommissioned", SessionEnd{Cause: codeDecommissioned}, fleet.ReasonDecommissioned, ""},
 		{"other administrative action", SessionEnd{Cause: packets.ErrAdministrativeAction}, fleet.ReasonProtocolError, "administrative action"},
 		{"too large", SessionEnd{Cause: packets.ErrPacketTooLarge}, fleet.ReasonPacketTooLarge, ""},
+		{"token rotated", SessionEnd{Cause: codeTokenRotated}, fleet.ReasonTokenRotated, ""},
+		{"decommissioned", SessionEnd{Cause: codeDecommissioned}, fleet.ReasonDecommissioned, ""},
 		{"message rate", SessionEnd{Cause: packets.ErrMessageRateTooHigh}, fleet.ReasonThrottled, "message rate too high: more packets or subscriptions per second than a session may send"},
 		{"malformed PINGREQ", SessionEnd{Cause: packets.ErrMalformedFlags, BadHeader: 0xC2}, fleet.ReasonProtocolError, "PINGREQ with reserved flags 0x2"},
 		{"malformed SUBSCRIBE", SessionEnd{Cause: packets.ErrMalformedFlags, BadHeader: 0x80}, fleet.ReasonProtocolError, "SUBSCRIBE with reserved flags 0x0"},

@@ -60,6 +60,12 @@ func (s *Service) SetPolicy(ctx context.Context, p Policy) (Policy, error) {
 	}
 	s.policy.Store(cp)
 	s.logger.Info("policy updated", "models", len(cp.Models), "keepalive_max", cp.Keepalive.MaxSeconds)
+	s.mu.RLock()
+	hooks := append([]func(){}, s.onPolicy...)
+	s.mu.RUnlock()
+	for _, f := range hooks {
+		f()
+	}
 	s.AnalyzeSoon()
 	return cp.Policy, nil
 }
@@ -76,12 +82,13 @@ func (s *Service) AnalyzeSoon() {
 }
 
 // RunAnalysis learns verdicts and re-judges every device's compatibility
-// every interval (and when asked to), until ctx ends.
+// every interval (and when asked to), until ctx ends; with several replicas,
+// one of them does it each round (analyzeRound).
 func (s *Service) RunAnalysis(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		if err := s.Analyze(ctx); err != nil && ctx.Err() == nil {
+		if err := s.analyzeRound(ctx); err != nil && ctx.Err() == nil {
 			s.logger.Warn("analysis failed; retrying at the next interval", "err", err)
 		}
 		select {
@@ -123,23 +130,9 @@ func (s *Service) Analyze(ctx context.Context) error {
 	if !saved {
 		s.logger.Info("verdicts saved by another replica during this analysis; keeping theirs")
 	}
-	rows, err := s.store.verdicts(ctx)
+	flagged, err := s.loadFlagged(ctx)
 	if err != nil {
 		return err
-	}
-	flagged := map[string]Verdict{}
-	for _, v := range rows {
-		if !v.Active {
-			continue
-		}
-		ev := Verdict{Model: v.Model, Firmware: v.Firmware, Flag: v.Flag, Evidence: "confirmed by an operator"}
-		if v.Evidence != nil {
-			ev = *v.Evidence
-			if v.Decision == "confirmed" && !v.Learned {
-				ev.Evidence = "confirmed by an operator (learned evidence has aged out: " + ev.Evidence + ")"
-			}
-		}
-		flagged[flagKey(v.Model, v.Firmware)] = ev
 	}
 	devices, err := s.store.compatRows(ctx)
 	if err != nil {
@@ -167,6 +160,63 @@ func (s *Service) Analyze(ctx context.Context) error {
 	s.an.flagged, s.an.incompatible = flagged, incompatible
 	s.mu.Unlock()
 	return nil
+}
+
+// analysisLock is the advisory lock key of the analysis: with several
+// replicas one analyses per round, so N replicas do not multiply its cost.
+const analysisLock = 0x666c656574640001 // "fleetd" + 1
+
+// analyzeRound is one round of the analysis loop. The replica holding the
+// lock (the first to try) learns verdicts and re-judges devices; the others
+// read what it stored, so their diagnosis and campaign checks agree. Either
+// way the policy is re-read first: another replica may have changed it.
+func (s *Service) analyzeRound(ctx context.Context) error {
+	if err := s.LoadPolicy(ctx); err != nil {
+		return err
+	}
+	release, ok, err := s.store.tryAdvisoryLock(ctx, analysisLock)
+	if err != nil {
+		return err
+	}
+	if ok {
+		defer release()
+		return s.Analyze(ctx)
+	}
+	flagged, err := s.loadFlagged(ctx)
+	if err != nil {
+		return err
+	}
+	incompatible, err := s.store.countIncompatible(ctx)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.an.flagged, s.an.incompatible = flagged, incompatible
+	s.mu.Unlock()
+	return nil
+}
+
+// loadFlagged reads the active verdicts, learned or decided.
+func (s *Service) loadFlagged(ctx context.Context) (map[string]Verdict, error) {
+	rows, err := s.store.verdicts(ctx)
+	if err != nil {
+		return nil, err
+	}
+	flagged := map[string]Verdict{}
+	for _, v := range rows {
+		if !v.Active {
+			continue
+		}
+		ev := Verdict{Model: v.Model, Firmware: v.Firmware, Flag: v.Flag, Evidence: "confirmed by an operator"}
+		if v.Evidence != nil {
+			ev = *v.Evidence
+			if v.Decision == "confirmed" && !v.Learned {
+				ev.Evidence = "confirmed by an operator (learned evidence has aged out: " + ev.Evidence + ")"
+			}
+		}
+		flagged[flagKey(v.Model, v.Firmware)] = ev
+	}
+	return flagged, nil
 }
 
 // judge combines the operator's rules and the active verdicts for one device.

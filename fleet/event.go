@@ -39,13 +39,15 @@ const (
 	ReasonThrottled          Reason = "throttled"
 	ReasonPacketTooLarge     Reason = "packet_too_large"
 	ReasonServerShutdown     Reason = "server_shutdown"
+	ReasonTokenRotated       Reason = "token_rotated" // the session's token was rotated (on any replica)
+	ReasonReplicaLost        Reason = "replica_lost"  // the replica holding the session stopped answering
 )
 
 // Reasons lists the vocabulary in a stable order.
 var Reasons = []Reason{
 	ReasonClientDisconnect, ReasonKeepaliveTimeout, ReasonProtocolError, ReasonConnectionLost,
 	ReasonSessionTakeover, ReasonAuthFailed, ReasonTLSHandshakeFailed, ReasonDecommissioned,
-	ReasonThrottled, ReasonPacketTooLarge, ReasonServerShutdown,
+	ReasonThrottled, ReasonPacketTooLarge, ReasonServerShutdown, ReasonTokenRotated, ReasonReplicaLost,
 }
 
 // EventID identifies an event. The broker assigns it when the event happens,

@@ -38,7 +38,10 @@ type AuthInfo struct {
 // Service is the registry's API for the broker and the web layer. It keeps
 // every device's credential in memory, so that a connect needs no database
 // round trip: the cache is loaded at start and kept current by the service's
-// own writes (registration, rotation, decommission invalidate at once).
+// own writes (registration, rotation, decommission invalidate at once) and,
+// with several replicas, by the others' (OnCredentialChange signals them,
+// CredentialChanged applies theirs). Positive entries also expire after
+// CacheTTL, a safety net for a signal that never arrived.
 type Service struct {
 	store  *Store
 	hasher *Hasher
@@ -49,6 +52,10 @@ type Service struct {
 	cache    map[string]*cachedCredential  // registered devices
 	unknown  *lru.Cache[string, time.Time] // ids found unregistered, and when
 	onRevoke []func(deviceID string)
+	onRotate []func(deviceID string)
+	onChange []func(deviceID string, change CredentialChange)
+	onPolicy []func()
+	cacheTTL time.Duration // 0: entries live until invalidated
 
 	policy atomic.Pointer[compiledPolicy]
 	an     analysis // guarded by mu
@@ -56,7 +63,8 @@ type Service struct {
 
 type cachedCredential struct {
 	credential
-	missing bool // the id is not registered
+	missing bool      // the id is not registered
+	at      time.Time // when it was read from the database (zero: written here)
 }
 
 // negativeTTL bounds how long an unknown id is remembered as unknown. Devices
@@ -87,32 +95,148 @@ func NewService(store *Store, hasher *Hasher, logger *slog.Logger) *Service {
 }
 
 // OnRevoke registers a function called (synchronously) when a device's
-// credential is revoked, so the broker can end its live session.
+// credential is revoked, here or on another replica (CredentialChanged), so
+// the broker can end its live session.
 func (s *Service) OnRevoke(f func(deviceID string)) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.onRevoke = append(s.onRevoke, f)
 }
 
-// WarmCache loads every active device's credential, so that the reconnect
-// storm after a restart is authenticated from memory.
-func (s *Service) WarmCache(ctx context.Context) (int, error) {
+// OnRotate registers a function called (synchronously) when a device's
+// token is rotated, here or on another replica, so the broker can end the
+// session the old token opened.
+func (s *Service) OnRotate(f func(deviceID string)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onRotate = append(s.onRotate, f)
+}
+
+// CredentialChange says what changed about a device's credential.
+type CredentialChange string
+
+// What can change: the cached entry is stale (registered, model changed),
+// the token was rotated (the old one's session ends), or the device was
+// decommissioned (its session ends, it is refused).
+const (
+	CredentialUpdated CredentialChange = "updated"
+	CredentialRotated CredentialChange = "rotated"
+	CredentialRevoked CredentialChange = "revoked"
+)
+
+// OnCredentialChange registers a function called after this replica changed
+// a device's credential, so that other replicas can be told.
+func (s *Service) OnCredentialChange(f func(deviceID string, change CredentialChange)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onChange = append(s.onChange, f)
+}
+
+// OnPolicyChange registers a function called after this replica stored a
+// new policy, so that other replicas can be told (PolicyChanged).
+func (s *Service) OnPolicyChange(f func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onPolicy = append(s.onPolicy, f)
+}
+
+// PolicyChanged applies a policy another replica stored: it is read again
+// and devices are re-judged soon.
+func (s *Service) PolicyChanged(ctx context.Context) {
+	if err := s.LoadPolicy(ctx); err != nil {
+		s.logger.Warn("cannot read the policy another replica stored; the analysis retries", "err", err)
+	}
+	s.AnalyzeSoon()
+}
+
+// SetCacheTTL makes positive cache entries expire: a credential read from
+// the database more than ttl ago is read again at the next connect. 0 keeps
+// entries until they are invalidated.
+func (s *Service) SetCacheTTL(ttl time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cacheTTL = ttl
+}
+
+func (s *Service) changed(id string, change CredentialChange) {
+	s.mu.RLock()
+	hooks := append([]func(string, CredentialChange){}, s.onChange...)
+	s.mu.RUnlock()
+	for _, f := range hooks {
+		f(id, change)
+	}
+}
+
+// CredentialChanged applies another replica's change of a device's
+// credential: the cached entry is dropped (the next connect reads the
+// database), and the live session here of a device decommissioned, or whose
+// token was rotated, is ended.
+func (s *Service) CredentialChanged(id string, change CredentialChange) {
+	s.mu.Lock()
+	delete(s.cache, id)
+	var hooks []func(string)
+	switch change {
+	case CredentialRevoked:
+		hooks = append(hooks, s.onRevoke...)
+	case CredentialRotated:
+		hooks = append(hooks, s.onRotate...)
+	}
+	s.mu.Unlock()
+	s.unknown.Remove(id)
+	if len(hooks) > 0 {
+		// Off the caller's goroutine (the replicas' listener): ending a
+		// session may wait on a slow device's socket.
+		go func() {
+			for _, f := range hooks {
+				f(id)
+			}
+		}()
+	}
+}
+
+// ReloadCache replaces every cached credential with the database's: what a
+// replica does after it may have missed other replicas' changes (its
+// listening connection was down).
+func (s *Service) ReloadCache(ctx context.Context) (int, error) {
+	loaded, err := s.loadCredentials(ctx)
+	if err != nil {
+		return 0, err
+	}
+	s.mu.Lock()
+	s.cache = loaded
+	s.mu.Unlock()
+	s.unknown.Purge()
+	return len(loaded), nil
+}
+
+func (s *Service) loadCredentials(ctx context.Context) (map[string]*cachedCredential, error) {
 	rows, err := s.store.pool.Query(ctx, `SELECT id, token_hash, state, firmware, model FROM devices WHERE state = 'active'`)
 	if err != nil {
-		return 0, fmt.Errorf("load credentials: %w", err)
+		return nil, fmt.Errorf("load credentials: %w", err)
 	}
 	defer rows.Close()
+	now := s.now()
 	loaded := map[string]*cachedCredential{}
 	for rows.Next() {
 		var id string
-		c := &cachedCredential{}
+		c := &cachedCredential{at: now}
 		if err := rows.Scan(&id, &c.hash, &c.state, &c.firmware, &c.model); err != nil {
-			return 0, fmt.Errorf("load credentials: %w", err)
+			return nil, fmt.Errorf("load credentials: %w", err)
 		}
 		loaded[id] = c
 	}
 	if err := rows.Err(); err != nil {
-		return 0, fmt.Errorf("load credentials: %w", err)
+		return nil, fmt.Errorf("load credentials: %w", err)
+	}
+	return loaded, nil
+}
+
+// WarmCache loads every active device's credential, so that the reconnect
+// storm after a restart is authenticated from memory.
+func (s *Service) WarmCache(ctx context.Context) (int, error) {
+	loaded, err := s.loadCredentials(ctx)
+	if err != nil {
+		return 0, err
 	}
 	s.mu.Lock()
 	for id, c := range loaded {
@@ -161,8 +285,9 @@ func (s *Service) verdict(c *cachedCredential, token []byte, checkToken bool) Au
 func (s *Service) lookup(ctx context.Context, id string) (*cachedCredential, error) {
 	s.mu.RLock()
 	c, ok := s.cache[id]
+	ttl := s.cacheTTL
 	s.mu.RUnlock()
-	if ok {
+	if ok && (ttl <= 0 || c.at.IsZero() || s.now().Sub(c.at) < ttl) {
 		return c, nil
 	}
 	if at, ok := s.unknown.Get(id); ok && s.now().Sub(at) < negativeTTL {
@@ -179,7 +304,7 @@ func (s *Service) lookup(ctx context.Context, id string) (*cachedCredential, err
 	case err != nil:
 		return nil, fmt.Errorf("look up device %s: %w", id, err)
 	}
-	c = &cachedCredential{credential: cred}
+	c = &cachedCredential{credential: cred, at: s.now()}
 	s.mu.Lock()
 	s.cache[id] = c
 	s.mu.Unlock()
@@ -220,6 +345,7 @@ func (s *Service) Register(ctx context.Context, n NewDevice) (Device, string, er
 	s.cache[d.ID] = &cachedCredential{credential: credential{hash: hash, state: StateActive, model: d.Model}}
 	s.mu.Unlock()
 	s.unknown.Remove(d.ID)
+	s.changed(d.ID, CredentialUpdated)
 	s.logger.Info("device registered", "device_id", d.ID, "model", d.Model)
 	return d, token, nil
 }
@@ -268,13 +394,16 @@ func (s *Service) Update(ctx context.Context, id string, p Patch) (Device, error
 			s.cache[id] = &updated
 		}
 		s.mu.Unlock()
+		s.changed(id, CredentialUpdated)
 	}
 	return d, nil
 }
 
-// RotateToken issues a new token; the old one stops working for every later
-// connect at once. A live session is left alone, so that the operator can
-// deliver the new token to the device over it.
+// RotateToken issues a new token; the old one stops working at once, on
+// every replica: later connects with it are refused and the live session it
+// opened is ended (a token is rotated because it may have leaked, and a
+// session opened with it must not outlive it). The device reconnects with
+// the new token, delivered to it out of band.
 func (s *Service) RotateToken(ctx context.Context, id string) (string, error) {
 	if err := ValidateID(id); err != nil {
 		return "", err
@@ -295,7 +424,12 @@ func (s *Service) RotateToken(ctx context.Context, id string) (string, error) {
 	} else {
 		delete(s.cache, id)
 	}
+	hooks := append([]func(string){}, s.onRotate...)
 	s.mu.Unlock()
+	for _, f := range hooks {
+		f(id)
+	}
+	s.changed(id, CredentialRotated)
 	s.logger.Info("device token rotated", "device_id", id)
 	return token, nil
 }
@@ -317,6 +451,7 @@ func (s *Service) Decommission(ctx context.Context, id string) (Device, error) {
 	for _, f := range hooks {
 		f(id)
 	}
+	s.changed(id, CredentialRevoked)
 	s.logger.Info("device decommissioned", "device_id", id)
 	return d, nil
 }

@@ -549,3 +549,35 @@ func (s *Store) candidates(ctx context.Context, models, tags []string, incompati
 	}
 	return out, rows.Err()
 }
+
+// tryAdvisoryLock takes a session advisory lock on one pooled connection if
+// it is free; release gives it and the connection back. A replica that dies
+// holding it loses it with its connection.
+func (s *Store) tryAdvisoryLock(ctx context.Context, key int64) (release func(), ok bool, err error) {
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return nil, false, fmt.Errorf("advisory lock: %w", err)
+	}
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, key).Scan(&ok); err != nil || !ok {
+		conn.Release()
+		if err != nil {
+			return nil, false, fmt.Errorf("advisory lock: %w", err)
+		}
+		return nil, false, nil
+	}
+	return func() {
+		if _, err := conn.Exec(context.Background(), `SELECT pg_advisory_unlock($1)`, key); err != nil {
+			conn.Conn().Close(context.Background()) // the lock goes with the session
+		}
+		conn.Release()
+	}, true, nil
+}
+
+func (s *Store) countIncompatible(ctx context.Context) (int, error) {
+	var n int
+	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM devices WHERE incompatible AND state = 'active'`).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("count incompatible devices: %w", err)
+	}
+	return n, nil
+}

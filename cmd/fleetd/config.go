@@ -46,6 +46,12 @@ type Config struct {
 	TokenPepper      string
 	// AnalysisInterval is how often verdicts are learned and devices re-judged.
 	AnalysisInterval time.Duration
+	// CredentialCacheTTL is how long a cached credential is trusted without
+	// reading the database again (a safety net under the replicas' signals).
+	CredentialCacheTTL time.Duration
+	// ReplicaDeadAfter is how long a replica may miss its heartbeats before
+	// the others end the sessions it held.
+	ReplicaDeadAfter time.Duration
 	SigningKey       string
 	TrustedKeysFile  string
 	PublicURL        string
@@ -143,6 +149,8 @@ func (c *Config) settings() []setting {
 		{name: "event-spool-max-bytes", usage: "cap on the file connection events are spooled to while the database cannot take them, in bytes; at the cap /readyz fails and events past what memory holds are dropped and counted", bind: func(fs *flag.FlagSet, n, u string) { fs.Int64Var(&c.EventSpoolMaxBytes, n, 1<<30, u) }},
 		{name: "admin-token", usage: "bearer token for /api/v1; empty generates one on first start, kept in the data dir", bind: str(&c.AdminToken, ""), fromFile: true},
 		{name: "analysis-interval", usage: "how often firmware verdicts are learned and device compatibility re-judged", bind: dur(&c.AnalysisInterval, time.Minute)},
+		{name: "replica-dead-after", usage: "how long a replica sharing the database may be silent (it writes a heartbeat every 2 s) before the others record the sessions it held as ended (replica_lost)", bind: dur(&c.ReplicaDeadAfter, 15*time.Second)},
+		{name: "credential-cache-ttl", usage: "how long a cached device credential is used before it is read from the database again; replicas also tell each other of every change at once, this is the safety net; 0 = until changed", bind: dur(&c.CredentialCacheTTL, 5*time.Minute)},
 		{name: "firmware-signing-key", usage: "ed25519 seed (64 hex characters) that signs firmware images; empty generates one in the data dir", bind: str(&c.SigningKey, ""), fromFile: true},
 		{name: "firmware-trusted-keys-file", usage: "file of base64 ed25519 public keys (one per line) whose signatures uploads may carry instead of the server's", bind: str(&c.TrustedKeysFile, "")},
 		{name: "public-url", usage: "base URL devices download firmware from (default: http:// and the HTTP listener's address)", bind: str(&c.PublicURL, "")},
@@ -325,6 +333,13 @@ func (c *Config) validate() error {
 	}
 	if c.OTAMaxDownloads < 1 {
 		bad("ota-max-downloads", "must be at least 1")
+	}
+	if c.CredentialCacheTTL < 0 {
+		bad("credential-cache-ttl", "must not be negative")
+	}
+	if c.ReplicaDeadAfter < 3*time.Second {
+		// Heartbeats come every 2 s: less would end a live replica's sessions.
+		bad("replica-dead-after", "must be at least 3s")
 	}
 	if c.CampaignInterval < 100*time.Millisecond || c.CampaignInterval > 2*time.Second {
 		// Above 2 s the pacing schedule (firmware.PacingCatchUp) could not

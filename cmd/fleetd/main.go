@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/fleetd/fleetd/broker"
+	"github.com/fleetd/fleetd/cluster"
 	"github.com/fleetd/fleetd/firmware"
 	"github.com/fleetd/fleetd/fleet"
 	"github.com/fleetd/fleetd/internal/pgserver"
@@ -152,18 +153,18 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	}
 	store := fleet.NewStore(pool)
 	svc := fleet.NewService(store, hasher, logger)
-	n, err := svc.WarmCache(ctx)
-	if err != nil {
-		return err
-	}
-	logger.Info("device credentials loaded", "devices", n)
+	svc.SetCacheTTL(cfg.CredentialCacheTTL)
 	if err := svc.LoadPolicy(ctx); err != nil {
 		return err
 	}
 	svc.RegisterMetrics(reg)
+	rs, err := newReplicaSignals(ctx, cfg, pool, logger, reg)
+	if err != nil {
+		return err
+	}
 	rec, err := fleet.NewRecorder(store, fleet.RecorderOptions{
 		SpoolPath: filepath.Join(cfg.DataDir, "spool", "events.jsonl"), Logger: logger.With("component", "events"), Registerer: reg,
-		Observe: hub.Observe, BehindAfter: cfg.RecorderBehindAfter, MaxSpoolBytes: cfg.EventSpoolMaxBytes,
+		Observe: rs.observer(hub), BehindAfter: cfg.RecorderBehindAfter, MaxSpoolBytes: cfg.EventSpoolMaxBytes,
 	})
 	if err != nil {
 		return err
@@ -181,12 +182,13 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 		MaxPendingConnects: cfg.MaxPending, MaxPendingConnectsPerSource: cfg.MaxPendingPerSrc,
 		PublishRate: cfg.PublishRate, PublishBurst: cfg.PublishBurst,
 		SubscribeRate: cfg.SubscribeRate, SubscribeBurst: cfg.SubscribeBurst,
-		SessionExpiry: cfg.SessionExpiry, Node: cfg.Node,
+		SessionExpiry: cfg.SessionExpiry, Node: cfg.Node, Clock: rs.clock.Now,
 	}, svc, rec, logger.With("component", "mqtt"), reg)
 	if err != nil {
 		return err
 	}
 	svc.OnRevoke(b.Kick)
+	svc.OnRotate(b.EndRotated)
 
 	keys, err := firmwareKeys(cfg, logger)
 	if err != nil {
@@ -194,21 +196,35 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	}
 	urlKey := hmac.New(sha256.New, pepper)
 	urlKey.Write([]byte("firmware download URLs"))
-	arts, err := firmware.NewArtifacts(pool, filepath.Join(cfg.DataDir, "firmware"), keys, urlKey.Sum(nil))
+	arts, err := firmware.NewArtifacts(pool, filepath.Join(cfg.DataDir, "firmware"), keys, urlKey.Sum(nil),
+		firmware.WithLogger(logger.With("component", "firmware")))
 	if err != nil {
 		return err
 	}
-	camps := firmware.NewCampaigns(pool, arts, svc, b, baseURL, logger.With("component", "ota"))
+	router := cluster.NewRouter(b, rs.bus, pool, logger.With("component", "cluster"))
+	camps := firmware.NewCampaigns(pool, arts, svc, router, baseURL, logger.With("component", "ota"))
 	b.Handle("ota/status", camps.HandleStatus)
 	b.OnSubscribe("ota/job", camps.DeviceListening)
 	b.OnBirth(func(id, fw, _ string) { camps.DeviceBirth(id, fw) })
-	camps.OnChange(hub.CampaignChanged)
+	camps.OnChange(rs.campaignChanged(hub))
+
+	// Listen to the other replicas before the cache is loaded, so that no
+	// change made meanwhile is missed; then load it.
+	if err := rs.start(ctx, svc, b, hub, lc); err != nil {
+		return err
+	}
+	n, err := svc.WarmCache(ctx)
+	if err != nil {
+		return err
+	}
+	logger.Info("device credentials loaded", "devices", n)
 	api.MountFirmware(arts, camps, web.FirmwareOptions{MaxDownloads: cfg.OTAMaxDownloads, MaxDownloadsPerSource: cfg.OTAMaxDownloadsPerSource})
 	api.MountStream(hub)
 	api.MountOpenAPI()
 	bg := newLoops(lc)
 	bg.start("campaign watch", func(ctx context.Context) { hub.WatchCampaigns(ctx, camps) })
 
+	startedEpoch := rs.clock.Now().UnixMicro() // sessions of this node older than this are a previous run's
 	if err := b.Start(); err != nil {
 		return fmt.Errorf("start mqtt broker: %w", err)
 	}
@@ -222,6 +238,10 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 
 	bg.start("campaigns", func(ctx context.Context) { camps.Run(ctx, cfg.CampaignInterval) })
 	bg.start("analysis", func(ctx context.Context) { svc.RunAnalysis(ctx, cfg.AnalysisInterval) })
+	bg.start("database clock", func(ctx context.Context) { rs.clock.Run(ctx, 30*time.Second) })
+	heartbeat := &cluster.Heartbeat{Pool: pool, Node: cfg.Node, Recorder: rec, Clock: rs.clock.Now, StartedEpoch: startedEpoch,
+		DeadAfter: cfg.ReplicaDeadAfter, Log: logger.With("component", "cluster")}
+	bg.start("replica heartbeat", heartbeat.Run)
 	return nil
 }
 

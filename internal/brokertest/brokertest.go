@@ -58,6 +58,7 @@ func Start(t testing.TB, configure func(*broker.Config)) *Env {
 		t.Fatal(err)
 	}
 	svc.OnRevoke(b.Kick)
+	svc.OnRotate(b.EndRotated)
 	if err := b.Start(); err != nil {
 		t.Fatal(err)
 	}
