@@ -172,7 +172,9 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) (err error) {
 		info, err = b.reg.Authenticate(ctx, id, pk.Connect.Password)
 	}
 	if err != nil {
-		b.log.Error("cannot authenticate: registry unavailable", "device_id", id, "err", err)
+		// Folded: when the database is slow every connect fails alike, and a
+		// line per attempt would flood the log.
+		b.refusals.Log(slog.LevelError, "registry-unavailable", "cannot authenticate: registry unavailable", "device_id", id, "err", err)
 		return refuse(fleet.ReasonAuthFailed, refuseUnavailable, "registry unavailable")
 	}
 	switch {
@@ -420,7 +422,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return pk, nil
 	}
 	if handler, ok := h.b.handlers.Load(sub); ok {
-		if err := handler.(DeviceHandler)(cl.ID, pk.Payload); err != nil {
+		if err := h.handle(cl, handler, pk.Payload); err != nil {
 			h.b.log.Warn("device message not accepted; it stays unacknowledged", "device_id", cl.ID, "topic", pk.TopicName, "err", err)
 			return pk, packets.ErrRejectPacket
 		}
@@ -465,6 +467,22 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch, ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion),
 		BrokerNode: h.b.cfg.Node})
 	return pk, nil
+}
+
+// handle runs a handler registered with Handle or HandleSession.
+func (h *hook) handle(cl *mqtt.Client, handler any, payload []byte) error {
+	switch fn := handler.(type) {
+	case DeviceHandler:
+		return fn(cl.ID, payload)
+	case SessionHandler:
+		v, ok := h.b.sessions.Load(cl)
+		if !ok {
+			return nil // a publish racing the session's set-up or end: dropped
+		}
+		s := v.(*session)
+		return fn(Session{DeviceID: s.deviceID, Epoch: s.epoch, Firmware: s.firmware, Model: s.model}, payload)
+	}
+	return nil
 }
 
 // OnPacketRead applies the session's message and subscription rates. It runs

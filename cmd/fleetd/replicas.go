@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -46,10 +47,24 @@ type presenceSignal struct {
 type replicaSignals struct {
 	bus   *cluster.Bus
 	clock *cluster.Clock
+	pool  *pgxpool.Pool // their own: see clusterConns
 	log   *slog.Logger
 }
 
-func newReplicaSignals(ctx context.Context, cfg Config, pool *pgxpool.Pool, logger *slog.Logger, reg prometheus.Registerer) (*replicaSignals, error) {
+// clusterConns is the size of the replica signals' own pool: sending
+// signals, heartbeats and the lost-replica sweep must not queue behind the
+// registry's queries when a connect storm fills the main pool, or a replica
+// would stop telling the others anything and look dead to them.
+const clusterConns = 3
+
+func newReplicaSignals(ctx context.Context, cfg Config, main *pgxpool.Pool, logger *slog.Logger, reg prometheus.Registerer, lc *lifecycle) (*replicaSignals, error) {
+	pcfg := main.Config().Copy()
+	pcfg.MaxConns, pcfg.MinConns = clusterConns, 1
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect for the replica signals: %w", err)
+	}
+	lc.onStop("replica signals' database pool", func(context.Context) error { pool.Close(); return nil })
 	clock, err := cluster.NewClock(ctx, pool)
 	if err != nil {
 		return nil, err
@@ -58,7 +73,7 @@ func newReplicaSignals(ctx context.Context, cfg Config, pool *pgxpool.Pool, logg
 	if off := clock.Offset(); off > time.Second || off < -time.Second {
 		log.Warn("this machine's clock is far from the database's; session epochs follow the database", "offset", off.String())
 	}
-	return &replicaSignals{bus: cluster.NewBus(pool, cfg.Node, log, reg), clock: clock, log: log}, nil
+	return &replicaSignals{bus: cluster.NewBus(pool, cfg.Node, log, reg), clock: clock, pool: pool, log: log}, nil
 }
 
 // observer is the recorder's Observe: every event goes to this replica's
