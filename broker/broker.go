@@ -428,6 +428,24 @@ type DeviceHandler func(deviceID string, payload []byte) error
 // Handle registers the handler for devices/{id}/{sub} (e.g. "ota/status").
 func (b *Broker) Handle(sub string, h DeviceHandler) { b.handlers.Store(sub, h) }
 
+// Session is what a SessionHandler learns of the session a message came on:
+// its device, its epoch (a later session has a larger one) and the firmware
+// and model it announced, as the broker's own events record them.
+type Session struct {
+	DeviceID        string
+	Epoch           int64
+	Firmware, Model string
+}
+
+// SessionHandler takes a message like a DeviceHandler, with the session it
+// came on, for handlers that keep per-session state (telemetry reports a
+// malformed message once per session) or record events about the session.
+// The payload is valid only during the call.
+type SessionHandler func(s Session, payload []byte) error
+
+// HandleSession registers a SessionHandler for devices/{id}/{sub}.
+func (b *Broker) HandleSession(sub string, h SessionHandler) { b.handlers.Store(sub, h) }
+
 // OnSubscribe calls f when a device subscribes to devices/{id}/{sub}, so that
 // messages waiting for it (an OTA job dispatched while it was offline) can be
 // sent now that it listens. f runs on the device's goroutine: it must not block.
