@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -159,4 +160,35 @@ func TestAnalysisRunsOnOneReplica(t *testing.T) {
 		t.Fatalf("after release, the other replica cannot take the lock: %v %v", ok, err)
 	}
 	again()
+}
+
+// TestPrefetchAfterSignals: credentials another replica changed are loaded
+// in batches as the signals arrive, so the devices' first connects here
+// need no lookup of their own.
+func TestPrefetchAfterSignals(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a, b := twoReplicas(t)
+	go b.RunPrefetch(ctx)
+	const n = 300
+	for i := range n {
+		id := fmt.Sprintf("gw-%03d", i)
+		if _, _, err := a.Register(ctx, NewDevice{ID: id}); err != nil {
+			t.Fatal(err)
+		}
+		b.CredentialChanged(id, CredentialUpdated)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b.mu.RLock()
+		cached := len(b.cache)
+		b.mu.RUnlock()
+		if cached == n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d changed credentials loaded", cached, n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

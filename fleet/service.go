@@ -57,6 +57,10 @@ type Service struct {
 	onPolicy []func()
 	cacheTTL time.Duration // 0: entries live until invalidated
 
+	pmu          sync.Mutex
+	prefetch     map[string]struct{} // ids whose credential another replica changed, to load (prefetch.go)
+	prefetchWake chan struct{}
+
 	policy atomic.Pointer[compiledPolicy]
 	an     analysis // guarded by mu
 }
@@ -91,7 +95,7 @@ func NewService(store *Store, hasher *Hasher, logger *slog.Logger) *Service {
 		panic(err) // only for a size below 1
 	}
 	return &Service{store: store, hasher: hasher, logger: logger, now: time.Now, cache: map[string]*cachedCredential{},
-		unknown: unknown, an: analysis{wake: make(chan struct{}, 1)}}
+		unknown: unknown, an: analysis{wake: make(chan struct{}, 1)}, prefetchWake: make(chan struct{}, 1)}
 }
 
 // OnRevoke registers a function called (synchronously) when a device's
@@ -168,9 +172,10 @@ func (s *Service) changed(id string, change CredentialChange) {
 }
 
 // CredentialChanged applies another replica's change of a device's
-// credential: the cached entry is dropped (the next connect reads the
-// database), and the live session here of a device decommissioned, or whose
-// token was rotated, is ended.
+// credential: the cached entry is dropped and loaded again soon, in a batch
+// with the others changed at the same time (RunPrefetch), and the live
+// session here of a device decommissioned, or whose token was rotated, is
+// ended.
 func (s *Service) CredentialChanged(id string, change CredentialChange) {
 	s.mu.Lock()
 	delete(s.cache, id)
@@ -183,6 +188,7 @@ func (s *Service) CredentialChanged(id string, change CredentialChange) {
 	}
 	s.mu.Unlock()
 	s.unknown.Remove(id)
+	s.prefetchLater(id)
 	if len(hooks) > 0 {
 		// Off the caller's goroutine (the replicas' listener): ending a
 		// session may wait on a slow device's socket.

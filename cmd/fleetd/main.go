@@ -239,6 +239,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	bg.start("campaigns", func(ctx context.Context) { camps.Run(ctx, cfg.CampaignInterval) })
 	bg.start("analysis", func(ctx context.Context) { svc.RunAnalysis(ctx, cfg.AnalysisInterval) })
 	bg.start("database clock", func(ctx context.Context) { rs.clock.Run(ctx, 30*time.Second) })
+	bg.start("credential prefetch", svc.RunPrefetch)
 	heartbeat := &cluster.Heartbeat{Pool: rs.pool, Node: cfg.Node, Recorder: rec, Clock: rs.clock.Now, StartedEpoch: startedEpoch,
 		DeadAfter: cfg.ReplicaDeadAfter, Log: logger.With("component", "cluster")}
 	bg.start("replica heartbeat", heartbeat.Run)
