@@ -103,9 +103,13 @@ func (rs *replicaSignals) campaignChanged(hub *web.Hub) func(string) {
 func (rs *replicaSignals) start(ctx context.Context, svc *fleet.Service, b *broker.Broker, hub *web.Hub, lc *lifecycle) error {
 	svc.OnCredentialChange(func(id string, change fleet.CredentialChange) {
 		// Sent at once, not batched: a revoked token must stop working
-		// everywhere within a second.
-		if err := rs.bus.Publish(context.Background(), signalCredential, credentialSignal{DeviceID: id, Change: change}); err != nil {
-			rs.log.Warn("other replicas not told of a credential change; their cache entries expire", "device_id", id, "err", err)
+		// everywhere within a second; and retried, since a lost signal
+		// would leave it working elsewhere until the cache entry expires.
+		sig := credentialSignal{DeviceID: id, Change: change}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := rs.bus.Publish(ctx, signalCredential, sig); err != nil {
+			go rs.retryCredential(sig, err)
 		}
 	})
 	svc.OnPolicyChange(func() { rs.bus.Enqueue(signalPolicy, struct{}{}) })
@@ -136,6 +140,21 @@ func (rs *replicaSignals) start(ctx context.Context, svc *fleet.Service, b *brok
 	}
 	lc.onStop("replica signals", rs.bus.Close)
 	return nil
+}
+
+// retryCredential sends a credential signal whose first send failed (a
+// database too busy to take it within 5 s), with backoff, for about a minute.
+func (rs *replicaSignals) retryCredential(sig credentialSignal, err error) {
+	for wait := 250 * time.Millisecond; wait < 32*time.Second; wait *= 2 {
+		time.Sleep(wait)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err = rs.bus.Publish(ctx, signalCredential, sig)
+		cancel()
+		if err == nil {
+			return
+		}
+	}
+	rs.log.Warn("other replicas not told of a credential change; their cache entries expire (credential-cache-ttl)", "device_id", sig.DeviceID, "err", err)
 }
 
 // each decodes every item of another replica's message (this replica's own
