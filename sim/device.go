@@ -30,6 +30,7 @@ type device struct {
 	rnd      *rand.Rand
 	flapRnd  *rand.Rand // flap jitter only, seeded from the id: a run repeats its flap timings
 	oversize []byte     // the oversized telemetry payload, shared by the cohort (read only)
+	link     *linkState // the radio link, when the cohort has one
 	booted   time.Time
 
 	pendingJob string          // job reported as succeeded once the device is back on the new firmware
@@ -199,6 +200,10 @@ func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessi
 	flap := timerChan(d.flapAfter())
 	freeze := timerChan(d.cohort.FreezeAfter.D())
 	oversized := timerChan(d.cohort.OversizedEvery.D())
+	var roam <-chan time.Time
+	if d.link != nil {
+		roam = timerChan(d.cohort.Link.RoamEvery.D())
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -206,9 +211,25 @@ func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessi
 		case <-sess.Done():
 			return endLost
 		case <-telemetry:
-			payload, _ := json.Marshal(map[string]any{"rssi_dbm": -40 - d.rnd.IntN(50), "channel": 1 + d.rnd.IntN(11),
-				"uptime_s": int(time.Since(d.booted).Seconds())})
+			msg := map[string]any{"rssi_dbm": -40 - d.rnd.IntN(50), "channel": 1 + d.rnd.IntN(11),
+				"uptime_s": int(time.Since(d.booted).Seconds())}
+			drop := false
+			if d.link != nil {
+				drop = d.link.tick(d.cohort.Telemetry.D())
+				d.link.report(msg)
+			}
+			payload, _ := json.Marshal(msg)
 			_ = d.publish(ctx, sess, "telemetry", payload, 0, false)
+			if drop {
+				d.sim.stats.count("link drops")
+				return endLost // the radio lost the link: no DISCONNECT
+			}
+		case <-roam:
+			roam = timerChan(d.cohort.Link.RoamEvery.D())
+			if d.link.roam() {
+				d.sim.stats.count("roaming drops")
+				return endLost
+			}
 		case <-flap:
 			d.sim.stats.count("flaps")
 			return endLost // the socket is closed without DISCONNECT

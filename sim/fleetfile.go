@@ -174,6 +174,10 @@ type Cohort struct {
 	// reconnect policy, and are refused every time (the zombies of a real
 	// fleet). It needs run.register and token credentials.
 	Decommissioned bool `yaml:"decommissioned" json:"decommissioned"`
+	// Link is the cohort's radio link (RSSI, channel, access points,
+	// roaming) reported in its telemetry, and the drops it causes. It needs
+	// telemetry.
+	Link *Link `yaml:"link" json:"link"`
 	// Credentials: token (default), bad_token, cert, expired_cert, unknown_ca_cert.
 	Credentials string `yaml:"credentials" json:"credentials"`
 	// Reconnect: backoff (exponential with full jitter, default) or naive (at once).
@@ -359,6 +363,11 @@ func (f *Fleet) Validate() error {
 		if c.OversizedBytes != 0 && (c.OversizedBytes < minOversizedBytes || c.OversizedBytes > maxOversizedBytes) {
 			return fmt.Errorf("%s must be between %d and %d (fleetd's maximum packet is 1 KiB to 256 MiB)",
 				field("oversized_bytes"), minOversizedBytes, maxOversizedBytes)
+		}
+		if c.Link != nil {
+			if err := c.Link.validate(c.Name, c.Telemetry.D(), field); err != nil {
+				return err
+			}
 		}
 		if c.Decommissioned {
 			if !f.Run.Register {

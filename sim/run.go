@@ -158,9 +158,14 @@ func (s *Simulator) buildDevices() error {
 					src = twinAddress(srcs, n, src)
 				}
 			}
-			s.devices = append(s.devices, &device{sim: s, cohort: c, id: id, firmware: c.Firmware, src: src, jobsSeen: map[string]bool{},
+			d := &device{sim: s, cohort: c, id: id, firmware: c.Firmware, src: src, jobsSeen: map[string]bool{},
 				rnd:     rand.New(rand.NewPCG(uint64(n), uint64(time.Now().UnixNano()))),
-				flapRnd: flapSource(id, twin), oversize: oversize, booted: time.Now()})
+				flapRnd: flapSource(id, twin), oversize: oversize, booted: time.Now()}
+			if c.Link != nil {
+				// Seeded like the flap jitter: a run repeats its link.
+				d.link = newLinkState(c.Link, flapSource(id+"/link", twin), i)
+			}
+			s.devices = append(s.devices, d)
 			n++
 		}
 	}
