@@ -109,7 +109,6 @@ type linkState struct {
 	rnd   *rand.Rand
 	rssi  float64
 	ap    int
-	roams <-chan time.Time
 }
 
 func newLinkState(l *Link, rnd *rand.Rand, deviceIndex int) *linkState {
