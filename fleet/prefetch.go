@@ -2,7 +2,6 @@ package fleet
 
 import (
 	"context"
-	"fmt"
 	"time"
 )
 
@@ -80,23 +79,9 @@ func (s *Service) takePrefetch() []string {
 // an entry written meanwhile (by this replica, or by a connect's lookup) is
 // at least as fresh as the row read here, and is kept.
 func (s *Service) loadBatch(ctx context.Context, ids []string) error {
-	rows, err := s.store.pool.Query(ctx, `SELECT id, coalesce(token_hash, ''::bytea), state, firmware, model FROM devices WHERE id = ANY($1)`, ids)
+	loaded, err := s.queryCredentials(ctx, `SELECT id, coalesce(token_hash, ''::bytea), state, firmware, model FROM devices WHERE id = ANY($1)`, ids)
 	if err != nil {
-		return fmt.Errorf("load credentials: %w", err)
-	}
-	defer rows.Close()
-	now := s.now()
-	loaded := map[string]*cachedCredential{}
-	for rows.Next() {
-		var id string
-		c := &cachedCredential{at: now}
-		if err := rows.Scan(&id, &c.hash, &c.state, &c.firmware, &c.model); err != nil {
-			return fmt.Errorf("load credentials: %w", err)
-		}
-		loaded[id] = c
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("load credentials: %w", err)
+		return err
 	}
 	s.mu.Lock()
 	for id, c := range loaded {

@@ -216,7 +216,13 @@ func (s *Service) ReloadCache(ctx context.Context) (int, error) {
 }
 
 func (s *Service) loadCredentials(ctx context.Context) (map[string]*cachedCredential, error) {
-	rows, err := s.store.pool.Query(ctx, `SELECT id, token_hash, state, firmware, model FROM devices WHERE state = 'active'`)
+	return s.queryCredentials(ctx, `SELECT id, coalesce(token_hash, ''::bytea), state, firmware, model FROM devices WHERE state = 'active'`)
+}
+
+// queryCredentials reads credentials (id, token hash, state, firmware,
+// model) as cache entries stamped now.
+func (s *Service) queryCredentials(ctx context.Context, query string, args ...any) (map[string]*cachedCredential, error) {
+	rows, err := s.store.pool.Query(ctx, query, args...)
 	if err != nil {
 		return nil, fmt.Errorf("load credentials: %w", err)
 	}
