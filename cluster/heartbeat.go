@@ -9,6 +9,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/internal/advisory"
 )
 
 // Recorder takes connection events (fleet.Recorder).
@@ -41,7 +42,7 @@ type Heartbeat struct {
 }
 
 // lostSweepLock keeps two replicas from recording the same lost sessions.
-const lostSweepLock = 0x666c656574640002 // "fleetd" + 2
+const lostSweepLock = advisory.LostSweep
 
 // Run beats and sweeps until ctx ends.
 func (h *Heartbeat) Run(ctx context.Context) {

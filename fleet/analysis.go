@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/fleetd/fleetd/internal/advisory"
 )
 
 // analysis is the Service's state for "why devices drop": the policy in
@@ -164,7 +166,7 @@ func (s *Service) Analyze(ctx context.Context) error {
 
 // analysisLock is the advisory lock key of the analysis: with several
 // replicas one analyses per round, so N replicas do not multiply its cost.
-const analysisLock = 0x666c656574640001 // "fleetd" + 1
+const analysisLock = advisory.Analysis
 
 // analyzeRound is one round of the analysis loop. The replica holding the
 // lock (the first to try) learns verdicts and re-judges devices; the others

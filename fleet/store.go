@@ -215,27 +215,66 @@ func clamp32(n int) int32 {
 	return int32(min(max(n, 0), math.MaxInt32))
 }
 
-// writeEvents stores a batch of events and applies their effect on presence,
-// in one transaction. Events are copied into a temporary table and inserted
-// with ON CONFLICT DO NOTHING, so writing a batch twice (a replay after an
-// outage) stores each event once; the presence updates are guarded by session
-// epochs, so applying them twice changes nothing either.
+// writeEvents stores a batch of events, applies their effect on presence and
+// updates the rollups, in one transaction. Events are copied into a
+// temporary table and inserted with ON CONFLICT DO NOTHING, so writing a
+// batch twice (a replay after an outage) stores each event once; the rows
+// that insert returned, and only those, feed the rollups (rollUp), so a
+// replay counts nothing twice either; the presence updates are guarded by
+// session epochs, so applying them twice changes nothing.
+//
+// device_events has a partition per day and no default partition. An event
+// for a day without one (the maintenance loop has not run for a week, a
+// device clock far off, a spool replayed after the retention) makes the
+// insert fail with "no partition of relation found for row"; the batch is
+// then retried after its days' partitions are created, so such an event is
+// stored like any other (and, past the retention, dropped with its day by
+// the next maintenance pass) instead of being refused as bad data and
+// dead-lettered. The ordinary write pays nothing for this.
 func (s *Store) writeEvents(ctx context.Context, events []Event) error {
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `CREATE TEMP TABLE IF NOT EXISTS device_events_in (LIKE device_events) ON COMMIT DELETE ROWS`); err != nil {
-			return fmt.Errorf("prepare event copy: %w", err)
+	for attempt := 1; ; attempt++ {
+		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return writeEventsTx(ctx, tx, events) })
+		// More than one attempt only if a partition is dropped meanwhile.
+		if attempt == 3 || !isMissingPartition(err, "device_events") {
+			return err
 		}
-		_, err := tx.CopyFrom(ctx, pgx.Identifier{"device_events_in"}, eventColumns, pgx.CopyFromSlice(len(events), func(i int) ([]any, error) {
-			return eventRow(&events[i]), nil
-		}))
-		if err != nil {
-			return fmt.Errorf("copy events: %w", err)
+		if err := s.createEventPartitions(ctx, eventDays(events)); err != nil {
+			return err
 		}
-		if _, err := tx.Exec(ctx, `INSERT INTO device_events SELECT * FROM device_events_in ON CONFLICT (id) DO NOTHING`); err != nil {
-			return fmt.Errorf("insert events: %w", err)
-		}
-		return applyPresence(ctx, tx, collapsePresence(events))
-	})
+	}
+}
+
+// eventTempTables are the writer's temporary tables, created once per
+// connection and emptied at each commit: the batch as copied, the events
+// the insert kept, and the sessions those events ended.
+const eventTempTables = `
+	CREATE TEMP TABLE IF NOT EXISTS device_events_in (LIKE device_events) ON COMMIT DELETE ROWS;
+	CREATE TEMP TABLE IF NOT EXISTS device_events_new (LIKE device_events) ON COMMIT DELETE ROWS;
+	CREATE TEMP TABLE IF NOT EXISTS sessions_ended_in (device_id text, started_at timestamptz, ended_at timestamptz,
+		model text, firmware text, ping boolean) ON COMMIT DELETE ROWS`
+
+func writeEventsTx(ctx context.Context, tx pgx.Tx, events []Event) error {
+	if _, err := tx.Exec(ctx, eventTempTables); err != nil {
+		return fmt.Errorf("prepare event copy: %w", err)
+	}
+	_, err := tx.CopyFrom(ctx, pgx.Identifier{"device_events_in"}, eventColumns, pgx.CopyFromSlice(len(events), func(i int) ([]any, error) {
+		return eventRow(&events[i]), nil
+	}))
+	if err != nil {
+		return fmt.Errorf("copy events: %w", err)
+	}
+	if _, err := tx.Exec(ctx, `
+		WITH kept AS (INSERT INTO device_events SELECT * FROM device_events_in ON CONFLICT (id, at) DO NOTHING RETURNING *)
+		INSERT INTO device_events_new SELECT * FROM kept`); err != nil {
+		return fmt.Errorf("insert events: %w", err)
+	}
+	if err := applyPresence(ctx, tx, collapsePresence(events)); err != nil {
+		return err
+	}
+	// Last: the rollup rows of the current minute and hour are shared by
+	// every writer (every replica's), so they are locked for as short a time
+	// as possible.
+	return rollUp(ctx, tx)
 }
 
 // writeDeadLetter keeps an event PostgreSQL refused, so that an operator can

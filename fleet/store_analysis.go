@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/fleetd/fleetd/internal/advisory"
 )
 
 // The SQL of diagnosis: policy, verdicts, firmware statistics, fleet health.
@@ -43,23 +45,45 @@ const pingDisconnectSQL = `((d.reason = 'protocol_error' AND d.detail LIKE 'PING
 // distinct devices, connected device-hours (live sessions count up to now),
 // sessions ended and ping-related disconnects. A session's firmware is the
 // one its disconnect recorded (set by the birth), else its connect's.
+//
+// It reads the rollups the writer keeps (rollUp), not the events, so that an
+// analysis costs what the window holds in minutes × groups plus the open
+// sessions, whatever the history kept. The window starts at the top of the
+// minute of since (up to a minute longer than asked); with that start the
+// numbers are the ones the self-join of connects and disconnects gives
+// (TestFirmwareStatsFromRollupsMatchEvents keeps that query as the oracle).
+// They differ only for histories the writer never produces in order: a
+// disconnect stored before its connect, or a second disconnect of one
+// session, counts no session.
 func (s *Store) firmwareStats(ctx context.Context, since time.Time) ([]FirmwareStats, error) {
+	return s.firmwareStatsAt(ctx, since, nil)
+}
+
+// firmwareStatsAt is firmwareStats with live sessions counted up to now
+// rather than up to the database's clock, when now is not nil.
+func (s *Store) firmwareStatsAt(ctx context.Context, since time.Time, now *time.Time) ([]FirmwareStats, error) {
 	rows, err := s.pool.Query(ctx, `
-		WITH sessions AS (
-			SELECT c.device_id, c.at AS start_at, d.at AS end_at,
-				coalesce(nullif(d.model, ''), c.model) AS model,
-				coalesce(nullif(d.firmware, ''), c.firmware) AS firmware,
-				d.reason IS NOT NULL AS ended,
-				coalesce(`+pingDisconnectSQL+`, false) AS ping_related
-			FROM device_events c
-			LEFT JOIN device_events d ON d.device_id = c.device_id AND d.session_epoch = c.session_epoch AND d.kind = 'disconnect'
-			WHERE c.kind = 'connect' AND coalesce(d.at, now()) >= $1
+		WITH ended AS (
+			SELECT model, firmware, sum(ended) AS sessions, sum(ping_disconnects) AS pings,
+				sum((ended - started) * (extract(epoch FROM minute - $1) * 1000000)::bigint + end_offset_us - start_offset_us) AS us
+			FROM session_rollups_minute WHERE minute >= $1 AND firmware <> ''
+			GROUP BY model, firmware
+		), live AS (
+			SELECT model, firmware, sum((extract(epoch FROM coalesce($2, now()) - greatest(started_at, $1)) * 1000000)::bigint) AS us
+			FROM sessions_open WHERE firmware <> ''
+			GROUP BY model, firmware
+		), devices AS (
+			SELECT model, firmware, count(*) AS n FROM (
+				SELECT model, firmware, device_id FROM session_devices WHERE last_end >= $1 AND firmware <> ''
+				UNION
+				SELECT model, firmware, device_id FROM sessions_open WHERE firmware <> ''
+			) d GROUP BY model, firmware
 		)
-		SELECT model, firmware, count(DISTINCT device_id),
-			coalesce(sum(extract(epoch FROM coalesce(end_at, now()) - greatest(start_at, $1))) / 3600, 0),
-			count(*) FILTER (WHERE ended), count(*) FILTER (WHERE ping_related)
-		FROM sessions WHERE firmware <> ''
-		GROUP BY model, firmware`, since)
+		SELECT model, firmware, coalesce(devices.n, 0),
+			((coalesce(ended.us, 0) + coalesce(live.us, 0)) / 3600000000.0)::float8,
+			coalesce(ended.sessions, 0)::bigint, coalesce(ended.pings, 0)::bigint
+		FROM ended FULL JOIN live USING (model, firmware) FULL JOIN devices USING (model, firmware)`,
+		since.UTC().Truncate(time.Minute), now)
 	if err != nil {
 		return nil, fmt.Errorf("firmware statistics: %w", err)
 	}
@@ -73,6 +97,148 @@ func (s *Store) firmwareStats(ctx context.Context, since time.Time) ([]FirmwareS
 		out = append(out, st)
 	}
 	return out, rows.Err()
+}
+
+// utcBin is the start of a time column's UTC minute or hour (unit): date_bin
+// is plain arithmetic, where date_trunc with a time zone looks the zone up
+// for every row.
+func utcBin(unit, col string) string {
+	return `date_bin('1 ` + unit + `', ` + col + `, TIMESTAMPTZ '2000-01-01 00:00:00+00')`
+}
+
+// offsetMicros is how far into its UTC minute a time column is, in µs: the
+// float seconds of an interval under a minute are exact to far below a µs.
+func offsetMicros(col string) string {
+	return `round(date_part('epoch', ` + col + ` - ` + utcBin("minute", col) + `) * 1000000)::bigint`
+}
+
+// rollupStatements add the events an insert kept (device_events_new) to the
+// rollups (migrations/00012_events_partitioned.sql says what each holds):
+// connects open sessions, disconnects close them into sessions_ended_in,
+// whose sessions are counted in session_rollups_minute and session_devices,
+// and every event is counted in event_rollups_minute and _hour. They run in
+// this order, and each locks its rows in key order (ORDER BY), so that
+// writers of several replicas queue on the rows they share (those of the
+// current minute and hour) instead of deadlocking.
+var rollupStatements = []string{
+	`INSERT INTO sessions_open (device_id, session_epoch, started_at, model, firmware)
+	SELECT device_id, session_epoch, at, model, firmware FROM device_events_new WHERE kind = 'connect'
+	ORDER BY device_id, session_epoch, at
+	ON CONFLICT (device_id, session_epoch) DO NOTHING`,
+
+	`WITH closed AS (
+		DELETE FROM sessions_open o USING device_events_new d
+		WHERE d.kind = 'disconnect' AND o.device_id = d.device_id AND o.session_epoch = d.session_epoch
+		RETURNING o.device_id, o.started_at, d.at, coalesce(nullif(d.model, ''), o.model), coalesce(nullif(d.firmware, ''), o.firmware),
+			` + pingDisconnectSQL + `)
+	INSERT INTO sessions_ended_in SELECT * FROM closed`,
+
+	`INSERT INTO session_rollups_minute AS r (minute, model, firmware, ended, ping_disconnects, end_offset_us, started, start_offset_us)
+	SELECT minute, model, firmware, sum(ended), sum(ping), sum(end_us), sum(started), sum(start_us) FROM (
+		SELECT ` + utcBin("minute", "ended_at") + ` AS minute, model, firmware, 1 AS ended, ping::int AS ping,
+			` + offsetMicros("ended_at") + ` AS end_us, 0 AS started, 0::bigint AS start_us
+		FROM sessions_ended_in
+		UNION ALL
+		SELECT ` + utcBin("minute", "started_at") + `, model, firmware, 0, 0, 0, 1, ` + offsetMicros("started_at") + `
+		FROM sessions_ended_in
+	) s
+	GROUP BY minute, model, firmware ORDER BY minute, model, firmware
+	ON CONFLICT (minute, model, firmware) DO UPDATE SET ended = r.ended + EXCLUDED.ended,
+		ping_disconnects = r.ping_disconnects + EXCLUDED.ping_disconnects, end_offset_us = r.end_offset_us + EXCLUDED.end_offset_us,
+		started = r.started + EXCLUDED.started, start_offset_us = r.start_offset_us + EXCLUDED.start_offset_us`,
+
+	`INSERT INTO session_devices AS s (model, firmware, device_id, last_end)
+	SELECT model, firmware, device_id, max(ended_at) FROM sessions_ended_in
+	GROUP BY model, firmware, device_id ORDER BY model, firmware, device_id
+	ON CONFLICT (model, firmware, device_id) DO UPDATE SET last_end = EXCLUDED.last_end WHERE s.last_end < EXCLUDED.last_end`,
+
+	eventRollupSQL("event_rollups_minute", "minute"),
+	eventRollupSQL("event_rollups_hour", "hour"),
+}
+
+func eventRollupSQL(table, unit string) string {
+	return `INSERT INTO ` + table + ` AS r (` + unit + `, firmware, model, protocol_version, broker_node, kind, reason, count)
+	SELECT ` + utcBin(unit, "at") + `, firmware, model, protocol_version, broker_node, kind, reason, count(*)
+	FROM device_events_new GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 2, 3, 4, 5, 6, 7
+	ON CONFLICT (` + unit + `, firmware, model, protocol_version, broker_node, kind, reason) DO UPDATE SET count = r.count + EXCLUDED.count`
+}
+
+// rollUp runs rollupStatements in the writer's transaction, in one round trip.
+func rollUp(ctx context.Context, tx pgx.Tx) error {
+	b := &pgx.Batch{}
+	for _, q := range rollupStatements {
+		b.Queue(q)
+	}
+	if err := tx.SendBatch(ctx, b).Close(); err != nil {
+		return fmt.Errorf("update rollups: %w", err)
+	}
+	return nil
+}
+
+// disconnectCounts counts disconnects since a time by firmware, protocol and
+// reason, from the top of since's minute: the minute rollups up to the next
+// full hour, the hourly ones from there. Both are current to the last batch
+// written, so the hour under way is complete too.
+func (s *Store) disconnectCounts(ctx context.Context, since time.Time) ([]DisconnectCount, error) {
+	from := since.UTC().Truncate(time.Minute)
+	hour := from.Truncate(time.Hour)
+	if hour.Before(from) {
+		hour = hour.Add(time.Hour)
+	}
+	rows, err := s.pool.Query(ctx, `
+		SELECT firmware, protocol_version, reason, sum(count)::bigint FROM (
+			SELECT firmware, protocol_version, reason, count FROM event_rollups_minute
+			WHERE kind = 'disconnect' AND minute >= $1 AND minute < $2
+			UNION ALL
+			SELECT firmware, protocol_version, reason, count FROM event_rollups_hour
+			WHERE kind = 'disconnect' AND hour >= $2
+		) r GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3`, from, hour)
+	if err != nil {
+		return nil, fmt.Errorf("disconnect counts: %w", err)
+	}
+	defer rows.Close()
+	out := []DisconnectCount{}
+	for rows.Next() {
+		var c DisconnectCount
+		var proto int16
+		var reason string
+		if err := rows.Scan(&c.Firmware, &proto, &reason, &c.Count); err != nil {
+			return nil, fmt.Errorf("disconnect counts: %w", err)
+		}
+		c.Protocol, c.Reason = Protocol(proto), Reason(reason)
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+// historyCounts sums connects, disconnects and refusals per bucket of step
+// (aligned on UTC; from is the start of a bucket) in [from, to): from the
+// minute rollups for steps under an hour, else from the hourly ones. It
+// calls add for each (bucket, kind, reason) with events.
+func (s *Store) historyCounts(ctx context.Context, from, to time.Time, step time.Duration, add func(bucket time.Time, kind Kind, reason Reason, n int64)) error {
+	table, col := "event_rollups_minute", "minute"
+	if step >= time.Hour {
+		table, col = "event_rollups_hour", "hour"
+	}
+	rows, err := s.pool.Query(ctx, `
+		SELECT date_bin(make_interval(secs => $3), `+col+`, TIMESTAMPTZ '2000-01-01 00:00:00+00'), kind, reason, sum(count)::bigint
+		FROM `+table+`
+		WHERE `+col+` >= $1 AND `+col+` < $2 AND kind IN ('connect', 'disconnect', 'refused')
+		GROUP BY 1, 2, 3`, from, to, step.Seconds())
+	if err != nil {
+		return fmt.Errorf("fleet history: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var at time.Time
+		var kind, reason string
+		var n int64
+		if err := rows.Scan(&at, &kind, &reason, &n); err != nil {
+			return fmt.Errorf("fleet history: %w", err)
+		}
+		add(at, Kind(kind), Reason(reason), n)
+	}
+	return rows.Err()
 }
 
 // pingSamples returns recent ping-related disconnects of a firmware, as evidence.
@@ -425,7 +591,8 @@ type FleetHealth struct {
 		Online  int `json:"online"`
 		Offline int `json:"offline"`
 	} `json:"devices"`
-	// Disconnects counts disconnect reasons by firmware × protocol version.
+	// Disconnects counts disconnect reasons by firmware × protocol version,
+	// from the rollups: each window starts at the top of its minute.
 	Disconnects struct {
 		LastHour []DisconnectCount `json:"last_hour"`
 		LastDay  []DisconnectCount `json:"last_day"`
@@ -461,28 +628,13 @@ func (s *Store) fleetHealth(ctx context.Context, now time.Time, p DiagnosisPolic
 		return h, fmt.Errorf("count devices: %w", err)
 	}
 	h.Devices.Offline = h.Devices.Total - h.Devices.Online
-	for _, w := range []struct {
-		since time.Time
-		into  *[]DisconnectCount
-	}{{now.Add(-time.Hour), &h.Disconnects.LastHour}, {now.Add(-24 * time.Hour), &h.Disconnects.LastDay}} {
-		rows, err := s.pool.Query(ctx, `SELECT firmware, protocol_version, reason, count(*) FROM device_events
-			WHERE kind = 'disconnect' AND at >= $1 GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3`, w.since)
-		if err != nil {
-			return h, fmt.Errorf("disconnect counts: %w", err)
-		}
-		*w.into = []DisconnectCount{}
-		for rows.Next() {
-			var c DisconnectCount
-			var proto int16
-			var reason string
-			if err := rows.Scan(&c.Firmware, &proto, &reason, &c.Count); err != nil {
-				rows.Close()
-				return h, err
-			}
-			c.Protocol, c.Reason = Protocol(proto), Reason(reason)
-			*w.into = append(*w.into, c)
-		}
-		rows.Close()
+	// From the rollups: a day of disconnects costs a few thousand rows,
+	// however many events the day had.
+	if h.Disconnects.LastHour, err = s.disconnectCounts(ctx, now.Add(-time.Hour)); err != nil {
+		return h, err
+	}
+	if h.Disconnects.LastDay, err = s.disconnectCounts(ctx, now.Add(-24*time.Hour)); err != nil {
+		return h, err
 	}
 	h.Incompatible.ByReason = map[string]int{}
 	rows, err := s.pool.Query(ctx, `SELECT r->>'reason', count(DISTINCT d.id) FROM devices d, jsonb_array_elements(d.incompatibilities) r
@@ -503,6 +655,8 @@ func (s *Store) fleetHealth(ctx context.Context, now time.Time, p DiagnosisPolic
 	if err := s.pool.QueryRow(ctx, `SELECT count(*) FROM devices WHERE incompatible AND state = 'active'`).Scan(&h.Incompatible.Devices); err != nil {
 		return h, err
 	}
+	// Per device, so from the events; bounded by the flapping window (ten
+	// minutes), which the partitions and the at index keep small.
 	rows, err = s.pool.Query(ctx, `
 		SELECT device_id, count(*) FILTER (WHERE kind = 'connect'),
 			coalesce(mode() WITHIN GROUP (ORDER BY reason) FILTER (WHERE kind = 'disconnect'), '')
@@ -553,12 +707,12 @@ func (s *Store) candidates(ctx context.Context, models, tags []string, incompati
 // tryAdvisoryLock takes a session advisory lock on one pooled connection if
 // it is free; release gives it and the connection back. A replica that dies
 // holding it loses it with its connection.
-func (s *Store) tryAdvisoryLock(ctx context.Context, key int64) (release func(), ok bool, err error) {
+func (s *Store) tryAdvisoryLock(ctx context.Context, key advisory.Key) (release func(), ok bool, err error) {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return nil, false, fmt.Errorf("advisory lock: %w", err)
 	}
-	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, key).Scan(&ok); err != nil || !ok {
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, int64(key)).Scan(&ok); err != nil || !ok {
 		conn.Release()
 		if err != nil {
 			return nil, false, fmt.Errorf("advisory lock: %w", err)
@@ -566,7 +720,7 @@ func (s *Store) tryAdvisoryLock(ctx context.Context, key int64) (release func(),
 		return nil, false, nil
 	}
 	return func() {
-		if _, err := conn.Exec(context.Background(), `SELECT pg_advisory_unlock($1)`, key); err != nil {
+		if _, err := conn.Exec(context.Background(), `SELECT pg_advisory_unlock($1)`, int64(key)); err != nil {
 			conn.Conn().Close(context.Background()) // the lock goes with the session
 		}
 		conn.Release()

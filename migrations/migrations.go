@@ -12,15 +12,17 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
 	"github.com/pressly/goose/v3/lock"
+
+	"github.com/fleetd/fleetd/internal/advisory"
 )
 
 //go:embed *.sql
 var files embed.FS
 
 // lockID is the advisory lock that serialises migrations across replicas
-// ("fleetd" in ASCII), so several fleetd processes starting together against
-// one database apply each migration exactly once.
-const lockID = 0x666c65657464
+// so several fleetd processes starting together against one database apply
+// each migration exactly once.
+const lockID = int64(advisory.Migrations)
 
 // Up applies every pending migration under a session-level advisory lock and
 // returns how many it applied. A replica that finds the lock taken polls once a

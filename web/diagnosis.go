@@ -3,6 +3,7 @@ package web
 import (
 	"context"
 	"net/http"
+	"time"
 
 	"github.com/go-chi/chi/v5"
 
@@ -17,10 +18,12 @@ type Analysis interface {
 	DecideVerdict(ctx context.Context, model, firmware, decision string) error
 	Diagnose(ctx context.Context, id string) (fleet.Diagnosis, error)
 	FleetHealth(ctx context.Context) (fleet.FleetHealth, error)
+	FleetHistory(ctx context.Context, q fleet.HistoryQuery) (fleet.FleetHistory, error)
 }
 
 // MountDiagnosis adds the endpoints that say why devices drop:
-// /compat/rules, /compat/verdicts, /devices/{id}/diagnosis, /fleet/health.
+// /compat/rules, /compat/verdicts, /devices/{id}/diagnosis, /fleet/health,
+// /fleet/history.
 func (s *Server) MountDiagnosis(a Analysis) {
 	fail := func(w http.ResponseWriter, r *http.Request, err error) { writeError(w, r, s.opts.Logger, err) }
 	s.mount(func(_, api chi.Router) { mountDiagnosis(api, a, fail) })
@@ -79,6 +82,32 @@ func mountDiagnosis(api chi.Router, a Analysis, fail func(http.ResponseWriter, *
 	})
 	api.Get("/fleet/health", func(w http.ResponseWriter, r *http.Request) {
 		h, err := a.FleetHealth(r.Context())
+		if err != nil {
+			fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, h)
+	})
+	// Connects, disconnects and refusals per bucket, from the rollups:
+	// ?from=&to= (RFC 3339) and step=1m|5m|1h|1d.
+	api.Get("/fleet/history", func(w http.ResponseWriter, r *http.Request) {
+		q := fleet.HistoryQuery{Step: r.URL.Query().Get("step")}
+		for _, t := range []struct {
+			name string
+			into *time.Time
+		}{{"from", &q.From}, {"to", &q.To}} {
+			v := r.URL.Query().Get(t.name)
+			if v == "" {
+				continue
+			}
+			at, err := time.Parse(time.RFC3339, v)
+			if err != nil {
+				fail(w, r, BadRequest(t.name, t.name+" must be an RFC 3339 time such as 2025-01-02T15:04:05Z"))
+				return
+			}
+			*t.into = at
+		}
+		h, err := a.FleetHistory(r.Context(), q)
 		if err != nil {
 			fail(w, r, err)
 			return

@@ -21,6 +21,7 @@ func TestOpenAPICoversEveryRoute(t *testing.T) {
 	s.MountDiagnosis(nil)
 	s.MountFirmware(nil, nil, FirmwareOptions{})
 	s.MountStream(NewHub())
+	s.MountTelemetry(nil)
 	s.MountOpenAPI()
 
 	param := regexp.MustCompile(`\{(\w+):[^}]*\}`)

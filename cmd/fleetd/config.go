@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/fleetd/fleetd/fleet"
 )
 
 // Config is fleetd's whole configuration. Every field is a flag and an
@@ -72,6 +74,24 @@ type Config struct {
 	// EventSpoolMaxBytes caps the file connection events are spooled to
 	// while the database cannot take them.
 	EventSpoolMaxBytes int64
+	// EventRetention is how long connection events are kept (a day's
+	// partition is dropped once all of it is older); EventPartitionsAhead
+	// how many days of partitions are created ahead. RollupRetention and
+	// HourlyRollupRetention keep the per-minute and hourly rollups longer.
+	EventRetention        time.Duration
+	EventPartitionsAhead  int
+	RollupRetention       time.Duration
+	HourlyRollupRetention time.Duration
+
+	// Telemetry (devices/{id}/telemetry): the messages per second each
+	// device may have stored (the excess is sampled away), the messages that
+	// may wait for the database, and how long each tier is kept.
+	TelemetryRate            float64
+	TelemetryBurst           int
+	TelemetryQueue           int
+	TelemetryRawRetention    time.Duration
+	TelemetryMinuteRetention time.Duration
+	TelemetryHourRetention   time.Duration
 
 	// Limits on what one HTTP client can hold (web.Limits).
 	OTAMaxDownloadsPerSource int
@@ -147,6 +167,16 @@ func (c *Config) settings() []setting {
 		{name: "data-dir", usage: "directory for the embedded database, generated secrets and spooled events", bind: str(&c.DataDir, "./fleetd-data")},
 		{name: "recorder-behind-after", usage: "how old the oldest connection event not yet in the database (in memory or spooled) may get before /readyz fails", bind: dur(&c.RecorderBehindAfter, 30*time.Second)},
 		{name: "event-spool-max-bytes", usage: "cap on the file connection events are spooled to while the database cannot take them, in bytes; at the cap /readyz fails and events past what memory holds are dropped and counted", bind: func(fs *flag.FlagSet, n, u string) { fs.Int64Var(&c.EventSpoolMaxBytes, n, 1<<30, u) }},
+		{name: "telemetry-rate", usage: "telemetry messages per second stored per device; the excess is dropped (sampled) and a rejected event a minute says how many; -1 = unlimited", bind: float(&c.TelemetryRate, 1)},
+		{name: "telemetry-burst", usage: "burst of telemetry messages per device above the rate", bind: num(&c.TelemetryBurst, 10)},
+		{name: "telemetry-queue", usage: "telemetry messages that may wait for the database (in memory, not spooled); past it new ones are dropped and counted", bind: num(&c.TelemetryQueue, 100_000)},
+		{name: "telemetry-raw-retention", usage: "how long raw telemetry points are kept (daily partitions: a day is dropped once it ended this long ago)", bind: dur(&c.TelemetryRawRetention, 48*time.Hour)},
+		{name: "telemetry-minute-retention", usage: "how long per-minute telemetry rollups are kept", bind: dur(&c.TelemetryMinuteRetention, 30*24*time.Hour)},
+		{name: "telemetry-hour-retention", usage: "how long hourly telemetry rollups (and the latest values of silent devices) are kept", bind: dur(&c.TelemetryHourRetention, 400*24*time.Hour)},
+		{name: "event-retention", usage: "how long connection events are kept, at least 24h; a day's partition of events is dropped (never a mass DELETE) once all of it is older", bind: dur(&c.EventRetention, 720*time.Hour)},
+		{name: "event-partitions-ahead", usage: "days after today whose event partitions are created ahead of time (1-90); a write for a day without one creates it", bind: num(&c.EventPartitionsAhead, 7)},
+		{name: "rollup-retention", usage: "how long the per-minute event rollups are kept (fleet health, fleet history by 1m and 5m, learned verdicts), at least 48h and at least -event-retention", bind: dur(&c.RollupRetention, 2160*time.Hour)},
+		{name: "hourly-rollup-retention", usage: "how long the hourly event rollups are kept (fleet history by 1h and 1d), at least -rollup-retention", bind: dur(&c.HourlyRollupRetention, 8760*time.Hour)},
 		{name: "admin-token", usage: "bearer token for /api/v1; empty generates one on first start, kept in the data dir", bind: str(&c.AdminToken, ""), fromFile: true},
 		{name: "analysis-interval", usage: "how often firmware verdicts are learned and device compatibility re-judged", bind: dur(&c.AnalysisInterval, time.Minute)},
 		{name: "replica-dead-after", usage: "how long a replica sharing the database may be silent (it writes a heartbeat every 2 s) before the others record the sessions it held as ended (replica_lost)", bind: dur(&c.ReplicaDeadAfter, 15*time.Second)},
@@ -368,6 +398,39 @@ func (c *Config) validate() error {
 		// the first seconds of any outage.
 		bad("event-spool-max-bytes", "must be at least %d bytes (1 MiB)", 1<<20)
 	}
+	if c.TelemetryRate <= 0 && c.TelemetryRate != -1 {
+		bad("telemetry-rate", "must be above 0, or -1 for unlimited")
+	}
+	if c.TelemetryBurst < 1 {
+		bad("telemetry-burst", "must be at least 1")
+	}
+	if c.TelemetryQueue < 1000 {
+		// Less would drop telemetry at the first slow batch.
+		bad("telemetry-queue", "must be at least 1000 messages")
+	}
+	for _, f := range []struct {
+		name string
+		v    time.Duration
+	}{{"telemetry-raw-retention", c.TelemetryRawRetention}, {"telemetry-minute-retention", c.TelemetryMinuteRetention}, {"telemetry-hour-retention", c.TelemetryHourRetention}} {
+		if f.v < time.Hour {
+			bad(f.name, "must be at least 1h")
+		}
+	}
+	if c.EventRetention < 24*time.Hour {
+		// Events are dropped by the day; the diagnosis and the verdicts'
+		// samples read the last day of them.
+		bad("event-retention", "must be at least 24h")
+	}
+	if c.EventPartitionsAhead < 1 || c.EventPartitionsAhead > 90 {
+		bad("event-partitions-ahead", "must be between 1 and 90 days")
+	}
+	if c.RollupRetention < 48*time.Hour || c.RollupRetention < c.EventRetention {
+		// Fleet health reads the last day of them, the verdicts their window.
+		bad("rollup-retention", "must be at least 48h and at least %s (FLEETD_EVENT_RETENTION)", c.EventRetention)
+	}
+	if c.HourlyRollupRetention < c.RollupRetention {
+		bad("hourly-rollup-retention", "must be at least %s (FLEETD_ROLLUP_RETENTION)", c.RollupRetention)
+	}
 	if c.DatabaseURL != "" {
 		if _, err := pgxpool.ParseConfig(c.DatabaseURL); err != nil {
 			bad("database-url", "not a valid PostgreSQL connection string: %v", err)
@@ -386,6 +449,12 @@ func (c *Config) validate() error {
 		bad("node", "must not be empty")
 	}
 	return errors.Join(errs...)
+}
+
+// eventRetention is what the event maintenance loop keeps.
+func (c *Config) eventRetention() fleet.EventRetention {
+	return fleet.EventRetention{Events: c.EventRetention, MinuteRollups: c.RollupRetention,
+		HourlyRollups: c.HourlyRollupRetention, DaysAhead: c.EventPartitionsAhead}
 }
 
 func checkAddr(addr string) error {

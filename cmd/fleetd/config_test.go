@@ -32,6 +32,9 @@ func TestParseConfig(t *testing.T) {
 	defaults.OTAMaxDownloadsPerSource, defaults.HTTPIdleTimeout, defaults.HTTPReadTimeout, defaults.HTTPStallTimeout = 4, time.Minute, 30*time.Second, 30*time.Second
 	defaults.HTTPMaxStreams, defaults.HTTPMaxStreamsPerToken, defaults.HTTPAuthFailureRate, defaults.HTTPAuthFailureBurst = 256, 8, 1, 20
 	defaults.EventSpoolMaxBytes = 1 << 30
+	defaults.EventRetention, defaults.EventPartitionsAhead, defaults.RollupRetention, defaults.HourlyRollupRetention = 720*time.Hour, 7, 2160*time.Hour, 8760*time.Hour
+	defaults.TelemetryRate, defaults.TelemetryBurst, defaults.TelemetryQueue = 1, 10, 100_000
+	defaults.TelemetryRawRetention, defaults.TelemetryMinuteRetention, defaults.TelemetryHourRetention = 48*time.Hour, 30*24*time.Hour, 400*24*time.Hour
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {
@@ -56,8 +59,20 @@ func TestParseConfig(t *testing.T) {
 			want: with(func(c *Config) { c.DatabaseURL = "postgres://u:p@db:5432/fleetd" })},
 		{name: "recorder behind after", env: map[string]string{"FLEETD_RECORDER_BEHIND_AFTER": "2m"},
 			want: with(func(c *Config) { c.RecorderBehindAfter = 2 * time.Minute })},
+		{name: "telemetry", env: map[string]string{"FLEETD_TELEMETRY_RATE": "0.2", "FLEETD_TELEMETRY_RAW_RETENTION": "6h"},
+			args: []string{"-telemetry-burst", "3", "-telemetry-queue", "5000", "-telemetry-minute-retention", "168h", "-telemetry-hour-retention", "8760h"},
+			want: with(func(c *Config) {
+				c.TelemetryRate, c.TelemetryBurst, c.TelemetryQueue = 0.2, 3, 5000
+				c.TelemetryRawRetention, c.TelemetryMinuteRetention, c.TelemetryHourRetention = 6*time.Hour, 7*24*time.Hour, 365*24*time.Hour
+			})},
+		{name: "telemetry unlimited", args: []string{"-telemetry-rate", "-1"}, want: with(func(c *Config) { c.TelemetryRate = -1 })},
 		{name: "event spool cap", env: map[string]string{"FLEETD_EVENT_SPOOL_MAX_BYTES": "1048576"},
 			want: with(func(c *Config) { c.EventSpoolMaxBytes = 1 << 20 })},
+		{name: "event retention", env: map[string]string{"FLEETD_EVENT_RETENTION": "168h", "FLEETD_ROLLUP_RETENTION": "336h"},
+			args: []string{"-event-partitions-ahead", "3", "-hourly-rollup-retention", "720h"},
+			want: with(func(c *Config) {
+				c.EventRetention, c.RollupRetention, c.HourlyRollupRetention, c.EventPartitionsAhead = 168*time.Hour, 336*time.Hour, 720*time.Hour, 3
+			})},
 		{name: "http limits", env: map[string]string{"FLEETD_HTTP_IDLE_TIMEOUT": "15s", "FLEETD_HTTP_STALL_TIMEOUT": "1m", "FLEETD_HTTP_MAX_STREAMS": "0",
 			"FLEETD_HTTP_AUTH_FAILURE_RATE": "0.5", "FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE": "0"},
 			args: []string{"-http-read-timeout", "5s", "-http-max-streams-per-token", "2", "-http-auth-failure-burst", "3"},
@@ -128,6 +143,18 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "campaign interval too long for pacing", args: []string{"-campaign-interval", "5s"}, want: []string{"FLEETD_CAMPAIGN_INTERVAL", "2s"}},
 		{name: "replica dead-after below two heartbeats", args: []string{"-replica-dead-after", "2s"}, want: []string{"FLEETD_REPLICA_DEAD_AFTER", "3s"}},
 		{name: "negative credential cache TTL", args: []string{"-credential-cache-ttl", "-1s"}, want: []string{"FLEETD_CREDENTIAL_CACHE_TTL", "negative"}},
+		{name: "zero telemetry rate", args: []string{"-telemetry-rate", "0"}, want: []string{"FLEETD_TELEMETRY_RATE", "-1 for unlimited"}},
+		{name: "zero telemetry burst", env: map[string]string{"FLEETD_TELEMETRY_BURST": "0"}, want: []string{"FLEETD_TELEMETRY_BURST", "at least 1"}},
+		{name: "tiny telemetry queue", args: []string{"-telemetry-queue", "10"}, want: []string{"FLEETD_TELEMETRY_QUEUE", "1000"}},
+		{name: "short telemetry retention", args: []string{"-telemetry-raw-retention", "10m", "-telemetry-hour-retention", "0s"},
+			want: []string{"FLEETD_TELEMETRY_RAW_RETENTION", "FLEETD_TELEMETRY_HOUR_RETENTION", "at least 1h"}},
+		{name: "bad telemetry retention", env: map[string]string{"FLEETD_TELEMETRY_MINUTE_RETENTION": "a month"}, want: []string{"FLEETD_TELEMETRY_MINUTE_RETENTION", "a month"}},
+		{name: "event retention under a day", args: []string{"-event-retention", "12h"}, want: []string{"FLEETD_EVENT_RETENTION", "24h"}},
+		{name: "no partitions ahead", args: []string{"-event-partitions-ahead", "0"}, want: []string{"FLEETD_EVENT_PARTITIONS_AHEAD", "between 1 and 90"}},
+		{name: "rollups kept shorter than events", args: []string{"-event-retention", "2160h", "-rollup-retention", "720h"},
+			want: []string{"FLEETD_ROLLUP_RETENTION", "2160h0m0s", "FLEETD_EVENT_RETENTION"}},
+		{name: "hourly rollups kept shorter than minute ones", env: map[string]string{"FLEETD_HOURLY_ROLLUP_RETENTION": "100h"},
+			want: []string{"FLEETD_HOURLY_ROLLUP_RETENTION", "FLEETD_ROLLUP_RETENTION"}},
 		{name: "short pepper", env: map[string]string{"FLEETD_TOKEN_PEPPER": "abcd"}, want: []string{"FLEETD_TOKEN_PEPPER"}},
 		{name: "several problems at once", env: map[string]string{"FLEETD_LOG_FORMAT": "xml", "FLEETD_HTTP_ADDR": "nope"},
 			want: []string{"FLEETD_LOG_FORMAT", "FLEETD_HTTP_ADDR"}},

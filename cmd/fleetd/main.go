@@ -204,6 +204,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	router := cluster.NewRouter(b, rs.bus, pool, logger.With("component", "cluster"))
 	camps := firmware.NewCampaigns(pool, arts, svc, router, baseURL, logger.With("component", "ota"))
 	b.Handle("ota/status", camps.HandleStatus)
+	startTelemetry(cfg, logger, lc, api, pool, reg, b, rec)
 	b.OnSubscribe("ota/job", camps.DeviceListening)
 	b.OnBirth(func(id, fw, _ string) { camps.DeviceBirth(id, fw) })
 	camps.OnChange(rs.campaignChanged(hub))
@@ -238,6 +239,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 
 	bg.start("campaigns", func(ctx context.Context) { camps.Run(ctx, cfg.CampaignInterval) })
 	bg.start("analysis", func(ctx context.Context) { svc.RunAnalysis(ctx, cfg.AnalysisInterval) })
+	bg.start("event partitions", func(ctx context.Context) { svc.RunEventMaintenance(ctx, cfg.eventRetention()) })
 	bg.start("database clock", func(ctx context.Context) { rs.clock.Run(ctx, 30*time.Second) })
 	bg.start("credential prefetch", svc.RunPrefetch)
 	heartbeat := &cluster.Heartbeat{Pool: rs.pool, Node: cfg.Node, Recorder: rec, Clock: rs.clock.Now, StartedEpoch: startedEpoch,

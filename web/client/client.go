@@ -16,6 +16,7 @@ import (
 
 	"github.com/fleetd/fleetd/firmware"
 	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/telemetry"
 )
 
 // Client talks to one fleetd.
@@ -225,6 +226,25 @@ func (c *Client) FleetHealth(ctx context.Context) (fleet.FleetHealth, error) {
 	return h, err
 }
 
+// FleetHistory returns connects, disconnects and refusals per step ("1m",
+// "5m", "1h" or "1d"; empty for 1m) between from and to (a zero to is now, a
+// zero from makes 60 buckets).
+func (c *Client) FleetHistory(ctx context.Context, from, to time.Time, step string) (fleet.FleetHistory, error) {
+	v := url.Values{}
+	if !from.IsZero() {
+		v.Set("from", from.Format(time.RFC3339Nano))
+	}
+	if !to.IsZero() {
+		v.Set("to", to.Format(time.RFC3339Nano))
+	}
+	if step != "" {
+		v.Set("step", step)
+	}
+	var h fleet.FleetHistory
+	err := c.do(ctx, http.MethodGet, "/api/v1/fleet/history?"+v.Encode(), nil, &h)
+	return h, err
+}
+
 // UploadFirmware uploads an image (raw body) for the given models.
 func (c *Client) UploadFirmware(ctx context.Context, version string, models []string, image io.Reader) (firmware.Artifact, error) {
 	q := url.Values{"version": {version}, "models": {strings.Join(models, ",")}}
@@ -295,4 +315,41 @@ func (c *Client) CampaignDevices(ctx context.Context, id string) ([]firmware.Cam
 	var out struct{ Devices []firmware.CampaignDevice }
 	err := c.do(ctx, http.MethodGet, "/api/v1/campaigns/"+url.PathEscape(id)+"/devices", nil, &out)
 	return out.Devices, err
+}
+
+// TelemetryQuery selects one metric of a device: raw points (Step "") or
+// rollups ("1m", "1h"), over [From, To) (zero: the last hour).
+type TelemetryQuery struct {
+	Metric   string
+	From, To time.Time
+	Step     string
+}
+
+// Telemetry reads one metric of a device over time.
+func (c *Client) Telemetry(ctx context.Context, id string, q TelemetryQuery) (telemetry.Series, error) {
+	v := url.Values{"metric": {q.Metric}}
+	if q.Step != "" {
+		v.Set("step", q.Step)
+	}
+	if !q.From.IsZero() {
+		v.Set("from", q.From.Format(time.RFC3339Nano))
+	}
+	if !q.To.IsZero() {
+		v.Set("to", q.To.Format(time.RFC3339Nano))
+	}
+	var s telemetry.Series
+	err := c.do(ctx, http.MethodGet, "/api/v1/devices/"+url.PathEscape(id)+"/telemetry?"+v.Encode(), nil, &s)
+	return s, err
+}
+
+// FleetTelemetry aggregates the latest value of a metric per device by
+// groupBy: firmware, model, channel, bssid, or "" for the whole fleet.
+func (c *Client) FleetTelemetry(ctx context.Context, metric, groupBy string) (telemetry.Summary, error) {
+	v := url.Values{"metric": {metric}}
+	if groupBy != "" {
+		v.Set("group_by", groupBy)
+	}
+	var s telemetry.Summary
+	err := c.do(ctx, http.MethodGet, "/api/v1/fleet/telemetry?"+v.Encode(), nil, &s)
+	return s, err
 }
