@@ -292,6 +292,11 @@ func (s *Service) Diagnose(ctx context.Context, id string) (Diagnosis, error) {
 	s.mu.RUnlock()
 	incompat := nonNil(judge(p, flagged, d.Model, d.Firmware, d.ProtocolVersion))
 	problems := Diagnose(d, events, incompat, now, policy)
+	links, err := s.cachedFleetLinks(ctx)
+	if err != nil {
+		return Diagnosis{}, err
+	}
+	problems = append(problems, DiagnoseLink(events, links, p.LinkPolicy())...)
 	if pr := keepalivePolicyProblem(d, p.Keepalive.For(d.Model)); pr != nil {
 		problems = append(problems, *pr)
 	}

@@ -129,4 +129,24 @@ type Event struct {
 	BytesIn          int64 `json:"bytes_in,omitempty"`
 	DurationMillis   int64 `json:"duration_ms,omitempty"`
 	MaxSilenceMillis int   `json:"max_silence_ms,omitempty"`
+	// The radio link the session ended on, on disconnect events, from the
+	// device's telemetry of that session (SessionLink); zero when it
+	// reported none.
+	SessionLink
 }
+
+// SessionLink is what a session's telemetry said of its radio link, as
+// recorded on its disconnect: the last RSSI and channel reported, the last
+// and the first access point (BSSID), and how long before the end the
+// access point last changed (RoamMillis, at least 1 when it changed; 0 when
+// it did not). Zero fields were not reported.
+type SessionLink struct {
+	RSSI       int    `json:"link_rssi_dbm,omitempty"`
+	Channel    int    `json:"link_channel,omitempty"`
+	BSSID      string `json:"link_bssid,omitempty"`
+	FirstBSSID string `json:"link_first_bssid,omitempty"`
+	RoamMillis int64  `json:"link_roam_ms,omitempty"`
+}
+
+// Reported says whether the session reported anything of its link.
+func (l SessionLink) Reported() bool { return l != SessionLink{} }

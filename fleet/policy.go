@@ -19,7 +19,13 @@ type Policy struct {
 	// VerdictWindowSeconds is how far back learned verdicts look; evidence
 	// older than this ages out and the verdict expires (default a day).
 	VerdictWindowSeconds int `json:"verdict_window_seconds"`
+	// Link holds the thresholds of the WiFi link rules; zero fields take
+	// the defaults.
+	Link LinkPolicy `json:"link"`
 }
+
+// LinkPolicy returns the link thresholds with defaults for unset fields.
+func (p Policy) LinkPolicy() LinkPolicy { return p.Link.withDefaults() }
 
 // KeepalivePolicy caps keepalive below the idle timeout of the network's
 // NATs and load balancers. MQTT 5 devices are told through the CONNACK's
@@ -112,6 +118,9 @@ func (p Policy) compile() (*compiledPolicy, error) {
 		return nil, invalid("verdicts.clear_fraction", "must be more than 0 and at most 1 (0 takes the default, %g)", DefaultVerdictPolicy().ClearFraction)
 	case p.VerdictWindowSeconds < 0:
 		return nil, invalid("verdict_window_seconds", "must not be negative")
+	}
+	if err := p.Link.validate(); err != nil {
+		return nil, err
 	}
 	if p.Models == nil {
 		p.Models = map[string]ModelRules{}

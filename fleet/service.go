@@ -63,6 +63,7 @@ type Service struct {
 
 	policy atomic.Pointer[compiledPolicy]
 	an     analysis // guarded by mu
+	links  linkCache
 }
 
 type cachedCredential struct {

@@ -198,15 +198,37 @@ func (s *Store) credential(ctx context.Context, id string) (credential, error) {
 	return c, err
 }
 
+// linkColumnsSQL reads the link columns of device_events, NULL as zero, in
+// SessionLink's order.
+const linkColumnsSQL = `coalesce(link_rssi, 0)::int, coalesce(link_channel, 0)::int, coalesce(link_bssid, ''),
+	coalesce(link_first_bssid, ''), coalesce(link_roam_ms, 0)`
+
 var eventColumns = []string{"id", "device_id", "at", "kind", "reason", "detail", "firmware", "model",
 	"session_epoch", "protocol_version", "keepalive_requested", "keepalive_effective", "clean_start",
-	"remote_addr", "tls_version", "listener", "broker_node", "pings", "idle_ms", "packets_in", "bytes_in", "duration_ms", "max_silence_ms"}
+	"remote_addr", "tls_version", "listener", "broker_node", "pings", "idle_ms", "packets_in", "bytes_in", "duration_ms", "max_silence_ms",
+	"link_rssi", "link_channel", "link_bssid", "link_first_bssid", "link_roam_ms"}
 
 // eventRow is an event as the values of eventColumns.
 func eventRow(e *Event) []any {
 	return []any{[16]byte(e.ID), e.DeviceID, e.At, string(e.Kind), string(e.Reason), e.Detail, e.Firmware, e.Model,
 		e.SessionEpoch, int16(e.ProtocolVersion), int32(e.KeepaliveRequested), int32(e.KeepaliveEffective), e.CleanStart,
-		e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, clamp32(e.Pings), clamp32(e.IdleMillis), clamp32(e.PacketsIn), e.BytesIn, e.DurationMillis, clamp32(e.MaxSilenceMillis)}
+		e.RemoteAddr, e.TLSVersion, e.Listener, e.BrokerNode, clamp32(e.Pings), clamp32(e.IdleMillis), clamp32(e.PacketsIn), e.BytesIn, e.DurationMillis, clamp32(e.MaxSilenceMillis),
+		nullIf0(int16(max(min(e.RSSI, 0), -200))), nullIf0(int16(min(max(e.Channel, 0), 255))), nullIfEmpty(e.BSSID), nullIfEmpty(e.FirstBSSID), nullIf0(max(e.RoamMillis, 0))}
+}
+
+// nullIf0 and nullIfEmpty store an unreported link field as NULL.
+func nullIf0[T int16 | int64](v T) any {
+	if v == 0 {
+		return nil
+	}
+	return v
+}
+
+func nullIfEmpty(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
 }
 
 // clamp32 fits a counter into an integer column: a session idle for 25 days
@@ -447,7 +469,7 @@ type EventCursor struct {
 func (s *Store) listEvents(ctx context.Context, deviceID string, before *EventCursor, limit int) ([]Event, error) {
 	q := `SELECT id, device_id, at, kind, reason, detail, firmware, model, session_epoch, protocol_version,
 		keepalive_requested, keepalive_effective, clean_start, remote_addr, tls_version, listener, broker_node, pings, idle_ms,
-		packets_in, bytes_in, duration_ms, max_silence_ms
+		packets_in, bytes_in, duration_ms, max_silence_ms, ` + linkColumnsSQL + `
 		FROM device_events WHERE device_id = $1`
 	args := []any{deviceID}
 	if before != nil {
@@ -468,7 +490,7 @@ func (s *Store) listEvents(ctx context.Context, deviceID string, before *EventCu
 		var proto int16
 		if err := rows.Scan(&id, &e.DeviceID, &e.At, &kind, &reason, &e.Detail, &e.Firmware, &e.Model, &e.SessionEpoch, &proto,
 			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.CleanStart, &e.RemoteAddr, &e.TLSVersion, &e.Listener, &e.BrokerNode, &e.Pings, &e.IdleMillis,
-			&e.PacketsIn, &e.BytesIn, &e.DurationMillis, &e.MaxSilenceMillis); err != nil {
+			&e.PacketsIn, &e.BytesIn, &e.DurationMillis, &e.MaxSilenceMillis, &e.RSSI, &e.Channel, &e.BSSID, &e.FirstBSSID, &e.RoamMillis); err != nil {
 			return nil, fmt.Errorf("list events of %s: %w", deviceID, err)
 		}
 		e.ID, e.Kind, e.Reason, e.ProtocolVersion = EventID(id), Kind(kind), Reason(reason), Protocol(proto)

@@ -154,7 +154,24 @@ var rollupStatements = []string{
 
 	eventRollupSQL("event_rollups_minute", "minute"),
 	eventRollupSQL("event_rollups_hour", "hour"),
+
+	`INSERT INTO link_rollups_hour AS r (hour, model, channel, bssid, rssi_bucket, ended, lost, roam_lost, connected_us)
+	SELECT ` + utcBin("hour", "at") + `, model, coalesce(link_channel, 0), coalesce(link_bssid, ''),
+		coalesce(floor(link_rssi / 5.0)::int * 5, 0), count(*), count(*) FILTER (WHERE ` + linkLostSQL + `),
+		count(*) FILTER (WHERE ` + linkLostSQL + ` AND ` + roamedSQL + `), sum(duration_ms) * 1000
+	FROM device_events_new
+	WHERE kind = 'disconnect' AND (link_rssi IS NOT NULL OR link_channel IS NOT NULL OR link_bssid IS NOT NULL)
+	GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+	ON CONFLICT (hour, model, channel, bssid, rssi_bucket) DO UPDATE SET ended = r.ended + EXCLUDED.ended,
+		lost = r.lost + EXCLUDED.lost, roam_lost = r.roam_lost + EXCLUDED.roam_lost, connected_us = r.connected_us + EXCLUDED.connected_us`,
 }
+
+// linkLostSQL is LostOnLink as SQL over device_events, roamedSQL a lost
+// session's end RoamedAtEnd.
+var (
+	linkLostSQL = `reason IN ('` + string(ReasonConnectionLost) + `', '` + string(ReasonKeepaliveTimeout) + `')`
+	roamedSQL   = fmt.Sprintf(`coalesce(link_roam_ms, 0) BETWEEN 1 AND %d`, RoamDropWindow.Milliseconds())
+)
 
 func eventRollupSQL(table, unit string) string {
 	return `INSERT INTO ` + table + ` AS r (` + unit + `, firmware, model, protocol_version, broker_node, kind, reason, count)
@@ -562,7 +579,8 @@ func (s *Store) setCompat(ctx context.Context, ids []string, lists [][]Incompati
 
 func (s *Store) eventsSince(ctx context.Context, deviceID string, since time.Time) ([]Event, error) {
 	rows, err := s.pool.Query(ctx, `SELECT device_id, at, kind, reason, detail, firmware, model, session_epoch, protocol_version,
-		keepalive_requested, keepalive_effective, remote_addr, pings, idle_ms, packets_in, bytes_in, duration_ms, max_silence_ms
+		keepalive_requested, keepalive_effective, remote_addr, pings, idle_ms, packets_in, bytes_in, duration_ms, max_silence_ms,
+		`+linkColumnsSQL+`
 		FROM device_events WHERE device_id = $1 AND at >= $2 ORDER BY at DESC LIMIT 5000`, deviceID, since)
 	if err != nil {
 		return nil, fmt.Errorf("events of %s: %w", deviceID, err)
@@ -575,7 +593,7 @@ func (s *Store) eventsSince(ctx context.Context, deviceID string, since time.Tim
 		var proto int16
 		if err := rows.Scan(&e.DeviceID, &e.At, &kind, &reason, &e.Detail, &e.Firmware, &e.Model, &e.SessionEpoch, &proto,
 			&e.KeepaliveRequested, &e.KeepaliveEffective, &e.RemoteAddr, &e.Pings, &e.IdleMillis,
-			&e.PacketsIn, &e.BytesIn, &e.DurationMillis, &e.MaxSilenceMillis); err != nil {
+			&e.PacketsIn, &e.BytesIn, &e.DurationMillis, &e.MaxSilenceMillis, &e.RSSI, &e.Channel, &e.BSSID, &e.FirstBSSID, &e.RoamMillis); err != nil {
 			return nil, err
 		}
 		e.Kind, e.Reason, e.ProtocolVersion = Kind(kind), Reason(reason), Protocol(proto)

@@ -227,6 +227,12 @@ func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessi
 		case <-roam:
 			roam = timerChan(d.cohort.Link.RoamEvery.D())
 			if d.link.roam() {
+				// The client reports the access point it associated with,
+				// then loses its connection in the hand-over.
+				msg := map[string]any{"uptime_s": int(time.Since(d.booted).Seconds())}
+				d.link.report(msg)
+				payload, _ := json.Marshal(msg)
+				_ = d.publish(ctx, sess, "telemetry", payload, 0, false)
 				d.sim.stats.count("roaming drops")
 				return endLost
 			}

@@ -26,7 +26,8 @@ type Link struct {
 	BSSIDs []string `yaml:"bssids" json:"bssids"`
 	// RoamEvery moves a device to the next access point this often (0 =
 	// never); DropOnRoam drops the connection when it does, as clients
-	// that lose their TCP sessions on a roam do.
+	// that lose their TCP sessions on a roam do (the device reports the new
+	// access point in a telemetry message, then the connection is lost).
 	RoamEvery  Duration `yaml:"roam_every" json:"roam_every"`
 	DropOnRoam bool     `yaml:"drop_on_roam" json:"drop_on_roam"`
 	// DropBelow drops the connection (no DISCONNECT) at a telemetry tick

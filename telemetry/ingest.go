@@ -121,6 +121,7 @@ type device struct {
 	dropped  int64
 	reported time.Time
 	names    []uint64 // hashes of the metric names kept
+	link     sessionLink
 }
 
 // NewIngest builds the handler; q is where parsed messages go, events where
@@ -183,6 +184,7 @@ func (in *Ingest) Handle(s Session, payload []byte) error {
 	}
 	var at time.Time
 	if !msg.Empty() {
+		d.link.note(s.Epoch, &msg, now)
 		at = now.Round(0).Truncate(time.Microsecond)
 		if !at.After(d.last) {
 			at = d.last.Add(time.Microsecond)

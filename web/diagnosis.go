@@ -3,6 +3,7 @@ package web
 import (
 	"context"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -19,11 +20,12 @@ type Analysis interface {
 	Diagnose(ctx context.Context, id string) (fleet.Diagnosis, error)
 	FleetHealth(ctx context.Context) (fleet.FleetHealth, error)
 	FleetHistory(ctx context.Context, q fleet.HistoryQuery) (fleet.FleetHistory, error)
+	FleetLinks(ctx context.Context, window time.Duration) (fleet.LinkStats, error)
 }
 
 // MountDiagnosis adds the endpoints that say why devices drop:
 // /compat/rules, /compat/verdicts, /devices/{id}/diagnosis, /fleet/health,
-// /fleet/history.
+// /fleet/history, /fleet/links.
 func (s *Server) MountDiagnosis(a Analysis) {
 	fail := func(w http.ResponseWriter, r *http.Request, err error) { writeError(w, r, s.opts.Logger, err) }
 	s.mount(func(_, api chi.Router) { mountDiagnosis(api, a, fail) })
@@ -113,5 +115,24 @@ func mountDiagnosis(api chi.Router, a Analysis, fail func(http.ResponseWriter, *
 			return
 		}
 		writeJSON(w, http.StatusOK, h)
+	})
+	// Lost sessions per device-hour by channel and access point over
+	// ?window= seconds (default the policy's link window, at most 90 days).
+	api.Get("/fleet/links", func(w http.ResponseWriter, r *http.Request) {
+		var window time.Duration
+		if v := r.URL.Query().Get("window"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 60 || n > 90*86400 {
+				fail(w, r, BadRequest("window", "window must be a number of seconds between 60 and 7776000 (90 days)"))
+				return
+			}
+			window = time.Duration(n) * time.Second
+		}
+		st, err := a.FleetLinks(r.Context(), window)
+		if err != nil {
+			fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, st)
 	})
 }

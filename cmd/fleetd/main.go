@@ -28,6 +28,7 @@ import (
 	"github.com/fleetd/fleetd/fleet"
 	"github.com/fleetd/fleetd/internal/pgserver"
 	"github.com/fleetd/fleetd/migrations"
+	"github.com/fleetd/fleetd/telemetry"
 	"github.com/fleetd/fleetd/web"
 )
 
@@ -172,6 +173,9 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	lc.onStop("event recorder", rec.Close)
 	api.AddCheck(web.Check{Name: "recorder", Check: rec.Ready})
 
+	// Disconnects carry the radio link their session's telemetry reported
+	// (the ingest is set below, before the broker starts).
+	linked := &telemetry.Stamper{Next: rec}
 	b, err := broker.New(broker.Config{
 		TCPAddr: cfg.MQTTAddr, TLSAddr: cfg.MQTTTLSAddr, WSAddr: cfg.MQTTWSAddr,
 		TLSCertFile: cfg.TLSCertFile, TLSKeyFile: cfg.TLSKeyFile, TLSClientCAFile: cfg.TLSClientCAFile,
@@ -183,7 +187,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 		PublishRate: cfg.PublishRate, PublishBurst: cfg.PublishBurst,
 		SubscribeRate: cfg.SubscribeRate, SubscribeBurst: cfg.SubscribeBurst,
 		SessionExpiry: cfg.SessionExpiry, Node: cfg.Node, Clock: rs.clock.Now,
-	}, svc, rec, logger.With("component", "mqtt"), reg)
+	}, svc, linked, logger.With("component", "mqtt"), reg)
 	if err != nil {
 		return err
 	}
@@ -204,7 +208,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	router := cluster.NewRouter(b, rs.bus, pool, logger.With("component", "cluster"))
 	camps := firmware.NewCampaigns(pool, arts, svc, router, baseURL, logger.With("component", "ota"))
 	b.Handle("ota/status", camps.HandleStatus)
-	startTelemetry(cfg, logger, lc, api, pool, reg, b, rec)
+	linked.Links = startTelemetry(cfg, logger, lc, api, pool, reg, b, rec)
 	b.OnSubscribe("ota/job", camps.DeviceListening)
 	b.OnBirth(func(id, fw, _ string) { camps.DeviceBirth(id, fw) })
 	camps.OnChange(rs.campaignChanged(hub))

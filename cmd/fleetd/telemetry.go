@@ -17,8 +17,8 @@ import (
 // the writer; retention keeps each tier within its setting; the API reads it.
 // It is called before the broker starts, so that its stop steps run after
 // the broker's: the writer stops once no message can arrive, and writes what
-// is queued.
-func startTelemetry(cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Server, pool *pgxpool.Pool, reg prometheus.Registerer, b *broker.Broker, events telemetry.EventSink) {
+// is queued. It returns the ingest, which knows each session's radio link.
+func startTelemetry(cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Server, pool *pgxpool.Pool, reg prometheus.Registerer, b *broker.Broker, events telemetry.EventSink) *telemetry.Ingest {
 	logger = logger.With("component", "telemetry")
 	store := telemetry.NewStore(pool)
 	w := telemetry.NewWriter(store, telemetry.WriterOptions{QueueSize: cfg.TelemetryQueue, Logger: logger, Registerer: reg})
@@ -34,4 +34,5 @@ func startTelemetry(cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Ser
 	bg.start("telemetry sweep", in.Run)
 	bg.start("telemetry retention", func(ctx context.Context) { ret.Run(ctx, store) })
 	api.MountTelemetry(store)
+	return in
 }

@@ -245,6 +245,17 @@ func (c *Client) FleetHistory(ctx context.Context, from, to time.Time, step stri
 	return h, err
 }
 
+// FleetLinks returns the fleet's radio links over window (0: the policy's).
+func (c *Client) FleetLinks(ctx context.Context, window time.Duration) (fleet.LinkStats, error) {
+	path := "/api/v1/fleet/links"
+	if window > 0 {
+		path += "?window=" + strconv.Itoa(int(window.Seconds()))
+	}
+	var st fleet.LinkStats
+	err := c.do(ctx, http.MethodGet, path, nil, &st)
+	return st, err
+}
+
 // UploadFirmware uploads an image (raw body) for the given models.
 func (c *Client) UploadFirmware(ctx context.Context, version string, models []string, image io.Reader) (firmware.Artifact, error) {
 	q := url.Values{"version": {version}, "models": {strings.Join(models, ",")}}
