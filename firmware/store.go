@@ -367,17 +367,25 @@ func stageStats(ctx context.Context, q querier, camp Campaign, kind string, now 
 	}
 	// Connectivity: disconnects per device-hour of the devices this campaign
 	// upgraded, since their upgrade, against the devices it has not touched.
+	// The fleet's disconnects come from the event rollups (minutes from the
+	// top of the first upgrade's minute to the next full hour, hours from
+	// there) minus the campaign's own devices' (read per device through the
+	// (device_id, at) index), so that the gate costs what the campaign and the
+	// hours since its start hold, never a scan of the fleet's events.
 	var upEvents int
 	var upHours, fleetHours float64
 	var fleetEvents int
 	err = q.QueryRow(ctx, `
 		WITH up AS (SELECT device_id, finished_at FROM ota_jobs WHERE campaign_id = $1 AND kind = 'forward' AND state = 'succeeded'),
-		     since AS (SELECT min(finished_at) AS t FROM up)
+		     since AS (SELECT min(finished_at) AS t, date_trunc('minute', min(finished_at), 'UTC') AS m,
+		                      date_trunc('hour', min(finished_at) + interval '59 minutes 59.999999 seconds', 'UTC') AS h FROM up)
 		SELECT
 			(SELECT count(*) FROM device_events e JOIN up ON e.device_id = up.device_id WHERE e.kind = 'disconnect' AND e.at > up.finished_at),
 			coalesce((SELECT sum(extract(epoch FROM $2::timestamptz - finished_at)) / 3600 FROM up), 0),
-			(SELECT count(*) FROM device_events e, since WHERE e.kind = 'disconnect' AND e.at > since.t
-				AND e.device_id NOT IN (SELECT device_id FROM campaign_devices WHERE campaign_id = $1)),
+			coalesce((SELECT sum(count) FROM event_rollups_minute r, since WHERE r.kind = 'disconnect' AND r.minute >= since.m AND r.minute < since.h), 0)
+			+ coalesce((SELECT sum(count) FROM event_rollups_hour r, since WHERE r.kind = 'disconnect' AND r.hour >= since.h), 0)
+			- (SELECT count(*) FROM device_events e JOIN campaign_devices cd ON cd.device_id = e.device_id, since
+				WHERE cd.campaign_id = $1 AND e.kind = 'disconnect' AND e.at >= since.m),
 			coalesce((SELECT count(*) FROM devices WHERE state = 'active' AND id NOT IN (SELECT device_id FROM campaign_devices WHERE campaign_id = $1))
 				* (SELECT extract(epoch FROM $2::timestamptz - t) / 3600 FROM since), 0)`, camp.ID, now).
 		Scan(&upEvents, &upHours, &fleetEvents, &fleetHours)
