@@ -382,8 +382,8 @@ func stageStats(ctx context.Context, q querier, camp Campaign, kind string, now 
 		SELECT
 			(SELECT count(*) FROM device_events e JOIN up ON e.device_id = up.device_id WHERE e.kind = 'disconnect' AND e.at > up.finished_at),
 			coalesce((SELECT sum(extract(epoch FROM $2::timestamptz - finished_at)) / 3600 FROM up), 0),
-			coalesce((SELECT sum(count) FROM event_rollups_minute r, since WHERE r.kind = 'disconnect' AND r.minute >= since.m AND r.minute < since.h), 0)
-			+ coalesce((SELECT sum(count) FROM event_rollups_hour r, since WHERE r.kind = 'disconnect' AND r.hour >= since.h), 0)
+			coalesce((SELECT sum(count) FROM fleet_counts_minute r, since WHERE r.kind = 'disconnect' AND r.minute >= since.m AND r.minute < since.h), 0)
+			+ coalesce((SELECT sum(count) FROM fleet_counts_hour r, since WHERE r.kind = 'disconnect' AND r.hour >= since.h), 0)
 			- (SELECT count(*) FROM device_events e JOIN campaign_devices cd ON cd.device_id = e.device_id, since
 				WHERE cd.campaign_id = $1 AND e.kind = 'disconnect' AND e.at >= since.m),
 			coalesce((SELECT count(*) FROM devices WHERE state = 'active' AND id NOT IN (SELECT device_id FROM campaign_devices WHERE campaign_id = $1))

@@ -148,8 +148,7 @@ func (s *Service) Analyze(ctx context.Context) error {
 		if len(list) > 0 {
 			incompatible++
 		}
-		doc, _ := json.Marshal(nonNil(list))
-		if !bytes.Equal(doc, d.current) {
+		if !sameCompat(d.current, list) {
 			ids, lists = append(ids, d.id), append(lists, list)
 		}
 	}
@@ -356,4 +355,21 @@ type Candidate struct {
 // empty) carrying every tag, only incompatible ones when asked.
 func (s *Service) Candidates(ctx context.Context, models, tags []string, incompatibleOnly bool) ([]Candidate, error) {
 	return s.store.candidates(ctx, models, tags, incompatibleOnly)
+}
+
+// sameCompat reports whether the stored incompatibilities (jsonb, as
+// PostgreSQL renders it: its own key order and spacing) say what list says.
+// Both are compared as Go renders them, so that a device whose verdict did
+// not change is not rewritten on every analysis.
+func sameCompat(stored []byte, list []Incompatibility) bool {
+	if len(list) == 0 {
+		return bytes.Equal(stored, []byte("[]"))
+	}
+	var cur []Incompatibility
+	if err := json.Unmarshal(stored, &cur); err != nil {
+		return false
+	}
+	a, _ := json.Marshal(cur)
+	b, _ := json.Marshal(list)
+	return bytes.Equal(a, b)
 }

@@ -150,6 +150,20 @@ func TestPolicyRulesAndKeepalive(t *testing.T) {
 	if len(got) != 2 || got["old"][0] != want["old"] || got["v3-on-new"][0] != want["v3-on-new"] {
 		t.Fatalf("incompatible: %v, want %v", got, want)
 	}
+	// A second analysis with nothing changed rewrites no device (the stored
+	// jsonb renders its keys in another order than Go: compared decoded).
+	var before, after time.Time
+	pool := svc.store.pool
+	if err := pool.QueryRow(ctx, `SELECT max(updated_at) FROM devices`).Scan(&before); err != nil {
+		t.Fatal(err)
+	}
+	svc.Analyze(ctx)
+	if err := pool.QueryRow(ctx, `SELECT max(updated_at) FROM devices`).Scan(&after); err != nil {
+		t.Fatal(err)
+	}
+	if !after.Equal(before) {
+		t.Fatalf("an analysis with nothing new rewrote devices (updated_at %s → %s)", before, after)
+	}
 	d, _ := svc.Diagnose(ctx, "v3-on-new")
 	found := false
 	for _, p := range d.Problems {

@@ -61,8 +61,27 @@ func (s *Store) firmwareStats(ctx context.Context, since time.Time) ([]FirmwareS
 
 // firmwareStatsAt is firmwareStats with live sessions counted up to now
 // rather than up to the database's clock, when now is not nil.
-func (s *Store) firmwareStatsAt(ctx context.Context, since time.Time, now *time.Time) ([]FirmwareStats, error) {
-	rows, err := s.pool.Query(ctx, `
+//
+// Its devices part deduplicates the window's ended and open sessions' devices
+// (a row per device and firmware, a few hundred thousand in a large fleet):
+// it runs in a transaction with enough work_mem to hash them in memory
+// rather than sort them on disk (1.6 s -> 0.7 s on 200 000 devices).
+func (s *Store) firmwareStatsAt(ctx context.Context, since time.Time, now *time.Time) (out []FirmwareStats, err error) {
+	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SET LOCAL work_mem = '64MB'`); err != nil {
+			return err
+		}
+		out, err = firmwareStatsTx(ctx, tx, since, now)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("firmware statistics: %w", err)
+	}
+	return out, nil
+}
+
+func firmwareStatsTx(ctx context.Context, tx pgx.Tx, since time.Time, now *time.Time) ([]FirmwareStats, error) {
+	rows, err := tx.Query(ctx, `
 		WITH ended AS (
 			SELECT model, firmware, sum(ended) AS sessions, sum(ping_disconnects) AS pings,
 				sum((ended - started) * (extract(epoch FROM minute - $1) * 1000000)::bigint + end_offset_us - start_offset_us) AS us
@@ -116,7 +135,9 @@ func offsetMicros(col string) string {
 // rollups (migrations/00012_events_partitioned.sql says what each holds):
 // connects open sessions, disconnects close them into sessions_ended_in,
 // whose sessions are counted in session_rollups_minute and session_devices,
-// and every event is counted in event_rollups_minute and _hour. They run in
+// every event is counted in event_rollups_minute and _hour and, without
+// model and replica, in fleet_counts_minute and _hour, and disconnects with
+// a link in link_rollups_hour (migrations/00014). They run in
 // this order, and each locks its rows in key order (ORDER BY), so that
 // writers of several replicas queue on the rows they share (those of the
 // current minute and hour) instead of deadlocking.
@@ -154,6 +175,8 @@ var rollupStatements = []string{
 
 	eventRollupSQL("event_rollups_minute", "minute"),
 	eventRollupSQL("event_rollups_hour", "hour"),
+	fleetCountSQL("fleet_counts_minute", "minute"),
+	fleetCountSQL("fleet_counts_hour", "hour"),
 
 	`INSERT INTO link_rollups_hour AS r (hour, model, channel, bssid, rssi_bucket, ended, lost, roam_lost, connected_us)
 	SELECT ` + utcBin("hour", "at") + `, model, coalesce(link_channel, 0), coalesce(link_bssid, ''),
@@ -180,6 +203,13 @@ func eventRollupSQL(table, unit string) string {
 	ON CONFLICT (` + unit + `, firmware, model, protocol_version, broker_node, kind, reason) DO UPDATE SET count = r.count + EXCLUDED.count`
 }
 
+func fleetCountSQL(table, unit string) string {
+	return `INSERT INTO ` + table + ` AS r (` + unit + `, kind, reason, firmware, protocol_version, count)
+	SELECT ` + utcBin(unit, "at") + `, kind, reason, firmware, protocol_version, count(*)
+	FROM device_events_new GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+	ON CONFLICT (` + unit + `, kind, reason, firmware, protocol_version) DO UPDATE SET count = r.count + EXCLUDED.count`
+}
+
 // rollUp runs rollupStatements in the writer's transaction, in one round trip.
 func rollUp(ctx context.Context, tx pgx.Tx) error {
 	b := &pgx.Batch{}
@@ -204,10 +234,10 @@ func (s *Store) disconnectCounts(ctx context.Context, since time.Time) ([]Discon
 	}
 	rows, err := s.pool.Query(ctx, `
 		SELECT firmware, protocol_version, reason, sum(count)::bigint FROM (
-			SELECT firmware, protocol_version, reason, count FROM event_rollups_minute
+			SELECT firmware, protocol_version, reason, count FROM fleet_counts_minute
 			WHERE kind = 'disconnect' AND minute >= $1 AND minute < $2
 			UNION ALL
-			SELECT firmware, protocol_version, reason, count FROM event_rollups_hour
+			SELECT firmware, protocol_version, reason, count FROM fleet_counts_hour
 			WHERE kind = 'disconnect' AND hour >= $2
 		) r GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3`, from, hour)
 	if err != nil {
@@ -233,9 +263,9 @@ func (s *Store) disconnectCounts(ctx context.Context, since time.Time) ([]Discon
 // minute rollups for steps under an hour, else from the hourly ones. It
 // calls add for each (bucket, kind, reason) with events.
 func (s *Store) historyCounts(ctx context.Context, from, to time.Time, step time.Duration, add func(bucket time.Time, kind Kind, reason Reason, n int64)) error {
-	table, col := "event_rollups_minute", "minute"
+	table, col := "fleet_counts_minute", "minute"
 	if step >= time.Hour {
-		table, col = "event_rollups_hour", "hour"
+		table, col = "fleet_counts_hour", "hour"
 	}
 	rows, err := s.pool.Query(ctx, `
 		SELECT date_bin(make_interval(secs => $3), `+col+`, TIMESTAMPTZ '2000-01-01 00:00:00+00'), kind, reason, sum(count)::bigint

@@ -292,6 +292,13 @@ func openDatabase(ctx context.Context, cfg Config, logger *slog.Logger, lc *life
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", envName("database-url"), err)
 	}
+	// fleetd's queries are short and many: PostgreSQL's JIT compiles a
+	// query when its cost estimate is high (a large fleet's counts), which
+	// costs 100-250 ms each time and saves nothing on queries that read
+	// rollups. A jit=on parameter in the DSN keeps it on.
+	if _, set := poolCfg.ConnConfig.RuntimeParams["jit"]; !set {
+		poolCfg.ConnConfig.RuntimeParams["jit"] = "off"
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
 	if err != nil {
 		return nil, fmt.Errorf("open database: %w", err)

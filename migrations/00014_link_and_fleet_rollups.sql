@@ -36,3 +36,33 @@ CREATE TABLE link_rollups_hour (
     connected_us bigint      NOT NULL,
     PRIMARY KEY (hour, model, channel, bssid, rssi_bucket)
 );
+
+-- fleet_counts_minute and fleet_counts_hour are the event rollups without
+-- model and replica: the counts fleet history, fleet health's disconnects and
+-- the campaign connectivity gate read. event_rollups_* keep about eight times
+-- more rows per bucket (4 models x 2 replicas); these few rows per bucket keep
+-- a day by minute or a month by day in the tens of milliseconds. Maintained
+-- by the event writer with the others, pruned with them.
+CREATE TABLE fleet_counts_minute (
+    minute           timestamptz NOT NULL,
+    firmware         text        NOT NULL,
+    protocol_version smallint    NOT NULL,
+    kind             text        NOT NULL,
+    reason           text        NOT NULL,
+    count            bigint      NOT NULL,
+    PRIMARY KEY (minute, kind, reason, firmware, protocol_version)
+);
+CREATE TABLE fleet_counts_hour (
+    hour             timestamptz NOT NULL,
+    firmware         text        NOT NULL,
+    protocol_version smallint    NOT NULL,
+    kind             text        NOT NULL,
+    reason           text        NOT NULL,
+    count            bigint      NOT NULL,
+    PRIMARY KEY (hour, kind, reason, firmware, protocol_version)
+);
+INSERT INTO fleet_counts_minute
+SELECT minute, firmware, protocol_version, kind, reason, sum(count) FROM event_rollups_minute GROUP BY 1, 2, 3, 4, 5;
+INSERT INTO fleet_counts_hour
+SELECT hour, firmware, protocol_version, kind, reason, sum(count) FROM event_rollups_hour GROUP BY 1, 2, 3, 4, 5;
+ANALYZE fleet_counts_minute, fleet_counts_hour;
