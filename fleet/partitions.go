@@ -163,6 +163,8 @@ func (s *Store) maintainEvents(ctx context.Context, now time.Time, r EventRetent
 		{`DELETE FROM event_rollups_hour WHERE hour < $1`, now.Add(-r.HourlyRollups)},
 		{`DELETE FROM fleet_counts_minute WHERE minute < $1`, now.Add(-r.MinuteRollups)},
 		{`DELETE FROM fleet_counts_hour WHERE hour < $1`, now.Add(-r.HourlyRollups)},
+		{`DELETE FROM history_minute WHERE minute < $1`, now.Add(-r.MinuteRollups)},
+		{`DELETE FROM history_hour WHERE hour < $1`, now.Add(-r.HourlyRollups)},
 		{`DELETE FROM link_rollups_hour WHERE hour < $1`, now.Add(-r.MinuteRollups)},
 		{`DELETE FROM sessions_open o WHERE started_at < $1 AND NOT EXISTS (
 			SELECT 1 FROM devices d WHERE d.id = o.device_id AND d.online AND d.session_epoch = o.session_epoch)`, cutoff},

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/fleetd/fleetd/internal/advisory"
 )
@@ -136,7 +137,8 @@ func offsetMicros(col string) string {
 // connects open sessions, disconnects close them into sessions_ended_in,
 // whose sessions are counted in session_rollups_minute and session_devices,
 // every event is counted in event_rollups_minute and _hour and, without
-// model and replica, in fleet_counts_minute and _hour, and disconnects with
+// model and replica, in fleet_counts_minute and _hour, by kind and reason
+// only in history_minute and _hour, and disconnects with
 // a link in link_rollups_hour (migrations/00014). They run in
 // this order, and each locks its rows in key order (ORDER BY), so that
 // writers of several replicas queue on the rows they share (those of the
@@ -177,6 +179,8 @@ var rollupStatements = []string{
 	eventRollupSQL("event_rollups_hour", "hour"),
 	fleetCountSQL("fleet_counts_minute", "minute"),
 	fleetCountSQL("fleet_counts_hour", "hour"),
+	historySQL("history_minute", "minute"),
+	historySQL("history_hour", "hour"),
 
 	`INSERT INTO link_rollups_hour AS r (hour, model, channel, bssid, rssi_bucket, ended, lost, roam_lost, connected_us)
 	SELECT ` + utcBin("hour", "at") + `, model, coalesce(link_channel, 0), coalesce(link_bssid, ''),
@@ -208,6 +212,13 @@ func fleetCountSQL(table, unit string) string {
 	SELECT ` + utcBin(unit, "at") + `, kind, reason, firmware, protocol_version, count(*)
 	FROM device_events_new GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
 	ON CONFLICT (` + unit + `, kind, reason, firmware, protocol_version) DO UPDATE SET count = r.count + EXCLUDED.count`
+}
+
+func historySQL(table, unit string) string {
+	return `INSERT INTO ` + table + ` AS r (` + unit + `, kind, reason, count)
+	SELECT ` + utcBin(unit, "at") + `, kind, reason, count(*)
+	FROM device_events_new GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+	ON CONFLICT (` + unit + `, kind, reason) DO UPDATE SET count = r.count + EXCLUDED.count`
 }
 
 // rollUp runs rollupStatements in the writer's transaction, in one round trip.
@@ -263,9 +274,9 @@ func (s *Store) disconnectCounts(ctx context.Context, since time.Time) ([]Discon
 // minute rollups for steps under an hour, else from the hourly ones. It
 // calls add for each (bucket, kind, reason) with events.
 func (s *Store) historyCounts(ctx context.Context, from, to time.Time, step time.Duration, add func(bucket time.Time, kind Kind, reason Reason, n int64)) error {
-	table, col := "fleet_counts_minute", "minute"
+	table, col := "history_minute", "minute"
 	if step >= time.Hour {
-		table, col = "fleet_counts_hour", "hour"
+		table, col = "history_hour", "hour"
 	}
 	rows, err := s.pool.Query(ctx, `
 		SELECT date_bin(make_interval(secs => $3), `+col+`, TIMESTAMPTZ '2000-01-01 00:00:00+00'), kind, reason, sum(count)::bigint
@@ -670,63 +681,74 @@ type FlappingDevice struct {
 
 func (s *Store) fleetHealth(ctx context.Context, now time.Time, p DiagnosisPolicy) (FleetHealth, error) {
 	var h FleetHealth
-	err := s.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE online) FROM devices WHERE state = 'active'`).
-		Scan(&h.Devices.Total, &h.Devices.Online)
-	if err != nil {
-		return h, fmt.Errorf("count devices: %w", err)
-	}
-	h.Devices.Offline = h.Devices.Total - h.Devices.Online
+	// Five independent reads, run side by side (on at most three pooled
+	// connections, so that the event writer keeps one): the request costs
+	// the slowest of them rather than their sum.
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(3)
+	g.Go(func() error {
+		err := s.pool.QueryRow(gctx, `SELECT count(*), count(*) FILTER (WHERE online), count(*) FILTER (WHERE incompatible)
+			FROM devices WHERE state = 'active'`).Scan(&h.Devices.Total, &h.Devices.Online, &h.Incompatible.Devices)
+		if err != nil {
+			return fmt.Errorf("count devices: %w", err)
+		}
+		h.Devices.Offline = h.Devices.Total - h.Devices.Online
+		return nil
+	})
 	// From the rollups: a day of disconnects costs a few thousand rows,
 	// however many events the day had.
-	if h.Disconnects.LastHour, err = s.disconnectCounts(ctx, now.Add(-time.Hour)); err != nil {
-		return h, err
-	}
-	if h.Disconnects.LastDay, err = s.disconnectCounts(ctx, now.Add(-24*time.Hour)); err != nil {
-		return h, err
-	}
-	h.Incompatible.ByReason = map[string]int{}
-	rows, err := s.pool.Query(ctx, `SELECT r->>'reason', count(DISTINCT d.id) FROM devices d, jsonb_array_elements(d.incompatibilities) r
-		WHERE d.incompatible AND d.state = 'active' GROUP BY 1`)
-	if err != nil {
-		return h, fmt.Errorf("incompatible devices: %w", err)
-	}
-	for rows.Next() {
-		var reason string
-		var n int
-		if err := rows.Scan(&reason, &n); err != nil {
-			rows.Close()
-			return h, err
+	g.Go(func() (err error) {
+		h.Disconnects.LastHour, err = s.disconnectCounts(gctx, now.Add(-time.Hour))
+		return err
+	})
+	g.Go(func() (err error) {
+		h.Disconnects.LastDay, err = s.disconnectCounts(gctx, now.Add(-24*time.Hour))
+		return err
+	})
+	g.Go(func() error {
+		h.Incompatible.ByReason = map[string]int{}
+		rows, err := s.pool.Query(gctx, `SELECT r->>'reason', count(DISTINCT d.id) FROM devices d, jsonb_array_elements(d.incompatibilities) r
+			WHERE d.incompatible AND d.state = 'active' GROUP BY 1`)
+		if err != nil {
+			return fmt.Errorf("incompatible devices: %w", err)
 		}
-		h.Incompatible.ByReason[reason] = n
-	}
-	rows.Close()
-	if err := s.pool.QueryRow(ctx, `SELECT count(*) FROM devices WHERE incompatible AND state = 'active'`).Scan(&h.Incompatible.Devices); err != nil {
-		return h, err
-	}
+		defer rows.Close()
+		for rows.Next() {
+			var reason string
+			var n int
+			if err := rows.Scan(&reason, &n); err != nil {
+				return fmt.Errorf("incompatible devices: %w", err)
+			}
+			h.Incompatible.ByReason[reason] = n
+		}
+		return rows.Err()
+	})
 	// Per device, so from the events; bounded by the flapping window (ten
 	// minutes), which the partitions and the at index keep small.
-	rows, err = s.pool.Query(ctx, `
-		SELECT device_id, count(*) FILTER (WHERE kind = 'connect'),
-			coalesce(mode() WITHIN GROUP (ORDER BY reason) FILTER (WHERE kind = 'disconnect'), '')
-		FROM device_events WHERE at >= $1 AND kind IN ('connect', 'disconnect')
-		GROUP BY device_id HAVING count(*) FILTER (WHERE kind = 'connect') > $2
-		ORDER BY 2 DESC, 1 LIMIT 100`, now.Add(-p.FlapWindow), p.FlapSessions)
-	if err != nil {
-		return h, fmt.Errorf("flapping devices: %w", err)
-	}
-	h.Flapping = []FlappingDevice{}
-	for rows.Next() {
-		var f FlappingDevice
-		var reason string
-		if err := rows.Scan(&f.ID, &f.Sessions, &reason); err != nil {
-			rows.Close()
-			return h, err
+	g.Go(func() error {
+		rows, err := s.pool.Query(gctx, `
+			SELECT device_id, count(*) FILTER (WHERE kind = 'connect'),
+				coalesce(mode() WITHIN GROUP (ORDER BY reason) FILTER (WHERE kind = 'disconnect'), '')
+			FROM device_events WHERE at >= $1 AND kind IN ('connect', 'disconnect')
+			GROUP BY device_id HAVING count(*) FILTER (WHERE kind = 'connect') > $2
+			ORDER BY 2 DESC, 1 LIMIT 100`, now.Add(-p.FlapWindow), p.FlapSessions)
+		if err != nil {
+			return fmt.Errorf("flapping devices: %w", err)
 		}
-		f.DominantReason = Reason(reason)
-		h.Flapping = append(h.Flapping, f)
-	}
-	rows.Close()
-	return h, rows.Err()
+		defer rows.Close()
+		h.Flapping = []FlappingDevice{}
+		for rows.Next() {
+			var f FlappingDevice
+			var reason string
+			if err := rows.Scan(&f.ID, &f.Sessions, &reason); err != nil {
+				return fmt.Errorf("flapping devices: %w", err)
+			}
+			f.DominantReason = Reason(reason)
+			h.Flapping = append(h.Flapping, f)
+		}
+		return rows.Err()
+	})
+	return h, g.Wait()
 }
 
 func (s *Store) candidates(ctx context.Context, models, tags []string, incompatibleOnly bool) ([]Candidate, error) {

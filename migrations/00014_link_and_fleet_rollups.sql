@@ -38,8 +38,8 @@ CREATE TABLE link_rollups_hour (
 );
 
 -- fleet_counts_minute and fleet_counts_hour are the event rollups without
--- model and replica: the counts fleet history, fleet health's disconnects and
--- the campaign connectivity gate read. event_rollups_* keep about eight times
+-- model and replica: the counts fleet health's disconnects and the campaign
+-- connectivity gate read. event_rollups_* keep about eight times
 -- more rows per bucket (4 models x 2 replicas); these few rows per bucket keep
 -- a day by minute or a month by day in the tens of milliseconds. Maintained
 -- by the event writer with the others, pruned with them.
@@ -61,8 +61,26 @@ CREATE TABLE fleet_counts_hour (
     count            bigint      NOT NULL,
     PRIMARY KEY (hour, kind, reason, firmware, protocol_version)
 );
+-- history_minute and history_hour hold the same counts by kind and reason
+-- only: fleet history's buckets, a dozen rows each.
+CREATE TABLE history_minute (
+    minute timestamptz NOT NULL,
+    kind   text        NOT NULL,
+    reason text        NOT NULL,
+    count  bigint      NOT NULL,
+    PRIMARY KEY (minute, kind, reason)
+);
+CREATE TABLE history_hour (
+    hour   timestamptz NOT NULL,
+    kind   text        NOT NULL,
+    reason text        NOT NULL,
+    count  bigint      NOT NULL,
+    PRIMARY KEY (hour, kind, reason)
+);
+INSERT INTO history_minute SELECT minute, kind, reason, sum(count) FROM event_rollups_minute GROUP BY 1, 2, 3;
+INSERT INTO history_hour SELECT hour, kind, reason, sum(count) FROM event_rollups_hour GROUP BY 1, 2, 3;
 INSERT INTO fleet_counts_minute
 SELECT minute, firmware, protocol_version, kind, reason, sum(count) FROM event_rollups_minute GROUP BY 1, 2, 3, 4, 5;
 INSERT INTO fleet_counts_hour
 SELECT hour, firmware, protocol_version, kind, reason, sum(count) FROM event_rollups_hour GROUP BY 1, 2, 3, 4, 5;
-ANALYZE fleet_counts_minute, fleet_counts_hour;
+ANALYZE fleet_counts_minute, fleet_counts_hour, history_minute, history_hour;
