@@ -103,3 +103,13 @@ func freePort(t *testing.T) string {
 	defer ln.Close()
 	return ln.Addr().String()
 }
+
+// publish sends a QoS 0 PUBLISH on the raw device's connection.
+func (d *rawDevice) publish(t *testing.T, topic, payload string) {
+	t.Helper()
+	body := append([]byte{byte(len(topic) >> 8), byte(len(topic))}, topic...)
+	body = append(body, payload...)
+	if _, err := d.conn.Write(append(append([]byte{0x30}, remainingLength(len(body))...), body...)); err != nil {
+		t.Fatalf("publish %s: %v", topic, err)
+	}
+}

@@ -12,19 +12,14 @@ import {API, token, errorFromBody, reportUnauthorized} from './api.js';
 // fleetd sends one every 15 s) is presumed dead and reopened.
 const IDLE_MS = 60_000;
 const MAX_BACKOFF_MS = 30_000;
-const KEEP_MINUTES = 70;
 
 // live is the state shared by the views.
 export const live = {
   state: 'off', // off | connecting | live | down
   why: '', // why the stream is down
   retryAt: 0, // when the next attempt starts (state down)
-  since: 0, // when the stream first opened: per-minute counts start here
-  gaps: [], // [{from, to}] when the stream was down after it first opened
-  bins: new Map(), // minute number → {connect, disconnect, reasons: {reason: n}}
   known: new Map(), // device id → online, as the stream last said
   counts: null, // {total, online, offline}: fleet/health plus the stream's changes
-  totals: {connect: 0, disconnect: 0},
 };
 
 const listeners = new Set();
@@ -59,10 +54,6 @@ export function setCounts(devices) {
   live.counts = {total: devices.total || 0, online: devices.online || 0, offline: devices.offline || 0};
 }
 
-function minuteOf(ms) {
-  return Math.floor(ms / 60_000);
-}
-
 // presenceAfter is whether the device is online after the event. The old
 // session of a takeover ends while the device stays online in its new one.
 export function presenceAfter(ev, before) {
@@ -86,22 +77,6 @@ function applyPresence(ev) {
     c.total = Math.max(c.total, c.online);
     c.offline = c.total - c.online;
   }
-  let at = Date.parse(ev.at);
-  if (!isFinite(at)) at = Date.now();
-  const m = minuteOf(at);
-  let bin = live.bins.get(m);
-  if (!bin) {
-    bin = {connect: 0, disconnect: 0, reasons: {}};
-    live.bins.set(m, bin);
-  }
-  bin[ev.kind]++;
-  live.totals[ev.kind]++;
-  if (ev.kind === 'disconnect') {
-    const r = ev.reason || 'unknown';
-    bin.reasons[r] = (bin.reasons[r] || 0) + 1;
-  }
-  const oldest = minuteOf(Date.now()) - KEEP_MINUTES;
-  for (const k of live.bins.keys()) if (k < oldest) live.bins.delete(k);
 }
 
 function dispatch(type, raw) {
@@ -131,12 +106,8 @@ export function stopLive() {
   running = false;
   if (ctrl) ctrl.abort();
   if (wake) wake();
-  live.since = 0;
-  live.gaps = [];
-  live.bins.clear();
   live.known.clear();
   live.counts = null;
-  live.totals = {connect: 0, disconnect: 0};
   setState('off');
 }
 
@@ -187,10 +158,6 @@ async function loop() {
         throw new Error(`the stream answered ${ct || 'without a content type'}`);
       }
       opened = true;
-      const now = Date.now();
-      if (!live.since) live.since = now;
-      const gap = live.gaps[live.gaps.length - 1];
-      if (gap && !gap.to) gap.to = now;
       setState('live');
       emit('open', live);
       await readSSE(res.body, c, () => {
@@ -202,10 +169,6 @@ async function loop() {
       why = idle ? `no data for ${IDLE_MS / 1000} s` : (err && err.message) || String(err);
     }
     if (!running) return;
-    if (live.since) {
-      const gap = live.gaps[live.gaps.length - 1];
-      if (!gap || gap.to) live.gaps.push({from: Date.now(), to: 0});
-    }
     if (opened && Date.now() - started > 15_000) backoff = 1000;
     const wait = Math.round(backoff * (0.5 + Math.random() * 0.5));
     backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);

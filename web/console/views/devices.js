@@ -1,11 +1,12 @@
 // Devices: the paged, filtered list and a device's page (presence,
-// diagnosis, connection timeline, decommission and token rotation).
+// diagnosis, connection timeline with a telemetry metric on the same time
+// axis, decommission and token rotation).
 
 import {h, fill, card, table, link, uiPath, devicePath, dl, fmtTime, ago, fmtDuration, fmtNum, protoName, onlineBadge, badge,
   debounce, settle, errorBox, confirmDialog, modal} from '../lib/dom.js';
 import {api, qs, enc} from '../lib/api.js';
 import {setQuery} from '../lib/nav.js';
-import {buildSessions, timeline, legend, reasonLabel} from '../lib/charts.js';
+import {buildSessions, timeline, timeAxis, seriesChart, seriesPoints, visiblePoints, crosshair, stepMs, legend, reasonLabel} from '../lib/charts.js';
 import {presenceAfter} from '../lib/live.js';
 
 const PAGE = 100;
@@ -205,6 +206,10 @@ const problemTitles = {
   id_used_elsewhere: 'Someone else uses this id',
   decommissioned_retrying: 'Decommissioned, still trying',
   keepalive_above_policy: 'Keepalive above policy',
+  weak_signal: 'Weak signal',
+  congested_channel: 'Congested WiFi channel',
+  bad_access_point: 'Bad access point',
+  roaming_drops: 'Drops when it roams',
 };
 
 function evidenceValue(v) {
@@ -232,7 +237,27 @@ const windows = [
   ['3600000', 'last hour'],
   ['21600000', 'last 6 hours'],
   ['86400000', 'last 24 hours'],
+  ['604800000', 'last 7 days'],
 ];
+
+// fleetd has no list of the metrics a device reports, so the device page
+// asks for these (and the one in the address, ?metric=) and offers those
+// that have points.
+const knownMetrics = ['rssi_dbm', 'snr_db', 'noise_dbm', 'channel', 'tx_rate_mbps', 'uptime_s', 'temp_c', 'battery_pct', 'heap_free'];
+const metricsLookBack = 7 * 86_400_000;
+
+// telemetryStep is the step a period is read at: raw points up to 90
+// minutes, per-minute rollups up to 3 days, hourly ones beyond (at most
+// 5000 points an answer).
+function telemetryStep(span) {
+  if (span <= 90 * 60_000) return '';
+  if (span <= 3 * 86_400_000) return '1m';
+  return '1h';
+}
+
+const stepNames = {'': 'raw points', '1m': 'per-minute means', '1h': 'hourly means'};
+
+const iso = (ms) => new Date(ms).toISOString();
 
 export async function deviceView(ctx, id) {
   ctx.title(id);
@@ -242,24 +267,43 @@ export async function deviceView(ctx, id) {
   const presence = h('div');
   const firmware = h('div');
   const diagBox = h('div', {'data-testid': 'diagnosis'});
+  const query = new URLSearchParams(location.search);
   const tlBox = h('div', {class: 'chart-box', 'data-testid': 'timeline'});
   const tlLegend = h('div', {'data-testid': 'timeline-legend'});
   const tlNote = h('p', {class: 'caption'});
   const tlWindow = h('select', {'data-testid': 'timeline-window', 'aria-label': 'Timeline period'}, windows.map(([v, t]) => h('option', {value: v}, t)));
+  if (windows.some(([v]) => v && v === query.get('period'))) tlWindow.value = query.get('period');
+  const telBox = h('div', {class: 'chart-box', 'data-testid': 'telemetry-chart'});
+  const telNote = h('p', {class: 'caption', 'data-testid': 'telemetry-caption'});
+  const telMetric = h('select', {'data-testid': 'telemetry-metric', 'aria-label': 'Telemetry metric', hidden: true});
+  const readout = h('p', {class: 'caption readout', 'data-testid': 'chart-readout', 'aria-live': 'off'});
+  const charts = h('div', {class: 'charts-stack'}, telBox, tlBox);
   const older = h('button', {type: 'button', class: 'btn small ghost', 'data-testid': 'events-older', hidden: true}, 'Load older events');
   const eventsBox = h('div', {'data-testid': 'events'});
   ctx.root.append(head, actionsStatus,
     h('div', {class: 'grid-2'}, card('Presence', presence), card('Firmware and protocol', firmware)),
     card('Diagnosis', diagBox),
-    h('section', {class: 'card'},
-      h('div', {class: 'card-head'}, h('h2', null, 'Connection timeline'), tlWindow),
-      tlBox, tlLegend, tlNote),
+    h('section', {class: 'card', 'data-testid': 'timeline-card'},
+      h('div', {class: 'card-head'}, h('h2', null, 'Connection timeline and telemetry'),
+        h('div', {class: 'actions'}, telMetric, tlWindow)),
+      charts, readout, telNote, tlLegend, tlNote),
     h('section', {class: 'card'}, h('div', {class: 'card-head'}, h('h2', null, 'Connection events'), older), eventsBox));
 
   let device = null;
   const events = new Map(); // event id → event
   let olderCursor = '';
   let pagedOlder = false;
+  // Both charts are drawn on axis; sessions are the timeline's.
+  let axis = null;
+  let sessions = [];
+  // metrics: what the device reported (null until asked); series: the
+  // metric over the period, as last read.
+  let metric = query.get('metric') || 'rssi_dbm';
+  let metrics = null;
+  let series = null;
+  let telError = null;
+  let telSeq = 0;
+  let probedAt = 0;
 
   function drawHead() {
     const d = device;
@@ -315,25 +359,38 @@ export async function deviceView(ctx, id) {
         h('p', {class: 'empty', 'data-testid': 'no-problems'}, incs.length ? 'No connection problem found in its recent events.' : 'No problem found: this device connects as it should.'));
   }
 
-  function drawTimeline() {
-    const all = [...events.values()];
-    const now = Date.now();
-    const {sessions, marks} = buildSessions(all, device, now);
+  // currentAxis is the period on screen: the one chosen, or the loaded
+  // events with a margin, up to now.
+  function currentAxis(now = Date.now()) {
     let from;
     if (tlWindow.value) {
       from = now - Number(tlWindow.value);
     } else {
-      const times = all.map((e) => Date.parse(e.at)).filter(isFinite);
-      from = times.length ? Math.min(...times) : now - 15 * 60_000;
+      const times = [...events.values()].map((e) => Date.parse(e.at)).filter(isFinite);
+      from = times.length ? Math.min(...times) : now - 3_600_000;
       from -= Math.max(1_000, (now - from) * 0.03);
     }
+    return timeAxis(from, now, tlBox.clientWidth || telBox.clientWidth || 800);
+  }
+
+  // drawTimeline draws the timeline and the telemetry chart on one new
+  // axis (up to now).
+  function drawTimeline() {
+    const all = [...events.values()];
+    const now = Date.now();
+    axis = currentAxis(now);
+    readout.textContent = '';
+    const built = buildSessions(all, device, now);
+    sessions = built.sessions;
+    const marks = built.marks;
+    drawTelemetry();
     if (!all.length) {
       tlBox.replaceChildren(h('p', {class: 'empty'}, 'No connection events recorded for this device.'));
       tlLegend.replaceChildren();
       tlNote.textContent = '';
       return;
     }
-    tlBox.replaceChildren(timeline({sessions, marks}, from, now, tlBox.clientWidth || 800));
+    tlBox.replaceChildren(timeline({sessions, marks}, axis));
     const reasons = [...new Set([...sessions.map((s) => s.reason), ...marks.map((m) => m.reason)])]
       .sort((a, b) => (a === 'online') - (b === 'online') || String(a).localeCompare(String(b)));
     tlLegend.replaceChildren(legend(reasons.map((r) => [r,
@@ -345,6 +402,125 @@ export async function deviceView(ctx, id) {
     tlNote.textContent = `${sessions.length} session${sessions.length === 1 ? '' : 's'} in ${all.length} loaded events` +
       (ended.length ? `; ended by ${Object.entries(counts).sort((a, b) => b[1] - a[1]).map(([r, n]) => `${r} × ${n}`).join(', ')}` : '') +
       '. Each bar runs from connect to disconnect, coloured by how the session ended; triangles are refused connection attempts. Hover for details.';
+  }
+
+  function drawTelemetry() {
+    if (!axis) return;
+    if (telError) {
+      telBox.replaceChildren(errorBox(telError));
+      telNote.textContent = '';
+      return;
+    }
+    if (metrics && !metrics.length) {
+      telBox.replaceChildren(h('p', {class: 'empty', 'data-testid': 'telemetry-empty'},
+        `This device has reported no telemetry in the last 7 days (devices/${id}/telemetry: RSSI, channel, uptime…).`));
+      telNote.textContent = '';
+      return;
+    }
+    if (!series || series.metric !== metric) {
+      telBox.replaceChildren(h('p', {class: 'muted small'}, 'Loading telemetry…'));
+      telNote.textContent = '';
+      return;
+    }
+    const pts = visiblePoints(series, axis);
+    if (!pts.length) {
+      telBox.replaceChildren(h('p', {class: 'empty', 'data-testid': 'telemetry-none'}, `No ${metric} reported in this period.`));
+      telNote.textContent = '';
+      return;
+    }
+    telBox.replaceChildren(seriesChart(series, axis, {sessions}));
+    const vals = pts.map((p) => p.v);
+    const last = pts[pts.length - 1];
+    const n = pts.reduce((k, p) => k + p.n, 0);
+    telNote.textContent = `${metric}, ${stepNames[series.step] || series.step}` +
+      (series.step ? ` of ${n} point${n === 1 ? '' : 's'} (shaded: each bucket's min–max)` : ` (${pts.length})`) +
+      `: from ${fmtNum(Math.min(...vals))} to ${fmtNum(Math.max(...vals))}, last ${fmtNum(last.last)} at ${fmtTime(series.step ? last.at : last.t)}. ` +
+      'Same time axis as the timeline below; vertical lines are disconnects.';
+  }
+
+  function drawMetricSelect() {
+    const names = metrics || [];
+    telMetric.replaceChildren(...names.map((m) => h('option', {value: m}, m)));
+    telMetric.value = metric;
+    telMetric.hidden = !names.length;
+  }
+
+  // probeMetrics finds the metrics the device reported recently (hourly
+  // rollups, one request per known metric).
+  async function probeMetrics() {
+    const now = Date.now();
+    // Back as far as the period, within what one answer holds (5000 hours).
+    const from = Math.max(now - 200 * 86_400_000, Math.min(now - metricsLookBack, axis ? axis.from : now));
+    const names = [...new Set([metric, ...knownMetrics])];
+    const found = await Promise.all(names.map(async (m) => {
+      try {
+        const s = await api('GET', `${path}/telemetry` + qs({metric: m, step: '1h', from: iso(from), to: iso(now + 3_600_000)}), undefined, {signal: ctx.signal});
+        return s.points && s.points.length ? m : null;
+      } catch (err) {
+        if (err.status === 400) return null; // a metric name this fleetd refuses
+        throw err;
+      }
+    }));
+    metrics = found.filter(Boolean);
+    probedAt = Date.now();
+    if (metrics.length && !metrics.includes(metric)) metric = metrics.includes('rssi_dbm') ? 'rssi_dbm' : metrics[0];
+    drawMetricSelect();
+  }
+
+  // loadTelemetry reads the metric over the axis, at the period's step; a
+  // range holding too many points for it is read at the next step.
+  async function loadTelemetry() {
+    const my = ++telSeq;
+    try {
+      // A device without telemetry is asked again at most once a minute.
+      if (!metrics || (!metrics.length && Date.now() - probedAt > 60_000)) await probeMetrics();
+      if (!ctx.alive() || my !== telSeq) return;
+      if (!metrics.length) {
+        series = null;
+        telError = null;
+        drawTelemetry();
+        return;
+      }
+      const a = axis || currentAxis();
+      const want = metric;
+      let step = telemetryStep(a.span);
+      let s;
+      for (;;) {
+        try {
+          s = await api('GET', `${path}/telemetry` + qs({metric: want, from: iso(a.from), to: iso(a.to + 1_000), step}), undefined, {signal: ctx.signal});
+          break;
+        } catch (err) {
+          if (err.status === 400 && err.field === 'from' && step !== '1h') {
+            step = step === '' ? '1m' : '1h';
+            continue;
+          }
+          throw err;
+        }
+      }
+      if (!ctx.alive() || my !== telSeq || want !== metric) return;
+      series = s;
+      telError = null;
+    } catch (err) {
+      if (!ctx.alive() || my !== telSeq || err.name === 'AbortError') return;
+      telError = err;
+    }
+    drawTelemetry();
+  }
+
+  // describe is the readout under the pointer: the instant, the metric's
+  // nearest value and the link's state then.
+  function describe(t) {
+    const parts = [fmtTime(t)];
+    if (series && series.metric === metric) {
+      let best = null;
+      for (const p of seriesPoints(series)) if (!best || Math.abs(p.t - t) < Math.abs(best.t - t)) best = p;
+      const near = Math.max(axis ? (axis.span / axis.pw) * 12 : 0, stepMs[series.step] || 0); // within 12 px or a bucket
+      if (best && Math.abs(best.t - t) <= near) parts.push(`${metric} ${fmtNum(best.v)}`);
+    }
+    const s = sessions.find((x) => (x.start === null || x.start <= t) && x.end >= t);
+    if (s) parts.push(s.ongoing ? 'online' : `online, in a session that ended ${fmtTime(s.end)} (${s.reason})`);
+    else if (sessions.length) parts.push('offline');
+    return parts.join(' · ');
   }
 
   function drawEvents() {
@@ -400,6 +576,7 @@ export async function deviceView(ctx, id) {
     } catch (err) {
       if (ctx.alive() && err.name !== 'AbortError') actionsStatus.replaceChildren(errorBox(err));
     }
+    loadTelemetry();
     loadDiagnosis();
   }
 
@@ -467,6 +644,7 @@ export async function deviceView(ctx, id) {
   }
   drawTimeline();
   drawEvents();
+  loadTelemetry();
   loadDiagnosis();
 
   older.addEventListener('click', async () => {
@@ -475,13 +653,26 @@ export async function deviceView(ctx, id) {
       await loadEvents(olderCursor);
       drawTimeline();
       drawEvents();
+      if (!tlWindow.value) loadTelemetry(); // the period grew
     } catch (err) {
       actionsStatus.replaceChildren(errorBox(err));
     } finally {
       older.disabled = false;
     }
   });
-  tlWindow.addEventListener('change', drawTimeline);
+  const keepQuery = () => setQuery({metric: metric === 'rssi_dbm' ? '' : metric, period: tlWindow.value});
+  tlWindow.addEventListener('change', () => {
+    keepQuery();
+    drawTimeline();
+    loadTelemetry();
+  });
+  telMetric.addEventListener('change', () => {
+    metric = telMetric.value;
+    keepQuery();
+    drawTelemetry();
+    loadTelemetry();
+  });
+  crosshair(charts, () => axis, readout, describe);
   const refreshSoon = settle(refresh, 1500);
   ctx.onDispose(refreshSoon.cancel);
   ctx.on('presence', (ev) => {
@@ -502,7 +693,12 @@ export async function deviceView(ctx, id) {
   });
   ctx.on('open', refresh);
   ctx.refresh = refresh;
-  ctx.every(20_000, () => device && device.online && drawTimeline()); // the live session grows
+  // The live session grows, and an online device keeps reporting.
+  ctx.every(20_000, () => {
+    if (!device || !device.online) return;
+    drawTimeline();
+    loadTelemetry();
+  });
   const ro = new ResizeObserver(debounce(() => ctx.alive() && drawTimeline(), 150));
   ro.observe(ctx.root);
   ctx.onDispose(() => ro.disconnect());

@@ -1,11 +1,14 @@
-// Fleet overview: presence totals, why devices dropped (by firmware ×
-// protocol), incompatible devices, flagged firmware and flapping devices,
-// from GET /fleet/health, kept current by the live stream.
+// Fleet overview: presence totals, connects and disconnects over the last
+// hour, day or week (GET /fleet/history), why devices dropped (by firmware ×
+// protocol), incompatible devices, flagged firmware and flapping devices
+// (GET /fleet/health), and disconnects by radio link (GET /fleet/links),
+// kept current by the live stream.
 
-import {h, card, table, link, uiPath, devicePath, fmtNum, fmtClock, fmtTime, protoName, debounce, settle, errorBox} from '../lib/dom.js';
-import {api} from '../lib/api.js';
+import {h, card, table, link, uiPath, devicePath, fmtNum, fmtTime, protoName, debounce, settle, errorBox} from '../lib/dom.js';
+import {api, qs} from '../lib/api.js';
 import {live, setCounts} from '../lib/live.js';
-import {activityChart, reasonsChart, groupDisconnects, legend, reasonLabel} from '../lib/charts.js';
+import {historyChart, historyTotals, reasonsChart, groupDisconnects, legend, reasonLabel} from '../lib/charts.js';
+import {linksCard} from './links.js';
 
 const incompatExplained = {
   below_minimum_firmware: 'firmware below its model\'s minimum',
@@ -18,6 +21,18 @@ function stat(label, testid, cls = '') {
   const sub = h('span', {class: 'stat-sub'});
   const el = h('div', {class: `stat ${cls}`.trim()}, h('span', {class: 'stat-label'}, label), value, sub);
   return {el, value, sub};
+}
+
+// The periods of the activity chart: how far back, and the bucket size
+// (GET /fleet/history serves 1m, 5m, 1h and 1d buckets, at most 2000).
+const activityPeriods = {
+  hour: {label: 'last hour', ms: 3_600_000, step: '1m', per: 'per minute'},
+  day: {label: 'last 24 hours', ms: 86_400_000, step: '5m', per: 'per 5 minutes'},
+  week: {label: 'last 7 days', ms: 7 * 86_400_000, step: '1h', per: 'per hour'},
+};
+
+function plural(n, one, many = one + 's') {
+  return `${n} ${n === 1 ? one : many}`;
 }
 
 export async function overviewView(ctx) {
@@ -35,9 +50,16 @@ export async function overviewView(ctx) {
   const flagged = stat('Flagged firmware', 'flagged-count', 'warn');
   const flapping = stat('Flapping', 'flapping-count', 'warn');
 
+  let activity = null; // the last GET /fleet/history answer
+  let activityError = null;
+  let activitySeq = 0;
   const activityBox = h('div', {class: 'chart-box', 'data-testid': 'activity-chart'});
   const activityNote = h('p', {class: 'caption', 'data-testid': 'activity-caption'});
   const activityLegend = h('div');
+  const activityTitle = h('h2', null, 'Connects and disconnects, last hour');
+  const activityPeriod = h('select', {'aria-label': 'Activity period', 'data-testid': 'activity-period'},
+    Object.entries(activityPeriods).map(([v, p]) => h('option', {value: v}, p.label)));
+  const links = linksCard(ctx);
 
   const periodSelect = h('select', {'aria-label': 'Period', 'data-testid': 'reasons-period'},
     h('option', {value: 'last_hour'}, 'last hour'),
@@ -54,7 +76,9 @@ export async function overviewView(ctx) {
     problem,
     h('div', {class: 'stats'}, online.el, offline.el, total.el, incompatible.el, flagged.el, flapping.el),
     h('div', {class: 'grid-2'},
-      card('Connects and disconnects, last hour', activityBox, activityLegend, activityNote),
+      h('section', {class: 'card'},
+        h('div', {class: 'card-head'}, activityTitle, activityPeriod),
+        activityBox, activityLegend, activityNote),
       h('section', {class: 'card'},
         h('div', {class: 'card-head'}, h('h2', null, 'Disconnect reasons by firmware × protocol'), periodSelect),
         reasonsBox, reasonsLegend, reasonsTable)),
@@ -62,6 +86,7 @@ export async function overviewView(ctx) {
       card('Incompatible devices by reason', incompatBox),
       card('Flagged firmware', flaggedBox),
       card('Flapping devices', flappingBox)),
+    links.el,
   );
 
   function drawCounts() {
@@ -74,25 +99,50 @@ export async function overviewView(ctx) {
   }
 
   function drawActivity() {
-    activityBox.replaceChildren(activityChart(activityBox.clientWidth || 600));
-    const reasons = new Set();
-    for (const b of live.bins.values()) for (const r of Object.keys(b.reasons)) reasons.add(r);
-    activityLegend.replaceChildren(legend([['online', 'connect'], ...[...reasons].sort().map((r) => [r, r])]));
-    const serverTotal = health ? health.disconnects.last_hour.reduce((n, c) => n + c.count, 0) : null;
-    const parts = [];
-    if (live.since) {
-      parts.push(`Per minute, counted in this browser from the live stream since ${fmtClock(live.since)}: ` +
-        `${live.totals.connect} connects, ${live.totals.disconnect} disconnects. Shaded minutes have no live data.`);
-    } else if (live.state === 'down') {
-      parts.push('The live stream is unavailable, so there are no per-minute counts yet; they start when it connects.');
-    } else {
-      parts.push('Waiting for the live stream; per-minute counts start when it connects.');
+    const p = activityPeriods[activityPeriod.value];
+    activityTitle.textContent = `Connects and disconnects, ${p.label}`;
+    if (activityError) {
+      activityBox.replaceChildren(errorBox(activityError));
+      activityLegend.replaceChildren();
+      activityNote.textContent = '';
+      return;
     }
-    if (serverTotal !== null) {
-      parts.push(`fleetd recorded ${serverTotal} disconnect${serverTotal === 1 ? '' : 's'} in the whole last hour ` +
-        '(fleet health); it keeps no per-minute history of older minutes.');
+    if (!activity) {
+      activityBox.replaceChildren(h('p', {class: 'muted small'}, 'Loading the history…'));
+      return;
     }
-    activityNote.textContent = parts.join(' ');
+    activityBox.replaceChildren(historyChart(activity, activityBox.clientWidth || 600));
+    const t = historyTotals(activity);
+    const reasons = Object.entries(t.disconnectsBy).sort((a, b) => b[1] - a[1]);
+    const refused = Object.entries(t.refusedBy).sort((a, b) => b[1] - a[1]);
+    activityLegend.replaceChildren(legend([['online', 'connect'],
+      ...reasons.map(([r]) => [r, r]),
+      ...refused.filter(([r]) => !t.disconnectsBy[r]).map(([r]) => [r, `${r} (refused)`])]));
+    const from = new Date(activity.from);
+    activityNote.textContent = `From fleetd's history, ${p.per} since ${fmtTime(from)}: ${plural(t.connects, 'connect')}, ` +
+      `${plural(t.disconnects, 'disconnect')}` +
+      (reasons.length ? ` (${reasons.map(([r, n]) => `${r} ${n}`).join(', ')})` : '') +
+      (t.refused ? `, ${plural(t.refused, 'refused attempt')} (${refused.map(([r, n]) => `${r} ${n}`).join(', ')})` : '') +
+      '. Hover a bar for its numbers.';
+  }
+
+  // loadActivity reads the period's history; an answer to an earlier
+  // request (another period) is dropped.
+  async function loadActivity() {
+    const my = ++activitySeq;
+    const p = activityPeriods[activityPeriod.value];
+    const now = Date.now();
+    try {
+      const hist = await api('GET', '/fleet/history' + qs({from: new Date(now - p.ms).toISOString(), to: new Date(now).toISOString(), step: p.step}),
+        undefined, {signal: ctx.signal});
+      if (!ctx.alive() || my !== activitySeq) return;
+      activity = hist;
+      activityError = null;
+    } catch (err) {
+      if (!ctx.alive() || my !== activitySeq || err.name === 'AbortError') return;
+      activityError = err;
+    }
+    drawActivity();
   }
 
   function drawReasons() {
@@ -166,38 +216,54 @@ export async function overviewView(ctx) {
     problem.replaceChildren();
     updated.textContent = `Fleet health as of ${fmtTime(new Date())}`;
     drawCounts();
-    drawActivity();
     drawReasons();
     drawLists();
   }
 
-  const reload = () => load().catch((err) => {
-    if (ctx.alive() && err.name !== 'AbortError') problem.replaceChildren(errorBox(err));
-  });
+  const reload = () => {
+    loadActivity();
+    return load().catch((err) => {
+      if (ctx.alive() && err.name !== 'AbortError') problem.replaceChildren(errorBox(err));
+    });
+  };
 
+  drawActivity();
+  loadActivity();
+  links.load();
   await load();
 
   // A presence event moves the counts at once; fleet health is read again
   // after a burst (at most once per 2 s while events keep coming) to
   // correct the estimate and refresh the tables.
+  // The history is read again with it (the numbers always come from
+  // fleetd), and every minute so that the chart moves on.
   const resync = settle(reload, 2000);
   ctx.onDispose(resync.cancel);
-  const redrawActivity = debounce(drawActivity, 250);
-  ctx.onDispose(redrawActivity.cancel);
   ctx.on('presence', () => {
     drawCounts();
-    redrawActivity();
     resync();
+    links.soon();
   });
-  ctx.on('open', reload);
-  ctx.on('state', drawActivity);
-  ctx.every(30_000, drawActivity);
-  ctx.refresh = reload;
+  ctx.on('open', () => {
+    reload();
+    links.load();
+  });
+  ctx.every(60_000, loadActivity);
+  ctx.refresh = () => {
+    reload();
+    links.load();
+  };
   periodSelect.addEventListener('change', () => {
     period = periodSelect.value;
     drawReasons();
   });
-  const ro = new ResizeObserver(debounce(() => ctx.alive() && (drawActivity(), drawReasons()), 150));
+  activityPeriod.addEventListener('change', () => {
+    activity = null;
+    activityError = null;
+    drawActivity();
+    loadActivity();
+  });
+  const ro = new ResizeObserver(debounce(() => ctx.alive() && (drawActivity(), drawReasons(), links.draw()), 150));
   ro.observe(root);
   ctx.onDispose(() => ro.disconnect());
 }
