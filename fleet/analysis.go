@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -308,7 +309,48 @@ func (s *Service) Diagnose(ctx context.Context, id string) (Diagnosis, error) {
 // FleetHealth summarises the fleet: presence, why devices dropped in the last
 // hour and day by firmware and protocol, incompatible devices, flapping
 // devices and flagged firmware.
+//
+// With SetHealthTTL, a summary is computed at most once per TTL and shared
+// by the requests within it (they wait for one computation rather than each
+// making their own): its reads are O(fleet) counts, and every console open
+// on every replica polls it. A change made through this service (a device
+// registered or decommissioned, compatibility, verdicts, policy) is served
+// at once; presence and events up to the TTL late, and another replica's
+// changes too.
 func (s *Service) FleetHealth(ctx context.Context) (FleetHealth, error) {
+	c := &s.health
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now, gen := s.now(), s.store.gen.Load()
+	if c.ttl > 0 && c.ok && gen == c.gen && now.Sub(c.at) < c.ttl && !now.Before(c.at) {
+		return c.h, nil
+	}
+	h, err := s.fleetHealth(ctx)
+	if err == nil && c.ttl > 0 {
+		c.h, c.at, c.gen, c.ok = h, now, gen, true
+	}
+	return h, err
+}
+
+// SetHealthTTL makes FleetHealth share one computation per ttl (0: every
+// request computes its own).
+func (s *Service) SetHealthTTL(ttl time.Duration) {
+	s.health.mu.Lock()
+	defer s.health.mu.Unlock()
+	s.health.ttl, s.health.ok = ttl, false
+}
+
+// healthCache is FleetHealth's shared summary.
+type healthCache struct {
+	mu  sync.Mutex
+	ttl time.Duration
+	ok  bool
+	at  time.Time
+	gen uint64
+	h   FleetHealth
+}
+
+func (s *Service) fleetHealth(ctx context.Context) (FleetHealth, error) {
 	h, err := s.store.fleetHealth(ctx, s.now(), DefaultDiagnosisPolicy())
 	if err != nil {
 		return h, err

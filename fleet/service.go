@@ -64,6 +64,7 @@ type Service struct {
 	policy atomic.Pointer[compiledPolicy]
 	an     analysis // guarded by mu
 	links  linkCache
+	health healthCache
 }
 
 type cachedCredential struct {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -16,7 +17,15 @@ import (
 // lives in this file.
 type Store struct {
 	pool *pgxpool.Pool
+	// gen counts the changes made through this store to what fleet health
+	// shows besides presence and events (devices registered, changed or
+	// decommissioned, compatibility, verdicts, policy): a cached fleet
+	// health older than one of them is not served.
+	gen atomic.Uint64
 }
+
+// changed records a change for gen.
+func (s *Store) changed() { s.gen.Add(1) }
 
 // NewStore wraps a pool.
 func NewStore(pool *pgxpool.Pool) *Store { return &Store{pool: pool} }
@@ -49,6 +58,7 @@ func scanDevice(row pgx.Row) (Device, error) {
 // fresh credential and a clean presence. An active device with the same id is
 // ErrConflict. session_epoch is kept so that epochs stay monotonic per id.
 func (s *Store) insertDevice(ctx context.Context, n NewDevice, tokenHash []byte) (Device, error) {
+	defer s.changed()
 	tags := n.Tags
 	if tags == nil {
 		tags = []string{}
@@ -139,6 +149,7 @@ func (s *Store) listDevices(ctx context.Context, f Filter) ([]Device, error) {
 }
 
 func (s *Store) updateDevice(ctx context.Context, id string, p Patch) (Device, error) {
+	defer s.changed()
 	var tags *[]string
 	if p.Tags != nil {
 		t := *p.Tags
@@ -169,6 +180,7 @@ func (s *Store) setTokenHash(ctx context.Context, id string, hash []byte) error 
 }
 
 func (s *Store) decommission(ctx context.Context, id string) (Device, error) {
+	defer s.changed()
 	d, err := scanDevice(s.pool.QueryRow(ctx, `
 		UPDATE devices SET state = 'decommissioned', token_hash = NULL, online = false,
 			decommissioned_at = now(), updated_at = now()

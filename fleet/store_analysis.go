@@ -31,6 +31,7 @@ func (s *Store) loadPolicy(ctx context.Context) (Policy, bool, error) {
 }
 
 func (s *Store) savePolicy(ctx context.Context, p Policy) error {
+	defer s.changed()
 	_, err := s.pool.Exec(ctx, `INSERT INTO policy (doc) VALUES ($1)
 		ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc, updated_at = now()`, p)
 	if err != nil {
@@ -368,6 +369,7 @@ func learnedFirmware(ctx context.Context, q interface {
 // is no longer before: another replica saved its analysis in between, and
 // one learned from a stale set would undo its flips.
 func (s *Store) saveLearned(ctx context.Context, before map[FirmwareKey]bool, l Learned) (saved bool, err error) {
+	defer s.changed()
 	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, verdictsLock); err != nil {
 			return fmt.Errorf("lock verdicts: %w", err)
@@ -557,6 +559,7 @@ func (s *Store) verdicts(ctx context.Context) ([]FirmwareVerdict, error) {
 }
 
 func (s *Store) decideVerdict(ctx context.Context, model, firmware, decision string) error {
+	defer s.changed()
 	_, err := s.pool.Exec(ctx, `
 		INSERT INTO firmware_verdicts (model, firmware, flag, decision) VALUES ($1, $2, $3, $4)
 		ON CONFLICT (model, firmware, flag) DO UPDATE SET decision = EXCLUDED.decision, updated_at = now()`,
@@ -595,6 +598,7 @@ func (s *Store) compatRows(ctx context.Context) ([]compatRow, error) {
 }
 
 func (s *Store) setCompat(ctx context.Context, ids []string, lists [][]Incompatibility) error {
+	defer s.changed()
 	flags := make([]bool, len(ids))
 	docs := make([]string, len(ids))
 	for i, l := range lists {

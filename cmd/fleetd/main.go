@@ -155,6 +155,9 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	store := fleet.NewStore(pool)
 	svc := fleet.NewService(store, hasher, logger)
 	svc.SetCacheTTL(cfg.CredentialCacheTTL)
+	// Fleet health's counts are O(fleet): consoles polling it share one
+	// computation every 2 s per replica.
+	svc.SetHealthTTL(2 * time.Second)
 	if err := svc.LoadPolicy(ctx); err != nil {
 		return err
 	}
