@@ -25,6 +25,13 @@
 #       one campaign over DEVICES devices (registered through SQL) at devices_per_minute
 #       PER_MINUTE, ONLINE of them played by fleetsim and upgraded over MQTT: achieved rate
 #       against the configured one (the peer is the schedule itself), worst 10 s window, CPU.
+#   bench/run.sh telemetry-ingest [SECONDS] [DEVICES]
+#       DEVICES devices (default 2 000) send QoS 0 telemetry (three metrics and a link) at
+#       TELEMETRY_RATE messages/s in total (default 50 000, i.e. 25/s per device, written about
+#       four to a TCP write) for SECONDS (default 60): messages/s stored by fleetd (committed
+#       rows, then counted in PostgreSQL), CPU per message of fleetd and of its PostgreSQL,
+#       against Mosquitto delivering the same load to one subscriber. fleetd runs with
+#       -telemetry-rate at twice the per-device rate.
 #   bench/run.sh event-ingest
 #       connection events written through fleetd's batched writer vs a raw COPY into the same
 #       table vs one INSERT per row (Go benchmarks of package fleet).
@@ -35,6 +42,13 @@
 #       delivery (jobs / devices, none twice), RSS per replica. Up to 9 000 devices connect through
 #       HAProxy (it holds 2 fds per connection under the same 20 000 limit); above, each fleetsim
 #       spreads its devices over the replicas directly (REPLICAS_VIA=haproxy|direct forces one).
+#   bench/run.sh data-scale [DEVICES] [EVENTS]
+#       DEVICES devices (default 200 000) and EVENTS connection events (default 20 000 000) over
+#       the last 30 days loaded in SQL into one PostgreSQL with the rollups they imply, and a day of
+#       telemetry for 100 devices through telemetry.Writer; then, with fleetd serving it: p50/p99 of
+#       fleet health, fleet history (a day by 5m and 1m, a week by 1h, a month by 1d) and a device's
+#       telemetry for a day (raw, 1m, 1h), each analysis run, load time and database size; the
+#       pre-rollup fleet-health query on device_events for contrast.
 #
 # --smoke as the last argument runs a tiny version and writes to a scratch file instead of
 # bench/RESULTS.md (the tests do this so that no benchmark rots).
@@ -323,6 +337,41 @@ YAML
     echo "- target: achieved rate within 5 % of devices_per_minute"
   } | tee -a "$results"
   ;;
+telemetry-ingest)
+  seconds=${1:-60}; devices=${2:-2000}; rate=${TELEMETRY_RATE:-50000}
+  $smoke && seconds=3 && devices=50 && rate=500
+  # Each process holds at most 20 000 open files: one per device connection.
+  [ "$devices" -le 18000 ] || { echo "at most 18000 devices (open files)"; exit 2; }
+  per_device=$(awk -v r="$rate" -v d="$devices" 'BEGIN{printf "%g", r/d}')
+  limit=$(awk -v p="$per_device" 'BEGIN{printf "%g", 2*p}')
+  burst=$(awk -v p="$per_device" 'BEGIN{b=int(4*p); print (b < 10 ? 10 : b)}')
+  start_fleetd FLEETD_TELEMETRY_RATE="$limit" FLEETD_TELEMETRY_BURST="$burst"
+  pg=$(head -1 "$work/data/postgres/data/postmaster.pid")
+  dsn="host=$work/data/postgres/run port=5432 user=fleetd dbname=fleetd sslmode=disable"
+  f=$("$bin/mqttload" telemetry -addr 127.0.0.1:$MQTT_PORT -n "$devices" -api "http://127.0.0.1:$HTTP_PORT" -token "$(token)" \
+    -rate "$rate" -duration "${seconds}s" -metrics "http://127.0.0.1:$HTTP_PORT/metrics" -pids "fleetd=$fleetd_pid,postgres=$pg")
+  mtext=$(curl -fs http://127.0.0.1:$HTTP_PORT/metrics)
+  dropped=$(echo "$mtext" | awk '/^fleetd_telemetry_dropped_total/{s+=$2} END{print s+0}')
+  sampled=$(echo "$mtext" | awk '/^fleetd_telemetry_sampled_total /{print $2}')
+  rows=$(psql "$dsn" -Atc "SELECT count(*) FROM telemetry_raw")
+  [ "$dropped" = 0 ] || { echo "fleetd dropped telemetry; its log:"; tail -20 "$work/fleetd.log"; } >&2
+  # The rollup job runs every 10 s; a minute is sealed 10 s after its end.
+  $smoke || sleep 25
+  rolled=$(psql "$dsn" -Atc "SELECT (SELECT count(*) FROM telemetry_minute) || ' minute rows, ' || (SELECT count(*) FROM telemetry_link) || ' links, rolled up to ' || (SELECT to_char(rolled_to AT TIME ZONE 'UTC', 'HH24:MI') FROM telemetry_rollup_state) || ' UTC, now ' || to_char(now() AT TIME ZONE 'UTC', 'HH24:MI:SS')")
+  stop_fleetd
+  start_mosquitto
+  m=$("$bin/mqttload" telemetry -addr 127.0.0.1:$MOSQ_PORT -n "$devices" -rate "$rate" -duration "${seconds}s" -subscribe -pids "mosquitto=$mosq_pid")
+  stop_mosquitto
+  field() { echo "$1" | sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" | head -1; }
+  fcpu=$(field "$f" fleetd); pcpu=$(field "$f" postgres); mcpu=$(field "$m" mosquitto)
+  fstored=$(field "$f" stored_per_s); mdel=$(field "$m" delivered_per_s)
+  { header "telemetry-ingest: $devices devices, $rate QoS 0 telemetry messages/s offered in total ($per_device/s per device; fleetd's -telemetry-rate $limit, burst $burst) for ${seconds}s"
+    echo "- fleetd: $fstored messages/s stored (fleetd_telemetry_written_total, committed to telemetry_raw, from the first message sent to the last commit); $rows rows counted in telemetry_raw after the run; $dropped dropped after acceptance, ${sampled:-0} sampled by the rate limit; CPU per stored message: fleetd $fcpu µs, PostgreSQL (same machine, all its processes) $pcpu µs; rollups: $rolled; \`$f\`"
+    echo "- mosquitto 2.0 (peer, forwarding the same messages to one subscriber): $mdel messages/s delivered, $mcpu µs of CPU per message; \`$m\`"
+    echo "- ratios: fleetd stored / mosquitto delivered $(awk -v a="$fstored" -v b="$mdel" 'BEGIN{if (b > 0) printf "%.2f", a/b; else print "-"}'); CPU per message fleetd / mosquitto $(awk -v a="$fcpu" -v b="$mcpu" 'BEGIN{if (b > 0) printf "%.1f", a/b; else print "-"}'), fleetd + PostgreSQL / mosquitto $(awk -v a="$fcpu" -v p="$pcpu" -v b="$mcpu" 'BEGIN{if (b > 0) printf "%.1f", (a+p)/b; else print "-"}')"
+    echo "- target (issue #17): >= 50 000 messages/s stored"
+  } | tee -a "$results"
+  ;;
 event-ingest)
   benchtime=3s; $smoke && benchtime=1x
   out=$(go test -run '^$' -bench 'Ingest' -benchtime "$benchtime" ./fleet/ 2>&1 | grep -E '^Benchmark|rows/s')
@@ -491,6 +540,34 @@ replicas)
     echo "- campaign over every device (devices_per_minute 60000; upload and start through random replicas): \`$camp\`"
     echo "- job delivery: $jobs jobs received by devices for ${at_start:-?} devices online at the start ($(awk -v j="$jobs" -v n="${at_start:-0}" 'BEGIN{if (n > 0) printf "%.1f", 100*j/n; else print "-"}') %), $dups received twice${crashed:+; replicas that died during the run:$crashed}"
     echo "- target (issue #16): >= 95 000 devices over 5 replicas; a rotation or decommission through any replica kicks the session within 1 s (p99), the old token refused everywhere; every online device gets its job, none twice"
+  } | tee -a "$results"
+  ;;
+data-scale)
+  devices=${1:-200000}; events=${2:-20000000}; tdevices=100; requests=100; analyses=5; verify=
+  $smoke && devices=2000 && events=50000 && tdevices=5 && requests=5 && analyses=2 && verify=-verify
+  go build -o "$bin/" ./bench/datascale
+  # One PostgreSQL (fleetd's embedded-mode code, as for the replicas), loaded
+  # first, then served by fleetd as a restart on an existing database would.
+  "$bin/replicaload" postgres -dir "$work/pg" -ready "$work/pg.dsn" 2>"$work/pg.log" &
+  pg_pid=$!
+  for _ in $(seq 300); do [ -s "$work/pg.dsn" ] && break; kill -0 "$pg_pid" 2>/dev/null || break; sleep 0.1; done
+  [ -s "$work/pg.dsn" ] || { echo "postgres did not start"; cat "$work/pg.log"; exit 1; }
+  dsn=$(cat "$work/pg.dsn")
+  l=$("$bin/datascale" load -dsn "$dsn" -devices "$devices" -events "$events" -telemetry-devices "$tdevices" $verify 2>"$work/load.err") ||
+    { echo "the load failed"; cat "$work/load.err"; exit 1; }
+  # fleetd's own analysis runs once at start; the measured runs are in-process.
+  before=$(date +%s.%N)
+  start_fleetd FLEETD_DATABASE_URL="$dsn" FLEETD_ANALYSIS_INTERVAL=1h
+  ready=$(awk -v a="$(date +%s.%N)" -v b="$before" 'BEGIN{printf "%.1f", a-b}')
+  m=$("$bin/datascale" measure -dsn "$dsn" -api "http://127.0.0.1:$HTTP_PORT" -token "$(token)" -telemetry-devices "$tdevices" -n "$requests" -analyses "$analyses" 2>"$work/measure.err") ||
+    { echo "the measurement failed"; cat "$work/measure.err"; cat "$work/fleetd.log"; exit 1; }
+  stop_fleetd
+  stop_pids "$pg_pid"; pg_pid=
+  { header "data-scale: $devices devices, $events connection events over 30 days with a month of rollups, a day of telemetry for $tdevices devices"
+    echo "$l"
+    echo "- fleetd ready ${ready} s after its start on the loaded database (FLEETD_ANALYSIS_INTERVAL=1h: its loop analyses once at start, the runs below are timed in-process)"
+    echo "$m"
+    echo "- target (issue #17): fleet health and fleet history p99 <= 100 ms, one analysis run <= 1 s, device telemetry for a day <= 100 ms; peer: the same disconnect counts from device_events, as fleet health read them before the rollups"
   } | tee -a "$results"
   ;;
 *)

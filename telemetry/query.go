@@ -141,7 +141,32 @@ func window(from, to, now time.Time) (time.Time, time.Time, error) {
 	return from, to, nil
 }
 
-// Series reads one metric of a device. It returns a *fleet.ValidationError for a
+// rawSeriesSQL reads one metric of a device from the raw rows.
+const rawSeriesSQL = `SELECT at, v FROM (
+	SELECT at, vals[array_position(names, $2)] AS v FROM telemetry_raw
+	WHERE device_id = $1 AND at >= $3 AND at < $4
+) r WHERE v IS NOT NULL ORDER BY at LIMIT $5`
+
+// seriesSQL reads one metric of a device from the tier's rollups and, for
+// what is not rolled up yet (the rows after rolled_to that are not late:
+// see RollupJob), from the raw rows, and combines the two per bucket. One
+// statement, so that the watermark and the rows it divides are of one
+// snapshot.
+func (t tier) seriesSQL() string {
+	return fmt.Sprintf(`SELECT bucket, sum(count)::bigint, min(min), max(max), sum(sum), (array_agg(last ORDER BY last_at DESC))[1] FROM (
+	SELECT bucket, count, min, max, sum, last, last_at FROM %[1]s
+	WHERE device_id = $1 AND metric = $2 AND bucket >= $3 AND bucket < $4
+	UNION ALL
+	SELECT date_trunc('%[2]s', at, 'UTC'), count(*), min(v), max(v), sum(v), (array_agg(v ORDER BY at DESC))[1], max(at) FROM (
+		SELECT at, vals[array_position(names, $2)] AS v FROM telemetry_raw
+		WHERE device_id = $1 AND at >= greatest($3, (SELECT rolled_to FROM telemetry_rollup_state)) AND at < $4 AND NOT late
+	) r WHERE v IS NOT NULL GROUP BY 1
+) b GROUP BY 1 ORDER BY 1`, t.table, t.unit)
+}
+
+// Series reads one metric of a device: raw points, or rollups, which include
+// the minutes not rolled up yet (computed from the raw rows), so that a
+// message is in every step's answer as soon as it is stored. It returns a *fleet.ValidationError for a
 // bad metric name, step or range, or for a range holding more than MaxPoints
 // points at that step, and an error wrapping fleet.ErrNotFound for a device
 // that is not registered.
@@ -174,13 +199,14 @@ func (s *Store) Series(ctx context.Context, q SeriesQuery) (Series, error) {
 	}
 	var rows pgx.Rows
 	if t.table == "" {
-		rows, err = s.pool.Query(ctx, `SELECT at, value FROM telemetry_points
-			WHERE device_id = $1 AND metric = $2 AND at >= $3 AND at < $4 ORDER BY at LIMIT $5`,
-			q.DeviceID, q.Metric, from, to, MaxPoints+1)
+		rows, err = s.pool.Query(ctx, rawSeriesSQL, q.DeviceID, q.Metric, from, to, MaxPoints+1)
 	} else {
-		rows, err = s.pool.Query(ctx, fmt.Sprintf(`SELECT bucket, count, min, max, sum, last FROM %s
-			WHERE device_id = $1 AND metric = $2 AND bucket >= $3 AND bucket < $4 ORDER BY bucket`, t.table),
-			q.DeviceID, q.Metric, from.Truncate(t.step), to)
+		// A bucket that starts in the range is returned whole.
+		first, end := from.Truncate(t.step), to.Truncate(t.step)
+		if end.Before(to) {
+			end = end.Add(t.step)
+		}
+		rows, err = s.pool.Query(ctx, t.seriesSQL(), q.DeviceID, q.Metric, first, end)
 	}
 	if err != nil {
 		return out, fmt.Errorf("read telemetry of %s: %w", q.DeviceID, err)
@@ -210,7 +236,9 @@ func (s *Store) Series(ctx context.Context, q SeriesQuery) (Series, error) {
 }
 
 // Summary aggregates the latest value of a metric per device by group, over
-// the active devices online or seen in the last DefaultWindow. It returns a
+// the active devices online or seen in the last DefaultWindow. The latest
+// values and links are copied from the raw rows by RollupJob, so they are
+// current to within its interval (RollupJob.Every). It returns a
 // *fleet.ValidationError for a bad metric name or grouping.
 func (s *Store) Summary(ctx context.Context, q SummaryQuery) (Summary, error) {
 	since := s.clock().Add(-DefaultWindow)

@@ -11,10 +11,12 @@ import (
 	"github.com/fleetd/fleetd/internal/advisory"
 )
 
-// Retention keeps each storage tier within its setting. Raw points live in
+// Retention keeps each storage tier within its setting. Raw rows live in
 // daily partitions: the partitions of the coming days are created ahead, and
-// a day is dropped whole once it ended more than Raw ago, so raw points are
-// kept at least Raw and at most a day longer. Rollup rows, one per device,
+// a day is dropped whole once it ended more than Raw ago, so raw rows are
+// kept at least Raw and at most a day longer — and never before they are
+// rolled up (RollupJob): a day the rollup has not passed is kept, and the
+// run says so. Rollup rows, one per device,
 // metric and bucket, are deleted by bucket time in bounded batches (Batch
 // rows per DELETE, at most Rounds per tier per run), so that a large backlog
 // is worked off over several runs without one long transaction. The latest
@@ -60,7 +62,7 @@ func (r *Retention) defaults() {
 		r.Now = time.Now
 	}
 	if r.mDropped == nil {
-		r.mDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_telemetry_partitions_dropped_total", Help: "Daily partitions of raw telemetry dropped after their retention."})
+		r.mDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_telemetry_partitions_dropped_total", Help: "Daily partitions of raw telemetry (telemetry_raw) dropped after their retention."})
 		r.mDeleted = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetd_telemetry_rows_expired_total", Help: "Telemetry rows deleted after their retention, by table."}, []string{"table"})
 		r.mErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_telemetry_retention_errors_total", Help: "Telemetry retention runs that failed."})
 		if r.Registerer != nil {
@@ -106,8 +108,15 @@ func (r *Retention) Apply(ctx context.Context, s *Store) (Report, error) {
 		if rep.Created, err = s.ensurePartitions(ctx, now, now.AddDate(0, 0, r.Ahead)); err != nil {
 			errs = append(errs, err)
 		}
-		if rep.Dropped, err = s.dropPartitions(ctx, now.Add(-r.Raw)); err != nil {
+		var kept []string
+		if rolled, err := s.rolledTo(ctx); err != nil {
 			errs = append(errs, err)
+		} else if rep.Dropped, kept, err = s.dropPartitions(ctx, now.Add(-r.Raw), rolled); err != nil {
+			errs = append(errs, err)
+		}
+		if len(kept) > 0 {
+			r.Logger.Error("telemetry partitions past their retention are kept: the rollup has not reached them (is it failing?)",
+				"partitions", kept, "raw_retention", r.Raw.String())
 		}
 		r.mDropped.Add(float64(len(rep.Dropped)))
 		for _, t := range []struct {

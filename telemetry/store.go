@@ -16,8 +16,9 @@ import (
 	"github.com/fleetd/fleetd/internal/advisory"
 )
 
-// Store is telemetry's PostgreSQL storage: the batch write with its rollups,
-// the queries of the API, and the partitions and deletes of retention.
+// Store is telemetry's PostgreSQL storage: the batch write, the rollup job's
+// statements, the queries of the API, and the partitions and deletes of
+// retention.
 type Store struct {
 	pool *pgxpool.Pool
 	now  func() time.Time // nil: time.Now
@@ -37,129 +38,128 @@ var (
 	hourTier   = tier{"telemetry_hour", "hour", time.Hour}
 )
 
-// upsert is the statement adding a batch's points, grouped by bucket, to the
-// tier's rows: counts and sums add up, min and max combine, and last is the
-// value of the latest point whichever batch brought it. The rows are sorted so
-// that two replicas writing the same rows lock them in the same order.
-func (t tier) upsert(from string) string {
-	return fmt.Sprintf(`INSERT INTO %[1]s AS t (device_id, metric, bucket, count, min, max, sum, last, last_at)
-		SELECT device_id, metric, date_trunc('%[2]s', at, 'UTC'), count(*), min(value), max(value), sum(value),
-			(array_agg(value ORDER BY at DESC))[1], max(at)
-		FROM %[3]s GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-		ON CONFLICT (device_id, metric, bucket) DO UPDATE SET
-			count = t.count + EXCLUDED.count, min = least(t.min, EXCLUDED.min), max = greatest(t.max, EXCLUDED.max),
-			sum = t.sum + EXCLUDED.sum,
-			last = CASE WHEN EXCLUDED.last_at >= t.last_at THEN EXCLUDED.last ELSE t.last END,
-			last_at = greatest(t.last_at, EXCLUDED.last_at)`, t.table, t.unit, from)
+// Batches are written in one of two ways (writeBatch):
+//
+//   - the common case, every message new and of a minute not yet sealed
+//     for the rollup: one COPY straight into telemetry_raw, one row per
+//     message, so that a message costs one heap row and one index entry;
+//   - a batch holding rows that may be stored already (a retry after a lost
+//     commit: the COPY failed on the key) or rows of a sealed minute (late,
+//     after an outage): the rows are copied into a temporary table and
+//     inserted from it, skipping the stored ones, and the late ones that were
+//     inserted are added to the rollups in the same statement (addSQL), since
+//     the rollup job has passed their minute.
+//
+// Either way the transaction holds advisory.TelemetrySeal shared from before
+// it reads the seal until it commits, so the rollup job, which moves the seal
+// under the exclusive lock, sees every row of a sealed minute either as
+// committed before the seal or marked late — never neither, never both.
+const rawColumns = "device_id, at, names, vals, bssid, ssid, band, channel"
+
+var rawColumnList = strings.Split(rawColumns, ", ")
+
+// beginBatchSQL starts a batch transaction: no wait for the WAL flush
+// (telemetry is not spooled either, see Writer: a commit lost to a database
+// crash costs what the queue would lose) and the seal lock, shared.
+var beginBatchSQL = fmt.Sprintf(`SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock_shared(%d)`, int64(advisory.TelemetrySeal))
+
+// insertCheckedSQL inserts the copied rows that are not stored yet, marks
+// those of sealed minutes ($1) late and adds the late ones to the rollups.
+var insertCheckedSQL = `WITH ins AS (
+	INSERT INTO telemetry_raw (` + rawColumns + `, late)
+	SELECT ` + rawColumns + `, at < $1 FROM telemetry_in
+	ON CONFLICT DO NOTHING
+	RETURNING ` + rawColumns + `, late
+), src AS (SELECT * FROM ins WHERE late), ` + addSQL("src")
+
+// writeBatch stores a batch in one transaction (see rawColumns). Writing the
+// same batch twice stores it once; a row of a minute already rolled up is
+// added to the rollups once, by the write that stores it.
+func (s *Store) writeBatch(ctx context.Context, batch []Entry) error {
+	err := s.writeRaw(ctx, batch, false)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "23505" {
+		// Some of the batch is stored already: its earlier write
+		// committed but the writer did not hear so.
+		err = s.writeRaw(ctx, batch, true)
+	}
+	return err
 }
 
-// ingestSQL moves the copied points into telemetry_points and, from the
-// points actually inserted (a point already stored, from a batch written
-// twice, returns nothing), updates both rollups and the latest values, in one
-// statement.
-var ingestSQL = `WITH ins AS (
-	INSERT INTO telemetry_points (device_id, metric, at, value)
-	SELECT device_id, metric, at, value FROM telemetry_in
-	ON CONFLICT DO NOTHING
-	RETURNING device_id, metric, at, value
-), minute AS (` + minuteTier.upsert("ins") + `
-), hour AS (` + hourTier.upsert("ins") + `
-)
-INSERT INTO telemetry_latest AS t (metric, device_id, value, at)
-SELECT DISTINCT ON (metric, device_id) metric, device_id, value, at FROM ins ORDER BY metric, device_id, at DESC
-ON CONFLICT (metric, device_id) DO UPDATE SET value = EXCLUDED.value, at = EXCLUDED.at WHERE EXCLUDED.at > t.at`
-
-// linkSQL keeps each device's latest link; a field not reported (” or 0)
-// keeps its stored value, and an older report changes nothing.
-const linkSQL = `INSERT INTO telemetry_link AS t (device_id, at, bssid, ssid, band, channel)
-	SELECT id, at, nullif(bssid, ''), nullif(ssid, ''), nullif(band, ''), nullif(channel, 0)
-	FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::int[]) AS u(id, at, bssid, ssid, band, channel)
-	ON CONFLICT (device_id) DO UPDATE SET
-		bssid = coalesce(EXCLUDED.bssid, t.bssid), ssid = coalesce(EXCLUDED.ssid, t.ssid),
-		band = coalesce(EXCLUDED.band, t.band), channel = coalesce(EXCLUDED.channel, t.channel), at = EXCLUDED.at
-	WHERE EXCLUDED.at > t.at`
-
-// writeBatch stores a batch in one transaction: its points are copied (COPY)
-// into a temporary table, then ingestSQL and linkSQL apply them. Writing the
-// same batch twice stores it once.
-func (s *Store) writeBatch(ctx context.Context, batch []Entry) error {
+// writeRaw is one attempt of writeBatch; checked takes the slower way for
+// every row (see rawColumns).
+func (s *Store) writeRaw(ctx context.Context, batch []Entry, checked bool) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		// Telemetry is not spooled either (see Writer): a commit lost to a
-		// database crash costs what the queue would lose, and the writer
-		// does not wait for the WAL flush.
-		if _, err := tx.Exec(ctx, `SET LOCAL synchronous_commit = off;
-			CREATE TEMP TABLE IF NOT EXISTS telemetry_in
-			(device_id text, metric text, at timestamptz, value double precision) ON COMMIT DELETE ROWS`); err != nil {
+		if _, err := tx.Exec(ctx, beginBatchSQL); err != nil {
+			return fmt.Errorf("begin telemetry batch: %w", err)
+		}
+		var sealed time.Time
+		if err := tx.QueryRow(ctx, `SELECT sealed_to FROM telemetry_rollup_state`).Scan(&sealed); err != nil {
+			return fmt.Errorf("read the telemetry seal: %w", err)
+		}
+		split := checked
+		for i := 0; i < len(batch) && !split; i++ {
+			split = batch[i].At.Before(sealed)
+		}
+		fast, slow := batch, []Entry(nil) // the common case: no copy of the batch
+		if split {
+			fast = nil
+			for i := range batch {
+				if checked || batch[i].At.Before(sealed) {
+					slow = append(slow, batch[i])
+				} else {
+					fast = append(fast, batch[i])
+				}
+			}
+		}
+		if len(fast) > 0 {
+			if _, err := tx.CopyFrom(ctx, pgx.Identifier{"telemetry_raw"}, rawColumnList, rawRows(fast)); err != nil {
+				return fmt.Errorf("copy telemetry: %w", err)
+			}
+		}
+		if len(slow) == 0 {
+			return nil
+		}
+		if _, err := tx.Exec(ctx, `CREATE TEMP TABLE IF NOT EXISTS telemetry_in (LIKE telemetry_raw INCLUDING DEFAULTS) ON COMMIT DELETE ROWS`); err != nil {
 			return fmt.Errorf("prepare telemetry copy: %w", err)
 		}
-		i, j := 0, 0
-		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"telemetry_in"}, []string{"device_id", "metric", "at", "value"},
-			pgx.CopyFromFunc(func() ([]any, error) {
-				for i < len(batch) && j == len(batch[i].Metrics) {
-					i, j = i+1, 0
-				}
-				if i == len(batch) {
-					return nil, nil
-				}
-				e, m := &batch[i], batch[i].Metrics[j]
-				j++
-				return []any{e.DeviceID, m.Name, e.At, m.Value}, nil
-			})); err != nil {
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"telemetry_in"}, rawColumnList, rawRows(slow)); err != nil {
 			return fmt.Errorf("copy telemetry: %w", err)
 		}
-		if _, err := tx.Exec(ctx, ingestSQL); err != nil {
+		if _, err := tx.Exec(ctx, insertCheckedSQL, sealed); err != nil {
 			return fmt.Errorf("insert telemetry: %w", err)
-		}
-		if l := collapseLinks(batch); len(l.ids) > 0 {
-			if _, err := tx.Exec(ctx, linkSQL, l.ids, l.at, l.bssid, l.ssid, l.band, l.channel); err != nil {
-				return fmt.Errorf("update telemetry links: %w", err)
-			}
 		}
 		return nil
 	})
 }
 
-// links are a batch's link reports, one per device, as columns.
-type links struct {
-	ids               []string
-	at                []time.Time
-	bssid, ssid, band []string
-	channel           []int32
+// rawRows is the COPY source of a batch's rows (rawColumns).
+func rawRows(batch []Entry) pgx.CopyFromSource {
+	i := 0
+	return pgx.CopyFromFunc(func() ([]any, error) {
+		if i == len(batch) {
+			return nil, nil
+		}
+		e := &batch[i]
+		i++
+		names, vals := make([]string, len(e.Metrics)), make([]float64, len(e.Metrics))
+		for j, m := range e.Metrics {
+			names[j], vals[j] = m.Name, m.Value
+		}
+		var channel any
+		if e.Link.Channel != 0 {
+			channel = int16(e.Link.Channel)
+		}
+		return []any{e.DeviceID, e.At, names, vals, orNull(e.Link.BSSID), orNull(e.Link.SSID), orNull(e.Link.Band), channel}, nil
+	})
 }
 
-// collapseLinks merges each device's link reports in a batch, in order: a
-// later report's fields replace the earlier ones it reports.
-func collapseLinks(batch []Entry) links {
-	var l links
-	index := map[string]int{}
-	for i := range batch {
-		e := &batch[i]
-		if e.Link == (Link{}) {
-			continue
-		}
-		k, ok := index[e.DeviceID]
-		if !ok {
-			k = len(l.ids)
-			index[e.DeviceID] = k
-			l.ids, l.at = append(l.ids, e.DeviceID), append(l.at, e.At)
-			l.bssid, l.ssid, l.band, l.channel = append(l.bssid, ""), append(l.ssid, ""), append(l.band, ""), append(l.channel, 0)
-		}
-		if e.At.After(l.at[k]) {
-			l.at[k] = e.At
-		}
-		for _, f := range []struct {
-			dst *string
-			src string
-		}{{&l.bssid[k], e.Link.BSSID}, {&l.ssid[k], e.Link.SSID}, {&l.band[k], e.Link.Band}} {
-			if f.src != "" {
-				*f.dst = f.src
-			}
-		}
-		if e.Link.Channel != 0 {
-			l.channel[k] = int32(e.Link.Channel)
-		}
+// orNull is s, or NULL when it is empty (a link field not reported).
+func orNull(s string) any {
+	if s == "" {
+		return nil
 	}
-	return l
+	return s
 }
 
 // writeFailure says what a failed batch write means for its messages.
@@ -199,14 +199,14 @@ func classify(err error) writeFailure {
 // (transaction advisory lock).
 const partitionLock = advisory.TelemetryPartitions
 
-// partitionName is the partition of telemetry_points holding the UTC day of t.
+// partitionName is the partition of telemetry_raw holding the UTC day of t.
 func partitionName(t time.Time) string {
-	return "telemetry_points_p" + t.UTC().Format("20060102")
+	return "telemetry_raw_p" + t.UTC().Format("20060102")
 }
 
 // partitionDay parses a partition's name back to its day.
 func partitionDay(name string) (time.Time, bool) {
-	day, ok := strings.CutPrefix(name, "telemetry_points_p")
+	day, ok := strings.CutPrefix(name, "telemetry_raw_p")
 	if !ok {
 		return time.Time{}, false
 	}
@@ -220,7 +220,7 @@ func (s *Store) ensurePartitions(ctx context.Context, first, last time.Time) ([]
 	return s.alterPartitions(ctx, func(existing []string) (plan []ddl) {
 		for day := first.UTC().Truncate(24 * time.Hour); !day.After(last); day = day.Add(24 * time.Hour) {
 			if name := partitionName(day); !slices.Contains(existing, name) {
-				plan = append(plan, ddl{name, "create", fmt.Sprintf(`CREATE TABLE %s PARTITION OF telemetry_points FOR VALUES FROM ('%s') TO ('%s')`,
+				plan = append(plan, ddl{name, "create", fmt.Sprintf(`CREATE TABLE %s PARTITION OF telemetry_raw FOR VALUES FROM ('%s') TO ('%s')`,
 					name, day.Format(time.RFC3339), day.Add(24*time.Hour).Format(time.RFC3339))})
 			}
 		}
@@ -229,16 +229,25 @@ func (s *Store) ensurePartitions(ctx context.Context, first, last time.Time) ([]
 }
 
 // dropPartitions drops the partitions whose whole day ended before cutoff
-// and returns their names.
-func (s *Store) dropPartitions(ctx context.Context, cutoff time.Time) ([]string, error) {
-	return s.alterPartitions(ctx, func(existing []string) (plan []ddl) {
+// and returns their names, except those whose day ended after rolled (the
+// rollup watermark: their rows are not all rolled up), which it returns as
+// kept.
+func (s *Store) dropPartitions(ctx context.Context, cutoff, rolled time.Time) (dropped, kept []string, err error) {
+	dropped, err = s.alterPartitions(ctx, func(existing []string) (plan []ddl) {
+		kept = kept[:0]
 		for _, name := range existing {
-			if day, ok := partitionDay(name); ok && !day.Add(24*time.Hour).After(cutoff) {
+			day, ok := partitionDay(name)
+			switch {
+			case !ok || day.Add(24*time.Hour).After(cutoff):
+			case day.Add(24 * time.Hour).After(rolled):
+				kept = append(kept, name)
+			default:
 				plan = append(plan, ddl{name, "drop", "DROP TABLE " + pgx.Identifier{name}.Sanitize()})
 			}
 		}
 		return plan
 	})
+	return dropped, kept, err
 }
 
 // ddl is one statement creating or dropping a partition.
@@ -277,7 +286,7 @@ func lockPartitions(ctx context.Context, tx pgx.Tx) ([]string, error) {
 		return nil, fmt.Errorf("lock telemetry partitions: %w", err)
 	}
 	rows, err := tx.Query(ctx, `SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-		WHERE i.inhparent = 'telemetry_points'::regclass ORDER BY 1`)
+		WHERE i.inhparent = 'telemetry_raw'::regclass ORDER BY 1`)
 	if err != nil {
 		return nil, fmt.Errorf("list telemetry partitions: %w", err)
 	}

@@ -70,11 +70,39 @@ func rollups(t *testing.T, pool *pgxpool.Pool, tr tier, device, metric string) [
 	return out
 }
 
+// rollUp runs the rollup job as of now.
+func rollUp(t *testing.T, s *Store, now time.Time) RollupReport {
+	t.Helper()
+	rep, err := (&RollupJob{Now: func() time.Time { return now }}).Apply(context.Background(), s)
+	if err != nil {
+		t.Fatalf("rollup at %s: %v", now.Format(time.TimeOnly), err)
+	}
+	if !rep.Ran {
+		t.Fatalf("rollup at %s did not run", now.Format(time.TimeOnly))
+	}
+	return rep
+}
+
+// minuteSeries reads a device's metric at step 1m over day0.
+func minuteSeries(t *testing.T, s *Store, device, metric string) []Point {
+	t.Helper()
+	got, err := s.Series(context.Background(), SeriesQuery{DeviceID: device, Metric: metric, Step: StepMinute, From: at(0, 0, 0), To: at(23, 0, 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range got.Points {
+		got.Points[i].At = got.Points[i].At.UTC()
+	}
+	return got.Points
+}
+
 // TestRollupsCombineAcrossBatches: points of one minute arriving in several
 // batches, one of them older than what is stored, add up to the rollup of all
 // of them; the latest value is the latest point's, whatever the batch order.
+// The API answers the same before the rollup (from raw rows) and after it.
 func TestRollupsCombineAcrossBatches(t *testing.T) {
 	s, pool := newTestStore(t)
+	addDevice(t, pool, "d1", "gw", "1.0", true, at(12, 0, 0))
 	write(t, s, point("d1", at(12, 0, 10), "rssi", -60), point("d1", at(12, 0, 20), "rssi", -70), point("d2", at(12, 0, 15), "rssi", -40))
 	write(t, s, point("d1", at(12, 0, 40), "rssi", -50), point("d1", at(12, 0, 5), "rssi", -80))
 	write(t, s, point("d1", at(12, 1, 0), "rssi", -65))
@@ -84,6 +112,20 @@ func TestRollupsCombineAcrossBatches(t *testing.T) {
 		{Bucket: at(12, 1, 0), Count: 1, Min: -65, Max: -65, Sum: -65, Last: -65, LastAt: at(12, 1, 0)},
 	}
 	wantHour := []rollupRow{{Bucket: at(12, 0, 0), Count: 5, Min: -80, Max: -50, Sum: -325, Last: -65, LastAt: at(12, 1, 0)}}
+	wantPoints := func() []Point {
+		var ps []Point
+		for _, r := range wantMinute {
+			ps = append(ps, Point{At: r.Bucket, Value: r.Sum / float64(r.Count), Rollup: &Rollup{Count: r.Count, Min: r.Min, Max: r.Max, Sum: r.Sum, Last: r.Last}})
+		}
+		return ps
+	}
+	if diff := cmp.Diff(wantPoints(), minuteSeries(t, s, "d1", "rssi")); diff != "" {
+		t.Errorf("before the rollup: minute series mismatch (-want +got):\n%s", diff)
+	}
+	if got := rollups(t, pool, minuteTier, "d1", "rssi"); len(got) != 0 {
+		t.Errorf("rollup rows before the rollup ran: %+v", got)
+	}
+	rollUp(t, s, at(12, 5, 0))
 	check := func(when string) {
 		t.Helper()
 		if diff := cmp.Diff(wantMinute, rollups(t, pool, minuteTier, "d1", "rssi")); diff != "" {
@@ -91,6 +133,9 @@ func TestRollupsCombineAcrossBatches(t *testing.T) {
 		}
 		if diff := cmp.Diff(wantHour, rollups(t, pool, hourTier, "d1", "rssi")); diff != "" {
 			t.Errorf("%s: hour rollup mismatch (-want +got):\n%s", when, diff)
+		}
+		if diff := cmp.Diff(wantPoints(), minuteSeries(t, s, "d1", "rssi")); diff != "" {
+			t.Errorf("%s: minute series mismatch (-want +got):\n%s", when, diff)
 		}
 		var v float64
 		var latest time.Time
@@ -101,10 +146,12 @@ func TestRollupsCombineAcrossBatches(t *testing.T) {
 			t.Errorf("%s: latest %v at %v; want -65 at 12:01", when, v, latest)
 		}
 	}
-	check("three batches")
+	check("rolled up")
 
 	// A batch written again (its commit was lost, or a retry after an outage),
-	// and one that overlaps the stored points, add only what is new.
+	// and one that overlaps the stored points, add only what is new: they
+	// come after their minutes were rolled up, so their writes add the new
+	// points to the rollups.
 	write(t, s, point("d1", at(12, 0, 40), "rssi", -50), point("d1", at(12, 0, 5), "rssi", -80))
 	write(t, s, point("d1", at(12, 1, 0), "rssi", -65))
 	check("batches replayed")
@@ -112,6 +159,8 @@ func TestRollupsCombineAcrossBatches(t *testing.T) {
 	wantMinute[0] = rollupRow{Bucket: at(12, 0, 0), Count: 5, Min: -90, Max: -50, Sum: -350, Last: -90, LastAt: at(12, 0, 50)}
 	wantHour[0] = rollupRow{Bucket: at(12, 0, 0), Count: 6, Min: -90, Max: -50, Sum: -415, Last: -65, LastAt: at(12, 1, 0)}
 	check("a batch overlapping the stored points")
+	rollUp(t, s, at(12, 10, 0))
+	check("rolled up again")
 }
 
 // TestLinkKeepsTheLatestReport: link fields a message does not report keep
@@ -121,8 +170,11 @@ func TestLinkKeepsTheLatestReport(t *testing.T) {
 	write(t, s,
 		Entry{DeviceID: "d1", At: at(10, 0, 0), Message: Message{Link: Link{BSSID: "aa:aa:aa:aa:aa:aa", SSID: "shop", Band: "2.4", Channel: 6}}},
 		Entry{DeviceID: "d1", At: at(10, 0, 1), Message: Message{Link: Link{Channel: 11}}})
+	rollUp(t, s, at(10, 0, 1).Add(latestLag+time.Millisecond)) // copied between rollups
 	write(t, s, Entry{DeviceID: "d1", At: at(10, 0, 2), Message: Message{Link: Link{BSSID: "bb:bb:bb:bb:bb:bb"}}})
-	write(t, s, Entry{DeviceID: "d1", At: at(9, 0, 0), Message: Message{Link: Link{SSID: "old", Channel: 1}}})
+	rollUp(t, s, at(10, 5, 0))
+	write(t, s, Entry{DeviceID: "d1", At: at(9, 0, 0), Message: Message{Link: Link{SSID: "old", Channel: 1}}}) // late
+	rollUp(t, s, at(10, 6, 0))
 	var got Link
 	var when time.Time
 	if err := pool.QueryRow(context.Background(), `SELECT bssid, ssid, band, channel, at FROM telemetry_link WHERE device_id = 'd1'`).
@@ -178,6 +230,27 @@ func TestSeries(t *testing.T) {
 	if diff := cmp.Diff(want, minutes); diff != "" {
 		t.Errorf("minute series mismatch (-want +got):\n%s", diff)
 	}
+	// Rolled up up to 12:01: 12:00 from the rollup, 12:02 from raw rows.
+	rollUp(t, s, at(12, 1, 10))
+	minutes, err = s.Series(ctx, SeriesQuery{DeviceID: "d1", Metric: "rssi", Step: StepMinute, From: at(12, 0, 30), To: at(12, 5, 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	normalise(&minutes)
+	if diff := cmp.Diff(want, minutes); diff != "" {
+		t.Errorf("minute series, rolled up to 12:01, mismatch (-want +got):\n%s", diff)
+	}
+	hours, err := s.Series(ctx, SeriesQuery{DeviceID: "d1", Metric: "rssi", Step: StepHour, From: at(11, 0, 0), To: at(12, 30, 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	normalise(&hours)
+	wantHours := Series{DeviceID: "d1", Metric: "rssi", From: at(11, 0, 0), To: at(12, 30, 0), Step: "1h", Points: []Point{
+		{At: at(12, 0, 0), Value: -60, Rollup: &Rollup{Count: 3, Min: -70, Max: -50, Sum: -180, Last: -50}},
+	}}
+	if diff := cmp.Diff(wantHours, hours); diff != "" {
+		t.Errorf("hour series, half rolled up, mismatch (-want +got):\n%s", diff)
+	}
 
 	for _, tc := range []struct {
 		name  string
@@ -230,6 +303,7 @@ func TestSummary(t *testing.T) {
 	write(t, s, link("a", "aa:aa:aa:aa:aa:aa", 6), link("b", "aa:aa:aa:aa:aa:aa", 6), link("gone", "aa:aa:aa:aa:aa:aa", 6))
 	write(t, s, point("a", at(12, 1, 0), "rssi", -80), point("b", at(12, 1, 0), "rssi", -60), point("c", at(12, 1, 0), "rssi", -40),
 		point("gone", at(12, 1, 0), "rssi", -90), point("a", at(12, 2, 0), "rssi", -70))
+	rollUp(t, s, at(12, 2, 30)) // latest values and links copied; nothing rolled up yet
 	ctx := context.Background()
 	for _, tc := range []struct {
 		groupBy string
@@ -262,7 +336,7 @@ func TestSummary(t *testing.T) {
 func partitions(t *testing.T, pool *pgxpool.Pool) []string {
 	t.Helper()
 	rows, err := pool.Query(context.Background(), `SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-		WHERE i.inhparent = 'telemetry_points'::regclass ORDER BY 1`)
+		WHERE i.inhparent = 'telemetry_raw'::regclass ORDER BY 1`)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,9 +350,9 @@ func partitions(t *testing.T, pool *pgxpool.Pool) []string {
 }
 
 // TestRetention: partitions are created ahead and a day is dropped whole
-// once it ended longer ago than the raw retention; rollups and latest values
-// are deleted past theirs, in bounded rounds; a second replica finding the
-// lock taken does nothing.
+// once it ended longer ago than the raw retention and was rolled up; rollups
+// and latest values are deleted past theirs, in bounded rounds; a second
+// replica finding the lock taken does nothing.
 func TestRetention(t *testing.T) {
 	pool := pgtest.New(t)
 	s := NewStore(pool)
@@ -290,7 +364,7 @@ func TestRetention(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []string{"telemetry_points_p20250301", "telemetry_points_p20250302", "telemetry_points_p20250303"}; !rep.Ran || !cmp.Equal(rep.Created, want) {
+	if want := []string{"telemetry_raw_p20250301", "telemetry_raw_p20250302", "telemetry_raw_p20250303"}; !rep.Ran || !cmp.Equal(rep.Created, want) {
 		t.Fatalf("first run %+v; want partitions %v created", rep, want)
 	}
 	var batch []Entry
@@ -299,6 +373,7 @@ func TestRetention(t *testing.T) {
 	}
 	batch = append(batch, point("d1", at(11, 0, 0), "rssi", 0), point("d1", day0.AddDate(0, 0, 1).Add(time.Hour), "rssi", 1))
 	write(t, s, batch...)
+	rollUp(t, s, day0.AddDate(0, 0, 1).Add(2*time.Hour))
 
 	// 12:00: minute rows older than 10:00 go, three per round, two rounds a run.
 	rep, err = r.Apply(ctx, s)
@@ -313,20 +388,25 @@ func TestRetention(t *testing.T) {
 		t.Errorf("third run deleted %d minute rows; want the remaining 4", rep.Deleted["telemetry_minute"])
 	}
 
-	// Three days later: 1 and 2 March ended more than a day ago.
+	// Three days later: 1 and 2 March ended more than a day ago, but are
+	// kept until they are rolled up.
 	now = at(12, 0, 0).AddDate(0, 0, 3)
+	if rep, err = r.Apply(ctx, s); err != nil || len(rep.Dropped) != 1 {
+		t.Errorf("rolled up to 2 March 01:59: dropped %v, %v; want 1 March only", rep.Dropped, err)
+	}
+	rollUp(t, s, now)
 	rep, err = r.Apply(ctx, s)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []string{"telemetry_points_p20250301", "telemetry_points_p20250302"}; !cmp.Equal(rep.Dropped, want) {
+	if want := []string{"telemetry_raw_p20250302"}; !cmp.Equal(rep.Dropped, want) {
 		t.Errorf("dropped %v; want %v", rep.Dropped, want)
 	}
-	if got, want := partitions(t, pool), []string{"telemetry_points_p20250303", "telemetry_points_p20250304", "telemetry_points_p20250305", "telemetry_points_p20250306"}; !cmp.Equal(got, want) {
+	if got, want := partitions(t, pool), []string{"telemetry_raw_p20250303", "telemetry_raw_p20250304", "telemetry_raw_p20250305", "telemetry_raw_p20250306"}; !cmp.Equal(got, want) {
 		t.Errorf("partitions %v; want %v", got, want)
 	}
 	var points, hours, latest int
-	pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM telemetry_points), (SELECT count(*) FROM telemetry_hour), (SELECT count(*) FROM telemetry_latest)`).Scan(&points, &hours, &latest)
+	pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM telemetry_raw), (SELECT count(*) FROM telemetry_hour), (SELECT count(*) FROM telemetry_latest)`).Scan(&points, &hours, &latest)
 	if points != 0 || hours != 1 || latest != 1 {
 		// The hour rows of 1 March (09:00, 11:00) are past 72 h; 2 March 01:00
 		// is not, and neither is the latest value, of then.

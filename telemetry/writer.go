@@ -42,9 +42,9 @@ type WriterOptions struct {
 const logEvery = time.Minute
 
 // Writer drains the queue of parsed messages into the database in batches:
-// one COPY of the batch's points and one statement that inserts them and
-// updates the rollups (Store.writeBatch), so that its cost per message stays
-// small however many devices send. The queue is split by device among
+// one COPY of a row per message into telemetry_raw (Store.writeBatch), so
+// that a message costs one row however many metrics it carries and however
+// many devices send; the rollups are computed from those rows by RollupJob. The queue is split by device among
 // WriterOptions.Writers shards, each with its own goroutine and connection:
 // a device's rows are only ever written by its shard, so shards never lock
 // each other's rows.
@@ -115,7 +115,7 @@ func NewWriter(s batchStore, opts WriterOptions) *Writer {
 	w.mBatch = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "fleetd_telemetry_batch_seconds", Help: "Time to commit one telemetry batch.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 14)})
 	w.mQueued = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fleetd_telemetry_queued", Help: "Telemetry messages waiting for the writer."}, func() float64 { return float64(w.queued()) })
 	w.mCapacity = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fleetd_telemetry_queue_capacity", Help: "How many telemetry messages may wait for the writer (telemetry-queue)."}, func() float64 { return float64(opts.QueueSize) })
-	w.mPartitions = prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_telemetry_partitions_created_total", Help: "Daily partitions of telemetry_points created by the writer because a point's day had none yet."})
+	w.mPartitions = prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_telemetry_partitions_created_total", Help: "Daily partitions of telemetry_raw created by the writer because a message's day had none yet."})
 	if opts.Registerer != nil {
 		opts.Registerer.MustRegister(w.mWritten, w.mPoints, w.mErrors, w.mDropped, w.mBatch, w.mQueued, w.mCapacity, w.mPartitions)
 	}

@@ -31,7 +31,7 @@ func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) 
 func countPoints(t *testing.T, pool *pgxpool.Pool) int {
 	t.Helper()
 	var n int
-	if err := pool.QueryRow(context.Background(), `SELECT count(*) FROM telemetry_points`).Scan(&n); err != nil {
+	if err := pool.QueryRow(context.Background(), `SELECT count(*) FROM telemetry_raw`).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
 	return n

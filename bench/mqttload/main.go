@@ -10,6 +10,7 @@
 //	mqttload fileserver   -addr A -file F              (the peer of downloads)
 //	mqttload campaign-dispatch -api U -token T -dsn DSN -devices N -per-minute R
 //	mqttload storm        -addr A -n N [-api U -token T] -ready FILE [-retry D] [-sources IPs]
+//	mqttload telemetry    -addr A -n N [-api U -token T] -rate R -duration D [-subscribe] [-metrics U] [-pids name=P,…]
 //
 // -ids is a JSON object of client id → password ("" for anonymous brokers).
 // Each mode prints one JSON result line.
@@ -27,6 +28,7 @@ import (
 	"net/http"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -58,6 +60,9 @@ func main() {
 	ready := fs.String("ready", "", "storm: file written once every device is connected")
 	retry := fs.Duration("retry", 100*time.Millisecond, "storm: mean wait between a device's reconnect attempts")
 	sources := fs.String("sources", "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4", "storm: loopback source addresses")
+	subscribe := fs.Bool("subscribe", false, "telemetry: count what a subscriber on devices/+/telemetry receives (the peer)")
+	metrics := fs.String("metrics", "", "telemetry: fleetd's /metrics URL, to count the messages it stored")
+	pids := fs.String("pids", "", "telemetry: name=pid,… processes whose CPU time (children included) is measured")
 	fs.Parse(os.Args[2:])
 	switch os.Args[1] {
 	case "download":
@@ -77,6 +82,31 @@ func main() {
 	host, _, err := net.SplitHostPort(*addr)
 	if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
 		fail(fmt.Errorf("-addr %s: only loopback targets", *addr))
+	}
+	if os.Args[1] == "telemetry" {
+		// Devices tl-0 … tl-(n-1), registered with fleetd when -api is
+		// given, anonymous otherwise.
+		ids := make([]cred, *n)
+		for i := range ids {
+			ids[i] = cred{id: fmt.Sprintf("tl-%d", i)}
+		}
+		if *api != "" {
+			if ids, err = registerDevices(*api, *token, "tl-", *n); err != nil {
+				fail(err)
+			}
+		}
+		watch := map[string]int{}
+		for _, p := range strings.FieldsFunc(*pids, func(r rune) bool { return r == ',' }) {
+			name, v, _ := strings.Cut(p, "=")
+			pid, err := strconv.Atoi(v)
+			if err != nil {
+				fail(fmt.Errorf("-pids %s: want name=pid", p))
+			}
+			watch[name] = pid
+		}
+		json.NewEncoder(os.Stdout).Encode(telemetryLoad(telemetryOptions{addr: *addr, ids: ids, rate: *rate, duration: *duration,
+			subscribe: *subscribe, metrics: *metrics, pids: watch}))
+		return
 	}
 	if os.Args[1] == "storm" {
 		// Devices storm-0 … storm-(n-1): registered with fleetd when -api

@@ -14,7 +14,9 @@ import (
 
 // startTelemetry stores what devices publish on devices/{id}/telemetry: the
 // broker hands each message to the ingest (rate, bounds), which queues it for
-// the writer; retention keeps each tier within its setting; the API reads it.
+// the writer (a row per message); the rollup job computes the rollups, latest
+// values and links from those rows; retention keeps each tier within its
+// setting; the API reads it.
 // It is called before the broker starts, so that its stop steps run after
 // the broker's: the writer stops once no message can arrive, and writes what
 // is queued. It returns the ingest, which knows each session's radio link.
@@ -33,6 +35,8 @@ func startTelemetry(cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Ser
 	bg := newLoops(lc)
 	bg.start("telemetry sweep", in.Run)
 	bg.start("telemetry retention", func(ctx context.Context) { ret.Run(ctx, store) })
+	roll := &telemetry.RollupJob{Logger: logger, Registerer: reg}
+	bg.start("telemetry rollup", func(ctx context.Context) { roll.Run(ctx, store) })
 	api.MountTelemetry(store)
 	return in
 }

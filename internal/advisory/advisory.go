@@ -33,7 +33,14 @@ const (
 	TelemetryPartitions Key = prefix + 0x5450 // "TP"
 	// TelemetryRetention lets one replica at a time prune telemetry.
 	TelemetryRetention Key = prefix + 0x5452 // "TR"
+	// TelemetryRollup lets one replica at a time run the telemetry rollup
+	// job (session lock).
+	TelemetryRollup Key = prefix + 0x5455 // "TU"
+	// TelemetrySeal is held shared by every telemetry batch write and
+	// exclusively, for an instant, by the rollup job when it seals a minute
+	// (transaction locks), so that no batch straddles the seal.
+	TelemetrySeal Key = prefix + 0x5453 // "TS"
 )
 
 // All lists every key, for the uniqueness test.
-var All = []Key{Migrations, Analysis, LostSweep, EventMaintenance, EventPartitions, TelemetryPartitions, TelemetryRetention}
+var All = []Key{Migrations, Analysis, LostSweep, EventMaintenance, EventPartitions, TelemetryPartitions, TelemetryRetention, TelemetryRollup, TelemetrySeal}
