@@ -61,10 +61,10 @@ func TestStageConnectivityFromRollups(t *testing.T) {
 		disconnect("up-2", upgraded.Add(time.Duration(i+1)*20*time.Minute))
 	}
 	disconnect("up-1", upgraded.Add(-time.Hour)) // before its upgrade
-	for i := range 8 {                             // 8 over 16 device-hours
+	for i := range 8 {                           // 8 over 16 device-hours
 		disconnect(fmt.Sprintf("other-%d", i), upgraded.Add(time.Duration(i+1)*10*time.Minute))
 	}
-	disconnect("other-0", upgraded.Add(-3*time.Hour))   // before the campaign's first upgrade
+	disconnect("other-0", upgraded.Add(-3*time.Hour))  // before the campaign's first upgrade
 	disconnect("waiting-1", upgraded.Add(time.Minute)) // the campaign's, not the fleet's
 	if err := rec.Close(ctx); err != nil {
 		t.Fatal(err)
