@@ -9,13 +9,26 @@ import "strings"
 func devicePrefix(id string) string { return "devices/" + id + "/" }
 
 // canPublish reports whether device id may publish to topic: its status
-// (birth and will), telemetry and OTA status.
+// (birth and will), telemetry, OTA status and its answers to commands.
 func canPublish(id, topic string) bool {
 	rest, ok := strings.CutPrefix(topic, devicePrefix(id))
 	if !ok {
 		return false
 	}
-	return rest == "status" || rest == "telemetry" || rest == "ota/status"
+	return rest == "status" || rest == "telemetry" || rest == "ota/status" || rest == cmdResponse
+}
+
+// cmdResponse is where a device answers commands, under devices/{id}/. It
+// is the device's to publish, never to receive: it lies under cmd/, which
+// devices subscribe to with a wildcard, and a device must not get its own
+// answers back as a command named "response".
+const cmdResponse = "cmd/response"
+
+// canWill reports whether a device may leave a will on topic: what it may
+// publish, except its command answers (the broker publishes a will when the
+// device is gone; an answer cannot come from a device that is gone).
+func canWill(id, topic string) bool {
+	return canPublish(id, topic) && topic != devicePrefix(id)+cmdResponse
 }
 
 // canSubscribe reports whether device id may subscribe to filter (or receive
@@ -29,6 +42,9 @@ func canSubscribe(id, filter string) bool {
 	}
 	if rest == "ota/job" {
 		return true
+	}
+	if rest == cmdResponse {
+		return false
 	}
 	sub, ok := strings.CutPrefix(rest, "cmd/")
 	if !ok && rest != "cmd" {

@@ -419,6 +419,27 @@ func (b *Broker) Send(deviceID, sub string, payload []byte) error {
 	return b.srv.Publish(devicePrefix(deviceID)+sub, payload, false, 1)
 }
 
+// SendRequest publishes a request to one device on devices/{id}/{sub} with
+// QoS 1, the MQTT 5 way: the message carries devices/{id}/{responseSub} as
+// its Response Topic and correlation as its Correlation Data
+// ([MQTT-4.10.0-1]). They reach MQTT 5 sessions only (MQTT 3 has no
+// properties: the payload must name the request too).
+func (b *Broker) SendRequest(deviceID, sub string, payload []byte, responseSub string, correlation []byte) error {
+	// mochi's Publish sets no properties; its inline client is what
+	// server-side publishes come from.
+	cl, ok := b.srv.Clients.Get(mqtt.InlineClientId)
+	if !ok || !cl.Net.Inline {
+		return errors.New("broker: no inline client to publish from")
+	}
+	return b.srv.InjectPacket(cl, packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+		TopicName:   devicePrefix(deviceID) + sub,
+		Payload:     payload,
+		PacketID:    1, // as Publish: inline publishes are never acknowledged
+		Properties:  packets.Properties{ResponseTopic: devicePrefix(deviceID) + responseSub, CorrelationData: correlation},
+	})
+}
+
 // DeviceHandler takes a message a device published on one of its topics. It
 // runs on the device's connection goroutine before the message is
 // acknowledged: an error leaves it unacknowledged (the device sends it again),
@@ -445,6 +466,21 @@ type SessionHandler func(s Session, payload []byte) error
 
 // HandleSession registers a SessionHandler for devices/{id}/{sub}.
 func (b *Broker) HandleSession(sub string, h SessionHandler) { b.handlers.Store(sub, h) }
+
+// Message is a device's publish as a MessageHandler sees it: the payload
+// and the MQTT 5 Correlation Data (nil for MQTT 3). Both are valid only
+// during the call.
+type Message struct {
+	Payload         []byte
+	CorrelationData []byte
+}
+
+// MessageHandler takes a message like a SessionHandler, with the publish's
+// MQTT 5 properties, for the answers to requests (SendRequest).
+type MessageHandler func(s Session, m Message) error
+
+// HandleMessage registers a MessageHandler for devices/{id}/{sub}.
+func (b *Broker) HandleMessage(sub string, h MessageHandler) { b.handlers.Store(sub, h) }
 
 // OnSubscribe calls f when a device subscribes to devices/{id}/{sub}, so that
 // messages waiting for it (an OTA job dispatched while it was offline) can be
@@ -493,15 +529,24 @@ func (b *Broker) TakeOverRemote(deviceID string, epoch int64) {
 	b.endSession(cl, packets.ErrSessionTakenOver)
 }
 
-// Listening reports whether a device has a live session subscribed to
-// devices/{id}/{sub}.
+// Listening reports whether a device has a live session subscribed to a
+// filter that matches devices/{id}/{sub} (the topic itself, or a wildcard
+// filter such as devices/{id}/cmd/#).
 func (b *Broker) Listening(deviceID, sub string) bool {
 	cl, ok := b.srv.Clients.Get(deviceID)
-	if !ok || cl.Closed() {
+	if !ok || cl.Closed() || cl.Net.Inline {
 		return false
 	}
-	_, ok = cl.State.Subscriptions.Get(devicePrefix(deviceID) + sub)
-	return ok
+	topic := devicePrefix(deviceID) + sub
+	if _, ok = cl.State.Subscriptions.Get(topic); ok {
+		return true
+	}
+	for filter := range cl.State.Subscriptions.GetAll() {
+		if matches(filter, topic) {
+			return true
+		}
+	}
+	return false
 }
 
 // nextEpoch returns a session epoch: microseconds since 1970, made strictly

@@ -256,7 +256,7 @@ func checkWill(id string, w mqtt.Will) *willError {
 	switch {
 	case w.TopicName == "" || !utf8.ValidString(w.TopicName) || strings.ContainsAny(w.TopicName, "+#\x00"):
 		return &willError{refuseBadTopic, fmt.Sprintf("will topic %s is not a valid topic name", excerpt(w.TopicName))}
-	case !canPublish(id, w.TopicName):
+	case !canWill(id, w.TopicName):
 		return &willError{refuseNotAuthorized, fmt.Sprintf("will topic %s is outside the device's topics (devices/%s/status, telemetry, ota/status)", excerpt(w.TopicName), id)}
 	}
 	return nil
@@ -422,7 +422,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return pk, nil
 	}
 	if handler, ok := h.b.handlers.Load(sub); ok {
-		if err := h.handle(cl, handler, pk.Payload); err != nil {
+		if err := h.handle(cl, handler, pk); err != nil {
 			h.b.log.Warn("device message not accepted; it stays unacknowledged", "device_id", cl.ID, "topic", pk.TopicName, "err", err)
 			return pk, packets.ErrRejectPacket
 		}
@@ -469,18 +469,23 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	return pk, nil
 }
 
-// handle runs a handler registered with Handle or HandleSession.
-func (h *hook) handle(cl *mqtt.Client, handler any, payload []byte) error {
+// handle runs a handler registered with Handle, HandleSession or
+// HandleMessage.
+func (h *hook) handle(cl *mqtt.Client, handler any, pk packets.Packet) error {
+	if fn, ok := handler.(DeviceHandler); ok {
+		return fn(cl.ID, pk.Payload)
+	}
+	v, ok := h.b.sessions.Load(cl)
+	if !ok {
+		return nil // a publish racing the session's set-up or end: dropped
+	}
+	s := v.(*session)
+	sess := Session{DeviceID: s.deviceID, Epoch: s.epoch, Firmware: s.firmware, Model: s.model}
 	switch fn := handler.(type) {
-	case DeviceHandler:
-		return fn(cl.ID, payload)
 	case SessionHandler:
-		v, ok := h.b.sessions.Load(cl)
-		if !ok {
-			return nil // a publish racing the session's set-up or end: dropped
-		}
-		s := v.(*session)
-		return fn(Session{DeviceID: s.deviceID, Epoch: s.epoch, Firmware: s.firmware, Model: s.model}, payload)
+		return fn(sess, pk.Payload)
+	case MessageHandler:
+		return fn(sess, Message{Payload: pk.Payload, CorrelationData: pk.Properties.CorrelationData})
 	}
 	return nil
 }

@@ -80,6 +80,11 @@ func TestACL(t *testing.T) {
 		{"devices/a/cmd/+/x", false, true, false},
 		{"devices/a/cmd/#/x", false, false, false},
 		{"devices/a/cmd/re#", false, false, false},
+		// A device answers commands on cmd/response and never receives it
+		// (neither by that filter nor, at delivery, through cmd/#).
+		{"devices/a/cmd/response", true, false, false},
+		{"devices/b/cmd/response", false, false, false},
+		{"devices/a/cmd/response/x", false, true, false},
 		{"devices/a/#", false, false, false},
 		{"devices/+/ota/job", false, false, false},
 		{"devices/ab/telemetry", false, false, false},

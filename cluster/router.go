@@ -15,8 +15,11 @@ import (
 type Local interface {
 	// Send publishes to devices/{id}/{sub} on this replica.
 	Send(deviceID, sub string, payload []byte) error
+	// SendRequest publishes like Send, with devices/{id}/{responseSub} as
+	// the MQTT 5 Response Topic and correlation as the Correlation Data.
+	SendRequest(deviceID, sub string, payload []byte, responseSub string, correlation []byte) error
 	// Listening reports whether the device has a live session here
-	// subscribed to devices/{id}/{sub}.
+	// subscribed to a filter that matches devices/{id}/{sub}.
 	Listening(deviceID, sub string) bool
 	// Connected reports whether the device has a live session here.
 	Connected(deviceID string) bool
@@ -40,6 +43,9 @@ type deviceMessage struct {
 	DeviceID string `json:"d"`
 	Sub      string `json:"s"`
 	Payload  []byte `json:"p"`
+	// A request (SendRequest): where the answer goes, and its correlation.
+	ResponseSub string `json:"r,omitempty"`
+	Correlation []byte `json:"c,omitempty"`
 }
 
 // NewRouter builds the router and registers its handler on the bus.
@@ -60,6 +66,17 @@ func (r *Router) Send(deviceID, sub string, payload []byte) error {
 		return r.local.Send(deviceID, sub, payload)
 	}
 	return r.bus.Publish(context.Background(), kindSend, deviceMessage{DeviceID: deviceID, Sub: sub, Payload: payload})
+}
+
+// SendRequest is Send for a request that asks for an answer (command):
+// the replica holding the session publishes it with its Response Topic and
+// Correlation Data (broker.SendRequest).
+func (r *Router) SendRequest(deviceID, sub string, payload []byte, responseSub string, correlation []byte) error {
+	if r.local.Connected(deviceID) {
+		return r.local.SendRequest(deviceID, sub, payload, responseSub, correlation)
+	}
+	return r.bus.Publish(context.Background(), kindSend, deviceMessage{DeviceID: deviceID, Sub: sub, Payload: payload,
+		ResponseSub: responseSub, Correlation: correlation})
 }
 
 // Listening reports whether the device listens here, or is online on
@@ -90,7 +107,13 @@ func (r *Router) receive(items []json.RawMessage, local bool) {
 		if !r.local.Listening(m.DeviceID, m.Sub) {
 			continue
 		}
-		if err := r.local.Send(m.DeviceID, m.Sub, m.Payload); err != nil {
+		send := r.local.Send
+		if m.ResponseSub != "" {
+			send = func(id, sub string, payload []byte) error {
+				return r.local.SendRequest(id, sub, payload, m.ResponseSub, m.Correlation)
+			}
+		}
+		if err := send(m.DeviceID, m.Sub, m.Payload); err != nil {
 			r.log.Warn("cannot deliver a message from another replica", "device_id", m.DeviceID, "sub", m.Sub, "err", fmt.Sprint(err))
 		}
 	}

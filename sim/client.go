@@ -21,6 +21,12 @@ import (
 type session interface {
 	Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error
 	Subscribe(ctx context.Context, topic string, handle func([]byte)) error
+	// SubscribeRequests subscribes to a filter and hands every message that
+	// matches it to handle, with its MQTT 5 request properties (commands).
+	SubscribeRequests(ctx context.Context, filter string, handle func(request)) error
+	// Respond publishes an answer with QoS 1, with the request's Correlation
+	// Data for MQTT 5 (MQTT 3 drops it: the payload names the request).
+	Respond(ctx context.Context, topic string, payload, correlation []byte) error
 	// Done is closed when the connection is lost.
 	Done() <-chan struct{}
 	// Disconnect sends DISCONNECT and closes.
@@ -126,15 +132,16 @@ func (s *v3Session) Disconnect()           { s.c.Disconnect(250) }
 
 // v5Session is MQTT 5 on github.com/eclipse/paho.golang.
 type v5Session struct {
-	c      *paho.Client
-	done   chan struct{}
-	once   sync.Once
-	mu     sync.Mutex
-	routes map[string]func([]byte)
+	c       *paho.Client
+	done    chan struct{}
+	once    sync.Once
+	mu      sync.Mutex
+	routes  map[string]func([]byte)
+	filters map[string]func(request) // SubscribeRequests, by filter
 }
 
 func connectV5(ctx context.Context, p connectParams) (session, error) {
-	s := &v5Session{done: make(chan struct{}), routes: map[string]func([]byte){}}
+	s := &v5Session{done: make(chan struct{}), routes: map[string]func([]byte){}, filters: map[string]func(request){}}
 	lost := func() { s.once.Do(func() { close(s.done) }) }
 	cfg := paho.ClientConfig{
 		ClientID:           p.id,
@@ -144,9 +151,12 @@ func connectV5(ctx context.Context, p connectParams) (session, error) {
 		OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(r paho.PublishReceived) (bool, error) {
 			s.mu.Lock()
 			h := s.routes[r.Packet.Topic]
+			req := s.requestRoute(r.Packet.Topic)
 			s.mu.Unlock()
 			if h != nil {
 				h(r.Packet.Payload)
+			} else if req != nil {
+				req(requestOf(r.Packet))
 			}
 			return true, nil
 		}},

@@ -35,6 +35,9 @@ type device struct {
 
 	pendingJob string          // job reported as succeeded once the device is back on the new firmware
 	jobsSeen   map[string]bool // job ids received, so a repeated job is not run twice
+	// commandsSeen are command ids received (bounded), so a command sent
+	// again is not run twice (command.go: handleCommand).
+	commandsSeen map[string]bool
 }
 
 // sessionEnd is why live returned.
@@ -190,6 +193,20 @@ func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessi
 	}); err != nil {
 		return endLost
 	}
+	// Commands: the server sends them on devices/{id}/cmd/{name} and again
+	// on every subscription until they are answered.
+	commands := make(chan request, 8)
+	if err := sess.SubscribeRequests(ctx, "devices/"+d.id+"/cmd/#", func(r request) {
+		select {
+		case commands <- r:
+		default: // busy: the server sends it again on reconnect, or it times out
+		}
+	}); err != nil {
+		return endLost
+	}
+	if d.commandsSeen == nil {
+		d.commandsSeen = map[string]bool{}
+	}
 
 	var telemetry <-chan time.Time
 	if d.cohort.Telemetry > 0 {
@@ -253,6 +270,11 @@ func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessi
 			}
 			d.booted = time.Now() // the watchdog reboots the device
 			return endReboot
+		case r := <-commands:
+			proto, _ := fleet.ParseProtocol(d.cohort.Protocol)
+			if end := d.handleCommand(ctx, sess, int(proto), r); end != endContinue {
+				return end
+			}
 		case raw := <-jobs:
 			switch end := d.handleJob(ctx, sess, raw); end {
 			case endReboot, endNeverReturn, endShutdown:

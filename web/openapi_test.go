@@ -22,6 +22,7 @@ func TestOpenAPICoversEveryRoute(t *testing.T) {
 	s.MountFirmware(nil, nil, FirmwareOptions{})
 	s.MountStream(NewHub())
 	s.MountTelemetry(nil)
+	s.MountCommands(nil)
 	s.MountOpenAPI()
 
 	param := regexp.MustCompile(`\{(\w+):[^}]*\}`)

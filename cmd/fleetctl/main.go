@@ -29,6 +29,9 @@ Usage: fleetctl [-url URL] [-token-file FILE] [-output table|json] COMMAND
   devices list [-status online|offline] [-model M] [-firmware V] [-protocol 3.1|3.1.1|5] [-compat incompatible] [-limit N]
   devices get ID | diagnose ID | events ID | decommission ID | rotate ID
   devices register ID [-model M] [-tags a,b]
+  devices exec ID NAME [-params JSON] [-timeout 30s] [-expires-in 10m] [-wait]
+                           send a command; -wait waits for its outcome (exit 1 unless succeeded)
+  devices commands ID      the device's recent commands
   firmware list
   firmware upload FILE -version V -models a,b [-notes TEXT]
   campaign list | get ID | history ID | devices ID
@@ -267,6 +270,23 @@ func (c *cli) devices(ctx context.Context, sub string, args []string) error {
 		}
 		return c.print(reg, func(w *tabwriter.Writer) {
 			fmt.Fprintf(w, "registered\t%s\ntoken\t%s\t(shown once: give it to the device)\n", reg.Device.ID, reg.Token)
+		})
+	case "exec":
+		return c.exec(ctx, args)
+	case "commands":
+		id, err := needID(args, "devices commands")
+		if err != nil {
+			return err
+		}
+		page, err := c.api.Commands(ctx, id, "", 50)
+		if err != nil {
+			return err
+		}
+		return c.print(page.Commands, func(w *tabwriter.Writer) {
+			fmt.Fprintln(w, "CREATED\tID\tNAME\tSTATE\tRESULT")
+			for _, cmd := range page.Commands {
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", cmd.CreatedAt.Format(time.RFC3339), cmd.ID, cmd.Name, cmd.State, clipResult(cmd.Result, 60))
+			}
 		})
 	case "decommission":
 		id, err := needID(args, "devices decommission")

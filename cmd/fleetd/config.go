@@ -93,6 +93,12 @@ type Config struct {
 	TelemetryMinuteRetention time.Duration
 	TelemetryHourRetention   time.Duration
 
+	// Commands (POST /devices/{id}/commands): how many a device may have
+	// pending, and how long and how many finished ones are kept.
+	CommandMaxPending    int
+	CommandRetention     time.Duration
+	CommandKeepPerDevice int
+
 	// Limits on what one HTTP client can hold (web.Limits).
 	OTAMaxDownloadsPerSource int
 	HTTPIdleTimeout          time.Duration
@@ -173,6 +179,9 @@ func (c *Config) settings() []setting {
 		{name: "telemetry-raw-retention", usage: "how long raw telemetry points are kept (daily partitions: a day is dropped once it ended this long ago)", bind: dur(&c.TelemetryRawRetention, 48*time.Hour)},
 		{name: "telemetry-minute-retention", usage: "how long per-minute telemetry rollups are kept", bind: dur(&c.TelemetryMinuteRetention, 30*24*time.Hour)},
 		{name: "telemetry-hour-retention", usage: "how long hourly telemetry rollups (and the latest values of silent devices) are kept", bind: dur(&c.TelemetryHourRetention, 400*24*time.Hour)},
+		{name: "command-max-pending", usage: "commands a device may have queued or delivered but unanswered at once; one more is refused with 429", bind: num(&c.CommandMaxPending, 16)},
+		{name: "command-retention", usage: "how long finished commands (answered, timed out, expired) are kept", bind: dur(&c.CommandRetention, 7*24*time.Hour)},
+		{name: "command-keep-per-device", usage: "finished commands kept per device at most (the newest); older ones are pruned", bind: num(&c.CommandKeepPerDevice, 100)},
 		{name: "event-retention", usage: "how long connection events are kept, at least 24h; a day's partition of events is dropped (never a mass DELETE) once all of it is older", bind: dur(&c.EventRetention, 720*time.Hour)},
 		{name: "event-partitions-ahead", usage: "days after today whose event partitions are created ahead of time (1-90); a write for a day without one creates it", bind: num(&c.EventPartitionsAhead, 7)},
 		{name: "rollup-retention", usage: "how long the per-minute event rollups are kept (fleet health, fleet history by 1m and 5m, learned verdicts), at least 48h and at least -event-retention", bind: dur(&c.RollupRetention, 2160*time.Hour)},
@@ -415,6 +424,15 @@ func (c *Config) validate() error {
 		if f.v < time.Hour {
 			bad(f.name, "must be at least 1h")
 		}
+	}
+	if c.CommandMaxPending < 1 || c.CommandMaxPending > 1000 {
+		bad("command-max-pending", "must be between 1 and 1000")
+	}
+	if c.CommandRetention < time.Minute {
+		bad("command-retention", "must be at least 1m")
+	}
+	if c.CommandKeepPerDevice < 1 {
+		bad("command-keep-per-device", "must be at least 1")
 	}
 	if c.EventRetention < 24*time.Hour {
 		// Events are dropped by the day; the diagnosis and the verdicts'

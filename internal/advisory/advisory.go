@@ -40,7 +40,10 @@ const (
 	// exclusively, for an instant, by the rollup job when it seals a minute
 	// (transaction locks), so that no batch straddles the seal.
 	TelemetrySeal Key = prefix + 0x5453 // "TS"
+	// CommandRetention lets one replica at a time prune finished commands
+	// (transaction lock).
+	CommandRetention Key = prefix + 0x4352 // "CR"
 )
 
 // All lists every key, for the uniqueness test.
-var All = []Key{Migrations, Analysis, LostSweep, EventMaintenance, EventPartitions, TelemetryPartitions, TelemetryRetention, TelemetryRollup, TelemetrySeal}
+var All = []Key{Migrations, Analysis, LostSweep, EventMaintenance, EventPartitions, TelemetryPartitions, TelemetryRetention, TelemetryRollup, TelemetrySeal, CommandRetention}

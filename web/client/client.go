@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetd/fleetd/command"
 	"github.com/fleetd/fleetd/firmware"
 	"github.com/fleetd/fleetd/fleet"
 	"github.com/fleetd/fleetd/telemetry"
@@ -363,4 +364,54 @@ func (c *Client) FleetTelemetry(ctx context.Context, metric, groupBy string) (te
 	var s telemetry.Summary
 	err := c.do(ctx, http.MethodGet, "/api/v1/fleet/telemetry?"+v.Encode(), nil, &s)
 	return s, err
+}
+
+// SendCommand sends a command to a device (POST /devices/{id}/commands).
+func (c *Client) SendCommand(ctx context.Context, deviceID string, r command.Request) (command.Command, error) {
+	var cmd command.Command
+	err := c.do(ctx, http.MethodPost, "/api/v1/devices/"+url.PathEscape(deviceID)+"/commands", r, &cmd)
+	return cmd, err
+}
+
+// Command returns a device's command. With wait > 0 (whole seconds, at most
+// 60) the server answers once the state is final or the wait is over.
+func (c *Client) Command(ctx context.Context, deviceID, id string, wait time.Duration) (command.Command, error) {
+	path := "/api/v1/devices/" + url.PathEscape(deviceID) + "/commands/" + url.PathEscape(id)
+	var cmd command.Command
+	if wait <= 0 {
+		err := c.do(ctx, http.MethodGet, path, nil, &cmd)
+		return cmd, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path+"?wait="+strconv.Itoa(int(wait.Seconds())), nil)
+	if err != nil {
+		return cmd, err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	// The client's own timeout would cut a long wait.
+	long := *c
+	hc := *c.http
+	hc.Timeout = wait + c.http.Timeout
+	long.http = &hc
+	err = long.send(req, &cmd)
+	return cmd, err
+}
+
+// CommandPage is one page of a device's commands, newest first.
+type CommandPage struct {
+	Commands   []command.Command `json:"commands"`
+	NextCursor string            `json:"next_cursor"`
+}
+
+// Commands lists a device's recent commands (limit 0: the server's default).
+func (c *Client) Commands(ctx context.Context, deviceID, cursor string, limit int) (CommandPage, error) {
+	v := url.Values{}
+	if cursor != "" {
+		v.Set("cursor", cursor)
+	}
+	if limit > 0 {
+		v.Set("limit", strconv.Itoa(limit))
+	}
+	var p CommandPage
+	err := c.do(ctx, http.MethodGet, "/api/v1/devices/"+url.PathEscape(deviceID)+"/commands?"+v.Encode(), nil, &p)
+	return p, err
 }
