@@ -91,11 +91,13 @@ func TestEveryCauseNamed(t *testing.T) {
 			proof: nth(1, func(e fleet.Event) bool {
 				return e.Kind == fleet.KindRefused && e.Reason == fleet.ReasonThrottled && e.Detail == fleet.DetailReconnectsTooOften
 			})},
+		// Two devices reconnecting under one id can together pass the per-id
+		// connect limit: throttled is true of them too.
 		{cohort: sim.Cohort{Name: "natclones", Count: 2, Firmware: "1.2.0", Keepalive: secs(k), DuplicateIDs: true, DuplicateFrom: "same_address"},
-			want: fleet.ProblemDuplicateClientID, allowed: []string{flapping},
+			want: fleet.ProblemDuplicateClientID, allowed: []string{flapping, fleet.ProblemThrottled},
 			proof: nth(2, disconnectWith(fleet.ReasonSessionTakeover))},
 		{cohort: sim.Cohort{Name: "clones", Count: 2, Firmware: "1.2.0", Keepalive: secs(k), DuplicateIDs: true},
-			want: fleet.ProblemDuplicateClientID, allowed: []string{flapping},
+			want: fleet.ProblemDuplicateClientID, allowed: []string{flapping, fleet.ProblemThrottled},
 			proof: nth(2, disconnectWith(fleet.ReasonSessionTakeover))},
 		{cohort: sim.Cohort{Name: "natted", Count: 2, Firmware: "1.2.0", Keepalive: secs(10), URL: "tcp://" + proxy},
 			want: fleet.ProblemKeepaliveMismatch, allowed: []string{flapping}},
