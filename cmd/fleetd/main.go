@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -302,6 +303,14 @@ func openDatabase(ctx context.Context, cfg Config, logger *slog.Logger, lc *life
 	// rollups. A jit=on parameter in the DSN keeps it on.
 	if _, set := poolCfg.ConnConfig.RuntimeParams["jit"]; !set {
 		poolCfg.ConnConfig.RuntimeParams["jit"] = "off"
+	}
+	// pgxpool's default (4 connections on this machine) is shared by the
+	// event writer, two telemetry writers, the telemetry rollup job (2 while
+	// it runs), campaign stepping, the analysis, the command sweep and the
+	// API: too few, and a birth or an OTA status waits behind a rollup. A
+	// pool_max_conns in the DSN keeps the operator's choice.
+	if !strings.Contains(dsn, "pool_max_conns") {
+		poolCfg.MaxConns = 16
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
 	if err != nil {
