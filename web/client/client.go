@@ -174,13 +174,7 @@ type EventPage struct {
 
 // Events lists one page of a device's events.
 func (c *Client) Events(ctx context.Context, id, cursor string, limit int) (EventPage, error) {
-	v := url.Values{}
-	if cursor != "" {
-		v.Set("cursor", cursor)
-	}
-	if limit > 0 {
-		v.Set("limit", strconv.Itoa(limit))
-	}
+	v := pageQuery(cursor, limit)
 	var p EventPage
 	err := c.do(ctx, http.MethodGet, "/api/v1/devices/"+url.PathEscape(id)+"/events?"+v.Encode(), nil, &p)
 	return p, err
@@ -404,6 +398,14 @@ type CommandPage struct {
 
 // Commands lists a device's recent commands (limit 0: the server's default).
 func (c *Client) Commands(ctx context.Context, deviceID, cursor string, limit int) (CommandPage, error) {
+	v := pageQuery(cursor, limit)
+	var p CommandPage
+	err := c.do(ctx, http.MethodGet, "/api/v1/devices/"+url.PathEscape(deviceID)+"/commands?"+v.Encode(), nil, &p)
+	return p, err
+}
+
+// pageQuery is the query of a paged list: its cursor and limit, when set.
+func pageQuery(cursor string, limit int) url.Values {
 	v := url.Values{}
 	if cursor != "" {
 		v.Set("cursor", cursor)
@@ -411,7 +413,5 @@ func (c *Client) Commands(ctx context.Context, deviceID, cursor string, limit in
 	if limit > 0 {
 		v.Set("limit", strconv.Itoa(limit))
 	}
-	var p CommandPage
-	err := c.do(ctx, http.MethodGet, "/api/v1/devices/"+url.PathEscape(deviceID)+"/commands?"+v.Encode(), nil, &p)
-	return p, err
+	return v
 }
