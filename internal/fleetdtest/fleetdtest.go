@@ -5,6 +5,7 @@ package fleetdtest
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -19,6 +20,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fleetd/fleetd/internal/testlog"
 )
 
 var (
@@ -171,7 +174,7 @@ func (p *Process) killAtEnd() {
 			p.Kill()
 		}
 		if p.t.Failed() {
-			p.t.Logf("fleetd log (%s):\n%s", p.DataDir, p.Logs())
+			testlog.Keep(p.t, "fleetd "+cmp.Or(p.Node, filepath.Base(p.DataDir)), p.Logs())
 		}
 	})
 }

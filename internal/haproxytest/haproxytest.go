@@ -23,6 +23,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fleetd/fleetd/internal/testlog"
 )
 
 // Backend names, as they appear in Status and WaitServer.
@@ -224,7 +226,7 @@ func Start(t testing.TB, backends []Backend, o Options) *Proxy {
 	t.Cleanup(func() {
 		p.Stop()
 		if t.Failed() {
-			t.Logf("haproxy log:\n%s\nconfiguration:\n%s", p.Logs(), Config(backends, o, p.socket))
+			testlog.Keep(t, "haproxy", p.Logs()+"\nconfiguration:\n"+Config(backends, o, p.socket))
 		}
 	})
 	deadline := time.Now().Add(15 * time.Second)
