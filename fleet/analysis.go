@@ -137,24 +137,24 @@ func (s *Service) Analyze(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	devices, err := s.store.compatRows(ctx)
+	groups, err := s.store.compatGroups(ctx)
 	if err != nil {
 		return err
 	}
-	var ids []string
+	var changed []compatGroup
 	var lists [][]Incompatibility
 	incompatible := 0
-	for _, d := range devices {
-		list := judge(p, flagged, d.model, d.firmware, d.protocol)
+	for _, g := range groups {
+		list := judge(p, flagged, g.model, g.firmware, g.protocol)
 		if len(list) > 0 {
-			incompatible++
+			incompatible += g.devices
 		}
-		if !sameCompat(d.current, list) {
-			ids, lists = append(ids, d.id), append(lists, list)
+		if !sameCompat(g.current, list) {
+			changed, lists = append(changed, g), append(lists, list)
 		}
 	}
-	if len(ids) > 0 {
-		if err := s.store.setCompat(ctx, ids, lists); err != nil {
+	if len(changed) > 0 {
+		if err := s.store.setCompat(ctx, changed, lists); err != nil {
 			return err
 		}
 	}

@@ -69,9 +69,22 @@ func TestDeviceWritersDoNotDeadlock(t *testing.T) {
 			}
 			return s.touchLastSeen(ctx, seen)
 		})
+		flip := 0
 		run(func() error {
-			sh := shuffled()
-			return s.setCompat(ctx, sh, make([][]Incompatibility, len(sh)))
+			// Every group the analysis sees, flipped between compatible and
+			// not, so that each round rewrites every device.
+			groups, err := s.compatGroups(ctx)
+			if err != nil {
+				return err
+			}
+			flip++
+			lists := make([][]Incompatibility, len(groups))
+			for i := range lists {
+				if flip%2 == 0 {
+					lists[i] = []Incompatibility{{Reason: "firmware_flagged", Detail: "lock order"}}
+				}
+			}
+			return s.setCompat(ctx, groups, lists)
 		})
 	}
 	wg.Wait()

@@ -159,15 +159,25 @@ func (s *Store) maintainEvents(ctx context.Context, now time.Time, r EventRetent
 	}{
 		{`DELETE FROM event_rollups_minute WHERE minute < $1`, now.Add(-r.MinuteRollups)},
 		{`DELETE FROM session_rollups_minute WHERE minute < $1`, now.Add(-r.MinuteRollups)},
-		{`DELETE FROM session_devices WHERE last_end < $1`, now.Add(-r.MinuteRollups)},
 		{`DELETE FROM event_rollups_hour WHERE hour < $1`, now.Add(-r.HourlyRollups)},
 		{`DELETE FROM fleet_counts_minute WHERE minute < $1`, now.Add(-r.MinuteRollups)},
 		{`DELETE FROM fleet_counts_hour WHERE hour < $1`, now.Add(-r.HourlyRollups)},
 		{`DELETE FROM history_minute WHERE minute < $1`, now.Add(-r.MinuteRollups)},
 		{`DELETE FROM history_hour WHERE hour < $1`, now.Add(-r.HourlyRollups)},
 		{`DELETE FROM link_rollups_hour WHERE hour < $1`, now.Add(-r.MinuteRollups)},
-		{`DELETE FROM sessions_open o WHERE started_at < $1 AND NOT EXISTS (
-			SELECT 1 FROM devices d WHERE d.id = o.device_id AND d.online AND d.session_epoch = o.session_epoch)`, cutoff},
+		// Open sessions whose device shows another session (their disconnect
+		// was never stored) stop counting as open; then the devices that
+		// neither ended a session since the cutoff nor have one open go.
+		// The first locks session_devices in key order, like the writer.
+		{`WITH gone AS (
+			DELETE FROM sessions_open o WHERE started_at < $1 AND NOT EXISTS (
+				SELECT 1 FROM devices d WHERE d.id = o.device_id AND d.online AND d.session_epoch = o.session_epoch)
+			RETURNING model, firmware, device_id)
+		INSERT INTO session_devices AS s (model, firmware, device_id, last_end, open_sessions)
+		SELECT model, firmware, device_id, '-infinity', -count(*) FROM gone
+		GROUP BY model, firmware, device_id ORDER BY model, firmware, device_id
+		ON CONFLICT (model, firmware, device_id) DO UPDATE SET open_sessions = s.open_sessions + EXCLUDED.open_sessions`, cutoff},
+		{`DELETE FROM session_devices WHERE last_end < $1 AND open_sessions <= 0`, now.Add(-r.MinuteRollups)},
 	} {
 		tag, err := s.pool.Exec(ctx, q.sql, q.cutoff)
 		if err != nil {

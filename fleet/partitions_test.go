@@ -98,6 +98,21 @@ func TestEventPartitionsAheadAndRetention(t *testing.T) {
 		}
 	}
 
+	// Two sessions open since the first day: d2's disconnect was never
+	// stored (its device shows it offline), d3's device is still online in
+	// it. Retention ends the first, keeps the second.
+	register(t, svc, "gw-100", "d2", "d3")
+	at := day0.Add(11 * time.Hour)
+	if err := svc.store.writeEvents(ctx, []Event{
+		{ID: NewEventID(at), DeviceID: "d2", At: at, Kind: KindConnect, SessionEpoch: 1, Model: "gw-100", Firmware: "1.0.0"},
+		{ID: NewEventID(at), DeviceID: "d3", At: at, Kind: KindConnect, SessionEpoch: 1, Model: "gw-100", Firmware: "1.0.0"},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, `UPDATE devices SET online = false WHERE id = 'd2'`); err != nil {
+		t.Fatal(err)
+	}
+
 	// Five days later: events kept from 03-12 09:00, minute rollups from
 	// 03-11 09:00, hourly ones from 03-05 09:00.
 	now = day0.AddDate(0, 0, 5).Add(9 * time.Hour)
@@ -131,9 +146,12 @@ func TestEventPartitionsAheadAndRetention(t *testing.T) {
 		{"minute rollups by day", `SELECT ` + fmt.Sprintf(day, "minute") + `, sum(count)::bigint FROM event_rollups_minute GROUP BY 1`,
 			map[string]int64{"03-11": 2, "03-12": 2, "03-13": 2}},
 		{"hourly rollups by day", `SELECT ` + fmt.Sprintf(day, "hour") + `, sum(count)::bigint FROM event_rollups_hour GROUP BY 1`,
-			map[string]int64{"03-10": 2, "03-11": 2, "03-12": 2, "03-13": 2}},
+			map[string]int64{"03-10": 4, "03-11": 2, "03-12": 2, "03-13": 2}},
 		{"session rollups by day", `SELECT ` + fmt.Sprintf(day, "minute") + `, sum(ended)::bigint FROM session_rollups_minute GROUP BY 1`,
 			map[string]int64{"03-11": 1, "03-12": 1, "03-13": 1}},
+		{"open sessions", `SELECT device_id, count(*) FROM sessions_open GROUP BY 1`, map[string]int64{"d3": 1}},
+		{"devices of the verdicts' window, with their open sessions", `SELECT device_id, open_sessions::bigint FROM session_devices`,
+			map[string]int64{"d1": 0, "d3": 1}},
 	}
 	for _, c := range checks {
 		if diff := cmp.Diff(c.want, countBy(t, pool, c.sql)); diff != "" {

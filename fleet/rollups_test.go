@@ -141,6 +141,7 @@ func TestFirmwareStatsFromRollupsMatchEvents(t *testing.T) {
 		}
 		events = events[n:]
 	}
+	checkOpenSessions(t, pool)
 	sortStats := func(s []FirmwareStats) {
 		slices.SortFunc(s, func(a, b FirmwareStats) int {
 			return cmp.Or(cmp.Compare(a.Model, b.Model), cmp.Compare(a.Firmware, b.Firmware))
@@ -168,6 +169,25 @@ func TestFirmwareStatsFromRollupsMatchEvents(t *testing.T) {
 				t.Errorf("firmware statistics from rollups mismatch (-events +rollups):\n%s", diff)
 			}
 		})
+	}
+}
+
+// checkOpenSessions checks session_devices' open session counts against
+// sessions_open, and that it keeps no row that counts for nothing (a
+// session's opening row when it ended on another firmware).
+func checkOpenSessions(t *testing.T, pool *pgxpool.Pool) {
+	t.Helper()
+	var wrong, empty int
+	err := pool.QueryRow(context.Background(), `SELECT
+		(SELECT count(*) FROM (SELECT model, firmware, device_id, count(*) AS n FROM sessions_open GROUP BY 1, 2, 3) o
+			FULL JOIN (SELECT model, firmware, device_id, open_sessions AS n FROM session_devices WHERE open_sessions <> 0) s
+			USING (model, firmware, device_id) WHERE o.n IS DISTINCT FROM s.n),
+		(SELECT count(*) FROM session_devices WHERE open_sessions = 0 AND last_end = '-infinity')`).Scan(&wrong, &empty)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wrong != 0 || empty != 0 {
+		t.Errorf("session_devices: %d rows whose open sessions differ from sessions_open, %d rows with no session", wrong, empty)
 	}
 }
 

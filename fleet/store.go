@@ -280,12 +280,13 @@ func (s *Store) writeEvents(ctx context.Context, events []Event) error {
 
 // eventTempTables are the writer's temporary tables, created once per
 // connection and emptied at each commit: the batch as copied, the events
-// the insert kept, and the sessions those events ended.
+// the insert kept, and the sessions those events opened and ended.
 const eventTempTables = `
 	CREATE TEMP TABLE IF NOT EXISTS device_events_in (LIKE device_events) ON COMMIT DELETE ROWS;
 	CREATE TEMP TABLE IF NOT EXISTS device_events_new (LIKE device_events) ON COMMIT DELETE ROWS;
+	CREATE TEMP TABLE IF NOT EXISTS sessions_opened_in (device_id text, model text, firmware text) ON COMMIT DELETE ROWS;
 	CREATE TEMP TABLE IF NOT EXISTS sessions_ended_in (device_id text, started_at timestamptz, ended_at timestamptz,
-		model text, firmware text, ping boolean) ON COMMIT DELETE ROWS`
+		model text, firmware text, ping boolean, open_model text, open_firmware text) ON COMMIT DELETE ROWS`
 
 func writeEventsTx(ctx context.Context, tx pgx.Tx, events []Event) error {
 	if _, err := tx.Exec(ctx, eventTempTables); err != nil {

@@ -589,7 +589,8 @@ const endedSQL = `(SELECT id AS device_id, started_at, ended_at, model, fw AS fi
 	FROM datascale.sess WHERE ended_at IS NOT NULL)`
 
 // sessionRollups fills sessions_open, session_rollups_minute and
-// session_devices with migration 00012's statements, from the sessions the
+// session_devices with migration 00012's statements (and 00018's open
+// sessions), from the sessions the
 // events were made of (the self-join of 20 million events is what the
 // generator already knows).
 func (g *generator) sessionRollups(ctx context.Context, pool *pgxpool.Pool) error {
@@ -612,8 +613,12 @@ func (g *generator) sessionRollups(ctx context.Context, pool *pgxpool.Pool) erro
 		) s
 		GROUP BY minute, model, firmware`,
 
-		`INSERT INTO session_devices (model, firmware, device_id, last_end)
-		SELECT model, firmware, device_id, max(ended_at) FROM ` + endedSQL + ` e GROUP BY model, firmware, device_id`,
+		`INSERT INTO session_devices (model, firmware, device_id, last_end, open_sessions)
+		SELECT model, firmware, device_id, coalesce(max(ended_at), '-infinity'), count(*) FILTER (WHERE ended_at IS NULL) FROM (
+			SELECT model, firmware, device_id, ended_at FROM ` + endedSQL + ` e
+			UNION ALL
+			SELECT model, fw, id, NULL FROM datascale.sess WHERE ended_at IS NULL
+		) s GROUP BY model, firmware, device_id`,
 	}
 	errs := make([]error, len(qs))
 	var wg sync.WaitGroup
@@ -689,7 +694,11 @@ func verifyRollups(ctx context.Context, pool *pgxpool.Pool) error {
 					(extract(epoch FROM started_at - date_trunc('minute', started_at, 'UTC')) * 1000000)::bigint
 				FROM backfill_ended
 			) s GROUP BY minute, model, firmware`,
-		`CREATE TEMP TABLE v_devices AS SELECT model, firmware, device_id, max(ended_at) AS last_end FROM backfill_ended GROUP BY model, firmware, device_id`,
+		`CREATE TEMP TABLE v_devices AS SELECT model, firmware, device_id, coalesce(max(ended_at), '-infinity') AS last_end,
+				count(*) FILTER (WHERE ended_at IS NULL) AS open_sessions
+			FROM (SELECT model, firmware, device_id, ended_at FROM backfill_ended
+				UNION ALL SELECT model, firmware, device_id, NULL FROM v_open) s
+			GROUP BY model, firmware, device_id`,
 	} {
 		if _, err := conn.Exec(ctx, q); err != nil {
 			return fmt.Errorf("%w\n%s", err, firstLine(q))
@@ -704,7 +713,7 @@ func verifyRollups(ctx context.Context, pool *pgxpool.Pool) error {
 		{"history_hour", "hour, kind, reason, count", "v_hhour"},
 		{"sessions_open", "device_id, session_epoch, started_at, model, firmware", "v_open"},
 		{"session_rollups_minute", "minute, model, firmware, ended, ping_disconnects, end_offset_us, started, start_offset_us", "v_sessions"},
-		{"session_devices", "model, firmware, device_id, last_end", "v_devices"},
+		{"session_devices", "model, firmware, device_id, last_end, open_sessions", "v_devices"},
 	} {
 		var missing, extra int64
 		err := conn.QueryRow(ctx, fmt.Sprintf(`SELECT (SELECT count(*) FROM (SELECT %[1]s FROM %[3]s EXCEPT ALL SELECT %[1]s FROM %[2]s) a),
