@@ -625,17 +625,17 @@ func (s *Store) setCompat(ctx context.Context, groups []compatGroup, lists [][]I
 		models[i], firmware[i], protos[i], current[i] = g.model, g.firmware, int16(g.protocol), string(g.current)
 		flags[i], docs[i] = len(l) > 0, string(b)
 	}
-	const matched = `unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bool[], $6::text[]) AS g(model, firmware, proto, cur, inc, doc)
-		WHERE d.state = 'active' AND d.model = g.model AND d.firmware = g.firmware AND d.protocol_version = g.proto AND d.incompatibilities::text = g.cur`
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `SELECT 1 FROM devices d, `+matched+` ORDER BY d.id FOR UPDATE OF d`,
-			models, firmware, protos, current, flags, docs); err != nil {
-			return fmt.Errorf("lock devices: %w", err)
-		}
-		_, err := tx.Exec(ctx, `UPDATE devices d SET incompatible = g.inc, incompatibilities = g.doc::jsonb, updated_at = now()
-			FROM `+matched, models, firmware, protos, current, flags, docs)
-		return err
-	})
+	// One scan of devices finds and locks the rows (in id order, the
+	// locking rows leave the sort in), the update then reaches them by id.
+	_, err := s.pool.Exec(ctx, `
+		WITH locked AS (
+			SELECT d.id, g.inc, g.doc FROM devices d,
+				unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bool[], $6::text[]) AS g(model, firmware, proto, cur, inc, doc)
+			WHERE d.state = 'active' AND d.model = g.model AND d.firmware = g.firmware AND d.protocol_version = g.proto
+				AND d.incompatibilities::text = g.cur
+			ORDER BY d.id FOR UPDATE OF d)
+		UPDATE devices d SET incompatible = l.inc, incompatibilities = l.doc::jsonb, updated_at = now()
+		FROM locked l WHERE d.id = l.id`, models, firmware, protos, current, flags, docs)
 	if err != nil {
 		return fmt.Errorf("update compatibility: %w", err)
 	}
