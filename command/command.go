@@ -58,6 +58,8 @@ type Command struct {
 	DeliveredAt *time.Time      `json:"delivered_at"`
 	FinishedAt  *time.Time      `json:"finished_at"`
 	UpdatedAt   time.Time       `json:"updated_at"`
+	// BulkID names the bulk command this command is part of, if any.
+	BulkID string `json:"bulk_id,omitempty"`
 }
 
 // Request is what an operator asks for (POST /devices/{id}/commands).
