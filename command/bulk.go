@@ -124,6 +124,7 @@ type BulkTarget struct {
 	State       string          `json:"state"`
 	Skipped     string          `json:"skipped,omitempty"`
 	Result      json.RawMessage `json:"result,omitempty"`
+	SentAt      *time.Time      `json:"sent_at"` // its command's creation: from then on it is in flight
 	DeliveredAt *time.Time      `json:"delivered_at"`
 	FinishedAt  *time.Time      `json:"finished_at"`
 	Position    int             `json:"-"`

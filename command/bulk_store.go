@@ -121,7 +121,7 @@ func (s *Store) Targets(ctx context.Context, id, state string, after, limit int)
 		return nil, fmt.Errorf("bulk command %s: %w", id, ErrNotFound)
 	}
 	rows, err := s.pool.Query(ctx, `SELECT t.position, t.device_id, coalesce(t.command_id, ''), coalesce(t.skipped, ''), `+targetState+`,
-			c.result, c.delivered_at, c.finished_at
+			c.result, c.created_at, c.delivered_at, c.finished_at
 		FROM command_bulk_targets t JOIN command_bulks b ON b.id = t.bulk_id LEFT JOIN commands c ON c.id = t.command_id
 		WHERE t.bulk_id = $1 AND t.position > $2 AND ($3 = '' OR `+targetState+` = $3)
 		ORDER BY t.position LIMIT $4`, id, after, state, limit)
@@ -131,7 +131,7 @@ func (s *Store) Targets(ctx context.Context, id, state string, after, limit int)
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (BulkTarget, error) {
 		var t BulkTarget
 		var result []byte
-		err := r.Scan(&t.Position, &t.DeviceID, &t.CommandID, &t.Skipped, &t.State, &result, &t.DeliveredAt, &t.FinishedAt)
+		err := r.Scan(&t.Position, &t.DeviceID, &t.CommandID, &t.Skipped, &t.State, &result, &t.SentAt, &t.DeliveredAt, &t.FinishedAt)
 		if len(result) > 0 {
 			t.Result = result
 		}
