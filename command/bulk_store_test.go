@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -210,5 +211,81 @@ func TestBulkLimits(t *testing.T) {
 	}
 	if _, err := bulks.Create(ctx, command.BulkRequest{Request: command.Request{Name: "ping"}, Selector: command.Selector{Models: []string{"ap-7"}}}); !errors.Is(err, command.ErrTooManyBulks) {
 		t.Fatalf("second running bulk past a cap of 1: %v", err)
+	}
+}
+
+// TestBulkReplicasStepTogether plays three replicas stepping the same bulks
+// at once on one database: each target gets one command, never more than
+// max_concurrent are in flight, and the summary adds up.
+func TestBulkReplicasStepTogether(t *testing.T) {
+	e, first := newBulkEnv(t, command.BulkOptions{})
+	ctx := context.Background()
+	for i := range 40 {
+		e.b.Register(t, fmt.Sprintf("z%02d", i), "gw-100")
+	}
+	replicas := []*command.Bulks{first}
+	for range 2 {
+		svc := command.NewService(command.NewStore(e.b.Pool), e.b.Broker, e.b.Recorder, command.Options{Now: e.clk.Now})
+		replicas = append(replicas, command.NewBulks(svc, e.b.Service, command.BulkOptions{}))
+	}
+	var ids []string
+	for _, sel := range []command.Selector{{Models: []string{"gw-100"}}, {All: true}} {
+		b, err := first.Create(ctx, command.BulkRequest{Request: command.Request{Name: "ping"}, Selector: sel, Pacing: command.Pacing{MaxConcurrent: 7}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, b.ID)
+	}
+	store := command.NewStore(e.b.Pool)
+	for round := 0; ; round++ {
+		var wg sync.WaitGroup
+		for _, r := range replicas {
+			wg.Add(1)
+			go func() { defer wg.Done(); r.Step(ctx) }()
+		}
+		wg.Wait()
+		done := 0
+		for _, id := range ids {
+			b, err := first.Get(ctx, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if b.Counts.InFlight() > 7 {
+				t.Fatalf("round %d: %d in flight, max_concurrent 7", round, b.Counts.InFlight())
+			}
+			if b.Counts.Sum() != b.Total {
+				t.Fatalf("round %d: counts %+v add up to %d, total %d", round, b.Counts, b.Counts.Sum(), b.Total)
+			}
+			if b.State == command.BulkCompleted {
+				done++
+			}
+			// Answer every queued one (the devices are not connected).
+			ts, _, err := first.Devices(ctx, id, "queued", -1, 200)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, x := range ts {
+				if _, ok, err := store.Settle(ctx, x.DeviceID, command.Response{ID: x.CommandID, Status: command.StateSucceeded}, e.clk.Now()); !ok || err != nil {
+					t.Fatal(ok, err)
+				}
+			}
+		}
+		if done == len(ids) {
+			break
+		}
+		if round > 100 {
+			t.Fatal("bulks did not complete")
+		}
+	}
+	var dup int
+	if err := e.b.Pool.QueryRow(ctx, `SELECT count(*) FROM (SELECT bulk_id, device_id FROM commands WHERE bulk_id IS NOT NULL
+		GROUP BY 1, 2 HAVING count(*) > 1) x`).Scan(&dup); err != nil || dup != 0 {
+		t.Fatalf("%d devices got a bulk's command twice (%v)", dup, err)
+	}
+	for _, id := range ids {
+		b, _ := first.Get(ctx, id)
+		if b.Counts.Succeeded != b.Total {
+			t.Fatalf("%s: %+v of %d", id, b.Counts, b.Total)
+		}
 	}
 }

@@ -96,7 +96,11 @@ func (b *Bulks) Create(ctx context.Context, r BulkRequest) (Bulk, error) {
 		return Bulk{}, err
 	}
 	sel := r.Selector
-	cands, err := b.fleet.Candidates(ctx, sel.Models, sel.Tags, sel.Compat == "incompatible")
+	models := sel.Models
+	if models == nil {
+		models = []string{} // all models: a nil array would be SQL NULL and match none
+	}
+	cands, err := b.fleet.Candidates(ctx, models, sel.Tags, sel.Compat == "incompatible")
 	if err != nil {
 		return Bulk{}, err
 	}
