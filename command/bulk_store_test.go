@@ -289,3 +289,31 @@ func TestBulkReplicasStepTogether(t *testing.T) {
 		}
 	}
 }
+
+// TestBulkRate: devices_per_minute spaces the commands on the clock.
+func TestBulkRate(t *testing.T) {
+	e, bulks := newBulkEnv(t, command.BulkOptions{})
+	ctx := context.Background()
+	b, err := bulks.Create(ctx, command.BulkRequest{Request: command.Request{Name: "ping"}, Selector: command.Selector{Models: []string{"gw-100"}},
+		Pacing: command.Pacing{MaxConcurrent: 100, DevicesPerMinute: 120}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sent := func() int {
+		got, err := bulks.Get(ctx, b.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got.Total - got.Counts.Pending
+	}
+	for _, step := range []struct {
+		advance time.Duration
+		want    int
+	}{{0, 1}, {0, 1}, {400 * time.Millisecond, 1}, {100 * time.Millisecond, 2}, {time.Second, 4}, {10 * time.Second, 7}} {
+		e.clk.Add(step.advance)
+		bulks.Step(ctx)
+		if got := sent(); got != step.want {
+			t.Fatalf("after %s more: %d sent, want %d", step.advance, got, step.want)
+		}
+	}
+}

@@ -52,7 +52,8 @@ type Bulks struct {
 	onChange func(BulkChange)
 }
 
-// NewBulks builds bulk commands on the service.
+// NewBulks builds bulk commands on the service. Call it before the service
+// runs: it hooks into the service's changes.
 func NewBulks(svc *Service, f Fleet, opts BulkOptions) *Bulks {
 	if opts.MaxDevices == 0 {
 		opts.MaxDevices = 100000
