@@ -240,11 +240,33 @@ func (b *Bulks) Step(ctx context.Context) {
 				"succeeded", bulk.Counts.Succeeded, "failed", bulk.Counts.Failed)
 		}
 		b.svc.m.created.Add(float64(len(sent)))
-		for _, c := range sent {
-			b.svc.changed(c)
-			b.svc.deliver(ctx, c)
-		}
+		b.deliverAll(ctx, sent)
 	}
+}
+
+// deliverers is how many of a batch's commands are handed to sessions at
+// once: each delivery records itself in the database, and one at a time
+// would cap a bulk at a few hundred devices a second.
+const deliverers = 8
+
+func (b *Bulks) deliverAll(ctx context.Context, cs []Command) {
+	next := make(chan Command)
+	var wg sync.WaitGroup
+	for range min(deliverers, len(cs)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := range next {
+				b.svc.changed(c)
+				b.svc.deliver(ctx, c)
+			}
+		}()
+	}
+	for _, c := range cs {
+		next <- c
+	}
+	close(next)
+	wg.Wait()
 }
 
 // publish reads the bulks that changed here and hands their progress to

@@ -223,6 +223,29 @@ func TestBulkCommand1000(t *testing.T) {
 	if len(sentAt) < 801/maxConcurrent {
 		t.Fatalf("commands sent in %d batches; max_concurrent %d needs at least %d", len(sentAt), maxConcurrent, 801/maxConcurrent)
 	}
+	if testing.Verbose() {
+		var times []time.Time
+		for at := range sentAt {
+			times = append(times, at)
+		}
+		sort.Slice(times, func(i, j int) bool { return times[i].Before(times[j]) })
+		for i, at := range times {
+			n, lastDel, lastFin := 0, time.Time{}, time.Time{}
+			for _, x := range ts {
+				if x.SentAt.Equal(at) {
+					n++
+					if x.DeliveredAt != nil && x.DeliveredAt.After(lastDel) {
+						lastDel = *x.DeliveredAt
+					}
+					if x.FinishedAt.After(lastFin) {
+						lastFin = *x.FinishedAt
+					}
+				}
+			}
+			t.Logf("batch %d at +%s: %d, last delivered +%s, last finished +%s", i, at.Sub(times[0]).Round(time.Millisecond), n,
+				lastDel.Sub(times[0]).Round(time.Millisecond), lastFin.Sub(times[0]).Round(time.Millisecond))
+		}
+	}
 	t.Logf("801 commands in %d batches, at most %d in flight, %s from creation to completion",
 		len(sentAt), peak, b.FinishedAt.Sub(b.CreatedAt).Round(time.Millisecond))
 
