@@ -317,3 +317,26 @@ func TestBulkRate(t *testing.T) {
 		}
 	}
 }
+
+// TestBulkDeviceDeleted: a pending command deleted with its device's row
+// counts as expired, so that its bulk still completes.
+func TestBulkDeviceDeleted(t *testing.T) {
+	e, bulks := newBulkEnv(t, command.BulkOptions{})
+	ctx := context.Background()
+	b, err := bulks.Create(ctx, command.BulkRequest{Request: command.Request{Name: "ping"}, Selector: command.Selector{Models: []string{"ap-7"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bulks.Step(ctx)
+	if _, err := e.b.Pool.Exec(ctx, `DELETE FROM devices WHERE id = 'c00'`); err != nil {
+		t.Fatal(err)
+	}
+	bulks.Step(ctx)
+	got, err := bulks.Get(ctx, b.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.State != command.BulkCompleted || got.Counts != (command.Counts{Expired: 1}) {
+		t.Fatalf("bulk after its device was deleted: %s %+v", got.State, got.Counts)
+	}
+}

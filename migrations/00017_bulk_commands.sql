@@ -12,7 +12,8 @@
 -- pacer moves pending to queued (or skipped) as it sends; the triggers below
 -- move queued/delivered to the outcomes as commands change, one UPDATE per
 -- bulk per statement (transition tables), so a sweep that expires 1 000
--- commands updates each bulk once. Pruning a command changes no counter.
+-- commands updates each bulk once. Pruning a (finished) command changes no
+-- counter.
 -- pending + queued + delivered + succeeded + failed + timed_out + expired +
 -- skipped + cancelled = total, always.
 CREATE TABLE command_bulks (
@@ -100,8 +101,8 @@ END
 $$;
 -- +goose StatementEnd
 
--- old_rows is empty for an insert: the trigger function reads it anyway,
--- so the insert trigger names an empty one through a second function.
+-- An insert has no old rows (a trigger may not name a transition table its
+-- event lacks): inserts have their own function.
 -- +goose StatementBegin
 CREATE FUNCTION command_bulks_count_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -118,9 +119,34 @@ END
 $$;
 -- +goose StatementEnd
 
+-- Pruning deletes finished commands only, and changes no counter. A pending
+-- command deleted with its device's row (by hand: fleetd never deletes a
+-- device) would stay counted in flight and hold its bulk running forever:
+-- it counts as expired instead.
+-- +goose StatementBegin
+CREATE FUNCTION command_bulks_count_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM old_rows WHERE bulk_id IS NOT NULL AND state IN ('queued', 'delivered')) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM 1 FROM command_bulks WHERE id IN (SELECT bulk_id FROM old_rows WHERE bulk_id IS NOT NULL AND state IN ('queued', 'delivered'))
+        ORDER BY id FOR NO KEY UPDATE;
+    UPDATE command_bulks b SET queued = b.queued - d.queued, delivered = b.delivered - d.delivered,
+        expired = b.expired + d.queued + d.delivered
+    FROM (SELECT bulk_id, count(*) FILTER (WHERE state = 'queued') AS queued, count(*) FILTER (WHERE state = 'delivered') AS delivered
+        FROM old_rows WHERE bulk_id IS NOT NULL AND state IN ('queued', 'delivered') GROUP BY bulk_id) d
+    WHERE b.id = d.bulk_id;
+    RETURN NULL;
+END
+$$;
+-- +goose StatementEnd
+
 CREATE TRIGGER commands_bulk_count_update AFTER UPDATE ON commands
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION command_bulks_count();
 CREATE TRIGGER commands_bulk_count_insert AFTER INSERT ON commands
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION command_bulks_count_insert();
+CREATE TRIGGER commands_bulk_count_delete AFTER DELETE ON commands
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION command_bulks_count_delete();
