@@ -112,9 +112,11 @@ type Bulk struct {
 	Counts     Counts     `json:"counts"`
 	CreatedAt  time.Time  `json:"created_at"`
 	FinishedAt *time.Time `json:"finished_at"`
-	UpdatedAt  time.Time  `json:"updated_at"`
-	Next       int        `json:"-"` // targets below it have been sent or skipped
-	PacedUntil time.Time  `json:"-"`
+	// UpdatedAt is when it last sent a batch, completed or was cancelled;
+	// answers change Counts, not this.
+	UpdatedAt  time.Time `json:"updated_at"`
+	Next       int       `json:"-"` // targets below it have been sent or skipped
+	PacedUntil time.Time `json:"-"`
 }
 
 // BulkTarget is one device of a bulk and what became of its command.
