@@ -10,6 +10,11 @@
 // (store.go), delivery and redelivery (deliver.go), the sweep of timeouts,
 // expiry and retention (sweep.go), waiting for an answer (wait.go), and the
 // service that ties them (service.go).
+//
+// Bulk commands send one command to the devices a selector matches, paced:
+// the bulk, its selector and pacing rules (bulk.go, Decide is pure), their
+// storage and counters (bulk_store.go) and the pacer (bulks.go). Each
+// device's command is an ordinary command of the service.
 package command
 
 import (
@@ -58,6 +63,8 @@ type Command struct {
 	DeliveredAt *time.Time      `json:"delivered_at"`
 	FinishedAt  *time.Time      `json:"finished_at"`
 	UpdatedAt   time.Time       `json:"updated_at"`
+	// BulkID names the bulk command this command is part of, if any.
+	BulkID string `json:"bulk_id,omitempty"`
 }
 
 // Request is what an operator asks for (POST /devices/{id}/commands).

@@ -94,6 +94,7 @@ type Change struct {
 	Name     string    `json:"name"`
 	State    State     `json:"state"`
 	At       time.Time `json:"at"`
+	BulkID   string    `json:"bulk_id,omitempty"`
 }
 
 // Service runs single-device commands: Create stores and delivers, the
@@ -109,7 +110,10 @@ type Service struct {
 	notes    *noteQueue
 	waiters  waiters
 	onChange func(Change)
-	sessions sync.Map // device id → *sessionState (handler.go)
+	// bulkChanged is told the bulk of every command that changed here
+	// (Bulks, when there is one).
+	bulkChanged func(bulkID string)
+	sessions    sync.Map // device id → *sessionState (handler.go)
 
 	m metrics
 }
@@ -124,7 +128,7 @@ type metrics struct {
 func NewService(store *Store, send Sender, events EventSink, opts Options) *Service {
 	opts.defaults()
 	s := &Service{store: store, send: send, events: events, opts: opts, log: opts.Logger, notes: newNoteQueue(),
-		onChange: func(Change) {}}
+		onChange: func(Change) {}, bulkChanged: func(string) {}}
 	s.waiters.m = map[string]map[chan struct{}]struct{}{}
 	s.m = metrics{
 		created: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_commands_created_total", Help: "Commands created through the API."}),
@@ -152,7 +156,10 @@ func (s *Service) changed(c Command) {
 		s.m.finished.WithLabelValues(string(c.State)).Inc()
 	}
 	s.waiters.wake(c.ID)
-	s.onChange(Change{ID: c.ID, DeviceID: c.DeviceID, Name: c.Name, State: c.State, At: c.UpdatedAt})
+	if c.BulkID != "" {
+		s.bulkChanged(c.BulkID)
+	}
+	s.onChange(Change{ID: c.ID, DeviceID: c.DeviceID, Name: c.Name, State: c.State, At: c.UpdatedAt, BulkID: c.BulkID})
 }
 
 // Limits returns the limits in force, defaults filled in.

@@ -23,14 +23,14 @@ type Store struct {
 // NewStore returns the store on pool.
 func NewStore(pool *pgxpool.Pool) *Store { return &Store{pool: pool} }
 
-const columns = `id, device_id, name, params, state, result, timeout_ms, created_at, expires_at, delivered_at, finished_at, updated_at`
+const columns = `id, device_id, name, params, state, result, timeout_ms, created_at, expires_at, delivered_at, finished_at, updated_at, coalesce(bulk_id, '')`
 
 func scan(row pgx.Row) (Command, error) {
 	var c Command
 	var timeoutMS int64
 	var result []byte
 	err := row.Scan(&c.ID, &c.DeviceID, &c.Name, &c.Params, &c.State, &result, &timeoutMS, &c.CreatedAt, &c.ExpiresAt,
-		&c.DeliveredAt, &c.FinishedAt, &c.UpdatedAt)
+		&c.DeliveredAt, &c.FinishedAt, &c.UpdatedAt, &c.BulkID)
 	c.Timeout = Duration(time.Duration(timeoutMS) * time.Millisecond)
 	if len(result) > 0 {
 		c.Result = result
@@ -193,7 +193,9 @@ func (s *Store) Expire(ctx context.Context, now time.Time) ([]Command, error) {
 }
 
 // Prune deletes finished commands older than retention, and those past the
-// newest keep finished ones of their device. One replica prunes at a time
+// newest keep finished ones of their device, and finished bulk commands
+// older than retention (their summaries are counters, true however many of
+// their commands were pruned before). One replica prunes at a time
 // (advisory.CommandRetention); the others skip the round. It returns how
 // many rows it deleted.
 func (s *Store) Prune(ctx context.Context, now time.Time, retention time.Duration, keep int) (int64, error) {
@@ -214,6 +216,11 @@ func (s *Store) Prune(ctx context.Context, now time.Time, retention time.Duratio
 				FROM commands WHERE finished_at IS NOT NULL) ranked
 			WHERE n > $1 LIMIT 10000)`, keep)
 		n += tag.RowsAffected()
+		if err != nil {
+			return err
+		}
+		bulks, err := pruneBulks(ctx, tx, now.Add(-retention))
+		n += bulks
 		return err
 	})
 	return n, err

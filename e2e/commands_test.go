@@ -257,7 +257,8 @@ func TestCommands(t *testing.T) {
 // TestCommandsAcrossReplicas: with two replicas, a command posted on A
 // reaches a device connected to B and its answer, recorded by B, is what a
 // request waiting on A returns; A's live stream shows it. A command posted
-// on A while the device is offline reaches it when it connects to B.
+// on A while the device is offline reaches it when it connects to B. A bulk
+// command posted on A completes over devices on B.
 func TestCommandsAcrossReplicas(t *testing.T) {
 	c := fleetdtest.StartCluster(t, fleetdtest.ClusterOptions{Replicas: 2})
 	ctx := context.Background()
@@ -317,5 +318,22 @@ func TestCommandsAcrossReplicas(t *testing.T) {
 		}
 	case <-time.After(40 * time.Second):
 		t.Fatal("replica 1's waiting request did not return")
+	}
+
+	// A bulk command posted on A to the devices on B: the pacer (on either
+	// replica) sends through the router, B records the answers, and A's
+	// summary and live stream show it completed.
+	progress := bulkStream(t, c.Replicas[0].HTTPURL, c.AdminToken)
+	bulk, err := a.SendBulk(ctx, command.BulkRequest{Request: command.Request{Name: "ping"},
+		Selector: command.Selector{Models: []string{"gw-100"}, Version: "1.0.0"}, Pacing: command.Pacing{MaxConcurrent: 1}})
+	if err != nil || bulk.Total != 2 {
+		t.Fatalf("bulk over the two simulated devices: %+v %v", bulk, err)
+	}
+	waitUntil(t, 20*time.Second, "replica 1's live stream to show the bulk completed", func() bool {
+		ch, _ := progress(bulk.ID)
+		return ch.State == command.BulkCompleted && ch.Counts == command.Counts{Succeeded: 2}
+	})
+	if got, err := a.Bulk(ctx, bulk.ID); err != nil || got.State != command.BulkCompleted || got.Counts.Succeeded != 2 {
+		t.Fatalf("bulk on replica 1: %+v %v", got, err)
 	}
 }

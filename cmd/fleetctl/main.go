@@ -32,6 +32,10 @@ Usage: fleetctl [-url URL] [-token-file FILE] [-output table|json] COMMAND
   devices exec ID NAME [-params JSON] [-timeout 30s] [-expires-in 10m] [-wait]
                            send a command; -wait waits for its outcome (exit 1 unless succeeded)
   devices commands ID      the device's recent commands
+  commands send [-model M]... [-tag K=V]... [-firmware '<2.0.0'] [-incompatible] [-all]
+                [-max-concurrent N] [-per-minute N] [-timeout 30s] [-expires-in 10m] [-wait] NAME [PARAMS_JSON]
+                           send a command to every device the selector matches, paced (a bulk command)
+  commands list | show ID | devices ID [-state S] | cancel ID
   firmware list
   firmware upload FILE -version V -models a,b [-notes TEXT]
   campaign list | get ID | history ID | devices ID
@@ -114,6 +118,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return c.firmware(ctx, sub, tail)
 	case "campaign", "campaigns":
 		return c.campaign(ctx, sub, tail)
+	case "commands":
+		return c.commands(ctx, sub, tail)
 	case "fleet":
 		if sub != "health" {
 			return fmt.Errorf("unknown command fleet %s (want fleet health)", sub)

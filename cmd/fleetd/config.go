@@ -98,6 +98,10 @@ type Config struct {
 	CommandMaxPending    int
 	CommandRetention     time.Duration
 	CommandKeepPerDevice int
+	// Bulk commands (POST /commands): devices one may select, and how many
+	// may run at once.
+	CommandBulkMaxDevices int
+	CommandBulkMaxRunning int
 
 	// Limits on what one HTTP client can hold (web.Limits).
 	OTAMaxDownloadsPerSource int
@@ -182,6 +186,8 @@ func (c *Config) settings() []setting {
 		{name: "command-max-pending", usage: "commands a device may have queued or delivered but unanswered at once; one more is refused with 429", bind: num(&c.CommandMaxPending, 16)},
 		{name: "command-retention", usage: "how long finished commands (answered, timed out, expired) are kept", bind: dur(&c.CommandRetention, 7*24*time.Hour)},
 		{name: "command-keep-per-device", usage: "finished commands kept per device at most (the newest); older ones are pruned", bind: num(&c.CommandKeepPerDevice, 100)},
+		{name: "command-bulk-max-devices", usage: "devices one bulk command may select; a selector matching more is refused", bind: num(&c.CommandBulkMaxDevices, 100000)},
+		{name: "command-bulk-max-running", usage: "bulk commands running at once; one more is refused with 429", bind: num(&c.CommandBulkMaxRunning, 10)},
 		{name: "event-retention", usage: "how long connection events are kept, at least 24h; a day's partition of events is dropped (never a mass DELETE) once all of it is older", bind: dur(&c.EventRetention, 720*time.Hour)},
 		{name: "event-partitions-ahead", usage: "days after today whose event partitions are created ahead of time (1-90); a write for a day without one creates it", bind: num(&c.EventPartitionsAhead, 7)},
 		{name: "rollup-retention", usage: "how long the per-minute event rollups are kept (fleet health, fleet history by 1m and 5m, learned verdicts), at least 48h and at least -event-retention", bind: dur(&c.RollupRetention, 2160*time.Hour)},
@@ -433,6 +439,12 @@ func (c *Config) validate() error {
 	}
 	if c.CommandKeepPerDevice < 1 {
 		bad("command-keep-per-device", "must be at least 1")
+	}
+	if c.CommandBulkMaxDevices < 1 || c.CommandBulkMaxDevices > 1_000_000 {
+		bad("command-bulk-max-devices", "must be between 1 and 1000000")
+	}
+	if c.CommandBulkMaxRunning < 1 || c.CommandBulkMaxRunning > 1000 {
+		bad("command-bulk-max-running", "must be between 1 and 1000")
 	}
 	if c.EventRetention < 24*time.Hour {
 		// Events are dropped by the day; the diagnosis and the verdicts'

@@ -36,6 +36,7 @@ func TestParseConfig(t *testing.T) {
 	defaults.TelemetryRate, defaults.TelemetryBurst, defaults.TelemetryQueue = 1, 10, 100_000
 	defaults.TelemetryRawRetention, defaults.TelemetryMinuteRetention, defaults.TelemetryHourRetention = 48*time.Hour, 30*24*time.Hour, 400*24*time.Hour
 	defaults.CommandMaxPending, defaults.CommandRetention, defaults.CommandKeepPerDevice = 16, 7*24*time.Hour, 100
+	defaults.CommandBulkMaxDevices, defaults.CommandBulkMaxRunning = 100000, 10
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {
@@ -140,6 +141,8 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "zero command max pending", args: []string{"-command-max-pending", "0"}, want: []string{"FLEETD_COMMAND_MAX_PENDING", "between 1 and 1000"}},
 		{name: "short command retention", env: map[string]string{"FLEETD_COMMAND_RETENTION": "1s"}, want: []string{"FLEETD_COMMAND_RETENTION", "at least 1m"}},
 		{name: "zero commands kept per device", args: []string{"-command-keep-per-device", "0"}, want: []string{"FLEETD_COMMAND_KEEP_PER_DEVICE", "at least 1"}},
+		{name: "zero bulk devices", args: []string{"-command-bulk-max-devices", "0"}, want: []string{"FLEETD_COMMAND_BULK_MAX_DEVICES", "between 1 and 1000000"}},
+		{name: "too many running bulks", env: map[string]string{"FLEETD_COMMAND_BULK_MAX_RUNNING": "5000"}, want: []string{"FLEETD_COMMAND_BULK_MAX_RUNNING", "between 1 and 1000"}},
 		{name: "negative downloads per source", env: map[string]string{"FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE": "-2"}, want: []string{"FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE", "negative"}},
 		{name: "bad recorder behind after", env: map[string]string{"FLEETD_RECORDER_BEHIND_AFTER": "later"}, want: []string{"FLEETD_RECORDER_BEHIND_AFTER", "later"}},
 		{name: "tiny event spool cap", args: []string{"-event-spool-max-bytes", "4096"}, want: []string{"FLEETD_EVENT_SPOOL_MAX_BYTES", "at least 1048576"}},

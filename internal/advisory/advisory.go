@@ -43,7 +43,10 @@ const (
 	// CommandRetention lets one replica at a time prune finished commands
 	// (transaction lock).
 	CommandRetention Key = prefix + 0x4352 // "CR"
+	// CommandBulks serialises the creation of bulk commands, so that two
+	// cannot pass the cap on running bulks together (transaction lock).
+	CommandBulks Key = prefix + 0x4342 // "CB"
 )
 
 // All lists every key, for the uniqueness test.
-var All = []Key{Migrations, Analysis, LostSweep, EventMaintenance, EventPartitions, TelemetryPartitions, TelemetryRetention, TelemetryRollup, TelemetrySeal, CommandRetention}
+var All = []Key{Migrations, Analysis, LostSweep, EventMaintenance, EventPartitions, TelemetryPartitions, TelemetryRetention, TelemetryRollup, TelemetrySeal, CommandRetention, CommandBulks}
