@@ -21,7 +21,7 @@ import (
 const EnvDir = "FLEETD_TEST_LOG_DIR"
 
 // tail is how many warning and error lines a failure shows inline.
-const tail = 3
+const tail = 2
 
 // Keep writes log (what the process called name printed) to a file named
 // after the test and name, and logs its path with the last few lines that
