@@ -9,6 +9,7 @@ import {overviewView} from './views/overview.js';
 import {devicesView, deviceView} from './views/devices.js';
 import {firmwareView} from './views/firmware.js';
 import {campaignsView, campaignNewView, campaignView} from './views/campaigns.js';
+import {bulksView, bulkNewView, bulkView} from './views/bulk.js';
 
 const routes = [
   ['overview', /^\/$/, overviewView],
@@ -18,6 +19,9 @@ const routes = [
   ['campaigns', /^\/campaigns\/?$/, campaignsView],
   ['campaigns', /^\/campaigns\/new\/?$/, campaignNewView],
   ['campaigns', /^\/campaigns\/([^/]+)\/?$/, campaignView],
+  ['commands', /^\/commands\/?$/, bulksView],
+  ['commands', /^\/commands\/new\/?$/, bulkNewView],
+  ['commands', /^\/commands\/([^/]+)\/?$/, bulkView],
 ];
 
 const main = document.getElementById('main');

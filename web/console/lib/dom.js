@@ -143,6 +143,19 @@ export function errorBox(err, {title} = {}) {
   );
 }
 
+// orNotFound awaits the object a view shows; when fleetd has no such thing
+// (404) the page says so with a link back, and it resolves to null. Other
+// errors are thrown (the router shows them).
+export async function orNotFound(ctx, load, {heading, title, back, backText}) {
+  try {
+    return await load;
+  } catch (err) {
+    if (err.status !== 404) throw err;
+    ctx.root.replaceChildren(h('h1', null, heading), errorBox(err, {title}), h('p', null, link(back, backText)));
+    return null;
+  }
+}
+
 // ---- dialogs
 
 // modal opens a <dialog> holding content; close() removes it.

@@ -2,8 +2,9 @@
 // the selector matches) and a campaign's page: state, actions, per-stage
 // progress, devices and history, kept current by the live stream.
 
-import {h, card, table, link, uiPath, devicePath, dl, fmtTime, fmtNum, badge, debounce, settle, errorBox, confirmDialog} from '../lib/dom.js';
-import {api, qs, enc, APIError} from '../lib/api.js';
+import {h, card, table, link, uiPath, devicePath, dl, fmtTime, fmtNum, badge, settle, errorBox, confirmDialog, orNotFound} from '../lib/dom.js';
+import {api, enc} from '../lib/api.js';
+import {input, field, list, numberField, checkDuration, selectorInputs, scanDevices, matchCounter, onSubmit} from '../lib/form.js';
 import {navigate} from '../lib/nav.js';
 import {progressBar} from '../lib/charts.js';
 import {parseConstraint} from '../lib/semver.js';
@@ -113,12 +114,6 @@ export async function campaignsView(ctx) {
 
 // ---- creation form
 
-const durationRe = /^(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+$|^\d+(?:\.\d+)?$/;
-
-function localError(field, message) {
-  return new APIError(0, 'invalid', `${field}: ${message}`, field);
-}
-
 export async function campaignNewView(ctx) {
   ctx.title('New campaign');
   const q = new URLSearchParams(location.search);
@@ -126,18 +121,13 @@ export async function campaignNewView(ctx) {
   if (!ctx.alive()) return;
   const arts = (r && r.firmware) || [];
 
-  const input = (testid, field, attrs = {}) => h('input', {type: 'text', autocomplete: 'off', 'data-testid': testid, 'data-field': field, id: testid, ...attrs});
   const name = input('cf-name', 'name', {placeholder: 'heal 1.0.3', required: true});
   const fwSel = h('select', {'data-testid': 'cf-firmware', 'data-field': 'firmware_id', id: 'cf-firmware'},
     h('option', {value: ''}, arts.length ? 'choose the target firmware…' : 'no firmware uploaded'),
     arts.map((a) => h('option', {value: a.id}, `${a.version} — ${(a.models || []).join(', ')}`)));
   if (q.get('firmware')) fwSel.value = q.get('firmware');
-  const models = input('cf-models', 'selector.models', {placeholder: 'all models of the firmware', value: q.get('model') || ''});
-  const version = input('cf-version', 'selector.version', {placeholder: 'e.g. <1.2.0 (any)'});
-  const tags = input('cf-tags', 'selector.tags', {placeholder: 'e.g. site=lyon'});
-  const compat = h('input', {type: 'checkbox', 'data-testid': 'cf-compat', 'data-field': 'selector.compat', id: 'cf-compat', checked: q.get('compat') === 'incompatible'});
-  const matchCount = h('span', {class: 'match-count', 'data-testid': 'match-count', 'aria-live': 'polite'}, '…');
-  const matchNote = h('small', {class: 'muted'});
+  const sel = selectorInputs('cf', {models: q.get('model') || '', compat: q.get('compat') === 'incompatible', modelsPlaceholder: 'all models of the firmware'});
+  const {models, version, tags, compat} = sel;
   const dpm = input('cf-dpm', 'pacing.devices_per_minute', {type: 'number', min: 0, value: '60'});
   const concurrent = input('cf-concurrent', 'pacing.max_concurrent', {type: 'number', min: 0, value: '20'});
   const timeout = input('cf-timeout', 'device_timeout', {value: '15m', placeholder: '15m'});
@@ -148,8 +138,6 @@ export async function campaignNewView(ctx) {
   const submit = h('button', {type: 'submit', class: 'btn primary', 'data-testid': 'cf-submit'}, 'Create campaign');
 
   let stages = [{name: 'all', mode: 'percent', value: '100', soak: '', mfr: '0.1', mnbo: '1', conn: ''}];
-
-  const field = (label, el, help, wide) => h('div', {class: `field${wide ? ' wide' : ''}`}, h('label', {for: el.id}, label), el, help ? h('small', null, help) : null);
 
   function drawStages() {
     stagesBox.replaceChildren(...stages.map((s, i) => {
@@ -211,11 +199,8 @@ export async function campaignNewView(ctx) {
         field('Target firmware', fwSel, arts.length ? '' : h('span', null, link(uiPath('firmware'), 'Upload firmware'), ' first.')))),
     h('section', {class: 'card'}, h('h2', null, 'Which devices'),
       h('div', {class: 'form-grid'},
-        field('Models', models, 'comma-separated; empty: every model the firmware is built for'),
-        field('Current version', version, 'semver constraint on the firmware they run now'),
-        field('Tags', tags, 'comma-separated; a device needs all of them'),
-        h('div', {class: 'field'}, h('label', {class: 'check', for: 'cf-compat'}, compat, ' only devices fleetd found incompatible'))),
-      h('p', {class: 'match'}, matchCount, ' ', matchNote)),
+        sel.fields('comma-separated; empty: every model the firmware is built for')),
+      matchCounter(ctx, [fwSel, ...sel.elements], countMatching)),
     h('section', {class: 'card'}, h('div', {class: 'card-head'}, h('h2', null, 'Stages'), h('div', {class: 'actions'}, preset, addStage)),
       h('p', {class: 'muted small'}, 'Each stage upgrades its share, then soaks with its gates watched before the next one starts. ' +
         'Percent stages are cumulative; the last one must reach 100 % (or be a count).'),
@@ -235,80 +220,28 @@ export async function campaignNewView(ctx) {
     h('div', null, h('p', {class: 'crumbs'}, link(uiPath('campaigns'), 'Campaigns'), ' /'), h('h1', null, 'New campaign'))), form);
   drawStages();
 
-  const list = (s) => s.split(',').map((x) => x.trim()).filter(Boolean);
-
   // The live count lists the devices with the selector's filters, as the
   // campaign will select them at start: active devices of the models, with
   // every tag, incompatible if asked, not already on the target version,
   // and within the version constraint.
-  let countSeq = 0;
-  async function countNow() {
-    const my = ++countSeq;
+  async function countMatching(current) {
     const art = arts.find((a) => a.id === fwSel.value);
     const ms = list(models.value);
-    const modelList = ms.length ? ms : art ? art.models || [] : [''];
-    const ts = list(tags.value);
     const cons = version.value.trim() ? parseConstraint(version.value) : null;
-    matchCount.textContent = 'counting…';
-    matchCount.dataset.count = '';
     let n = 0;
     let already = 0;
-    let capped = false;
-    try {
-      for (const m of modelList) {
-        let cursor = '';
-        let pages = 0;
-        do {
-          const page = await api('GET', '/devices' + qs({model: m, tag: ts[0], compat: compat.checked ? 'incompatible' : '', limit: 1000, cursor}),
-            undefined, {signal: ctx.signal});
-          if (my !== countSeq || !ctx.alive()) return;
-          for (const d of page.devices || []) {
-            if (!ts.every((t) => (d.tags || []).includes(t))) continue;
-            if (art && d.firmware === art.version) {
-              already++;
-              continue;
-            }
-            if (cons && !cons(d.firmware)) continue;
-            n++;
-          }
-          cursor = page.next_cursor || '';
-          pages++;
-        } while (cursor && pages < 10);
-        if (cursor) capped = true;
-      }
-    } catch (err) {
-      if (my !== countSeq || !ctx.alive() || err.name === 'AbortError') return;
-      matchCount.textContent = 'cannot count';
-      matchNote.textContent = err.message;
-      return;
-    }
-    matchCount.dataset.count = String(n);
-    matchCount.textContent = `${n}${capped ? '+' : ''} device${n === 1 ? '' : 's'} match${n === 1 ? 'es' : ''}`;
+    const capped = await scanDevices({models: ms.length ? ms : art ? art.models || [] : [''], tags: list(tags.value), compat: compat.checked},
+      {signal: ctx.signal, current}, (d) => {
+        if (art && d.firmware === art.version) already++;
+        else if (!cons || cons(d.firmware)) n++;
+      });
+    if (capped === null) return null;
     const notes = [];
     if (already) notes.push(`${already} already on ${art.version} not counted`);
     if (version.value.trim() && !cons) notes.push('the version constraint is not counted here (fleetd checks it)');
     if (!art && !ms.length) notes.push('choose the firmware to count only its models');
     notes.push('counted now; fleetd selects the devices when the campaign starts');
-    matchNote.textContent = `(${notes.join('; ')})`;
-  }
-  const count = debounce(() => countNow().catch((err) => {
-    console.error('count matching devices', err);
-    matchCount.textContent = 'cannot count';
-  }), 350);
-  ctx.onDispose(count.cancel);
-  for (const el of [fwSel, models, version, tags, compat]) {
-    el.addEventListener('input', count);
-    el.addEventListener('change', count);
-  }
-  countNow().catch((err) => console.error('count matching devices', err));
-
-  function numberField(value, fieldName, {integer = false, empty = 0} = {}) {
-    const t = String(value).trim();
-    if (t === '') return empty;
-    const n = Number(t);
-    if (!isFinite(n)) throw localError(fieldName, `"${t}" is not a number`);
-    if (integer && !Number.isInteger(n)) throw localError(fieldName, `must be a whole number, got ${t}`);
-    return n;
+    return {n, capped, notes};
   }
 
   function spec() {
@@ -328,18 +261,11 @@ export async function campaignNewView(ctx) {
     });
     const dt = timeout.value.trim() || '0s';
     durations.push([dt, 'device_timeout']);
-    for (const [d, fieldName] of durations) {
-      if (!durationRe.test(d)) throw localError(fieldName, `"${d}" is not a duration (e.g. 30s, 10m, 1h30m)`);
-    }
-    const sel = {};
-    if (list(models.value).length) sel.models = list(models.value);
-    if (version.value.trim()) sel.version = version.value.trim();
-    if (list(tags.value).length) sel.tags = list(tags.value);
-    if (compat.checked) sel.compat = 'incompatible';
+    for (const [d, fieldName] of durations) checkDuration(d, fieldName);
     return {
       name: name.value.trim(),
       firmware_id: fwSel.value,
-      selector: sel,
+      selector: sel.selector(),
       stages: stageSpecs,
       pacing: {devices_per_minute: numberField(dpm.value, 'pacing.devices_per_minute', {integer: true}),
         max_concurrent: numberField(concurrent.value, 'pacing.max_concurrent', {integer: true})},
@@ -348,49 +274,10 @@ export async function campaignNewView(ctx) {
     };
   }
 
-  function markField(fieldName) {
-    for (const el of form.querySelectorAll('.invalid')) el.classList.remove('invalid');
-    // The API names the field as a JSON path: "stages[0].percent",
-    // "selector.models[1]", "stages[1]". Mark the closest input.
-    const inputs = [...form.querySelectorAll('[data-field]')];
-    for (let f = fieldName; f;) {
-      const el = inputs.find((x) => x.dataset.field === f);
-      if (el) {
-        el.classList.add('invalid');
-        el.focus({preventScroll: true});
-        return;
-      }
-      const shorter = f.replace(/(\[\d+\]|\.[^.[\]]+)$/, '');
-      if (shorter === f) return;
-      f = shorter;
-    }
-  }
-
-  form.addEventListener('submit', async (e) => {
-    e.preventDefault();
-    errBox.replaceChildren();
-    markField('');
-    let body;
-    try {
-      body = spec();
-    } catch (err) {
-      errBox.replaceChildren(errorBox(err));
-      markField(err.field);
-      return;
-    }
-    submit.disabled = true;
-    try {
-      const v = await api('POST', '/campaigns', body);
-      navigate(uiPath('campaigns', v.id));
-    } catch (err) {
-      if (!ctx.alive()) return;
-      errBox.replaceChildren(errorBox(err, {title: 'fleetd refused the campaign'}));
-      markField(err.field);
-      errBox.scrollIntoView({block: 'center'});
-    } finally {
-      submit.disabled = false;
-    }
-  });
+  onSubmit(ctx, form, {errBox, button: submit, spec, title: 'fleetd refused the campaign', send: async (body) => {
+    const v = await api('POST', '/campaigns', body);
+    navigate(uiPath('campaigns', v.id));
+  }});
 }
 
 // ---- one campaign
@@ -578,16 +465,9 @@ export async function campaignView(ctx, id) {
     loadHistory();
   }
 
-  try {
-    c = await api('GET', path, undefined, {signal: ctx.signal});
-  } catch (err) {
-    if (err.status === 404) {
-      ctx.root.replaceChildren(h('h1', null, 'Campaign'), errorBox(err, {title: 'No such campaign'}),
-        h('p', null, link(uiPath('campaigns'), 'Back to the campaigns')));
-      return;
-    }
-    throw err;
-  }
+  c = await orNotFound(ctx, api('GET', path, undefined, {signal: ctx.signal}),
+    {heading: 'Campaign', title: 'No such campaign', back: uiPath('campaigns'), backText: 'Back to the campaigns'});
+  if (!c) return;
   draw();
   loadDevices();
   loadHistory();
