@@ -54,7 +54,24 @@ type Problem struct {
 	Evidence map[string]any `json:"evidence"`
 	// Fix says what to do in one sentence.
 	Fix string `json:"fix"`
+	// Remedy, when set, is the configuration change that fixes the problem:
+	// POST /api/v1/fixes applies it to the devices that have it.
+	Remedy *Remedy `json:"remedy,omitempty"`
+	// Cleared, when set, says why the problem is over although its evidence
+	// is still in the window: the device's sessions since a change no longer
+	// show it.
+	Cleared string `json:"cleared,omitempty"`
 }
+
+// Remedy is a desired-configuration change: a JSON merge patch (RFC 7396)
+// of the device's own configuration layer, such as {"keepalive_s": 15}.
+type Remedy struct {
+	Config map[string]any `json:"config"`
+}
+
+// ConfigKeepalive is the desired-configuration key of the keepalive a device
+// asks for, in seconds (the device protocol's config documents).
+const ConfigKeepalive = "keepalive_s"
 
 // DiagnosisPolicy holds the thresholds of Diagnose's rules. Start from
 // DefaultDiagnosisPolicy and change what you need: a zero Window considers
@@ -155,10 +172,55 @@ func Diagnose(d Device, events []Event, incompat []Incompatibility, now time.Tim
 		tlsFailures, authFailures, idUsedElsewhere, decommissionedRetrying,
 	} {
 		if pr := rule(d, evs, p); pr != nil {
+			if pr.Code == ProblemKeepaliveMismatch {
+				pr.Cleared = cutOutlived(d, evs, pr.Evidence["idle_seconds"].(int), now)
+			}
 			out = append(out, *pr)
 		}
 	}
 	return out
+}
+
+// cutOutlivedFactor is how many idle cuts the newest session must outlive
+// for a keepalive mismatch to be over: one could be luck (traffic of its
+// own kept it busy), three are the new keepalive at work.
+const cutOutlivedFactor = 3
+
+// cutOutlived says why an idle cut at idle seconds no longer ends the
+// device's sessions, or "" while it may: the newest session runs on a
+// keepalive below the cut and has lasted cutOutlivedFactor cuts, up to now
+// if it is live, or until it ended otherwise than by the cut.
+func cutOutlived(d Device, evs []Event, idle int, now time.Time) string {
+	var start *Event
+	for i := range evs {
+		if evs[i].Kind == KindConnect && (start == nil || !evs[i].At.Before(start.At)) {
+			start = &evs[i]
+		}
+	}
+	if start == nil || idle <= 0 {
+		return ""
+	}
+	k, end := keepaliveOf(*start), time.Time{}
+	if d.Online && d.SessionEpoch == start.SessionEpoch {
+		if dk := cmp.Or(d.KeepaliveEffective, d.KeepaliveRequested); dk != 0 {
+			k = dk
+		}
+		end = now
+	}
+	for _, e := range evs {
+		if e.Kind == KindDisconnect && e.SessionEpoch == start.SessionEpoch && e.DeviceID == start.DeviceID {
+			if e.Reason == ReasonConnectionLost {
+				return "" // lost again: perhaps the same cut
+			}
+			end = e.At
+		}
+	}
+	lasted := end.Sub(start.At)
+	if k == 0 || k >= idle || end.IsZero() || lasted < cutOutlivedFactor*time.Duration(idle)*time.Second {
+		return ""
+	}
+	return fmt.Sprintf("since %s the device connects with a keepalive of %d s, and that session has lasted %s, %d times the %d s cut",
+		start.At.UTC().Format(time.RFC3339), k, lasted.Round(time.Second), int(lasted/(time.Duration(idle)*time.Second)), idle)
 }
 
 // malformedPings finds sessions the broker ended because a PINGREQ broke the
@@ -541,6 +603,7 @@ func keepaliveMismatch(_ Device, evs []Event, p DiagnosisPolicy) *Problem {
 		Cause:    cause,
 		Evidence: map[string]any{"idle_seconds": idle, "keepalive": k, "sessions": len(cluster), "lost_connections": lost},
 		Fix:      fmt.Sprintf("use a keepalive below %d s (e.g. %d s) for this device or model", idle, max(idle/2, 1)),
+		Remedy:   &Remedy{Config: map[string]any{ConfigKeepalive: max(idle/2, 1)}},
 	}
 }
 
@@ -869,5 +932,6 @@ func keepalivePolicyProblem(d Device, capSeconds int) *Problem {
 			asked, capSeconds, modelPhrase(d.Model), d.ProtocolVersion),
 		Evidence: map[string]any{"keepalive_requested": d.KeepaliveRequested, "policy_seconds": capSeconds, "protocol": d.ProtocolVersion.String()},
 		Fix:      fmt.Sprintf("configure the device's keepalive to %d s or less (or move it to MQTT 5, where fleetd sets it)", capSeconds),
+		Remedy:   &Remedy{Config: map[string]any{ConfigKeepalive: capSeconds}},
 	}
 }

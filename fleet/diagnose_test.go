@@ -211,6 +211,7 @@ func TestDiagnose(t *testing.T) {
 			Cause:    "something on the path cuts idle connections at about 30 s, before the device's keepalive of 60 s",
 			Evidence: map[string]any{"idle_seconds": 30, "keepalive": 60, "sessions": 3, "lost_connections": 3},
 			Fix:      "use a keepalive below 30 s (e.g. 15 s) for this device or model",
+			Remedy:   &Remedy{Config: map[string]any{ConfigKeepalive: 15}},
 		}}},
 		{"cuts among random losses, effective keepalive", cat(
 			session(50*time.Minute, 1, "203.0.113.7:50000", cutAt(5000)),
@@ -223,6 +224,7 @@ func TestDiagnose(t *testing.T) {
 			Cause:    "something on the path cuts idle connections at about 240 s, before the device's keepalive of 300 s",
 			Evidence: map[string]any{"idle_seconds": 240, "keepalive": 300, "sessions": 3, "lost_connections": 5},
 			Fix:      "use a keepalive below 240 s (e.g. 120 s) for this device or model",
+			Remedy:   &Remedy{Config: map[string]any{ConfigKeepalive: 120}},
 		}}},
 		{"idle times too spread", cat(
 			session(30*time.Minute, 1, "203.0.113.7:50000", cutAt(20000)),
@@ -276,6 +278,7 @@ func TestDiagnose(t *testing.T) {
 			Cause:    "something on the path cuts idle connections at about 120 s, and the device has keepalive off",
 			Evidence: map[string]any{"idle_seconds": 120, "keepalive": 0, "sessions": 3, "lost_connections": 3},
 			Fix:      "use a keepalive below 120 s (e.g. 60 s) for this device or model",
+			Remedy:   &Remedy{Config: map[string]any{ConfigKeepalive: 60}},
 		}}},
 		{"one cut outside the window", cat(
 			session(70*time.Minute, 1, "203.0.113.7:50000", cutAt(30000)),
@@ -651,6 +654,60 @@ func TestDiagnoseIDUsedElsewhere(t *testing.T) {
 			got := codes(Diagnose(Device{ID: "gw-1"}, tc.events, nil, diagNow, DefaultDiagnosisPolicy()))
 			if diff := cmp.Diff(tc.want, got); diff != "" {
 				t.Fatalf("problems mismatch (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// TestKeepaliveMismatchCleared: three idle cuts at 30 s name the mismatch;
+// once the newest session runs on a keepalive below the cut and has
+// outlived three cuts (live, or ended otherwise than by losing its
+// connection), the problem is reported cleared, with why.
+func TestKeepaliveMismatchCleared(t *testing.T) {
+	p := DefaultDiagnosisPolicy()
+	dev := Device{ID: "gw-1", Model: "gw-100", Firmware: "1.0.3", ProtocolVersion: 4, KeepaliveRequested: 60}
+	cuts := cat(
+		session(40*time.Minute, 1, "203.0.113.7:50000", cutAt(30000)),
+		session(30*time.Minute, 2, "203.0.113.7:50000", cutAt(29500)),
+		session(20*time.Minute, 3, "203.0.113.7:50000", cutAt(31000)),
+	)
+	connect := func(ago time.Duration, keepalive int) Event {
+		return ev(ago, Event{Kind: KindConnect, SessionEpoch: 4, RemoteAddr: "203.0.113.7:50000", KeepaliveRequested: keepalive})
+	}
+	end := func(ago time.Duration, r Reason) Event {
+		return ev(ago, Event{Kind: KindDisconnect, SessionEpoch: 4, Reason: r, RemoteAddr: "203.0.113.7:50000", KeepaliveRequested: 15, Pings: 6})
+	}
+	live := dev
+	live.Online, live.SessionEpoch, live.KeepaliveRequested = true, 4, 15
+	tests := []struct {
+		name    string
+		d       Device
+		events  []Event
+		cleared string
+	}{
+		{"no session since the cuts", dev, cuts, ""},
+		{"live on keepalive 15 for 2 min", live, cat(cuts, []Event{connect(2*time.Minute, 15)}),
+			"since 2025-03-01T11:58:00Z the device connects with a keepalive of 15 s, and that session has lasted 2m0s, 4 times the 30 s cut"},
+		{"live on keepalive 15 for 80 s: under three cuts", live, cat(cuts, []Event{connect(80*time.Second, 15)}), ""},
+		{"live, still on keepalive 60", func() Device { d := live; d.KeepaliveRequested = 60; return d }(), cat(cuts, []Event{connect(5*time.Minute, 60)}), ""},
+		{"ended cleanly after 100 s on keepalive 15", dev, cat(cuts, []Event{connect(5*time.Minute, 15), end(5*time.Minute-100*time.Second, ReasonClientDisconnect)}),
+			"since 2025-03-01T11:55:00Z the device connects with a keepalive of 15 s, and that session has lasted 1m40s, 3 times the 30 s cut"},
+		{"lost again on keepalive 15", dev, cat(cuts, []Event{connect(5*time.Minute, 15), end(2*time.Minute, ReasonConnectionLost)}), ""},
+		{"offline with no end stored", dev, cat(cuts, []Event{connect(5*time.Minute, 15)}), ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var got *Problem
+			for _, pr := range Diagnose(tt.d, tt.events, nil, diagNow, p) {
+				if pr.Code == ProblemKeepaliveMismatch {
+					got = &pr
+				}
+			}
+			if got == nil {
+				t.Fatal("no keepalive_mismatch: the cuts are still in the window")
+			}
+			if got.Cleared != tt.cleared {
+				t.Errorf("cleared = %q, want %q", got.Cleared, tt.cleared)
 			}
 		})
 	}
