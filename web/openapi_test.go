@@ -24,6 +24,7 @@ func TestOpenAPICoversEveryRoute(t *testing.T) {
 	s.MountTelemetry(nil)
 	s.MountCommands(nil)
 	s.MountBulkCommands(nil)
+	s.MountFixes(nil)
 	s.MountOpenAPI()
 
 	param := regexp.MustCompile(`\{(\w+):[^}]*\}`)

@@ -222,13 +222,34 @@ function evidenceValue(v) {
   return String(v);
 }
 
-function problemView(p) {
+// problemView shows one problem. A problem whose diagnosis names a
+// configuration change gets a button that applies it (apply(problem,
+// status)); a cleared one says why it is over instead.
+function problemView(p, apply) {
   const ev = Object.entries(p.evidence || {});
-  return h('article', {class: 'problem', 'data-testid': 'problem', 'data-code': p.code},
+  const status = h('div', {'data-testid': 'fix-status'});
+  let action = null;
+  if (p.cleared) {
+    action = h('p', {class: 'notice', 'data-testid': 'problem-cleared'}, badge('cleared', 'ok'), ' ', p.cleared);
+  } else if (p.remedy && p.remedy.config) {
+    const change = Object.entries(p.remedy.config).map(([k, v]) => `${k} = ${JSON.stringify(v)}`).join(', ');
+    const btn = h('button', {type: 'button', class: 'btn small primary', 'data-testid': 'fix-apply'}, `Apply fix: ${change}`);
+    btn.addEventListener('click', async () => {
+      btn.disabled = true;
+      try {
+        await apply(p, status);
+      } finally {
+        btn.disabled = false;
+      }
+    });
+    action = h('div', {class: 'actions'}, btn);
+  }
+  return h('article', {class: 'problem', 'data-testid': 'problem', 'data-code': p.code, 'data-cleared': p.cleared ? 'true' : null},
     h('h3', null, problemTitles[p.code] || p.code, ' ', h('code', {class: 'muted small'}, p.code)),
     h('p', {class: 'cause'}, p.cause),
     ev.length ? h('dl', {class: 'evidence-list'}, ev.map(([k, v]) => [h('dt', null, k.replaceAll('_', ' ')), h('dd', null, evidenceValue(v))])) : null,
-    p.fix ? h('p', {class: 'fix'}, h('strong', null, 'Fix: '), p.fix) : null);
+    p.fix ? h('p', {class: 'fix'}, h('strong', null, 'Fix: '), p.fix) : null,
+    action, status);
 }
 
 const windows = [
@@ -357,8 +378,24 @@ export async function deviceView(ctx, id) {
       incs.length ? h('div', {class: 'incompat', 'data-testid': 'incompatibilities'},
         h('h3', null, 'Incompatibilities'),
         h('ul', {class: 'plain'}, incs.map((i) => h('li', {'data-reason': i.reason}, h('code', null, i.reason), ' — ', i.detail)))) : null,
-      probs.length ? probs.map(problemView) :
+      probs.length ? probs.map((p) => problemView(p, applyFix)) :
         h('p', {class: 'empty', 'data-testid': 'no-problems'}, incs.length ? 'No connection problem found in its recent events.' : 'No problem found: this device connects as it should.'));
+  }
+
+  // applyFix merges the problem's configuration change into this device's
+  // desired configuration (POST /fixes); the device takes it at its next
+  // connect, and the diagnosis says when the problem is cleared.
+  async function applyFix(p, status) {
+    try {
+      const r = await api('POST', '/fixes', {problem: p.code, devices: [id]});
+      const o = (r.devices || [])[0] || {};
+      status.replaceChildren(o.applied ?
+        h('p', {class: 'notice', 'data-testid': 'fix-applied'},
+          `Applied: desired configuration version ${o.version} carries ${JSON.stringify(o.config)}; the device takes it at its next connect.`) :
+        h('p', {class: 'notice', 'data-testid': 'fix-skipped'}, `Not applied: ${o.skipped || o.error || 'no outcome'}.`));
+    } catch (err) {
+      status.replaceChildren(errorBox(err));
+    }
   }
 
   // currentAxis is the period on screen: the one chosen, or the loaded
