@@ -22,6 +22,8 @@ import (
 	"sort"
 	"strings"
 	"unicode/utf8"
+
+	jsonpatch "github.com/evanphx/json-patch/v5"
 )
 
 // Doc is a configuration document: a JSON object decoded with json.Number
@@ -219,36 +221,44 @@ func decode(raw []byte) (Doc, error) {
 	return d, nil
 }
 
-// MergePatch applies an RFC 7396 JSON merge patch to target and returns the
-// result; neither argument is modified. A patch that is an object merges
-// member by member, null removing a member; anything else replaces the
-// target whole.
-func MergePatch(target, patch any) any {
-	p, ok := patch.(map[string]any)
-	if !ok {
-		return clone(patch)
+// MergePatch applies an RFC 7396 JSON merge patch to a document and
+// returns the result; target is not modified. A patch that is an object
+// merges member by member, null removing a member; anything else replaces
+// the target whole. The patch is applied by github.com/evanphx/json-patch
+// (MergePatch); the caller bounds the result.
+func MergePatch(target Doc, patch []byte) (any, error) {
+	out, err := jsonpatch.MergePatch(Encode(target), patch)
+	if err != nil {
+		return nil, err
 	}
-	t, ok := target.(map[string]any)
-	if !ok {
-		t = map[string]any{}
-	} else {
-		t = clone(t).(map[string]any)
+	dec := json.NewDecoder(bytes.NewReader(out))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, err
 	}
-	for k, v := range p {
-		if v == nil {
-			delete(t, k)
-			continue
-		}
-		t[k] = MergePatch(t[k], v)
-	}
-	return t
+	return v, nil
 }
 
-// Merge lays over on top of base: objects merge member by member, at every
-// depth; any other value (arrays included) in over replaces base's. Layers
-// hold no null, so this is MergePatch(base, over).
+// Merge lays over on top of base and returns the result; neither is
+// modified. Objects merge member by member, at every depth; any other value
+// in over (arrays included) replaces base's. Layers hold no null, so this is
+// RFC 7396's merge of over into base.
 func Merge(base, over Doc) Doc {
-	return MergePatch(base, over).(map[string]any)
+	out := clone(base).(map[string]any)
+	if out == nil {
+		out = map[string]any{}
+	}
+	for k, v := range over {
+		bm, bok := out[k].(map[string]any)
+		om, ook := v.(map[string]any)
+		if bok && ook {
+			out[k] = Merge(bm, om)
+			continue
+		}
+		out[k] = clone(v)
+	}
+	return out
 }
 
 func clone(v any) any {

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	jsonpatch "github.com/evanphx/json-patch/v5"
 	"github.com/google/go-cmp/cmp"
 )
 
@@ -40,18 +41,45 @@ func TestMergePatchRFC7396(t *testing.T) {
 		{`{}`, `{"a":{"bb":{"ccc":null}}}`, `{"a":{"bb":{}}}`},
 	} {
 		t.Run(tt.target+"+"+tt.patch, func(t *testing.T) {
-			target, patch := decodeAny(t, tt.target), decodeAny(t, tt.patch)
-			got := MergePatch(target, patch)
-			if diff := cmp.Diff(decodeAny(t, tt.want), got); diff != "" {
-				t.Fatalf("mismatch (-want +got):\n%s", diff)
+			// The library, on any JSON value.
+			out, err := jsonpatch.MergePatch([]byte(tt.target), []byte(tt.patch))
+			if err != nil {
+				t.Fatal(err)
 			}
-			if diff := cmp.Diff(decodeAny(t, tt.target), target); diff != "" {
+			if diff := cmp.Diff(decodeAny(t, tt.want), decodeAny(t, string(out))); diff != "" {
+				t.Fatalf("jsonpatch.MergePatch mismatch (-want +got):\n%s", diff)
+			}
+			// MergePatch, on documents (objects), leaves its target alone.
+			target, ok := decodeAny(t, tt.target).(map[string]any)
+			if !ok {
+				return
+			}
+			got, err := MergePatch(target, []byte(tt.patch))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(decodeAny(t, tt.want), got); diff != "" {
+				t.Fatalf("MergePatch mismatch (-want +got):\n%s", diff)
+			}
+			if diff := cmp.Diff(decodeAny(t, tt.target), any(target)); diff != "" {
 				t.Fatalf("target modified (-before +after):\n%s", diff)
 			}
-			if diff := cmp.Diff(decodeAny(t, tt.patch), patch); diff != "" {
-				t.Fatalf("patch modified (-before +after):\n%s", diff)
-			}
 		})
+	}
+}
+
+// TestMerge: layers merge deeply; arrays and values replace; neither
+// argument is modified.
+func TestMerge(t *testing.T) {
+	base := decodeAny(t, `{"a":1,"w":{"band":"2g","tx":17},"l":[1,2]}`).(map[string]any)
+	over := decodeAny(t, `{"w":{"band":"5g"},"l":[3],"n":{"x":true}}`).(map[string]any)
+	got := Merge(base, over)
+	if diff := cmp.Diff(decodeAny(t, `{"a":1,"w":{"band":"5g","tx":17},"l":[3],"n":{"x":true}}`), any(got)); diff != "" {
+		t.Fatalf("mismatch (-want +got):\n%s", diff)
+	}
+	got["n"].(map[string]any)["x"] = false
+	if string(Encode(base)) != `{"a":1,"l":[1,2],"w":{"band":"2g","tx":17}}` || string(Encode(over)) != `{"l":[3],"n":{"x":true},"w":{"band":"5g"}}` {
+		t.Fatalf("arguments modified: %s %s", Encode(base), Encode(over))
 	}
 }
 

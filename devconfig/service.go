@@ -284,10 +284,17 @@ func (s *Service) PatchDevice(ctx context.Context, id string, patch json.RawMess
 }
 
 func (s *Service) patched(cur, patch Doc) (Doc, error) {
-	out := MergePatch(cur, patch).(map[string]any)
+	out, err := MergePatch(cur, Encode(patch))
+	if err != nil {
+		return nil, invalid("config", "cannot apply the merge patch: %s", clip(err.Error(), 80))
+	}
+	obj, ok := out.(map[string]any)
+	if !ok {
+		return nil, invalid("config", "the merge patch must be a JSON object")
+	}
 	// Check the result as a whole: a patch within the limits can still
 	// take a document past them.
-	return parse(Encode(out), "config", kindLayer, s.opts.Limits.MaxDocument, s.opts.Limits)
+	return parse(Encode(obj), "config", kindLayer, s.opts.Limits.MaxDocument, s.opts.Limits)
 }
 
 func (s *Service) updateDevice(ctx context.Context, id string, update func(Doc) (Doc, error)) (View, error) {
