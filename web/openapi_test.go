@@ -23,6 +23,7 @@ func TestOpenAPICoversEveryRoute(t *testing.T) {
 	s.MountStream(NewHub())
 	s.MountTelemetry(nil)
 	s.MountCommands(nil)
+	s.MountConfig(nil)
 	s.MountOpenAPI()
 
 	param := regexp.MustCompile(`\{(\w+):[^}]*\}`)
