@@ -354,22 +354,26 @@ func (s *Store) DeleteLayer(ctx context.Context, sc Scope) (int64, error) {
 // markStale marks the devices a layer applies to, in one statement. It is
 // unconditional (no "AND NOT stale"): a row a resolution holds must be
 // marked again once that resolution commits, and only an UPDATE that waits
-// for the row's lock sees its committed state.
+// for the row's lock sees its committed state. Rows are locked in id order,
+// as every resolution locks them, so that two layer changes, or a layer
+// change and a device's resolution, queue instead of deadlocking.
 func markStale(ctx context.Context, tx pgx.Tx, sc Scope) (int64, error) {
-	var sql string
+	var where string
 	var args []any
 	switch sc.Kind {
 	case KindFleet:
-		sql = `UPDATE device_config SET stale = true`
+		where = `true`
 	case KindModel:
-		sql, args = `UPDATE device_config c SET stale = true FROM devices d WHERE d.id = c.device_id AND d.model = $1`, []any{sc.Model}
+		where, args = `d.model = $1`, []any{sc.Model}
 	case KindTag:
-		sql, args = `UPDATE device_config c SET stale = true FROM devices d WHERE d.id = c.device_id AND $1 = ANY(d.tags)`, []any{sc.Tag}
+		where, args = `$1 = ANY(d.tags)`, []any{sc.Tag}
 	default:
-		sql, args = `UPDATE device_config c SET stale = true FROM devices d WHERE d.id = c.device_id AND d.model = $1 AND $2 = ANY(d.tags)`,
-			[]any{sc.Model, sc.Tag}
+		where, args = `d.model = $1 AND $2 = ANY(d.tags)`, []any{sc.Model, sc.Tag}
 	}
-	tag, err := tx.Exec(ctx, sql, args...)
+	tag, err := tx.Exec(ctx, `UPDATE device_config c SET stale = true
+		FROM (SELECT m.device_id FROM device_config m JOIN devices d ON d.id = m.device_id WHERE `+where+`
+			ORDER BY m.device_id FOR UPDATE OF m) s
+		WHERE c.device_id = s.device_id`, args...)
 	if err != nil {
 		return 0, fmt.Errorf("mark the devices of layer %s: %w", sc, err)
 	}
