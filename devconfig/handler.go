@@ -2,6 +2,7 @@ package devconfig
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -64,6 +65,11 @@ func (s *Service) HandleReport(sess Session, payload []byte) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	desired, ok, err := s.store.SaveReport(ctx, sess.DeviceID, m, now)
+	if errors.Is(err, fleet.ErrNotFound) {
+		// Deleted while connected: nothing to store, nothing to send again.
+		s.refuse(sess, st, "unknown", "configuration report of a device fleetd no longer has")
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("record the configuration report of %s: %w", sess.DeviceID, err)
 	}

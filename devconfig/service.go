@@ -96,8 +96,12 @@ type Service struct {
 	opts   Options
 	log    *slog.Logger
 
-	notes    *noteQueue
-	wake     chan struct{}
+	notes *noteQueue
+	wake  chan struct{}
+	// here are the devices that subscribed on this replica and may still
+	// listen here, for Resync; publishNoted forgets those that do not.
+	hereMu   sync.Mutex
+	here     map[string]struct{}
 	onChange func(ids []string)
 	sessions sync.Map // device id → *sessionState (handler.go)
 
@@ -115,7 +119,7 @@ type metrics struct {
 func NewService(store *Store, send Sender, events EventSink, opts Options) *Service {
 	opts.defaults()
 	s := &Service{store: store, send: send, events: events, opts: opts, log: opts.Logger,
-		notes: newNoteQueue(), wake: make(chan struct{}, 1), onChange: func([]string) {}}
+		notes: newNoteQueue(), wake: make(chan struct{}, 1), onChange: func([]string) {}, here: map[string]struct{}{}}
 	s.m = metrics{
 		published: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_config_published_total",
 			Help: "Desired configuration documents published to devices' sessions on this replica."}),
@@ -147,7 +151,27 @@ func (s *Service) Changed(ids []string) {
 
 // DeviceListening notes that a device subscribed to its desired topic: it
 // is sent its document from the database. It never blocks (a broker hook).
-func (s *Service) DeviceListening(deviceID string) { s.notes.add(deviceID) }
+func (s *Service) DeviceListening(deviceID string) {
+	s.hereMu.Lock()
+	s.here[deviceID] = struct{}{}
+	s.hereMu.Unlock()
+	s.notes.add(deviceID)
+}
+
+// Resync sends every device that listens here its document again, for
+// when this replica may have missed other replicas' signals (the bus's
+// listening connection was down). It never blocks.
+func (s *Service) Resync() {
+	s.hereMu.Lock()
+	ids := make([]string, 0, len(s.here))
+	for id := range s.here {
+		ids = append(ids, id)
+	}
+	s.hereMu.Unlock()
+	for _, id := range ids {
+		s.notes.add(id)
+	}
+}
 
 // changed tells this replica's publisher and the other replicas.
 func (s *Service) changed(cs []Changed) {
@@ -460,7 +484,11 @@ func (s *Service) publishNoted(ctx context.Context) {
 		for _, id := range ids[:n] {
 			if s.send.Listening(id, DesiredSub) {
 				here = append(here, id)
+				continue
 			}
+			s.hereMu.Lock()
+			delete(s.here, id)
+			s.hereMu.Unlock()
 		}
 		ids = ids[n:]
 		if len(here) == 0 {

@@ -364,6 +364,15 @@ func TestDesiredAndReported(t *testing.T) {
 	}
 	d.report(t, `{"version":2,"config":{"keepalive_s":20}}`)
 	e.waitConfig("cfg-1", "in sync at version 2", func(v devconfig.View) bool { return v.InSync && v.Reported.Version == 2 })
+	// After a resync (signals possibly lost) every device listening here
+	// gets its document again.
+	for len(d.got) > 0 {
+		<-d.got
+	}
+	e.svc.Resync()
+	if msg, _ := d.next(t); msg.Version != 2 {
+		t.Fatalf("after a resync: %+v", msg)
+	}
 
 	// Refused: malformed, ahead; the first is recorded, the rest of the
 	// session's refusals are counted only.

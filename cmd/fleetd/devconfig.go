@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"log/slog"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -44,6 +45,9 @@ func startDeviceConfig(cfg Config, logger *slog.Logger, lc *lifecycle, api *web.
 		}
 	})
 	rs.bus.Handle(signalConfig, each(rs.log, svc.Changed))
+	// Signals sent while this replica was not listening are lost: the
+	// devices listening here get their documents again.
+	rs.bus.OnResync(func(context.Context) { svc.Resync() })
 	b.HandleSession(devconfig.ReportedSub, func(s broker.Session, payload []byte) error {
 		return svc.HandleReport(devconfig.Session{DeviceID: s.DeviceID, Epoch: s.Epoch, Firmware: s.Firmware, Model: s.Model}, payload)
 	})
