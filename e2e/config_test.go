@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	pahov3 "github.com/eclipse/paho.mqtt.golang"
+
 	"github.com/fleetd/fleetd/command"
 	"github.com/fleetd/fleetd/devconfig"
 	"github.com/fleetd/fleetd/fleet"
@@ -152,12 +154,14 @@ func TestDesiredConfig(t *testing.T) {
 	}
 }
 
-// TestDesiredConfigAcrossReplicas: a layer changed through replica 1
-// reaches devices whose sessions replica 2 holds (replica 2 publishes, from
-// the database, on replica 1's signal), and their reports, stored by
-// replica 2, are what replica 1 shows; a device's own layer too.
+// TestDesiredConfigAcrossReplicas: with three replicas, a layer changed
+// through replica 1 reaches devices whose sessions replicas 2 and 3 hold
+// (each publishes, from the database, on replica 1's signal), and their
+// reports, stored there, are what replica 1 shows; a device's own layer
+// too. A device that moves between replicas is handed its current
+// document first wherever it lands, never a copy an old replica retained.
 func TestDesiredConfigAcrossReplicas(t *testing.T) {
-	c := fleetdtest.StartCluster(t, fleetdtest.ClusterOptions{Replicas: 2})
+	c := fleetdtest.StartCluster(t, fleetdtest.ClusterOptions{Replicas: 3})
 	ctx := context.Background()
 	a := c.Client(0)
 	f := &sim.Fleet{
@@ -165,24 +169,23 @@ func TestDesiredConfigAcrossReplicas(t *testing.T) {
 		Run:    sim.RunOptions{Duration: secs(300), Register: true},
 		Cohorts: []sim.Cohort{
 			{Name: "far5", Count: 1, Model: "gw-100", Firmware: "1.0.0", Protocol: "5"},
-			{Name: "far311", Count: 1, Model: "gw-100", Firmware: "1.0.0", Protocol: "3.1.1"},
-			{Name: "near", Count: 1, Model: "gw-200", Firmware: "1.0.0", Protocol: "3.1.1"},
+			{Name: "far311", Count: 1, Model: "gw-100", Firmware: "1.0.0", Protocol: "3.1.1", URL: "tcp://" + c.MQTTAddr(2)},
+			{Name: "near", Count: 1, Model: "gw-200", Firmware: "1.0.0", Protocol: "3.1.1", URL: "tcp://" + c.MQTTAddr(2)},
 		},
 	}
 	runFleet(t, a, f, c.AdminToken)
-	ids := []string{"far5-0", "far311-0", "near-0"}
+	holder := map[string]int{"far5-0": 1, "far311-0": 2, "near-0": 2}
 	setTags(t, a, map[string][]string{"far5-0": {"site=lyon"}, "far311-0": {"site=lyon"}, "near-0": {"site=lyon"}})
-	for _, id := range ids {
-		c.WaitDevice(0, id, 20*time.Second, "online on replica 2", func(d fleet.Device) bool { return d.Online && d.BrokerNode == c.Node(1) })
-		// Subscribed and reported its (empty) document, through replica 2.
+	for id, i := range holder {
+		c.WaitDevice(0, id, 20*time.Second, "online on its replica", func(d fleet.Device) bool { return d.Online && d.BrokerNode == c.Node(i) })
+		// Subscribed and reported its (empty) document, through its replica.
 		waitInSync(t, a, id, `{}`, 20*time.Second)
 	}
 	if _, err := a.SetConfigLayer(ctx, "model:gw-100,tag:site=lyon", json.RawMessage(`{"keepalive_s":25}`)); err != nil {
 		t.Fatal(err)
 	}
-	for _, id := range ids[:2] {
-		v := waitInSync(t, a, id, `{"keepalive_s":25}`, 20*time.Second)
-		if v.Desired.Version != 1 {
+	for _, id := range []string{"far5-0", "far311-0"} {
+		if v := waitInSync(t, a, id, `{"keepalive_s":25}`, 20*time.Second); v.Desired.Version != 1 {
 			t.Fatalf("%s: version %d", id, v.Desired.Version)
 		}
 	}
@@ -193,8 +196,65 @@ func TestDesiredConfigAcrossReplicas(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitInSync(t, a, "near-0", `{"log":"debug"}`, 20*time.Second)
-	// Replica 2 shows the same.
+	// The replicas holding the sessions show the same.
 	if v, err := c.Client(1).DeviceConfig(ctx, "far5-0"); err != nil || !v.InSync || v.Desired.Version != 1 {
 		t.Fatalf("replica 2's view: %+v %v", v, err)
 	}
+
+	// A wanderer: version 1 on replica 2; on replica 3, version 1 and then
+	// version 2, made through replica 1; back on replica 2, version 2 first:
+	// replica 2's retained copy of version 1 went with its session there.
+	reg, err := a.RegisterDevice(ctx, fleet.NewDevice{ID: "wanderer", Model: "gw-100", Tags: []string{"site=lyon"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	visit := func(replica int, want int64, change func(), thenWant int64) {
+		t.Helper()
+		got := make(chan devconfig.Message, 8)
+		dev := pahov3.NewClient(pahov3.NewClientOptions().AddBroker("tcp://" + c.MQTTAddr(replica)).SetClientID("wanderer").
+			SetUsername("wanderer").SetPassword(reg.Token).SetProtocolVersion(4).SetAutoReconnect(false))
+		if tk := dev.Connect(); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+			t.Fatalf("connect to replica %d: %v", replica+1, tk.Error())
+		}
+		defer dev.Disconnect(50)
+		if tk := dev.Subscribe("devices/wanderer/config/desired", 1, func(_ pahov3.Client, m pahov3.Message) {
+			var msg devconfig.Message
+			if json.Unmarshal(m.Payload(), &msg) == nil {
+				got <- msg
+			}
+		}); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+			t.Fatalf("subscribe: %v", tk.Error())
+		}
+		next := func() devconfig.Message {
+			t.Helper()
+			select {
+			case msg := <-got:
+				return msg
+			case <-time.After(10 * time.Second):
+				t.Fatalf("on replica %d the wanderer got no document", replica+1)
+				return devconfig.Message{}
+			}
+		}
+		if msg := next(); msg.Version != want {
+			t.Fatalf("on replica %d the wanderer was handed version %d first, want %d", replica+1, msg.Version, want)
+		}
+		if change != nil {
+			change()
+			for msg := next(); msg.Version != thenWant; msg = next() {
+				if msg.Version > thenWant {
+					t.Fatalf("on replica %d: version %d, want %d", replica+1, msg.Version, thenWant)
+				}
+			}
+		}
+		c.WaitDevice(0, "wanderer", 10*time.Second, "seen", func(d fleet.Device) bool { return d.Online })
+	}
+	visit(1, 1, nil, 0)
+	c.WaitDevice(0, "wanderer", 10*time.Second, "offline", func(d fleet.Device) bool { return !d.Online })
+	visit(2, 1, func() {
+		if _, err := a.PatchDeviceConfig(ctx, "wanderer", json.RawMessage(`{"log":"debug"}`)); err != nil {
+			t.Fatal(err)
+		}
+	}, 2)
+	c.WaitDevice(0, "wanderer", 10*time.Second, "offline", func(d fleet.Device) bool { return !d.Online })
+	visit(1, 2, nil, 0)
 }
