@@ -9,13 +9,14 @@ import "strings"
 func devicePrefix(id string) string { return "devices/" + id + "/" }
 
 // canPublish reports whether device id may publish to topic: its status
-// (birth and will), telemetry, OTA status and its answers to commands.
+// (birth and will), telemetry, OTA status, its answers to commands and its
+// configuration reports.
 func canPublish(id, topic string) bool {
 	rest, ok := strings.CutPrefix(topic, devicePrefix(id))
 	if !ok {
 		return false
 	}
-	return rest == "status" || rest == "telemetry" || rest == "ota/status" || rest == cmdResponse
+	return rest == "status" || rest == "telemetry" || rest == "ota/status" || rest == cmdResponse || rest == configReported
 }
 
 // cmdResponse is where a device answers commands, under devices/{id}/. It
@@ -24,26 +25,33 @@ func canPublish(id, topic string) bool {
 // answers back as a command named "response".
 const cmdResponse = "cmd/response"
 
+// configReported is where a device reports its configuration, under
+// devices/{id}/: the device's to publish, never to receive (it lies under
+// config/, which a device may subscribe to with a wildcard).
+const configReported = "config/reported"
+
 // canWill reports whether a device may leave a will on topic: what it may
-// publish, except its command answers (the broker publishes a will when the
-// device is gone; an answer cannot come from a device that is gone).
+// publish, except its command answers and configuration reports (the
+// broker publishes a will when the device is gone; an answer or a report
+// cannot come from a device that is gone).
 func canWill(id, topic string) bool {
-	return canPublish(id, topic) && topic != devicePrefix(id)+cmdResponse
+	return canPublish(id, topic) && topic != devicePrefix(id)+cmdResponse && topic != devicePrefix(id)+configReported
 }
 
 // canSubscribe reports whether device id may subscribe to filter (or receive
-// a message on topic): its OTA jobs and anything below its cmd/ topic.
-// Wildcards are allowed only inside cmd/, so a device can never widen its
-// filter to another device's topics.
+// a message on topic): its OTA jobs, anything below its cmd/ topic, and its
+// desired configuration (config/desired, or config/# and config/+, which
+// match it). Wildcards are allowed only inside cmd/ and config/, so a device
+// can never widen its filter to another device's topics.
 func canSubscribe(id, filter string) bool {
 	rest, ok := strings.CutPrefix(filter, devicePrefix(id))
 	if !ok {
 		return false
 	}
-	if rest == "ota/job" {
+	switch rest {
+	case "ota/job", "config/desired", "config/#", "config/+":
 		return true
-	}
-	if rest == cmdResponse {
+	case cmdResponse, configReported:
 		return false
 	}
 	sub, ok := strings.CutPrefix(rest, "cmd/")

@@ -166,6 +166,7 @@ type Broker struct {
 	pending  sync.Map // *mqtt.Client → *session, from OnConnect to OnSessionEstablished
 	sessions sync.Map // *mqtt.Client → *session
 	handlers sync.Map // topic suffix ("ota/status") → DeviceHandler
+	retained sync.Map // topic suffixes of the server's retained messages (SendRetained)
 
 	notifyMu    sync.RWMutex
 	onSubscribe map[string][]func(deviceID string) // topic suffix → callbacks
@@ -437,6 +438,31 @@ func (b *Broker) SendRequest(deviceID, sub string, payload []byte, responseSub s
 		Payload:     payload,
 		PacketID:    1, // as Publish: inline publishes are never acknowledged
 		Properties:  packets.Properties{ResponseTopic: devicePrefix(deviceID) + responseSub, CorrelationData: correlation},
+	})
+}
+
+// SendRetained publishes a message to one device on devices/{id}/{sub}
+// with QoS 1 and the retain flag, so that the device gets it again when it
+// subscribes again within its session ([MQTT-3.3.1-6]). The broker keeps it
+// only while the device's session lasts here: when the session ends it is
+// dropped, so a device that comes back (here or on another replica) is not
+// handed a copy older than what the caller publishes on its subscribe, and
+// the store holds no more than one message per device with a session.
+func (b *Broker) SendRetained(deviceID, sub string, payload []byte) error {
+	b.retained.Store(sub, struct{}{})
+	return b.srv.Publish(devicePrefix(deviceID)+sub, payload, true, 1)
+}
+
+// dropRetained removes the server's retained messages of a device whose
+// session ended here.
+func (b *Broker) dropRetained(deviceID string) {
+	b.retained.Range(func(k, _ any) bool {
+		topic := devicePrefix(deviceID) + k.(string)
+		if _, ok := b.srv.Topics.Retained.Get(topic); ok {
+			// An empty retained payload deletes ([MQTT-3.3.1-10]).
+			b.srv.Topics.RetainMessage(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}, TopicName: topic})
+		}
+		return true
 	})
 }
 

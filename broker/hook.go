@@ -314,6 +314,7 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		return
 	}
 	s := v.(*session)
+	b.dropRetained(s.deviceID)
 	cause := cl.StopCause()
 	if cause == nil {
 		cause = err

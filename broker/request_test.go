@@ -9,6 +9,8 @@ import (
 	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/paho"
 	pahov3 "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/fleetd/fleetd/fleet"
 )
 
 // TestSendRequest: a request reaches an MQTT 5 device with its Response
@@ -132,5 +134,61 @@ func TestSendRequest(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the MQTT 3.1.1 device got no second request")
+	}
+}
+
+// TestSendRetained: a server-owned retained message reaches the device's
+// session, is handed again (retain flag set) when the device subscribes
+// again in that session, and is gone once the session ends, so a later
+// session is not handed it.
+func TestSendRetained(t *testing.T) {
+	e := newEnv(t)
+	token := e.register("ret-1")
+	connect := func() (pahov3.Client, chan pahov3.Message) {
+		got := make(chan pahov3.Message, 10)
+		c := pahov3.NewClient(pahov3.NewClientOptions().AddBroker("tcp://" + e.addr("tcp")).SetClientID("ret-1").
+			SetUsername("ret-1").SetPassword(token).SetProtocolVersion(4).SetAutoReconnect(false).SetCleanSession(true))
+		if tk := c.Connect(); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+			t.Fatalf("connect: %v", tk.Error())
+		}
+		if tk := c.Subscribe("devices/ret-1/config/desired", 1, func(_ pahov3.Client, m pahov3.Message) { got <- m }); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+			t.Fatalf("subscribe: %v", tk.Error())
+		}
+		return c, got
+	}
+	next := func(got chan pahov3.Message) pahov3.Message {
+		t.Helper()
+		select {
+		case m := <-got:
+			return m
+		case <-time.After(5 * time.Second):
+			t.Fatal("nothing received")
+			return nil
+		}
+	}
+	c, got := connect()
+	if !e.b.Listening("ret-1", "config/desired") {
+		t.Fatal("not listening")
+	}
+	if err := e.b.SendRetained("ret-1", "config/desired", []byte(`{"version":1,"config":{}}`)); err != nil {
+		t.Fatal(err)
+	}
+	if m := next(got); string(m.Payload()) != `{"version":1,"config":{}}` || m.Retained() {
+		t.Fatalf("live: %s retained %v", m.Payload(), m.Retained())
+	}
+	c.Unsubscribe("devices/ret-1/config/desired").WaitTimeout(2 * time.Second)
+	c.Subscribe("devices/ret-1/config/desired", 1, func(_ pahov3.Client, m pahov3.Message) { got <- m }).WaitTimeout(2 * time.Second)
+	if m := next(got); string(m.Payload()) != `{"version":1,"config":{}}` || !m.Retained() {
+		t.Fatalf("subscribing again: %s retained %v", m.Payload(), m.Retained())
+	}
+	c.Disconnect(50)
+	e.waitDevice("ret-1", 5*time.Second, func(d fleet.Device) bool { return !d.Online })
+
+	c, got = connect()
+	defer c.Disconnect(50)
+	select {
+	case m := <-got:
+		t.Fatalf("a new session was handed %s (retained %v)", m.Payload(), m.Retained())
+	case <-time.After(300 * time.Millisecond):
 	}
 }

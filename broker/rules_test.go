@@ -85,6 +85,18 @@ func TestACL(t *testing.T) {
 		{"devices/a/cmd/response", true, false, false},
 		{"devices/b/cmd/response", false, false, false},
 		{"devices/a/cmd/response/x", false, true, false},
+		// A device gets its desired configuration (by name or by a
+		// wildcard inside config/) and reports on config/reported, which it
+		// never receives; it reaches no other device's.
+		{"devices/a/config/desired", false, true, false},
+		{"devices/a/config/#", false, true, false},
+		{"devices/a/config/+", false, true, false},
+		{"devices/a/config/reported", true, false, false},
+		{"devices/a/config/desired/x", false, false, false},
+		{"devices/a/config", false, false, false},
+		{"devices/b/config/desired", false, false, false},
+		{"devices/b/config/reported", false, false, false},
+		{"devices/+/config/desired", false, false, false},
 		{"devices/a/#", false, false, false},
 		{"devices/+/ota/job", false, false, false},
 		{"devices/ab/telemetry", false, false, false},

@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -10,6 +11,7 @@ import (
 	"net"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -38,6 +40,8 @@ type device struct {
 	// commandsSeen are command ids received (bounded), so a command sent
 	// again is not run twice (command.go: handleCommand).
 	commandsSeen map[string]bool
+	// applied is the desired configuration applied (config.go).
+	applied appliedConfig
 }
 
 // sessionEnd is why live returned.
@@ -157,7 +161,7 @@ func (d *device) connect(ctx context.Context) (session, *firmwareConn, error) {
 	pings := d.sim.fleet.pingsFor(d.cohort, d.firmware)
 	fc := newFirmwareConn(conn, pings)
 	proto, _ := fleet.ParseProtocol(d.cohort.Protocol)
-	p := connectParams{id: d.id, protocol: int(proto), keepalive: d.cohort.Keepalive.D(), pings: pings,
+	p := connectParams{id: d.id, protocol: int(proto), keepalive: d.keepalive(), pings: pings,
 		firmware: d.firmware, model: d.cohort.Model, conn: fc, timeout: 10 * time.Second}
 	if d.token != "" {
 		p.username, p.password = d.id, d.token
@@ -206,6 +210,22 @@ func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessi
 	}
 	if d.commandsSeen == nil {
 		d.commandsSeen = map[string]bool{}
+	}
+	// Desired configuration: sent on subscribe (from the database) and on
+	// every change; the device applies and reports it.
+	// Only the latest document matters: one that arrives while the last
+	// is being applied replaces it.
+	var latestConfig atomic.Pointer[[]byte]
+	configs := make(chan struct{}, 1)
+	if err := sess.Subscribe(ctx, "devices/"+d.id+"/config/desired", func(b []byte) {
+		b = bytes.Clone(b)
+		latestConfig.Store(&b)
+		select {
+		case configs <- struct{}{}:
+		default:
+		}
+	}); err != nil {
+		return endLost
 	}
 
 	var telemetry <-chan time.Time
@@ -274,6 +294,10 @@ func (d *device) live(ctx context.Context, sess session, fc *firmwareConn) sessi
 			proto, _ := fleet.ParseProtocol(d.cohort.Protocol)
 			if end := d.handleCommand(ctx, sess, int(proto), r); end != endContinue {
 				return end
+			}
+		case <-configs:
+			if raw := latestConfig.Swap(nil); raw != nil {
+				d.applyConfig(ctx, sess, *raw)
 			}
 		case raw := <-jobs:
 			switch end := d.handleJob(ctx, sess, raw); end {

@@ -25,6 +25,7 @@ func TestOpenAPICoversEveryRoute(t *testing.T) {
 	s.MountCommands(nil)
 	s.MountBulkCommands(nil)
 	s.MountFixes(nil)
+	s.MountConfig(nil)
 	s.MountOpenAPI()
 
 	param := regexp.MustCompile(`\{(\w+):[^}]*\}`)

@@ -36,6 +36,10 @@ Usage: fleetctl [-url URL] [-token-file FILE] [-output table|json] COMMAND
                 [-max-concurrent N] [-per-minute N] [-timeout 30s] [-expires-in 10m] [-wait] NAME [PARAMS_JSON]
                            send a command to every device the selector matches, paced (a bulk command)
   commands list | show ID | devices ID [-state S] | cancel ID
+  config get ID | get -layer SCOPE | diff ID | layers | delete SCOPE
+  config set ID|-layer SCOPE [-merge] (JSON | -f FILE)
+                           a device's own layer, or a layer (SCOPE: fleet, model:M, tag:T, model:M,tag:T);
+                           whole, or a JSON merge patch with -merge; diff exits 1 unless in sync
   firmware list
   firmware upload FILE -version V -models a,b [-notes TEXT]
   campaign list | get ID | history ID | devices ID
@@ -114,6 +118,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	switch cmd {
 	case "devices":
 		return c.devices(ctx, sub, tail)
+	case "config":
+		return c.config(ctx, sub, tail)
 	case "firmware":
 		return c.firmware(ctx, sub, tail)
 	case "campaign", "campaigns":

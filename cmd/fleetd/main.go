@@ -217,6 +217,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	b.OnBirth(func(id, fw, _ string) { camps.DeviceBirth(id, fw) })
 	camps.OnChange(rs.campaignChanged(hub))
 	startCommands(cfg, logger, lc, api, pool, reg, b, router, rs, hub, rec, svc)
+	startDeviceConfig(cfg, logger, lc, api, pool, reg, b, rs, rec)
 
 	// Listen to the other replicas before the cache is loaded, so that no
 	// change made meanwhile is missed; then load it.
