@@ -37,6 +37,9 @@ func TestKeepaliveFixClearsTheCut(t *testing.T) {
 			{Name: "healthy", Count: 1, Model: "gw-100", Firmware: "1.2.0", Keepalive: secs(10)},
 		},
 	}
+	if err := f.Validate(); err != nil {
+		t.Fatal(err)
+	}
 	s, err := sim.New(ctx, f, sim.Options{AdminToken: p.Token()})
 	if err != nil {
 		t.Fatal(err)

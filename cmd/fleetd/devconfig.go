@@ -32,7 +32,7 @@ const maxSignalIDs = 48
 // It is called before the bus and the broker start, so that its handlers
 // are registered before either delivers anything.
 func startDeviceConfig(cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Server, pool *pgxpool.Pool, reg prometheus.Registerer,
-	b *broker.Broker, rs *replicaSignals, events devconfig.EventSink) {
+	b *broker.Broker, rs *replicaSignals, events devconfig.EventSink) *devconfig.Service {
 	logger = logger.With("component", "config")
 	svc := devconfig.NewService(devconfig.NewStore(pool, devconfig.Limits{}), b, events, devconfig.Options{
 		Node: cfg.Node, Now: rs.clock.Now, Logger: logger, Registerer: reg,
@@ -58,4 +58,5 @@ func startDeviceConfig(cfg Config, logger *slog.Logger, lc *lifecycle, api *web.
 	}
 	api.MountConfig(svc)
 	newLoops(lc).start("config", svc.Run)
+	return svc
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/fleetd/fleetd/broker"
 	"github.com/fleetd/fleetd/cluster"
 	"github.com/fleetd/fleetd/firmware"
+	"github.com/fleetd/fleetd/fix"
 	"github.com/fleetd/fleetd/fleet"
 	"github.com/fleetd/fleetd/internal/pgserver"
 	"github.com/fleetd/fleetd/migrations"
@@ -217,7 +218,8 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	b.OnBirth(func(id, fw, _ string) { camps.DeviceBirth(id, fw) })
 	camps.OnChange(rs.campaignChanged(hub))
 	startCommands(cfg, logger, lc, api, pool, reg, b, router, rs, hub, rec, svc)
-	startDeviceConfig(cfg, logger, lc, api, pool, reg, b, rs, rec)
+	config := startDeviceConfig(cfg, logger, lc, api, pool, reg, b, rs, rec)
+	api.MountFixes(fix.NewService(svc, remedies{config}))
 
 	// Listen to the other replicas before the cache is loaded, so that no
 	// change made meanwhile is missed; then load it.
