@@ -9,6 +9,7 @@ import {setQuery} from '../lib/nav.js';
 import {buildSessions, timeline, timeAxis, seriesChart, seriesPoints, visiblePoints, crosshair, stepMs, legend, reasonLabel} from '../lib/charts.js';
 import {presenceAfter} from '../lib/live.js';
 import {commandsCard} from './commands.js';
+import {configCard} from './config.js';
 
 const PAGE = 100;
 
@@ -305,6 +306,7 @@ export async function deviceView(ctx, id) {
   ctx.root.append(head, actionsStatus,
     h('div', {class: 'grid-2'}, card('Presence', presence), card('Firmware and protocol', firmware)),
     card('Diagnosis', diagBox),
+    configCard(ctx, id),
     commandsCard(ctx, id),
     h('section', {class: 'card', 'data-testid': 'timeline-card'},
       h('div', {class: 'card-head'}, h('h2', null, 'Connection timeline and telemetry'),
