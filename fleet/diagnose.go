@@ -172,8 +172,8 @@ func Diagnose(d Device, events []Event, incompat []Incompatibility, now time.Tim
 		tlsFailures, authFailures, idUsedElsewhere, decommissionedRetrying,
 	} {
 		if pr := rule(d, evs, p); pr != nil {
-			if pr.Code == ProblemKeepaliveMismatch {
-				pr.Cleared = cutOutlived(d, evs, pr.Evidence["idle_seconds"].(int), now)
+			if idle, ok := pr.Evidence["idle_seconds"].(int); ok && pr.Code == ProblemKeepaliveMismatch {
+				pr.Cleared = cutOutlived(d, evs, idle, now)
 			}
 			out = append(out, *pr)
 		}
