@@ -3,7 +3,6 @@ package command
 import (
 	"context"
 	"encoding/json"
-	"sync"
 	"time"
 )
 
@@ -57,14 +56,14 @@ func (s *Service) deliver(ctx context.Context, c Command) Command {
 // DeviceListening notes that a device subscribed to its command topics:
 // the commands waiting for it are sent now. It never blocks the caller (a
 // broker hook).
-func (s *Service) DeviceListening(deviceID string) { s.notes.add(deviceID) }
+func (s *Service) DeviceListening(deviceID string) { s.notes.Add(deviceID) }
 
 // redeliverNoted sends every device noted since the last round its
 // deliverable commands: queued ones, and delivered ones not answered yet
 // (handing a message to a session is not receiving it; devices ignore a
 // command id they already have).
 func (s *Service) redeliverNoted(ctx context.Context) {
-	for _, id := range s.notes.take() {
+	for _, id := range s.notes.Take() {
 		if ctx.Err() != nil {
 			return
 		}
@@ -77,38 +76,4 @@ func (s *Service) redeliverNoted(ctx context.Context) {
 			s.deliver(ctx, c)
 		}
 	}
-}
-
-// noteQueue carries the devices that subscribed from the broker's hooks to
-// the service without blocking the hooks: one entry per device however often
-// it subscribes, so its size is bounded by the fleet.
-type noteQueue struct {
-	mu      sync.Mutex
-	pending map[string]struct{}
-	wake    chan struct{}
-}
-
-func newNoteQueue() *noteQueue {
-	return &noteQueue{pending: map[string]struct{}{}, wake: make(chan struct{}, 1)}
-}
-
-func (q *noteQueue) add(id string) {
-	q.mu.Lock()
-	q.pending[id] = struct{}{}
-	q.mu.Unlock()
-	select {
-	case q.wake <- struct{}{}:
-	default:
-	}
-}
-
-func (q *noteQueue) take() []string {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	out := make([]string, 0, len(q.pending))
-	for id := range q.pending {
-		out = append(out, id)
-	}
-	q.pending = map[string]struct{}{}
-	return out
 }

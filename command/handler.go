@@ -3,35 +3,14 @@ package command
 import (
 	"context"
 	"fmt"
-	"sync"
 	"time"
 
-	"golang.org/x/time/rate"
-
-	"github.com/fleetd/fleetd/fleet"
-	"github.com/fleetd/fleetd/internal/untrusted"
+	"github.com/fleetd/fleetd/internal/inputguard"
 )
 
 // Session is the session a response came on, as the broker tells it
 // (broker.Session; this package does not import the broker).
-type Session struct {
-	DeviceID        string
-	Epoch           int64
-	Firmware, Model string
-}
-
-// sessionState is what the handler keeps per device: its response rate and
-// the session whose refusal was recorded.
-type sessionState struct {
-	mu           sync.Mutex
-	limiter      *rate.Limiter
-	seen         time.Time
-	problemEpoch int64
-}
-
-// idleAfter is how long a device may send no response before its state is
-// forgotten.
-const idleAfter = time.Hour
+type Session = inputguard.Session
 
 // HandleResponse takes a message a device published on
 // devices/{id}/cmd/response; correlation is its MQTT 5 Correlation Data. It
@@ -46,19 +25,13 @@ const idleAfter = time.Hour
 // Responses above the session's rate (ResponseRate) are dropped before any
 // lookup, so a flood costs the database nothing.
 func (s *Service) HandleResponse(sess Session, payload, correlation []byte) error {
-	now := s.opts.Now()
-	st := s.session(sess.DeviceID, now)
-	st.mu.Lock()
-	st.seen = now
-	allowed := st.limiter.AllowN(now, 1)
-	st.mu.Unlock()
-	if !allowed {
-		s.refuse(sess, st, "rate", fmt.Sprintf("command responses above %g per second (burst %d) dropped", s.opts.ResponseRate, s.opts.ResponseBurst))
+	if !s.responses.Admit(sess) {
 		return nil
 	}
+	now := s.opts.Now()
 	r, err := ParseResponse(payload, correlation, s.opts.Limits)
 	if err != nil {
-		s.refuse(sess, st, "malformed", "command "+err.Error())
+		s.responses.Refuse(sess, "malformed", "command "+err.Error())
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -80,46 +53,6 @@ func (s *Service) HandleResponse(sess Session, payload, correlation []byte) erro
 	if why == RefuseNone {
 		why = RefuseFinished // settled between the two statements
 	}
-	s.refuse(sess, st, string(why), why.Explain(r.ID, found))
+	s.responses.Refuse(sess, string(why), why.Explain(r.ID, found))
 	return nil
-}
-
-func (s *Service) session(id string, now time.Time) *sessionState {
-	if v, ok := s.sessions.Load(id); ok {
-		return v.(*sessionState)
-	}
-	v, _ := s.sessions.LoadOrStore(id, &sessionState{limiter: rate.NewLimiter(rate.Limit(s.opts.ResponseRate), s.opts.ResponseBurst), seen: now})
-	return v.(*sessionState)
-}
-
-// refuse counts a refused response and records it as a rejected event,
-// once per session.
-func (s *Service) refuse(sess Session, st *sessionState, result, why string) {
-	s.m.responses.WithLabelValues(result).Inc()
-	st.mu.Lock()
-	record := st.problemEpoch != sess.Epoch
-	st.problemEpoch = sess.Epoch
-	st.mu.Unlock()
-	if !record {
-		return
-	}
-	why = untrusted.Text(why+" (reported once per session)", 300)
-	now := s.opts.Now()
-	s.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: sess.DeviceID, At: now, Kind: fleet.KindRejected,
-		Detail: why, Firmware: sess.Firmware, Model: sess.Model, SessionEpoch: sess.Epoch, BrokerNode: s.opts.Node})
-	s.log.Warn("command response refused", "device_id", sess.DeviceID, "session_epoch", sess.Epoch, "why", why)
-}
-
-// forgetIdle drops the state of devices that sent no response for an hour.
-func (s *Service) forgetIdle(now time.Time) {
-	s.sessions.Range(func(k, v any) bool {
-		st := v.(*sessionState)
-		st.mu.Lock()
-		idle := now.Sub(st.seen) > idleAfter
-		st.mu.Unlock()
-		if idle {
-			s.sessions.CompareAndDelete(k, v)
-		}
-		return true
-	})
 }

@@ -3,12 +3,13 @@ package command
 import (
 	"context"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/internal/inputguard"
+	"github.com/fleetd/fleetd/internal/pending"
 )
 
 // Sender delivers messages to devices wherever they are connected
@@ -107,13 +108,13 @@ type Service struct {
 	opts   Options
 	log    *slog.Logger
 
-	notes    *noteQueue
+	notes    *pending.IDs
 	waiters  waiters
 	onChange func(Change)
 	// bulkChanged is told the bulk of every command that changed here
 	// (Bulks, when there is one).
 	bulkChanged func(bulkID string)
-	sessions    sync.Map // device id → *sessionState (handler.go)
+	responses   *inputguard.Guard
 
 	m metrics
 }
@@ -127,7 +128,7 @@ type metrics struct {
 // NewService builds the service on the store.
 func NewService(store *Store, send Sender, events EventSink, opts Options) *Service {
 	opts.defaults()
-	s := &Service{store: store, send: send, events: events, opts: opts, log: opts.Logger, notes: newNoteQueue(),
+	s := &Service{store: store, send: send, events: events, opts: opts, log: opts.Logger, notes: pending.New(),
 		onChange: func(Change) {}, bulkChanged: func(string) {}}
 	s.waiters.m = map[string]map[chan struct{}]struct{}{}
 	s.m = metrics{
@@ -140,6 +141,8 @@ func NewService(store *Store, send Sender, events EventSink, opts Options) *Serv
 	if opts.Registerer != nil {
 		opts.Registerer.MustRegister(s.m.created, s.m.finished, s.m.responses)
 	}
+	s.responses = inputguard.New(inputguard.Options{What: "command response", Rate: opts.ResponseRate, Burst: opts.ResponseBurst,
+		Count: func(r string) { s.m.responses.WithLabelValues(r).Inc() }, Events: events, Node: opts.Node, Now: opts.Now, Logger: opts.Logger})
 	return s
 }
 
@@ -218,13 +221,13 @@ func (s *Service) Run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-s.notes.wake:
+		case <-s.notes.Wake():
 			s.redeliverNoted(ctx)
 		case <-sweep.C:
 			s.Sweep(ctx)
 		case <-prune.C:
 			s.Prune(ctx)
-			s.forgetIdle(s.opts.Now())
+			s.responses.ForgetIdle(s.opts.Now())
 		}
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/internal/inputguard"
+	"github.com/fleetd/fleetd/internal/pending"
 )
 
 // Topics under devices/{id}/.
@@ -96,14 +98,14 @@ type Service struct {
 	opts   Options
 	log    *slog.Logger
 
-	notes *noteQueue
+	notes *pending.IDs
 	wake  chan struct{}
 	// here are the devices that subscribed on this replica and may still
 	// listen here, for Resync; publishNoted forgets those that do not.
 	hereMu   sync.Mutex
 	here     map[string]struct{}
 	onChange func(ids []string)
-	sessions sync.Map // device id → *sessionState (handler.go)
+	reports  *inputguard.Guard
 
 	m metrics
 }
@@ -119,7 +121,7 @@ type metrics struct {
 func NewService(store *Store, send Sender, events EventSink, opts Options) *Service {
 	opts.defaults()
 	s := &Service{store: store, send: send, events: events, opts: opts, log: opts.Logger,
-		notes: newNoteQueue(), wake: make(chan struct{}, 1), onChange: func([]string) {}, here: map[string]struct{}{}}
+		notes: pending.New(), wake: make(chan struct{}, 1), onChange: func([]string) {}, here: map[string]struct{}{}}
 	s.m = metrics{
 		published: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_config_published_total",
 			Help: "Desired configuration documents published to devices' sessions on this replica."}),
@@ -133,6 +135,8 @@ func NewService(store *Store, send Sender, events EventSink, opts Options) *Serv
 	if opts.Registerer != nil {
 		opts.Registerer.MustRegister(s.m.published, s.m.resolved, s.m.versions, s.m.reports)
 	}
+	s.reports = inputguard.New(inputguard.Options{What: "configuration report", Rate: opts.ReportRate, Burst: opts.ReportBurst,
+		Count: func(r string) { s.m.reports.WithLabelValues(r).Inc() }, Events: events, Node: opts.Node, Now: opts.Now, Logger: opts.Logger})
 	return s
 }
 
@@ -145,7 +149,7 @@ func (s *Service) OnChange(f func(ids []string)) { s.onChange = f }
 // a session here get it. It never blocks.
 func (s *Service) Changed(ids []string) {
 	for _, id := range ids {
-		s.notes.add(id)
+		s.notes.Add(id)
 	}
 }
 
@@ -155,7 +159,7 @@ func (s *Service) DeviceListening(deviceID string) {
 	s.hereMu.Lock()
 	s.here[deviceID] = struct{}{}
 	s.hereMu.Unlock()
-	s.notes.add(deviceID)
+	s.notes.Add(deviceID)
 }
 
 // Resync sends every device that listens here its document again, for
@@ -169,7 +173,7 @@ func (s *Service) Resync() {
 	}
 	s.hereMu.Unlock()
 	for _, id := range ids {
-		s.notes.add(id)
+		s.notes.Add(id)
 	}
 }
 
@@ -182,7 +186,7 @@ func (s *Service) changed(cs []Changed) {
 	ids := make([]string, len(cs))
 	for i, c := range cs {
 		ids[i] = c.DeviceID
-		s.notes.add(c.DeviceID)
+		s.notes.Add(c.DeviceID)
 	}
 	s.onChange(ids)
 }
@@ -432,7 +436,7 @@ func (s *Service) Run(ctx context.Context) {
 			wg.Wait()
 			return
 		case <-forget.C:
-			s.forgetIdle(s.opts.Now())
+			s.reports.ForgetIdle(s.opts.Now())
 		case <-s.wake:
 			s.resolveStale(ctx)
 		case <-t.C:
@@ -465,7 +469,7 @@ func (s *Service) publishLoop(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-s.notes.wake:
+		case <-s.notes.Wake():
 			s.publishNoted(ctx)
 		}
 	}
@@ -477,7 +481,7 @@ const publishBatch = 500
 // publishNoted sends the noted devices that listen here their desired
 // document, resolving first those that await it.
 func (s *Service) publishNoted(ctx context.Context) {
-	ids := s.notes.take()
+	ids := s.notes.Take()
 	for len(ids) > 0 && ctx.Err() == nil {
 		n := min(len(ids), publishBatch)
 		var here []string
@@ -531,38 +535,4 @@ func (s *Service) publishNoted(ctx context.Context) {
 			s.m.published.Inc()
 		}
 	}
-}
-
-// noteQueue carries devices from the broker's hooks, the bus and the
-// resolver to the publisher without blocking them: one entry per device
-// however often it is noted, so its size is bounded by the fleet.
-type noteQueue struct {
-	mu      sync.Mutex
-	pending map[string]struct{}
-	wake    chan struct{}
-}
-
-func newNoteQueue() *noteQueue {
-	return &noteQueue{pending: map[string]struct{}{}, wake: make(chan struct{}, 1)}
-}
-
-func (q *noteQueue) add(id string) {
-	q.mu.Lock()
-	q.pending[id] = struct{}{}
-	q.mu.Unlock()
-	select {
-	case q.wake <- struct{}{}:
-	default:
-	}
-}
-
-func (q *noteQueue) take() []string {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	out := make([]string, 0, len(q.pending))
-	for id := range q.pending {
-		out = append(out, id)
-	}
-	q.pending = map[string]struct{}{}
-	return out
 }

@@ -14,16 +14,13 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/internal/inputguard"
 	"github.com/fleetd/fleetd/internal/untrusted"
 )
 
 // Session is the session a message came on, as the broker tells it
 // (broker.Session; this package does not import the broker).
-type Session struct {
-	DeviceID        string
-	Epoch           int64
-	Firmware, Model string
-}
+type Session = inputguard.Session
 
 // EventSink takes the rejected events telemetry records, without blocking
 // (fleet.Recorder).
