@@ -14,6 +14,8 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
+	"unicode/utf8"
 
 	"github.com/fleetd/fleetd/fleet"
 )
@@ -145,6 +147,16 @@ func (s *Service) devices(ctx context.Context, r Request) ([]string, error) {
 	}
 	if len(r.Selector.Models) > 32 || len(r.Selector.Tags) > 32 {
 		return nil, &fleet.ValidationError{Field: "selector", Msg: "names more than 32 models or tags"}
+	}
+	for i, m := range r.Selector.Models {
+		if m == "" || len(m) > 64 || !utf8.ValidString(m) {
+			return nil, &fleet.ValidationError{Field: fmt.Sprintf("selector.models[%d]", i), Msg: "must be a model name of 1 to 64 bytes"}
+		}
+	}
+	for i, tag := range r.Selector.Tags {
+		if tag == "" || len(tag) > 128 || !utf8.ValidString(tag) || strings.ContainsAny(tag, " \t\r\n") {
+			return nil, &fleet.ValidationError{Field: fmt.Sprintf("selector.tags[%d]", i), Msg: "must be a tag of 1 to 128 bytes without spaces (e.g. site=lyon)"}
+		}
 	}
 	cands, err := s.diag.Candidates(ctx, r.Selector.Models, r.Selector.Tags, false)
 	if err != nil {

@@ -104,6 +104,8 @@ func TestApplyRefuses(t *testing.T) {
 		{Request{Problem: fleet.ProblemKeepaliveMismatch, Devices: many}, "devices"},
 		{Request{Problem: fleet.ProblemKeepaliveMismatch, Devices: []string{"ok", "no spaces"}}, "devices[1]"},
 		{Request{Problem: fleet.ProblemKeepaliveMismatch, Selector: Selector{Models: []string{"th"}}}, "selector"},
+		{Request{Problem: fleet.ProblemKeepaliveMismatch, Selector: Selector{Models: []string{"nat", ""}}}, "selector.models[1]"},
+		{Request{Problem: fleet.ProblemKeepaliveMismatch, Selector: Selector{Tags: []string{"site lyon"}}}, "selector.tags[0]"},
 	} {
 		_, err := s.Apply(context.Background(), tt.r)
 		var ve *fleet.ValidationError
