@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
@@ -38,41 +37,23 @@ func init() {
 // results, paged, ?state=) and POST /commands/{id}/cancel.
 func (s *Server) MountBulkCommands(b BulkCommands) {
 	fail := func(w http.ResponseWriter, r *http.Request, err error) { writeError(w, r, s.opts.Logger, err) }
-	limitParam := func(r *http.Request) (int, error) {
-		limit, err := intParam(r.URL.Query().Get("limit"), "limit")
-		if err == nil && (limit < 0 || limit > command.MaxList) {
-			err = BadRequest("limit", fmt.Sprintf("limit must be from 1 to %d", command.MaxList))
-		}
-		return limit, err
-	}
 	s.mount(func(_, api chi.Router) {
 		api.Post("/commands", func(w http.ResponseWriter, r *http.Request) {
 			var body struct {
-				Name      string           `json:"name"`
-				Params    json.RawMessage  `json:"params"`
-				Timeout   json.RawMessage  `json:"timeout"`
-				ExpiresIn json.RawMessage  `json:"expires_in"`
-				Selector  command.Selector `json:"selector"`
-				Pacing    command.Pacing   `json:"pacing"`
+				commandBody
+				Selector command.Selector `json:"selector"`
+				Pacing   command.Pacing   `json:"pacing"`
 			}
 			if err := decodeJSON(r, &body); err != nil {
 				fail(w, r, err)
 				return
 			}
-			req := command.BulkRequest{Request: command.Request{Name: body.Name, Params: body.Params}, Selector: body.Selector, Pacing: body.Pacing}
-			for _, d := range []struct {
-				field string
-				raw   json.RawMessage
-				into  *command.Duration
-			}{{"timeout", body.Timeout, &req.Timeout}, {"expires_in", body.ExpiresIn, &req.ExpiresIn}} {
-				if len(d.raw) == 0 || string(d.raw) == "null" {
-					continue
-				}
-				if err := d.into.UnmarshalJSON(d.raw); err != nil {
-					fail(w, r, BadRequest(d.field, d.field+": "+err.Error()))
-					return
-				}
+			one, err := body.request()
+			if err != nil {
+				fail(w, r, err)
+				return
 			}
+			req := command.BulkRequest{Request: one, Selector: body.Selector, Pacing: body.Pacing}
 			bulk, err := b.Create(r.Context(), req)
 			if err != nil {
 				fail(w, r, err)
@@ -82,7 +63,7 @@ func (s *Server) MountBulkCommands(b BulkCommands) {
 			writeJSON(w, http.StatusCreated, bulk)
 		})
 		api.Get("/commands", func(w http.ResponseWriter, r *http.Request) {
-			limit, err := limitParam(r)
+			limit, err := commandLimit(r)
 			var after *command.Cursor
 			if cur := r.URL.Query().Get("cursor"); err == nil && cur != "" {
 				after, err = decodeCommandCursor(cur)
@@ -117,7 +98,7 @@ func (s *Server) MountBulkCommands(b BulkCommands) {
 			writeJSON(w, http.StatusOK, bulk)
 		})
 		api.Get("/commands/{id}/devices", func(w http.ResponseWriter, r *http.Request) {
-			limit, err := limitParam(r)
+			limit, err := commandLimit(r)
 			after := -1
 			if cur := r.URL.Query().Get("cursor"); err == nil && cur != "" {
 				after, err = decodePositionCursor(cur)

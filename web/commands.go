@@ -44,29 +44,15 @@ func (s *Server) MountCommands(c Commands) {
 	fail := func(w http.ResponseWriter, r *http.Request, err error) { writeError(w, r, s.opts.Logger, err) }
 	s.mount(func(_, api chi.Router) {
 		api.Post("/devices/{id}/commands", func(w http.ResponseWriter, r *http.Request) {
-			var body struct {
-				Name      string          `json:"name"`
-				Params    json.RawMessage `json:"params"`
-				Timeout   json.RawMessage `json:"timeout"`
-				ExpiresIn json.RawMessage `json:"expires_in"`
-			}
+			var body commandBody
 			if err := decodeJSON(r, &body); err != nil {
 				fail(w, r, err)
 				return
 			}
-			req := command.Request{Name: body.Name, Params: body.Params}
-			for _, d := range []struct {
-				field string
-				raw   json.RawMessage
-				into  *command.Duration
-			}{{"timeout", body.Timeout, &req.Timeout}, {"expires_in", body.ExpiresIn, &req.ExpiresIn}} {
-				if len(d.raw) == 0 || string(d.raw) == "null" {
-					continue
-				}
-				if err := d.into.UnmarshalJSON(d.raw); err != nil {
-					fail(w, r, BadRequest(d.field, d.field+": "+err.Error()))
-					return
-				}
+			req, err := body.request()
+			if err != nil {
+				fail(w, r, err)
+				return
 			}
 			cmd, err := c.Create(r.Context(), chi.URLParam(r, "id"), req)
 			if err != nil {
@@ -78,10 +64,7 @@ func (s *Server) MountCommands(c Commands) {
 		})
 		api.Get("/devices/{id}/commands", func(w http.ResponseWriter, r *http.Request) {
 			q := r.URL.Query()
-			limit, err := intParam(q.Get("limit"), "limit")
-			if err == nil && (limit < 0 || limit > command.MaxList) {
-				err = BadRequest("limit", fmt.Sprintf("limit must be from 1 to %d", command.MaxList))
-			}
+			limit, err := commandLimit(r)
 			if err != nil {
 				fail(w, r, err)
 				return
@@ -132,6 +115,41 @@ func (s *Server) MountCommands(c Commands) {
 			writeJSON(w, http.StatusOK, cmd)
 		})
 	})
+}
+
+// commandBody is a command as POSTed, to one device or in a bulk: the
+// durations are read here so that a bad one is a 400 naming its field.
+type commandBody struct {
+	Name      string          `json:"name"`
+	Params    json.RawMessage `json:"params"`
+	Timeout   json.RawMessage `json:"timeout"`
+	ExpiresIn json.RawMessage `json:"expires_in"`
+}
+
+func (b commandBody) request() (command.Request, error) {
+	req := command.Request{Name: b.Name, Params: b.Params}
+	for _, d := range []struct {
+		field string
+		raw   json.RawMessage
+		into  *command.Duration
+	}{{"timeout", b.Timeout, &req.Timeout}, {"expires_in", b.ExpiresIn, &req.ExpiresIn}} {
+		if len(d.raw) == 0 || string(d.raw) == "null" {
+			continue
+		}
+		if err := d.into.UnmarshalJSON(d.raw); err != nil {
+			return req, BadRequest(d.field, d.field+": "+err.Error())
+		}
+	}
+	return req, nil
+}
+
+// commandLimit reads ?limit= of a command listing.
+func commandLimit(r *http.Request) (int, error) {
+	limit, err := intParam(r.URL.Query().Get("limit"), "limit")
+	if err == nil && (limit < 0 || limit > command.MaxList) {
+		err = BadRequest("limit", fmt.Sprintf("limit must be from 1 to %d", command.MaxList))
+	}
+	return limit, err
 }
 
 // Command cursors are opaque to clients: base64url("<unix µs>.<command id>").
