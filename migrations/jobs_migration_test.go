@@ -2,35 +2,16 @@ package migrations_test
 
 import (
 	"context"
-	"os"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/jackc/pgx/v5/stdlib"
-	"github.com/pressly/goose/v3"
-
-	"github.com/fleetd/fleetd/internal/pgtest"
 )
 
 // Migration 00007 moves the forward and rollback jobs kept side by side in
 // campaign_devices into one ota_jobs row per attempt, each with its own id.
 func TestJobsMigrationMovesRows(t *testing.T) {
 	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, pgtest.EmptyURL(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	db := stdlib.OpenDBFromPool(pool)
-	defer db.Close()
-	p, err := goose.NewProvider(goose.DialectPostgres, db, os.DirFS("."), goose.WithDisableGlobalRegistry(true))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := p.UpTo(ctx, 6); err != nil {
-		t.Fatal(err)
-	}
+	pool, p := migratedTo(t, 6)
 	for _, q := range []string{
 		`INSERT INTO firmware (id, version, models, sha256, size, signature, signed_by) VALUES ('fw_1', '2.0.0', '{gw-100}', 'x', 1, 's', 'server')`,
 		`INSERT INTO campaigns (id, name, firmware_id, version, spec, state) VALUES ('camp_1', 'c', 'fw_1', '2.0.0', '{}', 'rolling_back')`,

@@ -2,15 +2,9 @@ package migrations_test
 
 import (
 	"context"
-	"os"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/jackc/pgx/v5/stdlib"
-	"github.com/pressly/goose/v3"
-
-	"github.com/fleetd/fleetd/internal/pgtest"
 )
 
 // Migration 00018 counts the open sessions of a database written before it
@@ -18,20 +12,7 @@ import (
 // that firmware, and on a new row (last_end -infinity) otherwise.
 func TestSessionDevicesMigrationCountsOpenSessions(t *testing.T) {
 	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, pgtest.EmptyURL(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	db := stdlib.OpenDBFromPool(pool)
-	defer db.Close()
-	p, err := goose.NewProvider(goose.DialectPostgres, db, os.DirFS("."), goose.WithDisableGlobalRegistry(true))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := p.UpTo(ctx, 17); err != nil {
-		t.Fatal(err)
-	}
+	pool, p := migratedTo(t, 17)
 	if _, err := pool.Exec(ctx, `
 		INSERT INTO sessions_open (device_id, session_epoch, started_at, model, firmware) VALUES
 			('a', 1, now(), 'gw-100', '1.0.0'), ('a', 2, now(), 'gw-100', '1.0.0'), ('b', 1, now(), 'gw-100', '2.0.0');
