@@ -207,12 +207,17 @@ func (s *v5Session) Subscribe(ctx context.Context, topic string, handle func([]b
 	s.mu.Lock()
 	s.routes[topic] = handle
 	s.mu.Unlock()
-	sa, err := s.c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: topic, QoS: 1}}})
+	return s.subscribe(ctx, topic)
+}
+
+// subscribe subscribes at QoS 1 and turns a refusing SUBACK into an error.
+func (s *v5Session) subscribe(ctx context.Context, filter string) error {
+	sa, err := s.c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 1}}})
 	if err != nil {
 		return err
 	}
 	if len(sa.Reasons) > 0 && sa.Reasons[0] >= 0x80 {
-		return fmt.Errorf("subscribe %s refused: 0x%02x", topic, sa.Reasons[0])
+		return fmt.Errorf("subscribe %s refused: 0x%02x", filter, sa.Reasons[0])
 	}
 	return nil
 }

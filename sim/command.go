@@ -49,14 +49,7 @@ func (s *v5Session) SubscribeRequests(ctx context.Context, filter string, handle
 	s.mu.Lock()
 	s.filters[filter] = handle
 	s.mu.Unlock()
-	sa, err := s.c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 1}}})
-	if err != nil {
-		return err
-	}
-	if len(sa.Reasons) > 0 && sa.Reasons[0] >= 0x80 {
-		return fmt.Errorf("subscribe %s refused: 0x%02x", filter, sa.Reasons[0])
-	}
-	return nil
+	return s.subscribe(ctx, filter)
 }
 
 func (s *v5Session) Respond(ctx context.Context, topic string, payload, correlation []byte) error {
