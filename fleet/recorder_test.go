@@ -769,8 +769,11 @@ func TestRecorderSpoolCap(t *testing.T) {
 	}
 
 	events := recordN(rec, nil, 100)
-	waitUntil(t, "the spool at its cap and the buffer full", 5*time.Second, func() bool {
-		return testutil.ToFloat64(rec.mFull) == 1 && testutil.ToFloat64(rec.mBuffered) == maxBuffered
+	// The gauges and counters move one after the other: wait until every
+	// event is accounted for (spooled, buffered or dropped), then check each.
+	waitUntil(t, "the spool at its cap, the buffer full and the rest dropped", 5*time.Second, func() bool {
+		return testutil.ToFloat64(rec.mFull) == 1 && testutil.ToFloat64(rec.mBuffered) == maxBuffered &&
+			testutil.ToFloat64(rec.mSpool) > 0 && int(testutil.ToFloat64(rec.mDropFull))+spoolLineCount(t, spool)+maxBuffered == 100
 	})
 	spooled := spoolLineCount(t, spool)
 	st, err := os.Stat(spool)
