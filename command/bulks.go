@@ -2,6 +2,7 @@ package command
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -278,8 +279,16 @@ func (b *Bulks) publish(ctx context.Context) {
 	b.mu.Unlock()
 	for id := range dirty {
 		bulk, err := b.store.GetBulk(ctx, id)
+		if errors.Is(err, ErrNotFound) {
+			continue // pruned
+		}
 		if err != nil {
-			continue // pruned, or the database is away: the next change publishes it
+			// The database is away: the next round publishes it. A bulk's
+			// last change (its completion) has no next change to carry it.
+			b.mu.Lock()
+			b.dirty[id] = struct{}{}
+			b.mu.Unlock()
+			continue
 		}
 		b.onChange(bulk.Change(b.svc.opts.Now()))
 	}
