@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 )
@@ -72,6 +73,19 @@ func TestAnalysisFlagsFirmwareThatRejectsPings(t *testing.T) {
 	got := incompatibleIDs(t, svc)
 	if len(got) != 3 || got["bad-1"][0] != IncompatRejectsPings || got["few-1"] != nil || got["ok-1"] != nil {
 		t.Fatalf("incompatible devices: %v; want bad-1..3 (rejects_pings) only", got)
+	}
+	// The flag and the devices it made incompatible are told (package
+	// notify delivers them): one notification per model and firmware.
+	var notes []string
+	rows, _ := svc.store.pool.Query(ctx, `SELECT type || ' ' || (payload->>'firmware') || ' ' || coalesce(payload->>'devices', '-') FROM notifications ORDER BY id`)
+	for rows.Next() {
+		var n string
+		rows.Scan(&n)
+		notes = append(notes, n)
+	}
+	rows.Close()
+	if strings.Join(notes, ", ") != "firmware.flagged 1.0.3 -, devices.incompatible 1.0.3 3" {
+		t.Fatalf("notifications: %q", notes)
 	}
 	verdicts, _ := svc.Verdicts(ctx)
 	if len(verdicts) != 1 || verdicts[0].Firmware != "1.0.3" || !verdicts[0].Active || verdicts[0].Evidence == nil ||

@@ -627,15 +627,24 @@ func (s *Store) setCompat(ctx context.Context, groups []compatGroup, lists [][]I
 	}
 	// One scan of devices finds and locks the rows (in id order, the
 	// locking rows leave the sort in), the update then reaches them by id.
+	// Devices that were compatible and are not any more are told of in the
+	// same statement (the devices.incompatible notification, one per model
+	// and firmware, with a sample of ids), so no change goes untold.
 	_, err := s.pool.Exec(ctx, `
 		WITH locked AS (
-			SELECT d.id, g.inc, g.doc FROM devices d,
+			SELECT d.id, d.model, d.firmware, d.incompatible AS was, g.inc, g.doc FROM devices d,
 				unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bool[], $6::text[]) AS g(model, firmware, proto, cur, inc, doc)
 			WHERE d.state = 'active' AND d.model = g.model AND d.firmware = g.firmware AND d.protocol_version = g.proto
 				AND d.incompatibilities::text = g.cur
-			ORDER BY d.id FOR UPDATE OF d)
-		UPDATE devices d SET incompatible = l.inc, incompatibilities = l.doc::jsonb, updated_at = now()
-		FROM locked l WHERE d.id = l.id`, models, firmware, protos, current, flags, docs)
+			ORDER BY d.id FOR UPDATE OF d),
+		upd AS (
+			UPDATE devices d SET incompatible = l.inc, incompatibilities = l.doc::jsonb, updated_at = now()
+			FROM locked l WHERE d.id = l.id
+			RETURNING l.id, l.model, l.firmware, l.was, l.inc, l.doc)
+		INSERT INTO notifications (type, payload)
+		SELECT 'devices.incompatible', jsonb_build_object('model', model, 'firmware', firmware, 'devices', count(*),
+			'sample', (array_agg(id ORDER BY id))[1:20], 'incompatibilities', (array_agg(doc))[1]::jsonb)
+		FROM upd WHERE inc AND NOT was GROUP BY model, firmware`, models, firmware, protos, current, flags, docs)
 	if err != nil {
 		return fmt.Errorf("update compatibility: %w", err)
 	}

@@ -26,6 +26,7 @@ func TestOpenAPICoversEveryRoute(t *testing.T) {
 	s.MountBulkCommands(nil)
 	s.MountFixes(nil)
 	s.MountConfig(nil)
+	s.MountWebhooks(nil)
 	s.MountOpenAPI()
 
 	param := regexp.MustCompile(`\{(\w+):[^}]*\}`)

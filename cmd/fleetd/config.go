@@ -102,6 +102,15 @@ type Config struct {
 	// may run at once.
 	CommandBulkMaxDevices int
 	CommandBulkMaxRunning int
+	// Webhooks (notify.Options): one attempt's time, the backoff between
+	// attempts, attempts per delivery, failed attempts in a row that disable
+	// a subscription, and how long notifications are kept.
+	WebhookTimeout        time.Duration
+	WebhookRetryMin       time.Duration
+	WebhookRetryMax       time.Duration
+	WebhookMaxAttempts    int
+	WebhookDisableAfter   int
+	NotificationRetention time.Duration
 
 	// Limits on what one HTTP client can hold (web.Limits).
 	OTAMaxDownloadsPerSource int
@@ -188,6 +197,12 @@ func (c *Config) settings() []setting {
 		{name: "command-keep-per-device", usage: "finished commands kept per device at most (the newest); older ones are pruned", bind: num(&c.CommandKeepPerDevice, 100)},
 		{name: "command-bulk-max-devices", usage: "devices one bulk command may select; a selector matching more is refused", bind: num(&c.CommandBulkMaxDevices, 100000)},
 		{name: "command-bulk-max-running", usage: "bulk commands running at once; one more is refused with 429", bind: num(&c.CommandBulkMaxRunning, 10)},
+		{name: "webhook-timeout", usage: "time one webhook delivery attempt may take, connection and answer included", bind: dur(&c.WebhookTimeout, 10*time.Second)},
+		{name: "webhook-retry-min", usage: "wait after a webhook delivery's first failed attempt; it doubles with each attempt (with a random part) up to -webhook-retry-max", bind: dur(&c.WebhookRetryMin, 10*time.Second)},
+		{name: "webhook-retry-max", usage: "longest wait between two attempts of a webhook delivery", bind: dur(&c.WebhookRetryMax, time.Hour)},
+		{name: "webhook-max-attempts", usage: "attempts of one webhook delivery before it is failed", bind: num(&c.WebhookMaxAttempts, 10)},
+		{name: "webhook-disable-after", usage: "failed webhook delivery attempts in a row that disable the subscription (a webhook.disabled notification tells the others)", bind: num(&c.WebhookDisableAfter, 20)},
+		{name: "notification-retention", usage: "how long notifications and their webhook delivery log are kept", bind: dur(&c.NotificationRetention, 720*time.Hour)},
 		{name: "event-retention", usage: "how long connection events are kept, at least 24h; a day's partition of events is dropped (never a mass DELETE) once all of it is older", bind: dur(&c.EventRetention, 720*time.Hour)},
 		{name: "event-partitions-ahead", usage: "days after today whose event partitions are created ahead of time (1-90); a write for a day without one creates it", bind: num(&c.EventPartitionsAhead, 7)},
 		{name: "rollup-retention", usage: "how long the per-minute event rollups are kept (fleet health, fleet history by 1m and 5m, learned verdicts), at least 48h and at least -event-retention", bind: dur(&c.RollupRetention, 2160*time.Hour)},
@@ -445,6 +460,24 @@ func (c *Config) validate() error {
 	}
 	if c.CommandBulkMaxRunning < 1 || c.CommandBulkMaxRunning > 1000 {
 		bad("command-bulk-max-running", "must be between 1 and 1000")
+	}
+	if c.WebhookTimeout < 100*time.Millisecond || c.WebhookTimeout > 5*time.Minute {
+		bad("webhook-timeout", "must be between 100ms and 5m")
+	}
+	if c.WebhookRetryMin < 10*time.Millisecond {
+		bad("webhook-retry-min", "must be at least 10ms")
+	}
+	if c.WebhookRetryMax < c.WebhookRetryMin {
+		bad("webhook-retry-max", "must be at least -webhook-retry-min (%s)", c.WebhookRetryMin)
+	}
+	if c.WebhookMaxAttempts < 1 || c.WebhookMaxAttempts > 100 {
+		bad("webhook-max-attempts", "must be between 1 and 100")
+	}
+	if c.WebhookDisableAfter < 1 {
+		bad("webhook-disable-after", "must be at least 1")
+	}
+	if c.NotificationRetention < time.Hour {
+		bad("notification-retention", "must be at least 1h")
 	}
 	if c.EventRetention < 24*time.Hour {
 		// Events are dropped by the day; the diagnosis and the verdicts'

@@ -37,6 +37,8 @@ func TestParseConfig(t *testing.T) {
 	defaults.TelemetryRawRetention, defaults.TelemetryMinuteRetention, defaults.TelemetryHourRetention = 48*time.Hour, 30*24*time.Hour, 400*24*time.Hour
 	defaults.CommandMaxPending, defaults.CommandRetention, defaults.CommandKeepPerDevice = 16, 7*24*time.Hour, 100
 	defaults.CommandBulkMaxDevices, defaults.CommandBulkMaxRunning = 100000, 10
+	defaults.WebhookTimeout, defaults.WebhookRetryMin, defaults.WebhookRetryMax = 10*time.Second, 10*time.Second, time.Hour
+	defaults.WebhookMaxAttempts, defaults.WebhookDisableAfter, defaults.NotificationRetention = 10, 20, 720*time.Hour
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {

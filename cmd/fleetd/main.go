@@ -220,6 +220,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	startCommands(cfg, logger, lc, api, pool, reg, b, router, rs, hub, rec, svc)
 	config := startDeviceConfig(cfg, logger, lc, api, pool, reg, b, rs, rec)
 	api.MountFixes(fix.NewService(svc, remedies{config}))
+	startNotifications(cfg, logger, lc, api, pool, reg, rec.Ready)
 
 	// Listen to the other replicas before the cache is loaded, so that no
 	// change made meanwhile is missed; then load it.
