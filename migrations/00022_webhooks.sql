@@ -133,3 +133,23 @@ $$;
 -- +goose StatementEnd
 CREATE TRIGGER notify_verdict_history AFTER INSERT ON firmware_verdict_history
     FOR EACH ROW EXECUTE FUNCTION notify_verdict_history();
+
+-- Devices offline longer than -notify-offline-after: the watch (one
+-- replica at a time) tells of the devices whose disconnect crossed that age
+-- since its last round, found through this index, and keeps a watermark
+-- so that a round missed or made by another replica neither repeats nor
+-- skips a device.
+CREATE INDEX devices_offline_since_idx ON devices (disconnected_at) WHERE state = 'active' AND NOT online;
+CREATE TABLE notify_watermarks (
+    name text        PRIMARY KEY,
+    at   timestamptz NOT NULL
+);
+-- The models whose share of devices offline longer than the threshold is
+-- at or above -notify-model-offline-share: model.offline was sent, and
+-- model.back_online is sent when the share falls below it again.
+CREATE TABLE notify_models_offline (
+    model   text        PRIMARY KEY,
+    since   timestamptz NOT NULL,
+    offline int         NOT NULL,
+    devices int         NOT NULL
+);

@@ -22,7 +22,8 @@ type Type string
 
 // The notification types. Campaign types come from the campaign audit
 // trail, firmware types from the learned verdicts' history, devices.
-// incompatible from the analysis, recorder types from each replica's
+// incompatible from the analysis, devices.offline and model types from
+// the offline watch, recorder types from each replica's
 // recorder, webhook.disabled from the deliverer itself.
 const (
 	CampaignPausedByGate  Type = "campaign.paused_by_gate"
@@ -33,6 +34,9 @@ const (
 	FirmwareFlagged       Type = "firmware.flagged"
 	FirmwareCleared       Type = "firmware.cleared"
 	DevicesIncompatible   Type = "devices.incompatible"
+	DevicesOffline        Type = "devices.offline"
+	ModelOffline          Type = "model.offline"
+	ModelBackOnline       Type = "model.back_online"
 	RecorderBehind        Type = "recorder.behind"
 	RecorderCaughtUp      Type = "recorder.caught_up"
 	WebhookDisabled       Type = "webhook.disabled"
@@ -57,6 +61,9 @@ var Types = []TypeInfo{
 	{FirmwareFlagged, "the analysis flagged a firmware (data: model, firmware, flag, rate, baseline)"},
 	{FirmwareCleared, "a flag of a firmware was cleared"},
 	{DevicesIncompatible, "devices became incompatible, one notification per model and firmware per analysis round (data: model, firmware, devices, sample)"},
+	{DevicesOffline, "devices went offline and stayed so longer than -notify-offline-after: one notification per model per round of the watch (data: model, devices, sample, offline_after_s)"},
+	{ModelOffline, "the share of a model's active devices offline longer than -notify-offline-after reached -notify-model-offline-share (data: model, offline, devices, share)"},
+	{ModelBackOnline, "that share fell below the threshold again"},
 	{RecorderBehind, "a replica's recorder fell behind: connection events wait for the database longer than -recorder-behind-after (data: node, oldest_age_s)"},
 	{RecorderCaughtUp, "a replica's recorder caught up again"},
 	{WebhookDisabled, "a webhook subscription was disabled after failing deliveries in a row (data: subscription_id, url, failures)"},

@@ -111,6 +111,12 @@ type Config struct {
 	WebhookMaxAttempts    int
 	WebhookDisableAfter   int
 	NotificationRetention time.Duration
+	// The offline watch (notify.OfflineWatch): how long a device must be
+	// offline to be told of, and the share of a model's devices (with at
+	// least a minimum of devices) that makes a model.offline notification.
+	NotifyOfflineAfter           time.Duration
+	NotifyModelOfflineShare      float64
+	NotifyModelOfflineMinDevices int
 
 	// Limits on what one HTTP client can hold (web.Limits).
 	OTAMaxDownloadsPerSource int
@@ -203,6 +209,9 @@ func (c *Config) settings() []setting {
 		{name: "webhook-max-attempts", usage: "attempts of one webhook delivery before it is failed", bind: num(&c.WebhookMaxAttempts, 10)},
 		{name: "webhook-disable-after", usage: "failed webhook delivery attempts in a row that disable the subscription (a webhook.disabled notification tells the others)", bind: num(&c.WebhookDisableAfter, 20)},
 		{name: "notification-retention", usage: "how long notifications and their webhook delivery log are kept", bind: dur(&c.NotificationRetention, 720*time.Hour)},
+		{name: "notify-offline-after", usage: "a device offline this long is told of (devices.offline), and counts in its model's offline share; 0 turns the offline watch off", bind: dur(&c.NotifyOfflineAfter, 15*time.Minute)},
+		{name: "notify-model-offline-share", usage: "share (0-1) of a model's active devices offline longer than -notify-offline-after that makes a model.offline notification (model.back_online when below again); 0 = off", bind: float(&c.NotifyModelOfflineShare, 0.2)},
+		{name: "notify-model-offline-min-devices", usage: "models with fewer active devices are not judged by their offline share", bind: num(&c.NotifyModelOfflineMinDevices, 10)},
 		{name: "event-retention", usage: "how long connection events are kept, at least 24h; a day's partition of events is dropped (never a mass DELETE) once all of it is older", bind: dur(&c.EventRetention, 720*time.Hour)},
 		{name: "event-partitions-ahead", usage: "days after today whose event partitions are created ahead of time (1-90); a write for a day without one creates it", bind: num(&c.EventPartitionsAhead, 7)},
 		{name: "rollup-retention", usage: "how long the per-minute event rollups are kept (fleet health, fleet history by 1m and 5m, learned verdicts), at least 48h and at least -event-retention", bind: dur(&c.RollupRetention, 2160*time.Hour)},
@@ -475,6 +484,15 @@ func (c *Config) validate() error {
 	}
 	if c.WebhookDisableAfter < 1 {
 		bad("webhook-disable-after", "must be at least 1")
+	}
+	if c.NotifyOfflineAfter != 0 && c.NotifyOfflineAfter < time.Second {
+		bad("notify-offline-after", "must be 0 (off) or at least 1s")
+	}
+	if c.NotifyModelOfflineShare < 0 || c.NotifyModelOfflineShare > 1 {
+		bad("notify-model-offline-share", "must be between 0 (off) and 1")
+	}
+	if c.NotifyModelOfflineMinDevices < 1 {
+		bad("notify-model-offline-min-devices", "must be at least 1")
 	}
 	if c.NotificationRetention < time.Hour {
 		bad("notification-retention", "must be at least 1h")

@@ -39,6 +39,7 @@ func TestParseConfig(t *testing.T) {
 	defaults.CommandBulkMaxDevices, defaults.CommandBulkMaxRunning = 100000, 10
 	defaults.WebhookTimeout, defaults.WebhookRetryMin, defaults.WebhookRetryMax = 10*time.Second, 10*time.Second, time.Hour
 	defaults.WebhookMaxAttempts, defaults.WebhookDisableAfter, defaults.NotificationRetention = 10, 20, 720*time.Hour
+	defaults.NotifyOfflineAfter, defaults.NotifyModelOfflineShare, defaults.NotifyModelOfflineMinDevices = 15*time.Minute, 0.2, 10
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {

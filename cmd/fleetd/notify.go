@@ -14,8 +14,9 @@ import (
 
 // startNotifications mounts the webhook API and runs this replica's
 // deliverer (every replica runs one; each delivery attempt is claimed by
-// one of them) and the watch that tells when this replica's recorder falls
-// behind and catches up. The other notifications are written by the
+// one of them), the offline watch (a round by one replica at a time), and
+// the watch that tells when this replica's recorder falls behind and
+// catches up. The other notifications are written by the
 // transactions that make the changes they tell of (see package notify).
 func startNotifications(cfg Config, logger *slog.Logger, lc *lifecycle, api *web.Server, pool *pgxpool.Pool, reg prometheus.Registerer,
 	recorderReady func(context.Context) error) {
@@ -29,6 +30,14 @@ func startNotifications(cfg Config, logger *slog.Logger, lc *lifecycle, api *web
 	})
 	bg := newLoops(lc)
 	bg.start("webhook deliveries", d.Run)
+	if cfg.NotifyOfflineAfter > 0 {
+		w := notify.NewOfflineWatch(pool, notify.OfflineOptions{After: cfg.NotifyOfflineAfter, ModelShare: cfg.NotifyModelOfflineShare,
+			MinModelDevices: cfg.NotifyModelOfflineMinDevices, Logger: logger})
+		// A round every quarter of the threshold (1 s to 30 s): a device is
+		// told of at most that late.
+		every := min(max(cfg.NotifyOfflineAfter/4, time.Second), 30*time.Second)
+		bg.start("offline watch", func(ctx context.Context) { w.Run(ctx, every) })
+	}
 	bg.start("recorder watch", func(ctx context.Context) { watchRecorder(ctx, cfg.Node, recorderReady, pool, logger, 5*time.Second) })
 }
 

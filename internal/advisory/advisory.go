@@ -46,7 +46,10 @@ const (
 	// CommandBulks serialises the creation of bulk commands, so that two
 	// cannot pass the cap on running bulks together (transaction lock).
 	CommandBulks Key = prefix + 0x4342 // "CB"
+	// NotifyOffline lets one replica at a time make a round of the offline
+	// watch (transaction lock).
+	NotifyOffline Key = prefix + 0x4e4f // "NO"
 )
 
 // All lists every key, for the uniqueness test.
-var All = []Key{Migrations, Analysis, LostSweep, EventMaintenance, EventPartitions, TelemetryPartitions, TelemetryRetention, TelemetryRollup, TelemetrySeal, CommandRetention, CommandBulks}
+var All = []Key{Migrations, Analysis, LostSweep, EventMaintenance, EventPartitions, TelemetryPartitions, TelemetryRetention, TelemetryRollup, TelemetrySeal, CommandRetention, CommandBulks, NotifyOffline}
