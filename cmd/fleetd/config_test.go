@@ -37,6 +37,7 @@ func TestParseConfig(t *testing.T) {
 	defaults.TelemetryRawRetention, defaults.TelemetryMinuteRetention, defaults.TelemetryHourRetention = 48*time.Hour, 30*24*time.Hour, 400*24*time.Hour
 	defaults.CommandMaxPending, defaults.CommandRetention, defaults.CommandKeepPerDevice = 16, 7*24*time.Hour, 100
 	defaults.CommandBulkMaxDevices, defaults.CommandBulkMaxRunning = 100000, 10
+	defaults.CampaignFollowInterval = 10 * time.Second
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {
@@ -148,6 +149,8 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "tiny event spool cap", args: []string{"-event-spool-max-bytes", "4096"}, want: []string{"FLEETD_EVENT_SPOOL_MAX_BYTES", "at least 1048576"}},
 		{name: "event spool cap with a unit", env: map[string]string{"FLEETD_EVENT_SPOOL_MAX_BYTES": "1GiB"}, want: []string{"FLEETD_EVENT_SPOOL_MAX_BYTES", "1GiB"}},
 		{name: "campaign interval too long for pacing", args: []string{"-campaign-interval", "5s"}, want: []string{"FLEETD_CAMPAIGN_INTERVAL", "2s"}},
+		{name: "campaign follow interval above an hour", args: []string{"-campaign-follow-interval", "2h"}, want: []string{"FLEETD_CAMPAIGN_FOLLOW_INTERVAL", "1h"}},
+		{name: "campaign follow interval below the step", args: []string{"-campaign-follow-interval", "100ms"}, want: []string{"FLEETD_CAMPAIGN_FOLLOW_INTERVAL", "-campaign-interval"}},
 		{name: "replica dead-after below two heartbeats", args: []string{"-replica-dead-after", "2s"}, want: []string{"FLEETD_REPLICA_DEAD_AFTER", "3s"}},
 		{name: "negative credential cache TTL", args: []string{"-credential-cache-ttl", "-1s"}, want: []string{"FLEETD_CREDENTIAL_CACHE_TTL", "negative"}},
 		{name: "zero telemetry rate", args: []string{"-telemetry-rate", "0"}, want: []string{"FLEETD_TELEMETRY_RATE", "-1 for unlimited"}},
