@@ -5,6 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -35,23 +38,22 @@ func TestCampaignFollowsGrowingFleet(t *testing.T) {
 	f.Run.Duration = secs(120)
 	_, stop := runFleet(t, api, f, p.Token())
 	waitOnline(t, api, 4, 20*time.Second)
-	camp, err := api.CreateCampaign(ctx, firmware.Spec{
-		Name: "follow 1.1.0", FirmwareID: target.ID, Follow: true, Selector: firmware.Selector{Models: []string{"gw-100"}},
-		Stages: []firmware.Stage{
-			{Name: "canary", Count: 1, MaxFailureRate: 0, MaxNotBackOnline: -1},
-			{Name: "rest", Percent: 100, MaxFailureRate: 0, MaxNotBackOnline: -1},
-		},
-		DeviceTimeout: firmware.Duration(30 * time.Second),
-	})
-	if err != nil {
-		t.Fatal(err)
+	fleetctl := fleetctlFor(t, p)
+	spec := filepath.Join(t.TempDir(), "follow.yaml")
+	os.WriteFile(spec, []byte(`name: follow 1.1.0
+firmware_id: `+target.ID+`
+follow: true
+selector: {models: [gw-100]}
+stages:
+  - {name: canary, count: 1, max_failure_rate: 0, max_not_back_online: -1}
+  - {name: rest, percent: 100, max_failure_rate: 0, max_not_back_online: -1}
+device_timeout: 30s
+`), 0o644)
+	var camp firmware.CampaignView
+	if err := json.Unmarshal([]byte(fleetctl("-output", "json", "campaign", "create", "-f", spec)), &camp); err != nil || !camp.Follow {
+		t.Fatalf("fleetctl campaign create: %+v (%v), want follow kept", camp, err)
 	}
-	if !camp.Follow {
-		t.Fatalf("created campaign %+v: follow not kept", camp)
-	}
-	if _, err := api.CampaignAction(ctx, camp.ID, "start"); err != nil {
-		t.Fatal(err)
-	}
+	fleetctl("campaign", "start", camp.ID)
 	v := waitCampaign(t, api, camp.ID, 60*time.Second, "7 devices upgraded, 3 of them joiners", func(v firmware.CampaignView) bool {
 		return v.Joined == 3 && v.FollowingSince != nil && v.Counts[1].ByState["succeeded"]+v.Counts[0].ByState["succeeded"] == 7
 	})
@@ -70,6 +72,10 @@ func TestCampaignFollowsGrowingFleet(t *testing.T) {
 			t.Errorf("joiner %s: %+v, want succeeded in the last stage", d.DeviceID, d)
 		}
 	}
+	// watch stops once the campaign follows with every device done.
+	if out := fleetctl("campaign", "watch", camp.ID); !strings.Contains(out, "follows the fleet (3 joined)") || !strings.Contains(out, "following the fleet since") {
+		t.Fatalf("fleetctl campaign watch of a following campaign:\n%s", out)
+	}
 	deadline := time.Now().Add(10 * time.Second)
 	for joinedSeen() < 3 {
 		if time.Now().After(deadline) {
@@ -79,6 +85,21 @@ func TestCampaignFollowsGrowingFleet(t *testing.T) {
 	}
 	if s := stop(); s.Events["ota jobs"] != 7 || s.Events["late registrations"] != 5 {
 		t.Fatalf("%d devices received a job and %d registered late, want 7 and 5", s.Events["ota jobs"], s.Events["late registrations"])
+	}
+}
+
+// fleetctlFor runs fleetctl against p; a failing command fails the test.
+func fleetctlFor(t *testing.T, p *fleetdtest.Process) func(args ...string) string {
+	bin := fleetdtest.Build(t, "fleetctl")
+	return func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command(bin, args...)
+		cmd.Env = []string{"FLEETD_URL=" + p.HTTPURL, "FLEETD_ADMIN_TOKEN_FILE=" + filepath.Join(p.DataDir, "admin-token")}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("fleetctl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
 	}
 }
 
