@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -330,3 +331,71 @@ func TestFollowReadsInBatches(t *testing.T) {
 }
 
 func jsonContains(raw []byte, sub string) bool { return strings.Contains(string(raw), sub) }
+
+// A device whose tags change so that it matches the selector joins: the
+// database marks every change of a selected column, whoever writes it.
+func TestFollowPicksUpRetaggedDevice(t *testing.T) {
+	d := newDispatcher(t, "gw-1")
+	if _, err := d.pool.Exec(context.Background(), `UPDATE devices SET tags = '{site=lyon}' WHERE id = 'gw-1'`); err != nil {
+		t.Fatal(err)
+	}
+	d.c.SetFollowInterval(time.Second)
+	spec := followSpec
+	spec.Selector = Selector{Tags: []string{"site=lyon"}}
+	v := d.start(spec)
+	d.register("gw-2", "gw-100", "1.0.0")
+	d.step(time.Second)
+	if got := d.members(v.ID); !slices.Equal(got, []string{"gw-1"}) {
+		t.Fatalf("before the tag: devices %v, want only gw-1", got)
+	}
+	if _, err := d.svc.Update(context.Background(), "gw-2", fleet.Patch{Tags: &[]string{"site=lyon"}}); err != nil {
+		t.Fatal(err)
+	}
+	d.step(time.Second)
+	if dev := d.device(v.ID, "gw-2"); dev.State != "dispatched" {
+		t.Fatalf("after the tag: %+v, want gw-2 joined and dispatched", dev)
+	}
+}
+
+// A device that joins while the campaign is still in an earlier stage waits
+// in the last stage, and the join alone is a change the live stream is told.
+func TestFollowJoinWaitsForTheLastStageAndTellsChange(t *testing.T) {
+	d := newDispatcher(t, "gw-1", "gw-2")
+	d.c.SetFollowInterval(time.Second)
+	var mu sync.Mutex
+	changed := map[string]int{}
+	d.c.OnChange(func(id string) { mu.Lock(); changed[id]++; mu.Unlock() })
+	spec := followSpec
+	spec.Stages = []Stage{{Name: "canary", Count: 1, MaxFailureRate: 1, MaxNotBackOnline: -1}, {Name: "rest", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1}}
+	v := d.start(spec)
+	d.step(time.Second) // the canary's job goes out and stays in flight
+	count := func() int { mu.Lock(); defer mu.Unlock(); return changed[v.ID] }
+	before := count()
+	d.step(time.Second)
+	if count() != before {
+		t.Fatal("a step that changed nothing told a change")
+	}
+	d.register("gw-3", "gw-100", "1.0.0")
+	d.step(time.Second)
+	if count() <= before {
+		t.Fatal("a join told no change")
+	}
+	dev := d.device(v.ID, "gw-3")
+	if dev.Stage == nil || *dev.Stage != 1 || dev.State != "pending" {
+		t.Fatalf("joiner during the canary: %+v, want pending in the last stage", dev)
+	}
+	if view := d.view(v.ID); view.Stage != 0 || view.Joined != 1 || view.Counts[1].Planned != 1 || view.Counts[1].Targets != 1 {
+		// The device planned for the last stage is assigned to it when it starts.
+		t.Fatalf("view: stage %d joined %d last stage %+v; want still the canary, 1 joined, 1 planned and the joiner held by the last stage", view.Stage, view.Joined, view.Counts[1])
+	}
+	canary := "gw-1"
+	if st := d.device(v.ID, "gw-2").Stage; st != nil && *st == 0 {
+		canary = "gw-2"
+	}
+	d.upgrade(v.ID, canary)
+	d.step(time.Second) // the canary passes: advance
+	d.step(time.Second) // the last stage dispatches its planned device and the joiner
+	if view := d.view(v.ID); view.Stage != 1 || view.Counts[1].Targets != 2 || view.Counts[1].ByState["dispatched"] != 2 {
+		t.Fatalf("last stage: stage %d %+v, want the planned device and the joiner dispatched; history %v; devices %+v", view.Stage, view.Counts, d.historyActions(v.ID), d.members(v.ID))
+	}
+}
