@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -141,4 +142,47 @@ func watchCampaignJoins(t *testing.T, url, token string) func() int {
 		}
 	}()
 	return func() int { mu.Lock(); defer mu.Unlock(); return most }
+}
+
+// TestConsoleCampaignFollow: the console's campaign form creates a campaign
+// that follows the fleet, and the campaign page shows the devices that
+// joined, live.
+func TestConsoleCampaignFollow(t *testing.T) {
+	p, api := fastFleetd(t, fleetdtest.DataDir(t), "FLEETD_CAMPAIGN_FOLLOW_INTERVAL=500ms")
+	t.Cleanup(func() {
+		if !p.Exited() {
+			p.Signal(syscall.SIGTERM)
+			_ = p.Wait(30 * time.Second)
+		}
+	})
+	target := upload(t, api, "2.0.0", 64<<10)
+	runFleet(t, api, simFleet(p, sim.Cohort{Name: "ota", Count: 2, Model: "gw-100", Firmware: "1.0.0", Keepalive: secs(5)}), p.Token())
+	waitOnline(t, api, 2, 20*time.Second)
+
+	b := newBrowser(t, p.HTTPURL, 120*time.Second)
+	b.signIn(p.Token())
+	b.click(`a[data-nav=campaigns]`)
+	b.click(`[data-testid=new-campaign]`)
+	b.waitJS("the campaign form", `document.querySelector('[data-testid=cf-firmware] option[value="`+target.ID+`"]')`, 10*time.Second)
+	b.setValue(`[data-testid=cf-name]`, "console follow")
+	b.setValue(`[data-testid=cf-firmware]`, target.ID)
+	b.setValue(`[data-testid=stage-mnbo]`, "0")
+	b.setValue(`[data-testid=cf-dpm]`, "0")
+	b.setValue(`[data-testid=cf-concurrent]`, "0")
+	b.setValue(`[data-testid=cf-timeout]`, "60s")
+	b.click(`[data-testid=cf-follow]`)
+	b.click(`[data-testid=cf-submit]`)
+	b.waitJS("the draft campaign", `document.querySelector('[data-testid=campaign-state]') && document.querySelector('[data-testid=campaign-state]').dataset.state === 'draft'`, 10*time.Second)
+	b.waitJS("the follow fact", `document.querySelector('[data-testid=campaign-follow]')`, 10*time.Second)
+	b.click(`[data-testid=action-start]`)
+	b.click(`[data-testid=confirm-ok]`)
+	b.waitJS("the campaign following", `(document.querySelector('[data-testid=campaign-follow]') || {}).textContent.includes('following since')`, 60*time.Second)
+
+	runFleet(t, api, simFleet(p, sim.Cohort{Name: "late", Count: 1, Model: "gw-100", Firmware: "1.0.0", Keepalive: secs(5)}), p.Token())
+	b.waitJS("the joiner", `(document.querySelector('[data-testid=campaign-follow]') || {}).textContent.startsWith('1 joined')`, 60*time.Second)
+	b.shot("following")
+	camps, err := api.Campaigns(context.Background())
+	if err != nil || len(camps) != 1 || !camps[0].Follow || camps[0].State != firmware.StateRunning || camps[0].Joined != 1 {
+		t.Fatalf("campaigns %+v (%v), want one running campaign that follows, 1 joined", camps, err)
+	}
 }
