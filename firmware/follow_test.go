@@ -399,3 +399,76 @@ func TestFollowJoinWaitsForTheLastStageAndTellsChange(t *testing.T) {
 		t.Fatalf("last stage: stage %d %+v, want the planned device and the joiner dispatched; history %v; devices %+v", view.Stage, view.Counts, d.historyActions(v.ID), d.members(v.ID))
 	}
 }
+
+// Three replicas stepping one following campaign at once, while devices
+// register and others are reflashed, give every device one open job at a
+// time and one job per time it needed one: the campaign row is claimed
+// with SKIP LOCKED, and the open-job index would refuse a second job.
+func TestFollowAcrossReplicas(t *testing.T) {
+	d := newDispatcher(t, "gw-0", "gw-1", "gw-2")
+	d.c.SetFollowInterval(0)
+	v := d.start(followSpec)
+	replicas := []*Campaigns{d.c}
+	for range 2 {
+		r := NewCampaigns(d.pool, d.c.artifacts, d.svc, d.send, "http://127.0.0.1:8080", nil)
+		r.now = func() time.Time { return d.now }
+		r.SetFollowInterval(0)
+		replicas = append(replicas, r)
+	}
+	d.step(time.Second)
+	for _, id := range []string{"gw-0", "gw-1", "gw-2"} {
+		d.upgrade(v.ID, id)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errs := make(chan error, len(replicas))
+	var wg sync.WaitGroup
+	for _, r := range replicas {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				if err := r.StepAll(ctx); err != nil && ctx.Err() == nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	for i := range 20 {
+		d.register(fmt.Sprintf("new-%d", i), "gw-100", "1.0.0")
+	}
+	for _, id := range []string{"gw-0", "gw-1", "gw-2"} {
+		d.setFirmware(id, "1.0.0") // reflashed: each needs a second attempt
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var open int
+		if err := d.pool.QueryRow(ctx, `SELECT count(*) FROM ota_jobs WHERE campaign_id = $1 AND state = 'dispatched'`, v.ID).Scan(&open); err != nil {
+			t.Fatal(err)
+		}
+		if open == 23 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d jobs dispatched, want 23 (20 new devices, 3 reflashed)", open)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	cancel()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("a replica's step: %v", err)
+	}
+	var devices, jobs, most int
+	if err := d.pool.QueryRow(context.Background(), `SELECT count(DISTINCT device_id), count(*), max(attempt) FROM ota_jobs WHERE campaign_id = $1`, v.ID).
+		Scan(&devices, &jobs, &most); err != nil {
+		t.Fatal(err)
+	}
+	if devices != 23 || jobs != 26 || most != 2 {
+		t.Fatalf("%d devices hold %d jobs, at most attempt %d; want 23 devices, 26 jobs (3 with a second attempt)", devices, jobs, most)
+	}
+	if view := d.view(v.ID); view.Joined != 23 {
+		t.Fatalf("joined %d, want 23", view.Joined)
+	}
+}
