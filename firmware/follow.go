@@ -26,6 +26,18 @@ const followBatch = 1000
 // by the next look, which leaves the ones already handled alone.
 const followMargin = time.Minute
 
+// followQuery reads, in the order of devices.selection_changed_at, the
+// devices changed after a follower's place ($2, $3) that match the
+// campaign's models, tags and compat ($4-$6), with their current forward
+// job in campaign $1 if they have one, at most $7 of them.
+const followQuery = `SELECT d.id, d.firmware, d.selection_changed_at, cd.device_id IS NOT NULL, coalesce(j.state, ''), coalesce(cd.attempt, 0)
+	FROM devices d
+	LEFT JOIN campaign_devices cd ON cd.campaign_id = $1 AND cd.device_id = d.id
+	LEFT JOIN ota_jobs j ON j.campaign_id = cd.campaign_id AND j.device_id = cd.device_id AND j.kind = 'forward' AND j.attempt = cd.attempt
+	WHERE (d.selection_changed_at, d.id) > ($2::timestamptz, $3::text)
+		AND d.state = 'active' AND d.firmware <> '' AND d.model = ANY($4) AND d.tags @> $5::text[] AND (NOT $6 OR d.incompatible)
+	ORDER BY d.selection_changed_at, d.id LIMIT $7`
+
 // SetFollowInterval sets how often a following campaign looks for devices
 // that start matching its selector. Call before Run.
 func (c *Campaigns) SetFollowInterval(d time.Duration) { c.followEvery = d }
@@ -82,13 +94,7 @@ func (c *Campaigns) follow(ctx context.Context, tx pgx.Tx, camp Campaign, sel Se
 		camp.ID, followMargin.String()).Scan(&after, &afterID, &dbNow); err != nil {
 		return 0, err
 	}
-	rows, err := tx.Query(ctx, `SELECT d.id, d.firmware, d.selection_changed_at, cd.device_id IS NOT NULL, coalesce(j.state, ''), coalesce(cd.attempt, 0)
-		FROM devices d
-		LEFT JOIN campaign_devices cd ON cd.campaign_id = $1 AND cd.device_id = d.id
-		LEFT JOIN ota_jobs j ON j.campaign_id = cd.campaign_id AND j.device_id = cd.device_id AND j.kind = 'forward' AND j.attempt = cd.attempt
-		WHERE (d.selection_changed_at, d.id) > ($2::timestamptz, $3::text)
-			AND d.state = 'active' AND d.firmware <> '' AND d.model = ANY($4) AND d.tags @> $5::text[] AND (NOT $6 OR d.incompatible)
-		ORDER BY d.selection_changed_at, d.id LIMIT $7`,
+	rows, err := tx.Query(ctx, followQuery,
 		camp.ID, after, afterID, models, tags, sel.Compat == "incompatible", c.followBatch)
 	if err != nil {
 		return 0, err
