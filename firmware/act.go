@@ -40,6 +40,14 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 			if _, err := tx.Exec(ctx, `UPDATE campaigns SET total = $2, stage = 0, stage_done_at = NULL WHERE id = $1`, id, total); err != nil {
 				return err
 			}
+			if camp.Follow {
+				// The follower looks at the devices changed since the start
+				// (less its margin, for transactions that were committing).
+				if _, err := tx.Exec(ctx, `UPDATE campaigns SET follow_after = now() - $2::interval, follow_after_id = '' WHERE id = $1`,
+					id, followMargin.String()); err != nil {
+					return err
+				}
+			}
 			detail["devices"], detail["first_stage"] = total, first
 		case ActRollback:
 			// Every device the campaign moved gets a rollback job to the
@@ -47,7 +55,7 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 			tag, err := tx.Exec(ctx, `INSERT INTO ota_jobs (id, campaign_id, device_id, kind)
 				SELECT `+newJobID+`, j.campaign_id, j.device_id, 'rollback'
 				FROM ota_jobs j JOIN campaign_devices cd ON cd.campaign_id = j.campaign_id AND cd.device_id = j.device_id
-				WHERE j.campaign_id = $1 AND j.kind = 'forward' AND j.state = 'succeeded' AND cd.from_version <> ''`, id)
+				WHERE j.campaign_id = $1 AND j.kind = 'forward' AND j.state = 'succeeded' AND j.attempt = cd.attempt AND cd.from_version <> ''`, id)
 			if err != nil {
 				return err
 			}

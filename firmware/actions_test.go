@@ -48,6 +48,15 @@ func TestTransition(t *testing.T) {
 	if got, err := Transition(StatePaused, ActResume, true); err != nil || got != StateRollingBack {
 		t.Errorf("resume of a paused rollback: %s, %v; want rolling_back", got, err)
 	}
+	// A campaign that follows the fleet stays running once its stages have
+	// passed (Next never completes it), so the operator's actions are a
+	// running campaign's: pause stops it looking and dispatching until
+	// resumed (it then reads on from where it left off), abort ends it for
+	// good (nothing is undone), rollback sends every device it moved back.
+	// The table above is the whole story; there is no follow-only action.
+	if diff := cmp.Diff([]string{ActPause, ActAbort, ActRollback}, Actions(StateRunning)); diff != "" {
+		t.Errorf("a following campaign's actions mismatch (-want +got):\n%s", diff)
+	}
 	var ve *ValidationError
 	if _, err := Transition(StateRunning, "explode", false); !errors.As(err, &ve) || ve.Field != "action" {
 		t.Errorf("unknown action: %v, want a ValidationError on action", err)

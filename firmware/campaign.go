@@ -144,6 +144,21 @@ type Campaign struct {
 	// the soak started; nil while the stage is still running.
 	StageDoneAt *time.Time `json:"stage_done_at,omitempty"`
 	Total       int        `json:"total"` // devices selected for the whole campaign (fixed at start)
+	// Follow makes the campaign follow the fleet: while it runs, devices
+	// that start matching its selector later (registered since, or back on
+	// an old version after it upgraded them) join its last stage.
+	Follow bool `json:"follow"`
+	// FollowingSince is when a following campaign's stages all passed and
+	// it went on following, running in its last stage; nil before.
+	FollowingSince *time.Time `json:"following_since,omitempty"`
+	// Joined counts the devices a following campaign picked up after its
+	// start (a device reflashed to an old version and upgraded again
+	// counts each time it joins).
+	Joined int `json:"joined"`
+	// FollowLookedAt is when a following campaign last looked for devices
+	// that start matching (the dispatcher's clock); nil before its first
+	// look.
+	FollowLookedAt *time.Time `json:"-"`
 	// PacedUntil is the pacing schedule: the time at which the next job is
 	// due when jobs go out at exactly DevicesPerMinute. Start, resume and rollback set
 	// it to the current time; each paced batch moves it on by one interval
@@ -196,6 +211,7 @@ const (
 	ActionSoak       Action = "soak"        // stage finished, soak starts: record StageDoneAt = now
 	ActionAdvance    Action = "advance"     // go to the next stage (Stage+1, StageDoneAt=nil, assign its devices)
 	ActionComplete   Action = "complete"    // last stage passed: state completed
+	ActionFollow     Action = "follow"      // last stage passed, the campaign follows the fleet: record FollowingSince = now
 	ActionPause      Action = "pause"       // a gate breached and GateAction is pause
 	ActionAbort      Action = "abort"       // a gate breached and GateAction is abort
 	ActionRolledBack Action = "rolled_back" // rolling back and every rollback job finished
@@ -301,6 +317,9 @@ func (c Campaign) Validate() error {
 	if p := c.Stages[last].Percent; p > 0 && p < 100 {
 		return campaignInvalid(fmt.Sprintf("stages[%d].percent", last), "the last stage must reach 100 percent (or be a count stage), got %v", p)
 	}
+	if c.Follow && c.Stages[last].Percent == 0 {
+		return campaignInvalid("follow", "a campaign that follows the fleet must end with a percent stage (its devices join the last stage); a last count stage leaves the rest of the selection untouched on purpose")
+	}
 	if c.Pacing.DevicesPerMinute < 0 {
 		return campaignInvalid("pacing.devices_per_minute", "must be >= 0 (0 = unlimited), got %d", c.Pacing.DevicesPerMinute)
 	}
@@ -316,6 +335,17 @@ func (c Campaign) Validate() error {
 		return campaignInvalid("gate_action", "must be %q or %q, got %q", GateActionPause, GateActionAbort, c.GateAction)
 	}
 	return nil
+}
+
+// FollowDue reports whether a following campaign looks for devices that
+// start matching its selector now: only while it runs (a paused campaign
+// looks again once resumed, from where it left off, so no device is
+// missed), at most once every interval, counted from its last look.
+func (c Campaign) FollowDue(now time.Time, every time.Duration) bool {
+	if !c.Follow || c.State != StateRunning {
+		return false
+	}
+	return c.FollowLookedAt == nil || !now.Before(c.FollowLookedAt.Add(every))
 }
 
 // roundMicro rounds x to a millionth so that float noise

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/Masterminds/semver/v3"
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
 )
@@ -49,6 +50,10 @@ func TestCampaignValidate(t *testing.T) {
 		{name: "negative max concurrent", edit: func(c *Campaign) { c.Pacing.MaxConcurrent = -1 }, field: "pacing.max_concurrent"},
 		{name: "zero device timeout", edit: func(c *Campaign) { c.DeviceTimeout = 0 }, field: "device_timeout"},
 		{name: "negative device timeout", edit: func(c *Campaign) { c.DeviceTimeout = Duration(-time.Minute) }, field: "device_timeout"},
+		{name: "valid follow with a last percent stage", edit: func(c *Campaign) { c.Follow = true }},
+		{name: "follow with a last count stage", edit: func(c *Campaign) {
+			c.Follow, c.Stages = true, []Stage{{Percent: 10, MaxNotBackOnline: -1}, {Count: 20}}
+		}, field: "follow"},
 		{name: "unknown gate action", edit: func(c *Campaign) { c.GateAction = "rollback" }, field: "gate_action"},
 	}
 	for _, tt := range tests {
@@ -255,4 +260,43 @@ func TestSelectDevices(t *testing.T) {
 			t.Errorf("SelectDevices(nil) = %v, want empty", got)
 		}
 	})
+}
+
+func TestFollowMatches(t *testing.T) {
+	target := semverMust("2.0.0")
+	tests := []struct {
+		name, firmware string
+		constraint     string
+		want           bool
+	}{
+		{name: "older version joins", firmware: "1.0.0", want: true},
+		{name: "the target version is not touched", firmware: "2.0.0", want: false},
+		{name: "a newer version is not touched", firmware: "2.1.0", want: false},
+		{name: "a non-semver version without a constraint joins", firmware: "nightly", want: true},
+		{name: "constraint passes", firmware: "1.9.9", constraint: "<2.0.0", want: true},
+		{name: "constraint fails", firmware: "1.9.9", constraint: "<1.5.0", want: false},
+		{name: "a non-semver version does not pass a constraint", firmware: "nightly", constraint: "<2.0.0", want: false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var c *semver.Constraints
+			if tt.constraint != "" {
+				c = semverConstraint(t, tt.constraint)
+			}
+			if got := followMatches(tt.firmware, "2.0.0", target, c); got != tt.want {
+				t.Errorf("followMatches(%q, constraint %q) = %v, want %v", tt.firmware, tt.constraint, got, tt.want)
+			}
+		})
+	}
+}
+
+func semverMust(v string) *semver.Version { return semver.MustParse(v) }
+
+func semverConstraint(t *testing.T, s string) *semver.Constraints {
+	t.Helper()
+	c, err := semver.NewConstraint(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }

@@ -48,6 +48,10 @@ type Campaigns struct {
 	now      func() time.Time
 	notes    *noteQueue
 	onChange func(campaignID string)
+	// followEvery is how often a following campaign looks for devices
+	// that start matching it (SetFollowInterval).
+	followEvery time.Duration
+	followBatch int
 }
 
 // NewCampaigns builds the campaign service. publicURL is the base URL
@@ -57,7 +61,7 @@ func NewCampaigns(pool *pgxpool.Pool, artifacts *Artifacts, fl Fleet, send Sende
 		logger = slog.New(slog.DiscardHandler)
 	}
 	return &Campaigns{pool: pool, artifacts: artifacts, fleet: fl, send: send, publicURL: strings.TrimRight(publicURL, "/"),
-		logger: logger, now: time.Now, notes: newNoteQueue(), onChange: func(string) {}}
+		logger: logger, now: time.Now, notes: newNoteQueue(), onChange: func(string) {}, followEvery: DefaultFollowInterval, followBatch: followBatch}
 }
 
 // OnChange registers f to be called, after the commit, with the id of every

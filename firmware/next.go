@@ -48,6 +48,13 @@ import (
 //     StageDoneAt = now), ActionWait until StageDoneAt+Soak, then
 //     ActionAdvance or ActionComplete with the passing gate numbers in
 //     Reason and the failure-rate result in Gate.
+//   - A campaign that follows the fleet (Follow) never completes: where
+//     the last stage would complete, ActionFollow (the dispatcher records
+//     FollowingSince = now) and from then on ActionWait while every device
+//     is done. It stays running in its last stage, where the devices that
+//     join go: they are dispatched, paced and gated like the stage's
+//     others, so a joiner that fails moves the failure rate and can pause
+//     the campaign.
 //   - StateRollingBack: no gates; the rollback jobs are dispatched with the
 //     same pacing, and once none is pending or in flight, ActionRolledBack.
 //
@@ -118,7 +125,14 @@ func (c Campaign) Next(s StageStats, now time.Time) Decision {
 		passed = fmt.Sprintf("%s passed (%s): %s", name, statsOutcome(s), strings.Join(details, "; "))
 	}
 	d := Decision{Action: ActionAdvance, Gate: &gates[0]}
-	if c.Stage == len(c.Stages)-1 {
+	if c.Stage == len(c.Stages)-1 && c.Follow {
+		if c.FollowingSince != nil {
+			return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: following the fleet since %s; every device finished (%s)",
+				name, c.FollowingSince.UTC().Format(time.RFC3339), statsOutcome(s))}
+		}
+		d.Action = ActionFollow
+		d.Reason = passed + "; following the fleet"
+	} else if c.Stage == len(c.Stages)-1 {
 		d.Action = ActionComplete
 		d.Reason = passed + "; campaign complete"
 	} else {

@@ -322,3 +322,114 @@ func TestCampaignNext(t *testing.T) {
 		},
 	})
 }
+
+// A campaign that follows the fleet runs on in its last stage where another
+// would complete; its joiners are dispatched and gated like the stage's
+// other devices.
+func TestNextFollow(t *testing.T) {
+	follow := func(edit func(*Campaign)) func(*Campaign) {
+		return func(c *Campaign) {
+			c.Follow, c.Stage = true, 3
+			if edit != nil {
+				edit(c)
+			}
+		}
+	}
+	passingAll := &GateResult{Gate: GateFailureRate, Value: 0.02, Threshold: 0.05, Detail: "1 of 50 devices failed (2%) <= 5%"}
+	runNextCases(t, []nextCase{
+		{
+			name:   "last stage soak over follows instead of completing",
+			edit:   follow(func(c *Campaign) { c.StageDoneAt = timePtr(testNow.Add(-2 * time.Hour)) }),
+			stats:  StageStats{Targets: 50, Succeeded: 49, Failed: 1},
+			want:   Decision{Action: ActionFollow, Gate: passingAll},
+			reason: []string{`stage 4 "all" passed`, "following the fleet"},
+			not:    []string{"campaign complete"},
+		},
+		{
+			name:   "empty last stage of a campaign that started with no device follows",
+			edit:   follow(func(c *Campaign) { c.Total = 0 }),
+			stats:  StageStats{},
+			want:   Decision{Action: ActionFollow, Gate: &GateResult{Gate: GateFailureRate, Threshold: 0.05, Detail: "0 of 0 devices failed (0%) <= 5%"}},
+			reason: []string{"no devices", "following the fleet"},
+		},
+		{
+			name: "following with every device finished waits",
+			edit: follow(func(c *Campaign) {
+				c.StageDoneAt, c.FollowingSince = timePtr(testNow.Add(-3*time.Hour)), timePtr(testNow.Add(-2*time.Hour))
+			}),
+			stats:  StageStats{Targets: 50, Succeeded: 49, Failed: 1},
+			want:   Decision{Action: ActionWait},
+			reason: []string{"following the fleet since 2026-01-02T01:04:05Z", "49 succeeded, 1 failed"},
+		},
+		{
+			name: "following dispatches joiners",
+			edit: follow(func(c *Campaign) {
+				c.StageDoneAt, c.FollowingSince = timePtr(testNow.Add(-3*time.Hour)), timePtr(testNow.Add(-2*time.Hour))
+			}),
+			stats:  StageStats{Targets: 52, Succeeded: 50, Pending: 2},
+			want:   Decision{Action: ActionDispatch, Dispatch: 2},
+			reason: []string{"dispatching 2 jobs of 2 pending"},
+		},
+		{
+			name: "following waits for joiners in flight",
+			edit: follow(func(c *Campaign) {
+				c.StageDoneAt, c.FollowingSince = timePtr(testNow.Add(-3*time.Hour)), timePtr(testNow.Add(-2*time.Hour))
+			}),
+			stats:  StageStats{Targets: 52, Succeeded: 50, InFlight: 2},
+			want:   Decision{Action: ActionWait},
+			reason: []string{"waiting for 2 devices to finish"},
+		},
+		{
+			// 3 of 52 failed > 5 % × 52 = 2.6: the joiner's failure breaches.
+			name: "a failed joiner moves the last stage's failure rate over its gate",
+			edit: follow(func(c *Campaign) {
+				c.StageDoneAt, c.FollowingSince = timePtr(testNow.Add(-3*time.Hour)), timePtr(testNow.Add(-2*time.Hour))
+			}),
+			stats: StageStats{Targets: 52, Succeeded: 49, Failed: 3},
+			want: Decision{Action: ActionPause, Gate: &GateResult{Gate: GateFailureRate, Breached: true, Value: 3.0 / 52, Threshold: 0.05,
+				Detail: "3 of 52 devices failed (5.769231%) > 5%"}},
+			reason: []string{"breached the failure_rate gate", "pausing"},
+		},
+		{
+			name:   "a following campaign that is paused waits",
+			edit:   follow(func(c *Campaign) { c.State, c.FollowingSince = StatePaused, timePtr(testNow.Add(-time.Hour)) }),
+			stats:  StageStats{Targets: 52, Succeeded: 50, Pending: 2},
+			want:   Decision{Action: ActionWait},
+			reason: []string{"campaign is paused"},
+		},
+		{
+			name:   "follow does not change the stages before the last",
+			edit:   func(c *Campaign) { c.Follow, c.Stages[0].Soak = true, 0 },
+			stats:  StageStats{Targets: 5, Succeeded: 5},
+			want:   Decision{Action: ActionAdvance, Gate: passingCanary},
+			reason: []string{`advancing to stage 2 "10%"`},
+		},
+	})
+}
+
+func TestFollowDue(t *testing.T) {
+	every := 10 * time.Second
+	tests := []struct {
+		name string
+		edit func(*Campaign)
+		want bool
+	}{
+		{name: "not following", edit: func(c *Campaign) {}, want: false},
+		{name: "following, never looked", edit: func(c *Campaign) { c.Follow = true }, want: true},
+		{name: "looked within the interval", edit: func(c *Campaign) { c.Follow, c.FollowLookedAt = true, timePtr(testNow.Add(-9*time.Second)) }, want: false},
+		{name: "looked an interval ago", edit: func(c *Campaign) { c.Follow, c.FollowLookedAt = true, timePtr(testNow.Add(-every)) }, want: true},
+		{name: "paused does not look", edit: func(c *Campaign) { c.Follow, c.State = true, StatePaused }, want: false},
+		{name: "rolling back does not look", edit: func(c *Campaign) { c.Follow, c.State = true, StateRollingBack }, want: false},
+		{name: "aborted does not look", edit: func(c *Campaign) { c.Follow, c.State = true, StateAborted }, want: false},
+		{name: "draft does not look", edit: func(c *Campaign) { c.Follow, c.State = true, StateDraft }, want: false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := testCampaign()
+			tt.edit(&c)
+			if got := c.FollowDue(testNow, every); got != tt.want {
+				t.Errorf("FollowDue = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}

@@ -60,7 +60,7 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 	var sends []pendingSend
 	changed := false
 	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		camp, _, err := load(ctx, tx, id, "FOR UPDATE SKIP LOCKED")
+		camp, spec, err := load(ctx, tx, id, "FOR UPDATE SKIP LOCKED")
 		if errors.Is(err, ErrNotFound) {
 			return nil // claimed by another replica this round
 		}
@@ -84,6 +84,13 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 			return err
 		}
 		changed = tag.RowsAffected() > 0
+		if camp.FollowDue(now, c.followEvery) {
+			n, err := c.follow(ctx, tx, camp, spec.Selector, now)
+			if err != nil {
+				return fmt.Errorf("follow the fleet: %w", err)
+			}
+			changed = changed || n > 0
+		}
 		stats, err := stageStats(ctx, tx, camp, kind, now)
 		if err != nil {
 			return err
@@ -99,6 +106,13 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 			sends, err = c.dispatch(ctx, tx, camp, kind, d.Dispatch, now)
 			changed = changed || len(sends) > 0
 			return err
+		case ActionFollow:
+			changed = true
+			if _, err := tx.Exec(ctx, `UPDATE campaigns SET following_since = $2, updated_at = $2 WHERE id = $1`, id, now); err != nil {
+				return err
+			}
+			c.logger.Info("campaign following the fleet", "campaign_id", id, "reason", d.Reason)
+			return history(ctx, tx, id, "fleetd", "following", decisionDetail(camp, d, stats), now)
 		case ActionSoak:
 			changed = true
 			if _, err := tx.Exec(ctx, `UPDATE campaigns SET stage_done_at = $2, updated_at = $2 WHERE id = $1`, id, now); err != nil {

@@ -30,6 +30,9 @@ type Spec struct {
 	Pacing        Pacing   `json:"pacing"`
 	DeviceTimeout Duration `json:"device_timeout"`
 	GateAction    string   `json:"gate_action"`
+	// Follow: the campaign picks up, while it runs, devices that start
+	// matching its selector after the start (off by default).
+	Follow bool `json:"follow,omitempty"`
 }
 
 // CampaignView is a campaign as the API shows it: its state, per-stage
@@ -118,7 +121,7 @@ func (c *Campaigns) Create(ctx context.Context, spec Spec, actor string) (Campai
 		}
 	}
 	camp := Campaign{ID: newID("camp"), Name: spec.Name, FirmwareID: art.ID, Version: art.Version, Stages: spec.Stages,
-		Pacing: spec.Pacing, DeviceTimeout: spec.DeviceTimeout, GateAction: spec.GateAction, State: StateDraft}
+		Pacing: spec.Pacing, DeviceTimeout: spec.DeviceTimeout, GateAction: spec.GateAction, Follow: spec.Follow, State: StateDraft}
 	camp.Normalize()
 	if err := camp.Validate(); err != nil {
 		return CampaignView{}, err
@@ -150,8 +153,10 @@ func load(ctx context.Context, q querier, id string, lock string) (Campaign, Spe
 	var spec Spec
 	var state string
 	var pacedUntil *time.Time
-	err := q.QueryRow(ctx, `SELECT id, name, firmware_id, version, spec, state, stage, stage_done_at, total, paced_until FROM campaigns WHERE id = $1 `+lock, id).
-		Scan(&camp.ID, &camp.Name, &camp.FirmwareID, &camp.Version, &spec, &state, &camp.Stage, &camp.StageDoneAt, &camp.Total, &pacedUntil)
+	err := q.QueryRow(ctx, `SELECT id, name, firmware_id, version, spec, state, stage, stage_done_at, total, paced_until,
+			following_since, joined, follow_looked_at FROM campaigns WHERE id = $1 `+lock, id).
+		Scan(&camp.ID, &camp.Name, &camp.FirmwareID, &camp.Version, &spec, &state, &camp.Stage, &camp.StageDoneAt, &camp.Total, &pacedUntil,
+			&camp.FollowingSince, &camp.Joined, &camp.FollowLookedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return camp, spec, fmt.Errorf("campaign %s: %w", id, ErrNotFound)
 	}
@@ -159,7 +164,7 @@ func load(ctx context.Context, q querier, id string, lock string) (Campaign, Spe
 	if pacedUntil != nil {
 		camp.PacedUntil = *pacedUntil
 	}
-	camp.Stages, camp.Pacing, camp.DeviceTimeout, camp.GateAction = spec.Stages, spec.Pacing, spec.DeviceTimeout, spec.GateAction
+	camp.Stages, camp.Pacing, camp.DeviceTimeout, camp.GateAction, camp.Follow = spec.Stages, spec.Pacing, spec.DeviceTimeout, spec.GateAction, spec.Follow
 	return camp, spec, err
 }
 
@@ -181,7 +186,7 @@ func (c *Campaigns) Get(ctx context.Context, id string) (CampaignView, error) {
 		}
 		rows, err := tx.Query(ctx, `SELECT cd.stage, f.state, coalesce(r.state, ''), count(*)
 			FROM campaign_devices cd
-			JOIN ota_jobs f ON f.campaign_id = cd.campaign_id AND f.device_id = cd.device_id AND f.kind = 'forward'
+			JOIN ota_jobs f ON f.campaign_id = cd.campaign_id AND f.device_id = cd.device_id AND f.kind = 'forward' AND f.attempt = cd.attempt
 			LEFT JOIN ota_jobs r ON r.campaign_id = cd.campaign_id AND r.device_id = cd.device_id AND r.kind = 'rollback'
 			WHERE cd.campaign_id = $1 AND cd.stage IS NOT NULL GROUP BY 1, 2, 3`, id)
 		if err != nil {
@@ -251,7 +256,7 @@ func (c *Campaigns) Devices(ctx context.Context, id string) ([]CampaignDevice, e
 			CASE WHEN r.id IS NULL THEN f.delivered_at ELSE r.delivered_at END,
 			CASE WHEN r.id IS NULL THEN f.finished_at ELSE r.finished_at END
 		FROM campaign_devices cd
-		JOIN ota_jobs f ON f.campaign_id = cd.campaign_id AND f.device_id = cd.device_id AND f.kind = 'forward'
+		JOIN ota_jobs f ON f.campaign_id = cd.campaign_id AND f.device_id = cd.device_id AND f.kind = 'forward' AND f.attempt = cd.attempt
 		LEFT JOIN ota_jobs r ON r.campaign_id = cd.campaign_id AND r.device_id = cd.device_id AND r.kind = 'rollback'
 		WHERE cd.campaign_id = $1 ORDER BY cd.position`, id)
 	if err != nil {
@@ -326,7 +331,9 @@ func (c *Campaigns) selectDevices(ctx context.Context, tx pgx.Tx, camp Campaign,
 		from[d.ID] = d.Firmware
 		ids = append(ids, d.ID)
 	}
-	if len(ids) == 0 {
+	if len(ids) == 0 && !camp.Follow {
+		// A campaign that follows the fleet may start with none: it waits
+		// in its last stage for the devices that come.
 		return 0, invalid("selector", "matches no device that needs firmware %s", camp.Version)
 	}
 	ordered := SelectDevices(camp.ID, ids)
@@ -356,7 +363,7 @@ func stageStats(ctx context.Context, q querier, camp Campaign, kind string, now 
 			count(*) FILTER (WHERE j.state = 'failed'),
 			count(*) FILTER (WHERE j.state = 'timed_out')
 		FROM ota_jobs j JOIN campaign_devices cd ON cd.campaign_id = j.campaign_id AND cd.device_id = j.device_id
-		WHERE j.campaign_id = $1 AND j.kind = $2 AND ($2 = 'rollback' OR cd.stage = $3)`, camp.ID, kind, camp.Stage, inFlight).
+		WHERE j.campaign_id = $1 AND j.kind = $2 AND ($2 = 'rollback' OR (cd.stage = $3 AND j.attempt = cd.attempt))`, camp.ID, kind, camp.Stage, inFlight).
 		Scan(&s.Targets, &s.Pending, &s.InFlight, &s.Succeeded, &s.Failed, &s.TimedOut)
 	if err != nil {
 		return s, err
@@ -376,7 +383,8 @@ func stageStats(ctx context.Context, q querier, camp Campaign, kind string, now 
 	var upHours, fleetHours float64
 	var fleetEvents int
 	err = q.QueryRow(ctx, `
-		WITH up AS (SELECT device_id, finished_at FROM ota_jobs WHERE campaign_id = $1 AND kind = 'forward' AND state = 'succeeded'),
+		WITH up AS (SELECT j.device_id, j.finished_at FROM ota_jobs j JOIN campaign_devices cd ON cd.campaign_id = j.campaign_id AND cd.device_id = j.device_id
+		            WHERE j.campaign_id = $1 AND j.kind = 'forward' AND j.state = 'succeeded' AND j.attempt = cd.attempt),
 		     since AS (SELECT min(finished_at) AS t, date_trunc('minute', min(finished_at), 'UTC') AS m,
 		                      date_trunc('hour', min(finished_at) + interval '59 minutes 59.999999 seconds', 'UTC') AS h FROM up)
 		SELECT

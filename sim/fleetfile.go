@@ -137,6 +137,12 @@ type Cohort struct {
 	Telemetry Duration `yaml:"telemetry" json:"telemetry"` // interval; 0 = none
 	// URL overrides Server.MQTT for this cohort (e.g. a TLS cohort).
 	URL string `yaml:"url" json:"url"`
+	// StartAfter makes a fleet grow during a run: the cohort's devices
+	// start this long after the run does, and with run.register they are
+	// registered through the API only then, so fleetd sees devices
+	// registered while a campaign runs (a campaign that follows the fleet
+	// picks them up). It must be shorter than run.duration.
+	StartAfter Duration `yaml:"start_after" json:"start_after"`
 
 	// Pings: normal (default), malformed (PINGREQ with reserved flag bits
 	// set) or none (never pings). A firmware profile overrides it.
@@ -381,6 +387,15 @@ func (f *Fleet) Validate() error {
 		case "", "download_fails", "checksum_mismatch", "install_fails", "never_returns":
 		default:
 			return fmt.Errorf("%s: %q: want download_fails, checksum_mismatch, install_fails or never_returns", field("ota_failure.mode"), c.OTAFailure.Mode)
+		}
+		if c.StartAfter < 0 || c.StartAfter >= f.Run.Duration {
+			return fmt.Errorf("%s must be at least 0 and shorter than run.duration (%s)", field("start_after"), f.Run.Duration.D())
+		}
+		if c.StartAfter > 0 && c.Decommissioned {
+			return fmt.Errorf("%s cannot be combined with %s: decommissioned devices are registered before the run", field("start_after"), field("decommissioned"))
+		}
+		if c.StartAfter > 0 && c.DuplicateIDs && f.Run.Register {
+			return fmt.Errorf("%s cannot be combined with %s and run.register: the second of a pair would rotate the first's token", field("start_after"), field("duplicate_ids"))
 		}
 		if c.OTAFailure.Mode != "" && c.OTAFailure.Rate == 0 {
 			c.OTAFailure.Rate = 1

@@ -91,6 +91,10 @@ func TestFleetValidation(t *testing.T) {
 		{"oversized_bytes too large", func(f *Fleet) {
 			f.Cohorts[0].OversizedEvery, f.Cohorts[0].OversizedBytes = Duration(time.Second), 300<<20
 		}, "cohorts[0].oversized_bytes"},
+		{"negative start_after", func(f *Fleet) { f.Cohorts[0].StartAfter = -1 }, "cohorts[0].start_after"},
+		{"start_after past the run", func(f *Fleet) { f.Run.Duration, f.Cohorts[0].StartAfter = Duration(time.Minute), Duration(time.Minute) }, "cohorts[0].start_after must be at least 0 and shorter than run.duration"},
+		{"start_after with decommissioned", func(f *Fleet) { f.Cohorts[0].StartAfter, f.Cohorts[0].Decommissioned = Duration(time.Second), true }, "cohorts[0].start_after cannot be combined with cohorts[0].decommissioned"},
+		{"start_after with duplicate ids", func(f *Fleet) { f.Cohorts[0].StartAfter, f.Cohorts[0].DuplicateIDs = Duration(time.Second), true }, "cohorts[0].start_after cannot be combined with cohorts[0].duplicate_ids"},
 		{"decommissioned without register", func(f *Fleet) {
 			f.Run.Register, f.Run.TokensFile, f.Cohorts[0].Decommissioned = false, "tokens.json", true
 		}, "cohorts[0].decommissioned needs run.register"},

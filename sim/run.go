@@ -48,6 +48,9 @@ type Simulator struct {
 	serverCAs *x509.CertPool
 	trusted   []ed25519.PublicKey // keys whose job and image signatures devices accept
 	devices   []*device
+	// api registers the devices of cohorts that start late (start_after)
+	// when they start; nil when the run does not register.
+	api *client.Client
 
 	failMu   sync.Mutex
 	failJobs map[*Cohort]int // OTA jobs seen per cohort, to spread failures evenly
@@ -207,12 +210,18 @@ func twinAddress(srcs []net.IP, n int, src net.IP) net.IP {
 // exists gets a fresh token), or reads them from the tokens file.
 func (s *Simulator) provisionTokens(ctx context.Context) error {
 	var need []*device
+	late := false
 	for _, d := range s.devices {
-		if d.cohort.Credentials == "token" || d.cohort.Credentials == "bad_token" {
-			need = append(need, d)
+		if d.cohort.Credentials != "token" && d.cohort.Credentials != "bad_token" {
+			continue
 		}
+		if d.cohort.StartAfter > 0 && s.fleet.Run.TokensFile == "" {
+			late = true // registered when it starts (Run)
+			continue
+		}
+		need = append(need, d)
 	}
-	if len(need) == 0 {
+	if len(need) == 0 && !late {
 		return nil
 	}
 	if s.fleet.Run.TokensFile != "" {
@@ -243,6 +252,7 @@ func (s *Simulator) provisionTokens(ctx context.Context) error {
 		return errors.New("registering devices needs the admin token: server.admin_token_file or FLEETD_ADMIN_TOKEN")
 	}
 	api := client.New(s.fleet.Server.API, token)
+	s.api = api
 	tokens := map[string]string{}
 	var mu sync.Mutex
 	ids := make(chan *device)
@@ -382,6 +392,9 @@ func (s *Simulator) Run(ctx context.Context) Summary {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			if !s.startLate(ctx, d) {
+				return
+			}
 			d.run(ctx)
 		}()
 	}
@@ -406,6 +419,38 @@ func (s *Simulator) Run(ctx context.Context) Summary {
 		fmt.Fprintln(s.opts.Progress)
 	}
 	return s.stats.summary(len(s.devices))
+}
+
+// startLate holds a device of a cohort with start_after until its time,
+// and registers it then when the run registers devices. It reports whether
+// the device should run: not when the run ended first or the registration
+// failed (counted as "late registration errors").
+func (s *Simulator) startLate(ctx context.Context, d *device) bool {
+	wait := d.cohort.StartAfter.D()
+	if wait <= 0 {
+		return true
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+	}
+	if s.api == nil || (d.cohort.Credentials != "token" && d.cohort.Credentials != "bad_token") {
+		return true
+	}
+	tok, err := registerOrRotate(ctx, s.api, d)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.logger.Warn("cannot register a device that starts late", "device_id", d.id, "err", err)
+			s.stats.count("late registration errors")
+		}
+		return false
+	}
+	d.token = tok
+	s.stats.count("late registrations")
+	return true
 }
 
 // Online returns how many devices are connected now.

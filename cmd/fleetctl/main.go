@@ -481,8 +481,10 @@ func (c *cli) campaign(ctx context.Context, sub string, args []string) error {
 }
 
 // watch redraws the campaign's progress once a second until it stops
-// moving: completed, aborted, rolled back, or paused (by a gate or an
-// operator). With -output json it prints one JSON line per change.
+// moving: completed, aborted, rolled back, paused (by a gate or an
+// operator), or following the fleet with every device done (it runs on,
+// waiting for devices that come; watch again to see the next ones). With
+// -output json it prints one JSON line per change.
 func (c *cli) watch(ctx context.Context, id string) error {
 	last := ""
 	for {
@@ -511,6 +513,12 @@ func (c *cli) watch(ctx context.Context, id string) error {
 			}
 			return nil
 		}
+		if following(v) {
+			if !c.json {
+				fmt.Fprintf(c.out, "following the fleet since %s: every device done, %d joined so far\n", fmtTime(v.FollowingSince), v.Joined)
+			}
+			return nil
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -519,9 +527,23 @@ func (c *cli) watch(ctx context.Context, id string) error {
 	}
 }
 
+// following reports whether a campaign that follows the fleet has passed
+// its stages and has no job of its last stage pending or in flight.
+func following(v firmware.CampaignView) bool {
+	if v.FollowingSince == nil || v.State != firmware.StateRunning || v.Stage >= len(v.Counts) {
+		return false
+	}
+	last := v.Counts[v.Stage]
+	return last.Finished == last.Targets
+}
+
 // progress draws a campaign's state and one bar per stage.
 func progress(w io.Writer, v firmware.CampaignView) {
-	fmt.Fprintf(w, "%s\t%s\t→ %s\t%s\tstage %d/%d\n", v.ID, v.Name, v.Version, v.State, v.Stage+1, len(v.Stages))
+	state := string(v.State)
+	if v.Follow {
+		state += fmt.Sprintf(", follows the fleet (%d joined)", v.Joined)
+	}
+	fmt.Fprintf(w, "%s\t%s\t→ %s\t%s\tstage %d/%d\n", v.ID, v.Name, v.Version, state, v.Stage+1, len(v.Stages))
 	bars := v.Counts
 	if v.Rollback != nil {
 		bars = append(bars, *v.Rollback)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/fleetd/fleetd/firmware"
 	"github.com/fleetd/fleetd/fleet"
 )
 
@@ -59,14 +60,17 @@ type Config struct {
 	PublicURL        string
 	OTAMaxDownloads  int
 	CampaignInterval time.Duration
-	DatabaseURL      string
-	DataDir          string
-	AdminToken       string
-	LogLevel         slog.Level
-	LogFormat        string
-	PGBin            string
-	ShutdownTimeout  time.Duration
-	Node             string
+	// CampaignFollowInterval is how often a campaign that follows the fleet
+	// looks for devices that start matching it.
+	CampaignFollowInterval time.Duration
+	DatabaseURL            string
+	DataDir                string
+	AdminToken             string
+	LogLevel               slog.Level
+	LogFormat              string
+	PGBin                  string
+	ShutdownTimeout        time.Duration
+	Node                   string
 
 	// RecorderBehindAfter is how old the oldest connection event not yet in
 	// the database may get before /readyz reports fleetd not ready.
@@ -226,6 +230,7 @@ func (c *Config) settings() []setting {
 		{name: "ota-max-downloads", usage: "concurrent firmware downloads; more get 503 with Retry-After", bind: num(&c.OTAMaxDownloads, 100)},
 		{name: "ota-max-downloads-per-source", usage: "concurrent firmware downloads per source address (IPv4 address or IPv6 /64); more get 429 with Retry-After; 0 = no cap (devices behind one NAT share an address)", bind: num(&c.OTAMaxDownloadsPerSource, 4)},
 		{name: "campaign-interval", usage: "how often running campaigns are stepped", bind: dur(&c.CampaignInterval, time.Second)},
+		{name: "campaign-follow-interval", usage: "how often a campaign that follows the fleet looks for devices that start matching its selector", bind: dur(&c.CampaignFollowInterval, firmware.DefaultFollowInterval)},
 		{name: "log-level", usage: "log level: debug, info, warn, error", bind: func(fs *flag.FlagSet, n, u string) { fs.TextVar(&c.LogLevel, n, slog.LevelInfo, u) }},
 		{name: "log-format", usage: "log format: json or text", bind: str(&c.LogFormat, "json")},
 		{name: "pg-bin", usage: "directory holding the PostgreSQL server binaries for the embedded database (default: search PATH and the usual locations)", bind: str(&c.PGBin, "")},
@@ -414,6 +419,11 @@ func (c *Config) validate() error {
 		// Above 2 s the pacing schedule (firmware.PacingCatchUp) could not
 		// make up a late step, and campaigns would run under their rate.
 		bad("campaign-interval", "must be between 100ms and 2s")
+	}
+	if c.CampaignFollowInterval < c.CampaignInterval || c.CampaignFollowInterval > time.Hour {
+		// A look happens in a campaign's step, so it cannot come more often
+		// than the steps; an hour is already a long wait for a new device.
+		bad("campaign-follow-interval", "must be between -campaign-interval and 1h")
 	}
 	if c.AnalysisInterval < time.Second {
 		bad("analysis-interval", "must be at least 1s")

@@ -40,6 +40,7 @@ func TestParseConfig(t *testing.T) {
 	defaults.WebhookTimeout, defaults.WebhookRetryMin, defaults.WebhookRetryMax = 10*time.Second, 10*time.Second, time.Hour
 	defaults.WebhookMaxAttempts, defaults.WebhookDisableAfter, defaults.NotificationRetention = 10, 20, 720*time.Hour
 	defaults.NotifyOfflineAfter, defaults.NotifyModelOfflineShare, defaults.NotifyModelOfflineMinDevices = 15*time.Minute, 0.2, 10
+	defaults.CampaignFollowInterval = 10 * time.Second
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {
@@ -151,6 +152,8 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "tiny event spool cap", args: []string{"-event-spool-max-bytes", "4096"}, want: []string{"FLEETD_EVENT_SPOOL_MAX_BYTES", "at least 1048576"}},
 		{name: "event spool cap with a unit", env: map[string]string{"FLEETD_EVENT_SPOOL_MAX_BYTES": "1GiB"}, want: []string{"FLEETD_EVENT_SPOOL_MAX_BYTES", "1GiB"}},
 		{name: "campaign interval too long for pacing", args: []string{"-campaign-interval", "5s"}, want: []string{"FLEETD_CAMPAIGN_INTERVAL", "2s"}},
+		{name: "campaign follow interval above an hour", args: []string{"-campaign-follow-interval", "2h"}, want: []string{"FLEETD_CAMPAIGN_FOLLOW_INTERVAL", "1h"}},
+		{name: "campaign follow interval below the step", args: []string{"-campaign-follow-interval", "100ms"}, want: []string{"FLEETD_CAMPAIGN_FOLLOW_INTERVAL", "-campaign-interval"}},
 		{name: "replica dead-after below two heartbeats", args: []string{"-replica-dead-after", "2s"}, want: []string{"FLEETD_REPLICA_DEAD_AFTER", "3s"}},
 		{name: "negative credential cache TTL", args: []string{"-credential-cache-ttl", "-1s"}, want: []string{"FLEETD_CREDENTIAL_CACHE_TTL", "negative"}},
 		{name: "zero telemetry rate", args: []string{"-telemetry-rate", "0"}, want: []string{"FLEETD_TELEMETRY_RATE", "-1 for unlimited"}},

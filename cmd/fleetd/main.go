@@ -212,6 +212,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	}
 	router := cluster.NewRouter(b, rs.bus, pool, logger.With("component", "cluster"))
 	camps := firmware.NewCampaigns(pool, arts, svc, router, baseURL, logger.With("component", "ota"))
+	camps.SetFollowInterval(cfg.CampaignFollowInterval)
 	b.Handle("ota/status", camps.HandleStatus)
 	linked.Links = startTelemetry(cfg, logger, lc, api, pool, reg, b, rec)
 	b.OnSubscribe("ota/job", camps.DeviceListening)

@@ -45,11 +45,15 @@ function gatesText(s) {
 function overall(c) {
   let succeeded = 0;
   let finished = 0;
+  let held = 0;
   for (const sc of c.stage_counts || []) {
     succeeded += (sc.by_state && sc.by_state.succeeded) || 0;
     finished += sc.finished || 0;
+    held += sc.targets || 0;
   }
-  return {succeeded, finished};
+  // A campaign that follows the fleet holds more devices than it selected
+  // at the start: the ones that joined its last stage since.
+  return {succeeded, finished, devices: Math.max(c.total || 0, held)};
 }
 
 // ---- list
@@ -71,14 +75,14 @@ export async function campaignsView(ctx) {
   function row(c) {
     const o = overall(c);
     const stage = (c.stages || [])[c.stage];
-    const {bar} = progressBar({targets: c.total, by_state: {succeeded: o.succeeded}}, {'data-testid': 'campaign-progress'});
+    const {bar} = progressBar({targets: o.devices, by_state: {succeeded: o.succeeded}}, {'data-testid': 'campaign-progress'});
     return h('tr', {'data-testid': 'campaign-row', 'data-campaign-id': c.id},
       h('td', null, link(uiPath('campaigns', c.id), c.name)),
       h('td', null, c.version),
       h('td', null, stateBadge(c.state)),
       h('td', null, stage ? `${c.stage + 1}/${c.stages.length} ${stage.name || ''}` : '—'),
-      h('td', {class: 'num'}, c.state === 'draft' ? '—' : String(c.total)),
-      h('td', {class: 'progress-cell'}, c.state === 'draft' ? h('span', {class: 'muted'}, 'not started') : [bar, h('span', {class: 'small muted'}, `${o.succeeded}/${c.total}`)]),
+      h('td', {class: 'num'}, c.state === 'draft' ? '—' : String(o.devices)),
+      h('td', {class: 'progress-cell'}, c.state === 'draft' ? h('span', {class: 'muted'}, 'not started') : [bar, h('span', {class: 'small muted'}, `${o.succeeded}/${o.devices}`)]),
       h('td', {class: 'nowrap'}, fmtTime(c.updated_at)));
   }
 
@@ -133,6 +137,7 @@ export async function campaignNewView(ctx) {
   const timeout = input('cf-timeout', 'device_timeout', {value: '15m', placeholder: '15m'});
   const gate = h('select', {'data-testid': 'cf-gate', 'data-field': 'gate_action', id: 'cf-gate'},
     h('option', {value: 'pause'}, 'pause the campaign'), h('option', {value: 'abort'}, 'abort the campaign'));
+  const follow = h('input', {type: 'checkbox', 'data-testid': 'cf-follow', 'data-field': 'follow', id: 'cf-follow'});
   const stagesBox = h('div', {class: 'stages-editor', 'data-testid': 'stages-editor'});
   const errBox = h('div', {'data-testid': 'cf-error'});
   const submit = h('button', {type: 'submit', class: 'btn primary', 'data-testid': 'cf-submit'}, 'Create campaign');
@@ -210,7 +215,9 @@ export async function campaignNewView(ctx) {
         field('Devices per minute', dpm, '0: unlimited'),
         field('Max concurrent jobs', concurrent, '0: unlimited'),
         field('Device timeout', timeout, 'from dispatch to back online on the new version'),
-        field('When a gate breaches', gate))),
+        field('When a gate breaches', gate),
+        h('div', {class: 'field'}, h('label', {class: 'check', for: 'cf-follow'}, follow,
+          ' follow the fleet: devices that start matching later join the last stage')))),
     errBox,
     h('div', {class: 'form-actions'}, submit,
       h('a', {href: uiPath('campaigns'), 'data-link': true, class: 'btn ghost'}, 'Cancel')),
@@ -271,6 +278,7 @@ export async function campaignNewView(ctx) {
         max_concurrent: numberField(concurrent.value, 'pacing.max_concurrent', {integer: true})},
       device_timeout: dt,
       gate_action: gate.value,
+      follow: follow.checked,
     };
   }
 
@@ -353,6 +361,8 @@ export async function campaignView(ctx, id) {
       ['Target firmware', h('span', null, h('strong', null, c.version), ' ', h('code', {class: 'muted small'}, c.firmware_id))],
       ['Devices', selectorText(c.selector)],
       ['Selected', c.state === 'draft' ? 'when it starts' : String(c.total), 'campaign-total'],
+      ...(c.follow ? [['Follows the fleet', c.state === 'draft' ? 'from its start'
+        : `${c.joined || 0} joined${c.following_since ? `, following since ${fmtTime(c.following_since)}` : ''}`, 'campaign-follow']] : []),
       ['Pacing', `${p.devices_per_minute ? `${p.devices_per_minute} devices/min` : 'no rate limit'}, ${p.max_concurrent ? `${p.max_concurrent} at once` : 'no concurrency limit'}`],
       ['Device timeout', c.device_timeout],
       ['Breached gate', c.gate_action === 'abort' ? 'aborts the campaign' : 'pauses the campaign'],
