@@ -149,15 +149,28 @@ func decisionDetail(camp Campaign, d Decision, s StageStats) map[string]any {
 }
 
 // dispatch marks n pending jobs of kind in the current stage dispatched and
-// prepares them; the commit that records them comes before any send.
+// prepares them; the commit that records them comes before any send. In a
+// delta campaign, a job whose device's delta is still being built waits
+// (for at most the delta wait since the delta was asked for), and a job
+// whose device's delta is ready records its base (offerDeltas).
 func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind string, n int, now time.Time) ([]pendingSend, error) {
+	target := ""
+	deltas := camp.Delta && kind == kindForward
+	if deltas {
+		art, err := c.artifacts.Get(ctx, camp.FirmwareID)
+		if err != nil {
+			return nil, err
+		}
+		target = art.SHA256
+	}
 	rows, err := tx.Query(ctx, `UPDATE ota_jobs j SET state = 'dispatched', dispatched_at = $5, delivered_at = NULL
 		FROM campaign_devices cd
 		WHERE cd.campaign_id = j.campaign_id AND cd.device_id = j.device_id AND j.id IN (
 			SELECT j2.id FROM ota_jobs j2 JOIN campaign_devices cd2 ON cd2.campaign_id = j2.campaign_id AND cd2.device_id = j2.device_id
 			WHERE j2.campaign_id = $1 AND j2.kind = $2 AND j2.state = 'pending' AND ($2 = 'rollback' OR cd2.stage = $3)
+				AND NOT ($6 AND `+deltaWaiting+`)
 			ORDER BY cd2.position LIMIT $4)
-		RETURNING j.id, j.device_id, cd.from_version, cd.position`, camp.ID, kind, camp.Stage, n, now)
+		RETURNING j.id, j.device_id, cd.from_version, cd.position`, camp.ID, kind, camp.Stage, n, now, deltas, target, now.Add(-c.deltaWait))
 	if err != nil {
 		return nil, err
 	}
@@ -174,10 +187,20 @@ func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind
 		return nil, err
 	}
 	slices.SortFunc(ps, func(a, b picked) int { return a.position - b.position }) // sent in selection order
+	bases := map[string]string{}
+	if deltas && len(ps) > 0 {
+		ids := make([]string, len(ps))
+		for i, p := range ps {
+			ids[i] = p.job
+		}
+		if bases, err = offerDeltas(ctx, tx, ids, target); err != nil {
+			return nil, fmt.Errorf("offer deltas: %w", err)
+		}
+	}
 	var out []pendingSend
-	arts := artifactCache{}
+	arts := newArtifactCache()
 	for _, p := range ps {
-		job, err := c.job(ctx, tx, camp, jobRef{id: p.job, deviceID: p.device, from: p.from, kind: kind, dispatched: now}, arts)
+		job, err := c.job(ctx, tx, camp, jobRef{id: p.job, deviceID: p.device, from: p.from, kind: kind, dispatched: now, deltaBase: bases[p.job]}, arts)
 		if err != nil {
 			// No artifact to roll back to: the job fails at once, with the reason.
 			if _, uerr := tx.Exec(ctx, `UPDATE ota_jobs SET state = 'failed', finished_at = $2, error = $3 WHERE id = $1`,

@@ -48,6 +48,8 @@ type Simulator struct {
 	serverCAs *x509.CertPool
 	trusted   []ed25519.PublicKey // keys whose job and image signatures devices accept
 	devices   []*device
+	images    *images           // the image bytes devices run, by digest (delta.go)
+	imageOf   map[string]string // version → digest of ota.images
 
 	failMu   sync.Mutex
 	failJobs map[*Cohort]int // OTA jobs seen per cohort, to spread failures evenly
@@ -108,6 +110,10 @@ func New(ctx context.Context, f *Fleet, opts Options) (*Simulator, error) {
 			return nil, fmt.Errorf("server.ca_file: %s holds no PEM certificate", f.Server.CAFile)
 		}
 	}
+	var err error
+	if s.imageOf, err = s.loadImages(); err != nil {
+		return nil, err
+	}
 	if err := s.buildDevices(); err != nil {
 		return nil, err
 	}
@@ -158,7 +164,7 @@ func (s *Simulator) buildDevices() error {
 					src = twinAddress(srcs, n, src)
 				}
 			}
-			d := &device{sim: s, cohort: c, id: id, firmware: c.Firmware, src: src, jobsSeen: map[string]bool{},
+			d := &device{sim: s, cohort: c, id: id, firmware: c.Firmware, image: s.imageOf[c.Firmware], src: src, jobsSeen: map[string]bool{},
 				rnd:     rand.New(rand.NewPCG(uint64(n), uint64(time.Now().UnixNano()))),
 				flapRnd: flapSource(id, twin), oversize: oversize, booted: time.Now()}
 			if c.Link != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/fleetd/fleetd/firmware"
 	"github.com/fleetd/fleetd/fleet"
 )
 
@@ -59,14 +60,17 @@ type Config struct {
 	PublicURL        string
 	OTAMaxDownloads  int
 	CampaignInterval time.Duration
-	DatabaseURL      string
-	DataDir          string
-	AdminToken       string
-	LogLevel         slog.Level
-	LogFormat        string
-	PGBin            string
-	ShutdownTimeout  time.Duration
-	Node             string
+	// DeltaMaxImageMB and DeltaWait are firmware.DeltaOptions.
+	DeltaMaxImageMB int
+	DeltaWait       time.Duration
+	DatabaseURL     string
+	DataDir         string
+	AdminToken      string
+	LogLevel        slog.Level
+	LogFormat       string
+	PGBin           string
+	ShutdownTimeout time.Duration
+	Node            string
 
 	// RecorderBehindAfter is how old the oldest connection event not yet in
 	// the database may get before /readyz reports fleetd not ready.
@@ -202,6 +206,8 @@ func (c *Config) settings() []setting {
 		{name: "ota-max-downloads", usage: "concurrent firmware downloads; more get 503 with Retry-After", bind: num(&c.OTAMaxDownloads, 100)},
 		{name: "ota-max-downloads-per-source", usage: "concurrent firmware downloads per source address (IPv4 address or IPv6 /64); more get 429 with Retry-After; 0 = no cap (devices behind one NAT share an address)", bind: num(&c.OTAMaxDownloadsPerSource, 4)},
 		{name: "campaign-interval", usage: "how often running campaigns are stepped", bind: dur(&c.CampaignInterval, time.Second)},
+		{name: "delta-max-image-mb", usage: "largest firmware image (base or target, MiB) a delta campaign builds a delta for; larger ones are sent whole; building holds about 8 times it in memory", bind: num(&c.DeltaMaxImageMB, firmware.DefaultDeltaMaxImage>>20)},
+		{name: "delta-wait", usage: "how long a delta campaign holds the jobs of devices whose delta is still being built before it sends them the full image", bind: dur(&c.DeltaWait, firmware.DefaultDeltaWait)},
 		{name: "log-level", usage: "log level: debug, info, warn, error", bind: func(fs *flag.FlagSet, n, u string) { fs.TextVar(&c.LogLevel, n, slog.LevelInfo, u) }},
 		{name: "log-format", usage: "log format: json or text", bind: str(&c.LogFormat, "json")},
 		{name: "pg-bin", usage: "directory holding the PostgreSQL server binaries for the embedded database (default: search PATH and the usual locations)", bind: str(&c.PGBin, "")},
@@ -390,6 +396,12 @@ func (c *Config) validate() error {
 		// Above 2 s the pacing schedule (firmware.PacingCatchUp) could not
 		// make up a late step, and campaigns would run under their rate.
 		bad("campaign-interval", "must be between 100ms and 2s")
+	}
+	if c.DeltaMaxImageMB < 1 || int64(c.DeltaMaxImageMB)<<20 > firmware.MaxDeltaImage {
+		bad("delta-max-image-mb", "must be between 1 and %d", firmware.MaxDeltaImage>>20)
+	}
+	if c.DeltaWait <= 0 {
+		bad("delta-wait", "must be positive")
 	}
 	if c.AnalysisInterval < time.Second {
 		bad("analysis-interval", "must be at least 1s")
