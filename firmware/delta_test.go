@@ -273,3 +273,23 @@ func TestDeltaDroppedWithItsImage(t *testing.T) {
 		t.Errorf("after deleting the base: %d delta rows, %d delta chunks; want none", rows, chunks)
 	}
 }
+
+// TestDeltaHeldJobsKeepTheirPace: under devices_per_minute, jobs held for
+// their delta do not use up the pacing schedule: once the delta is built
+// they go out at the rate they were owed.
+func TestDeltaHeldJobsKeepTheirPace(t *testing.T) {
+	f := newDeltaFixture(t)
+	f.start(Spec{Name: "delta", Stages: oneStage(Stage{MaxNotBackOnline: -1}), Delta: true, Pacing: Pacing{DevicesPerMinute: 60}})
+	f.step(time.Second) // two jobs due, only b1 sendable
+	f.step(500 * time.Millisecond)
+	if n := len(f.send.jobs()); n != 1 {
+		t.Fatalf("%d jobs sent while the delta is pending, want b1's", n)
+	}
+	if built, err := f.c.artifacts.BuildDelta(context.Background(), DeltaOptions{}); err != nil || !built {
+		t.Fatalf("BuildDelta = %v, %v", built, err)
+	}
+	f.step(500 * time.Millisecond) // 2 s in, at one a second: all three due
+	if a1, a2 := f.sentTo("a1"), f.sentTo("a2"); len(a1) != 1 || len(a2) != 1 || a1[0].Manifest.Delta == nil || a2[0].Manifest.Delta == nil {
+		t.Fatalf("after the build: a1 %d jobs, a2 %d; want both sent with their delta at the rate they were owed", len(a1), len(a2))
+	}
+}

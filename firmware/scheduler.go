@@ -91,14 +91,21 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 		d := camp.Next(stats, now)
 		switch d.Action {
 		case ActionDispatch:
+			var picked int
+			sends, picked, err = c.dispatch(ctx, tx, camp, kind, d.Dispatch, now)
+			if err != nil {
+				return err
+			}
+			changed = changed || len(sends) > 0
 			if !d.PacedUntil.IsZero() {
-				if _, err := tx.Exec(ctx, `UPDATE campaigns SET paced_until = $2 WHERE id = $1`, id, d.PacedUntil); err != nil {
+				// Jobs held for their delta were not sent: the schedule
+				// moves on only by the jobs that were.
+				paced := d.PacedUntil.Add(-time.Duration(d.Dispatch-picked) * (time.Minute / time.Duration(camp.Pacing.DevicesPerMinute)))
+				if _, err := tx.Exec(ctx, `UPDATE campaigns SET paced_until = $2 WHERE id = $1`, id, paced); err != nil {
 					return err
 				}
 			}
-			sends, err = c.dispatch(ctx, tx, camp, kind, d.Dispatch, now)
-			changed = changed || len(sends) > 0
-			return err
+			return nil
 		case ActionSoak:
 			changed = true
 			if _, err := tx.Exec(ctx, `UPDATE campaigns SET stage_done_at = $2, updated_at = $2 WHERE id = $1`, id, now); err != nil {
@@ -153,13 +160,16 @@ func decisionDetail(camp Campaign, d Decision, s StageStats) map[string]any {
 // delta campaign, a job whose device's delta is still being built waits
 // (for at most the delta wait since the delta was asked for), and a job
 // whose device's delta is ready records its base (offerDeltas).
-func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind string, n int, now time.Time) ([]pendingSend, error) {
+//
+// It returns the jobs to send and how many jobs it marked dispatched (a job
+// that failed at once, with no image to send, counts as dispatched).
+func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind string, n int, now time.Time) ([]pendingSend, int, error) {
 	target := ""
 	deltas := camp.Delta && kind == kindForward
 	if deltas {
 		art, err := c.artifacts.Get(ctx, camp.FirmwareID)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		target = art.SHA256
 	}
@@ -172,7 +182,7 @@ func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind
 			ORDER BY cd2.position LIMIT $4)
 		RETURNING j.id, j.device_id, cd.from_version, cd.position`, camp.ID, kind, camp.Stage, n, now, deltas, target, now.Add(-c.deltaWait))
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	type picked struct {
 		job, device, from string
@@ -184,7 +194,7 @@ func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind
 		return p, err
 	})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	slices.SortFunc(ps, func(a, b picked) int { return a.position - b.position }) // sent in selection order
 	bases := map[string]string{}
@@ -194,7 +204,7 @@ func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind
 			ids[i] = p.job
 		}
 		if bases, err = offerDeltas(ctx, tx, ids, target); err != nil {
-			return nil, fmt.Errorf("offer deltas: %w", err)
+			return nil, 0, fmt.Errorf("offer deltas: %w", err)
 		}
 	}
 	var out []pendingSend
@@ -205,11 +215,11 @@ func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind
 			// No artifact to roll back to: the job fails at once, with the reason.
 			if _, uerr := tx.Exec(ctx, `UPDATE ota_jobs SET state = 'failed', finished_at = $2, error = $3 WHERE id = $1`,
 				p.job, now, err.Error()); uerr != nil {
-				return nil, uerr
+				return nil, 0, uerr
 			}
 			continue
 		}
 		out = append(out, pendingSend{deviceID: p.device, job: job})
 	}
-	return out, nil
+	return out, len(ps), nil
 }
