@@ -13,7 +13,7 @@ func TestBenchmarksSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("smoke runs of the benchmarks take about a minute")
 	}
-	for _, name := range []string{"connect-rate", "offline-detection", "per-message", "event-ingest", "telemetry-ingest", "idle-connections", "reconnect-storm", "ota-download", "campaign-dispatch", "data-scale"} {
+	for _, name := range []string{"connect-rate", "offline-detection", "per-message", "event-ingest", "telemetry-ingest", "idle-connections", "reconnect-storm", "ota-download", "campaign-dispatch", "data-scale", "ota-delta"} {
 		t.Run(name, func(t *testing.T) {
 			out, err := exec.Command("bash", "run.sh", name, "--smoke").CombinedOutput()
 			if err != nil {
@@ -22,7 +22,7 @@ func TestBenchmarksSmoke(t *testing.T) {
 			if !strings.Contains(string(out), "## "+name) || !strings.Contains(string(out), "fleetd") && name != "event-ingest" {
 				t.Fatalf("no result section:\n%s", out)
 			}
-			if name != "event-ingest" && name != "ota-download" && name != "campaign-dispatch" && name != "data-scale" && !strings.Contains(string(out), "mosquitto") {
+			if name != "event-ingest" && name != "ota-download" && name != "campaign-dispatch" && name != "data-scale" && name != "ota-delta" && !strings.Contains(string(out), "mosquitto") {
 				t.Fatalf("the peer's figures are missing:\n%s", out)
 			}
 		})

@@ -49,6 +49,12 @@
 #       fleet health, fleet history (a day by 5m and 1m, a week by 1h, a month by 1d) and a device's
 #       telemetry for a day (raw, 1m, 1h), each analysis run, load time and database size; the
 #       pre-rollup fleet-health query on device_events for contrast.
+#   bench/run.sh ota-delta [DEVICES]
+#       two builds of one small Go program that differ by a small change (a string and a line of
+#       code, made by go build here)
+#       as firmware 1.0.0 and 1.1.0; DEVICES (default 1 000) simulated devices on 1.0.0 upgraded by a delta
+#       campaign, then DEVICES others (another model) by a full-image campaign, same pacing: bytes
+#       fleetd served per campaign (its own per-job count), bytes saved, time and fleetd CPU.
 #
 # --smoke as the last argument runs a tiny version and writes to a scratch file instead of
 # bench/RESULTS.md (the tests do this so that no benchmark rots).
@@ -568,6 +574,92 @@ data-scale)
     echo "- fleetd ready ${ready} s after its start on the loaded database (FLEETD_ANALYSIS_INTERVAL=1h: its loop analyses once at start, the runs below are timed in-process)"
     echo "$m"
     echo "- target (issue #17): fleet health and fleet history p99 <= 100 ms, one analysis run <= 1 s, device telemetry for a day <= 100 ms; peer: the same disconnect counts from device_events, as fleet health read them before the rollups"
+  } | tee -a "$results"
+  ;;
+ota-delta)
+  devices=${1:-1000}
+  $smoke && devices=20
+  # The image pair: one program, built twice with a small change (a string and a constant).
+  mkdir -p "$work/prog"
+  printf 'module prog\n\ngo 1.26\n' >"$work/prog/go.mod"
+  cat >"$work/prog/main.go.in" <<'GO'
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+)
+
+const version = "VERSION"
+
+type reading struct {
+	At      time.Time          `json:"at"`
+	Metrics map[string]float64 `json:"metrics"`
+}
+
+func main() {
+	r := reading{At: time.Now(), Metrics: map[string]float64{"temp": 21.5, "rssi": -70}}
+	CHANGE
+	b, _ := json.Marshal(r)
+	fmt.Fprintln(os.Stdout, strings.ToUpper("GREETING"), version, string(b))
+}
+GO
+  build_fw() { sed -e "s/VERSION/$1/" -e "s/GREETING/$2/" -e "s/CHANGE/$3/" "$work/prog/main.go.in" >"$work/prog/main.go" && (cd "$work/prog" && GOFLAGS= go build -trimpath -o "$work/fw-$1.bin" .); }
+  build_fw 1.0.0 "sensor up" "" &&
+    build_fw 1.1.0 "sensor up, calibrated" 'if len(os.Args) > 1 { r.Metrics["humidity"] = float64(len(os.Args[1])) }'
+  img_size=$(stat -c %s "$work/fw-1.1.0.bin")
+  start_fleetd FLEETD_OTA_MAX_DOWNLOADS_PER_SOURCE=0 FLEETD_CAMPAIGN_INTERVAL=200ms
+  api="http://127.0.0.1:$HTTP_PORT/api/v1"
+  auth="Authorization: Bearer $(token)"
+  for v in 1.0.0 1.1.0; do
+    curl -fs -H "$auth" --data-binary @"$work/fw-$v.bin" "$api/firmware?version=$v&models=gw-100,gw-200" >"$work/fw-$v.json"
+  done
+  target=$(jq -r .id "$work/fw-1.1.0.json")
+  key=$(curl -fs -H "$auth" "$api/firmware/signing-key" | jq -r .public_key)
+  cat >"$work/fleet.yaml" <<YAML
+server: {mqtt: "tcp://127.0.0.1:$MQTT_PORT", api: "http://127.0.0.1:$HTTP_PORT", admin_token_file: "$work/data/admin-token"}
+run: {duration: 3600s, ramp: 500, register: true}
+ota: {install_time: 200ms, public_key: "$key", images: {"1.0.0": "$work/fw-1.0.0.bin"}}
+cohorts:
+  - {name: delta, count: $devices, model: gw-100, firmware: 1.0.0, keepalive: 60s}
+  - {name: full, count: $devices, model: gw-200, firmware: 1.0.0, keepalive: 60s}
+YAML
+  "$bin/fleetsim" run -f "$work/fleet.yaml" >"$work/fleetsim.out" 2>"$work/fleetsim.err" &
+  sim_pid=$!
+  for _ in $(seq 600); do [ "$(sessions)" = "$((2 * devices))" ] && break; sleep 0.2; done
+  [ "$(sessions)" = "$((2 * devices))" ] || { echo "the simulated devices did not connect"; cat "$work/fleetsim.err"; exit 1; }
+  # run_campaign MODEL DELTA: one campaign to 1.1.0 over MODEL's devices; prints
+  # "seconds cpu_ms" and leaves the campaign's JSON in $work/campaign-MODEL.json.
+  run_campaign() {
+    local id t0 c0 state
+    id=$(curl -fs -H "$auth" -H 'Content-Type: application/json' -d "{\"name\":\"bench $1\",\"firmware_id\":\"$target\",\"delta\":$2,
+      \"selector\":{\"models\":[\"$1\"]},\"stages\":[{\"name\":\"all\",\"percent\":100,\"max_failure_rate\":0,\"max_not_back_online\":0}],
+      \"pacing\":{\"max_concurrent\":100},\"device_timeout\":\"10m\"}" "$api/campaigns" | jq -r .id)
+    t0=$(date +%s.%N); c0=$(cpu_ticks "$fleetd_pid")
+    curl -fs -H "$auth" -X POST "$api/campaigns/$id/start" >/dev/null
+    for _ in $(seq 3000); do
+      state=$(curl -fs -H "$auth" "$api/campaigns/$id" | tee "$work/campaign-$1.json" | jq -r .state)
+      [ "$state" = running ] || break
+      sleep 0.2
+    done
+    [ "$state" = completed ] || { echo "campaign $1 ended $state"; cat "$work/campaign-$1.json"; exit 1; }
+    echo "$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{printf "%.1f", a-b}') $(( ($(cpu_ticks "$fleetd_pid") - c0) * 1000 / $(getconf CLK_TCK) ))"
+  }
+  read -r d_s d_cpu < <(run_campaign gw-100 true)
+  read -r f_s f_cpu < <(run_campaign gw-200 false)
+  kill "$sim_pid"; wait "$sim_pid" || true
+  stop_fleetd
+  d_sent=$(jq .bytes.sent "$work/campaign-gw-100.json"); d_saved=$(jq .bytes.saved "$work/campaign-gw-100.json")
+  d_ok=$(jq '.stage_counts[0].by_state.succeeded' "$work/campaign-gw-100.json"); d_fb=$(jq .bytes.fell_back "$work/campaign-gw-100.json")
+  f_sent=$(jq .bytes.sent "$work/campaign-gw-200.json"); f_ok=$(jq '.stage_counts[0].by_state.succeeded' "$work/campaign-gw-200.json")
+  [ "$d_ok" = "$devices" ] && [ "$f_ok" = "$devices" ] || { echo "not every device upgraded: delta $d_ok, full $f_ok of $devices"; exit 1; }
+  { header "ota-delta: $devices devices with a delta against $devices with the full image, two go builds of one program ($img_size-byte image)"
+    echo "- fleetd, delta campaign: $d_sent bytes served for $devices devices ($(( d_sent / devices )) per device, $(awk -v a="$d_sent" -v b="$f_sent" 'BEGIN{printf "%.1f", 100*a/b}') % of the full campaign's), saved $d_saved bytes, $d_fb fell back; ${d_s} s, fleetd CPU $d_cpu ms (the delta built once, in the campaign's time)"
+    echo "- peer, full-image campaign on the same fleetd: $f_sent bytes served for $devices devices ($(( f_sent / devices )) per device); ${f_s} s, fleetd CPU $f_cpu ms"
+    echo "- pacing max_concurrent 100 for both; every device upgraded and verified the SHA-256 of the result"
   } | tee -a "$results"
   ;;
 *)

@@ -2,6 +2,7 @@ package firmware
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -49,6 +50,17 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 				}
 			}
 			detail["devices"], detail["first_stage"] = total, first
+			if camp.Delta {
+				art, err := c.artifacts.Get(ctx, camp.FirmwareID)
+				if err != nil {
+					return err
+				}
+				n, err := requestDeltas(ctx, tx, id, art.SHA256, now)
+				if err != nil {
+					return fmt.Errorf("request deltas: %w", err)
+				}
+				detail["deltas_requested"] = n
+			}
 		case ActRollback:
 			// Every device the campaign moved gets a rollback job to the
 			// version it ran before.

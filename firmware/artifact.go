@@ -301,24 +301,8 @@ func (a *Artifacts) Open(ctx context.Context, id string) (Artifact, *os.File, er
 	if err != nil {
 		return art, nil, err
 	}
-	if f, ok := a.cached(art); ok {
-		return art, f, nil
-	}
-	err = a.flights.do(ctx, art.SHA256, func() error {
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fillTimeout)
-		defer cancel()
-		return a.fill(ctx, art)
-	})
-	if err != nil {
-		return art, nil, err
-	}
-	if f, ok := a.cached(art); ok {
-		return art, f, nil
-	}
-	if _, err := a.Get(ctx, id); err != nil {
-		return art, nil, err // deleted on this replica since the fill
-	}
-	return art, nil, fmt.Errorf("firmware %s: cached image %s went away", id, art.SHA256)
+	f, err := a.openBlob(ctx, art.blob(a))
+	return art, f, err
 }
 
 // SignURL returns the query of a download URL for one job of one device

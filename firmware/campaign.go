@@ -138,6 +138,7 @@ type Campaign struct {
 	Pacing        Pacing        `json:"pacing"`
 	DeviceTimeout Duration      `json:"device_timeout"` // from dispatch to back online on the target version
 	GateAction    string        `json:"gate_action"`    // "pause" (default when empty) or "abort"
+	Delta         bool          `json:"delta"`          // offer deltas (Spec.Delta)
 	State         CampaignState `json:"state"`
 	Stage         int           `json:"stage"` // index of the current stage
 	// StageDoneAt is when every device of the current stage finished and

@@ -52,6 +52,8 @@ type Campaigns struct {
 	// that start matching it (SetFollowInterval).
 	followEvery time.Duration
 	followBatch int
+	// deltaWait is DeltaOptions.Wait.
+	deltaWait time.Duration
 }
 
 // NewCampaigns builds the campaign service. publicURL is the base URL
@@ -61,8 +63,12 @@ func NewCampaigns(pool *pgxpool.Pool, artifacts *Artifacts, fl Fleet, send Sende
 		logger = slog.New(slog.DiscardHandler)
 	}
 	return &Campaigns{pool: pool, artifacts: artifacts, fleet: fl, send: send, publicURL: strings.TrimRight(publicURL, "/"),
-		logger: logger, now: time.Now, notes: newNoteQueue(), onChange: func(string) {}, followEvery: DefaultFollowInterval, followBatch: followBatch}
+		logger: logger, now: time.Now, notes: newNoteQueue(), onChange: func(string) {}, followEvery: DefaultFollowInterval, followBatch: followBatch, deltaWait: DefaultDeltaWait}
 }
+
+// SetDeltaOptions sets how long dispatch waits for a pending delta
+// (DeltaOptions.Wait). Call before Run.
+func (c *Campaigns) SetDeltaOptions(o DeltaOptions) { c.deltaWait = o.withDefaults().Wait }
 
 // OnChange registers f to be called, after the commit, with the id of every
 // campaign whose state, counts or history changed, so that live views are

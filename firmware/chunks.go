@@ -131,28 +131,72 @@ func (a *Artifacts) readChunks(ctx context.Context, sum string, w io.Writer) (n 
 	return n, chunks, rows.Err()
 }
 
-// cached opens the cached image of art, if this replica has it whole.
-func (a *Artifacts) cached(art Artifact) (*os.File, bool) {
-	f, err := os.Open(a.path(art.SHA256))
+// blob is what the cache holds: an image or a delta, by digest and size,
+// with a name for errors and logs, and how to tell that its row is gone
+// (an error wrapping ErrNotFound) once its chunks are not found.
+type blob struct {
+	sum  string
+	size int64
+	name string
+	// logKey and logID name it in logs: "firmware" and the artifact's id,
+	// or "delta" and the target's id.
+	logKey, logID string
+	gone          func(ctx context.Context) error
+}
+
+func (a Artifact) blob(as *Artifacts) blob {
+	return blob{sum: a.SHA256, size: a.Size, name: "firmware " + a.ID + " (" + a.Version + ")", logKey: "firmware", logID: a.ID,
+		gone: func(ctx context.Context) error { _, err := as.Get(ctx, a.ID); return err }}
+}
+
+// cached opens the cached bytes of b, if this replica has them whole.
+func (a *Artifacts) cached(b blob) (*os.File, bool) {
+	f, err := os.Open(a.path(b.sum))
 	if err != nil {
 		return nil, false
 	}
-	if st, err := f.Stat(); err != nil || st.Size() != art.Size {
+	if st, err := f.Stat(); err != nil || st.Size() != b.size {
 		f.Close()
 		return nil, false
 	}
 	return f, true
 }
 
-// fill copies the image of art from the database into the cache: streamed
-// to a temporary file while hashing, checked against the artifact's size and
+// openBlob opens b from the cache, filling it from the database first if
+// need be, once however many downloads ask at the same time (flights).
+func (a *Artifacts) openBlob(ctx context.Context, b blob) (*os.File, error) {
+	if f, ok := a.cached(b); ok {
+		return f, nil
+	}
+	err := a.flights.do(ctx, b.sum, func() error {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fillTimeout)
+		defer cancel()
+		return a.fill(ctx, b)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if f, ok := a.cached(b); ok {
+		return f, nil
+	}
+	if b.gone != nil {
+		if err := b.gone(ctx); err != nil {
+			return nil, err // deleted on this replica since the fill
+		}
+	}
+	return nil, fmt.Errorf("%s: cached bytes %s went away", b.name, b.sum)
+}
+
+// fill copies the bytes of b from the database into the cache: streamed
+// to a temporary file while hashing, checked against b's size and
 // SHA-256, made durable, and moved into place under the digest's lock while
 // a row still has the digest (so that a delete on this replica either sees
-// the file or is seen). An image that is not in the database is
-// ErrUnavailable; bytes that are not the image are ErrCorrupt, and nothing
-// is cached. Concurrent fills of one digest are run once (flights).
-func (a *Artifacts) fill(ctx context.Context, art Artifact) error {
-	if f, ok := a.cached(art); ok {
+// the file or is seen). Bytes that are not in the database are
+// ErrUnavailable (ErrNotFound when b's row is gone); bytes that do not
+// match are ErrCorrupt, and nothing is cached. Concurrent fills of one
+// digest are run once (flights).
+func (a *Artifacts) fill(ctx context.Context, b blob) error {
+	if f, ok := a.cached(b); ok {
 		f.Close() // filled by the flight before this one
 		return nil
 	}
@@ -160,11 +204,11 @@ func (a *Artifacts) fill(ctx context.Context, art Artifact) error {
 	start := time.Now()
 	tmp, err := os.CreateTemp(a.tmpDir(), cachePrefix)
 	if err != nil {
-		return fmt.Errorf("cache image of firmware %s: %w", art.ID, err)
+		return fmt.Errorf("cache %s: %w", b.name, err)
 	}
 	defer os.Remove(tmp.Name())
 	h := sha256.New()
-	n, chunks, err := a.readChunks(ctx, art.SHA256, io.MultiWriter(tmp, h))
+	n, chunks, err := a.readChunks(ctx, b.sum, io.MultiWriter(tmp, h))
 	if err == nil {
 		err = tmp.Sync()
 	}
@@ -172,38 +216,40 @@ func (a *Artifacts) fill(ctx context.Context, art Artifact) error {
 	got := hex.EncodeToString(h.Sum(nil))
 	switch {
 	case errors.Is(err, ErrCorrupt):
-		a.log.Error("firmware image in the database is corrupt; not served", "firmware", art.ID, "sha256", art.SHA256, "err", err)
-		return fmt.Errorf("firmware %s: %w", art.ID, err)
+		a.log.Error("firmware bytes in the database are corrupt; not served", b.logKey, b.logID, "sha256", b.sum, "err", err)
+		return fmt.Errorf("%s: %w", b.name, err)
 	case err != nil:
-		return fmt.Errorf("cache image of firmware %s: %w", art.ID, err)
+		return fmt.Errorf("cache %s: %w", b.name, err)
 	case chunks == 0:
-		if _, err := a.Get(ctx, art.ID); err != nil {
-			return err // deleted meanwhile: ErrNotFound
+		if b.gone != nil {
+			if err := b.gone(ctx); err != nil {
+				return err // deleted meanwhile: ErrNotFound
+			}
 		}
-		return fmt.Errorf("firmware %s (%s, sha256 %s) has no image in the database nor on this replica: start the replica that received it, or upload it again: %w",
-			art.ID, art.Version, art.SHA256, ErrUnavailable)
-	case n != art.Size || got != art.SHA256:
-		a.log.Error("firmware image in the database does not match its record; not served",
-			"firmware", art.ID, "sha256", art.SHA256, "size", art.Size, "got_sha256", got, "got_size", n)
-		return fmt.Errorf("firmware %s: the database holds %d bytes with SHA-256 %s, its record says %d bytes with %s: %w",
-			art.ID, n, got, art.Size, art.SHA256, ErrCorrupt)
+		return fmt.Errorf("%s (sha256 %s) has no bytes in the database nor on this replica: start the replica that received it, or upload it again: %w",
+			b.name, b.sum, ErrUnavailable)
+	case n != b.size || got != b.sum:
+		a.log.Error("firmware bytes in the database do not match their record; not served",
+			b.logKey, b.logID, "sha256", b.sum, "size", b.size, "got_sha256", got, "got_size", n)
+		return fmt.Errorf("%s: the database holds %d bytes with SHA-256 %s, its record says %d bytes with %s: %w",
+			b.name, n, got, b.size, b.sum, ErrCorrupt)
 	}
 	err = pgx.BeginFunc(ctx, a.pool, func(tx pgx.Tx) error {
-		if err := lockDigest(ctx, tx, art.SHA256); err != nil {
+		if err := lockDigest(ctx, tx, b.sum); err != nil {
 			return err
 		}
-		if used, err := referenced(ctx, tx, art.SHA256); err != nil || !used {
+		if used, err := referenced(ctx, tx, b.sum); err != nil || !used {
 			if err == nil {
-				err = fmt.Errorf("firmware %s: %w", art.ID, ErrNotFound)
+				err = fmt.Errorf("%s: %w", b.name, ErrNotFound)
 			}
 			return err
 		}
-		return a.place(tmp.Name(), art.SHA256)
+		return a.place(tmp.Name(), b.sum)
 	})
 	if err != nil {
-		return fmt.Errorf("cache image of firmware %s: %w", art.ID, err)
+		return fmt.Errorf("cache %s: %w", b.name, err)
 	}
-	a.log.Info("cached firmware image from the database", "firmware", art.ID, "sha256", art.SHA256, "size", art.Size,
+	a.log.Info("cached firmware bytes from the database", b.logKey, b.logID, "sha256", b.sum, "size", b.size,
 		"duration", time.Since(start).Round(time.Millisecond).String())
 	return nil
 }
@@ -325,12 +371,13 @@ func (a *Artifacts) importLocal(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// sweepCache removes the cached images whose digest no artifact has any
-// more: deleted through another replica, which removes only its own file.
+// sweepCache removes the cached images whose digest no artifact (nor
+// delta) has any more: deleted through another replica, which removes only
+// its own file, or a delta whose build did not commit.
 // Nothing else uses the directory yet, and a removed file is only a cache
 // miss should the same bytes be uploaded again.
 func (a *Artifacts) sweepCache(ctx context.Context) error {
-	rows, err := a.pool.Query(ctx, `SELECT DISTINCT sha256 FROM firmware`)
+	rows, err := a.pool.Query(ctx, `SELECT sha256 FROM firmware UNION SELECT sha256 FROM firmware_deltas WHERE sha256 IS NOT NULL`)
 	if err != nil {
 		return fmt.Errorf("sweep image cache: %w", err)
 	}

@@ -34,6 +34,9 @@ type Job struct {
 	Signature         string       `json:"signature"`
 	Manifest          manifest.Job `json:"manifest"`
 	ManifestSignature string       `json:"manifest_signature"`
+	// DeltaURL downloads the delta Manifest.Delta names, signed for this
+	// device and job like URL; a device that cannot use it takes URL.
+	DeltaURL string `json:"delta_url,omitempty"`
 }
 
 // manifestGrace is how long after a job's device timeout its manifest and
@@ -70,10 +73,12 @@ func parseStatus(payload []byte) (status, error) {
 	case len(st.JobID) > maxJobIDLen:
 		return st, fmt.Errorf("job_id is %d bytes long; fleetd's are at most %d", len(st.JobID), maxJobIDLen)
 	}
+	// Any state may carry a detail (a device that falls back from a delta
+	// to the full image says so while downloading): it is stored bounded.
+	st.Error = untrusted.Text(st.Error, maxReportedError)
 	switch st.State {
 	case "downloading", "verifying", "installing", "rebooting", "succeeded":
 	case "failed":
-		st.Error = untrusted.Text(st.Error, maxReportedError)
 		if st.Error == "" {
 			st.Error = "the device reported a failure without a reason"
 		}
@@ -123,11 +128,22 @@ func (c *Campaigns) HandleStatus(deviceID string, payload []byte) error {
 type jobRef struct {
 	id, deviceID, from, kind string
 	dispatched               time.Time
+	// deltaBase is the SHA-256 of the base image whose delta the job
+	// offers (ota_jobs.delta_base), empty for the full image only.
+	deltaBase string
 }
 
-// artifactCache holds the artifacts of one dispatch batch, so that a batch
-// of a thousand jobs for one image costs one lookup, not a thousand.
-type artifactCache map[string]Artifact
+// artifactCache holds the artifacts and deltas of one dispatch batch, so
+// that a batch of a thousand jobs for one image costs one lookup, not a
+// thousand.
+type artifactCache struct {
+	arts   map[string]Artifact
+	deltas map[string]*manifest.Delta
+}
+
+func newArtifactCache() artifactCache {
+	return artifactCache{arts: map[string]Artifact{}, deltas: map[string]*manifest.Delta{}}
+}
 
 // job builds a device's job message: the target artifact, or for a rollback
 // the artifact of the version the device ran before.
@@ -141,7 +157,7 @@ func (c *Campaigns) job(ctx context.Context, q querier, camp Campaign, ref jobRe
 		}
 		key = model + "\x00" + ref.from
 	}
-	art, ok := arts[key]
+	art, ok := arts.arts[key]
 	if !ok {
 		var err error
 		if rolling {
@@ -152,14 +168,37 @@ func (c *Campaigns) job(ctx context.Context, q querier, camp Campaign, ref jobRe
 		if err != nil {
 			return Job{}, err
 		}
-		arts[key] = art
+		arts.arts[key] = art
 	}
 	exp := ref.dispatched.Add(time.Duration(camp.DeviceTimeout) + manifestGrace)
 	m := manifest.Job{Image: art.Manifest(), JobID: ref.id, DeviceID: ref.deviceID, Rollback: rolling, Expires: exp}
+	deltaURL := ""
+	if ref.deltaBase != "" && !rolling {
+		d, ok := arts.deltas[ref.deltaBase]
+		if !ok {
+			var err error
+			if d, err = deltaFor(ctx, q, ref.deltaBase, art.SHA256); err != nil {
+				return Job{}, err
+			}
+			arts.deltas[ref.deltaBase] = d
+		}
+		if d != nil { // nil: deleted with its base since the dispatch; the full image only
+			m.Delta = d
+			deltaURL = c.publicURL + DeltaPath(art.ID, d.BaseSHA256) + "?" + c.artifacts.SignURL(DeltaKey(art.ID, d.BaseSHA256), ref.deviceID, ref.id, exp)
+		}
+	}
 	return Job{JobID: ref.id, CampaignID: camp.ID, Version: art.Version, SHA256: art.SHA256, Size: art.Size, Signature: art.Signature,
-		Manifest: m, ManifestSignature: manifest.SignJob(c.artifacts.keys.Signing, m),
+		Manifest: m, ManifestSignature: manifest.SignJob(c.artifacts.keys.Signing, m), DeltaURL: deltaURL,
 		URL: c.publicURL + "/api/v1/firmware/" + art.ID + "/download?" + c.artifacts.SignURL(art.ID, ref.deviceID, ref.id, exp)}, nil
 }
+
+// DeltaPath is the download path of the delta from the image base to the
+// artifact id.
+func DeltaPath(id, base string) string { return "/api/v1/firmware/" + id + "/deltas/" + base }
+
+// DeltaKey is what a delta's signed URL is signed for: the target artifact
+// and the base, so that a URL for one delta opens no other.
+func DeltaKey(id, base string) string { return id + "/deltas/" + base }
 
 // Manifest is the job-independent part of what the artifact is, the part
 // its Signature covers.
@@ -216,7 +255,7 @@ func (c *Campaigns) handleNotes(ctx context.Context) {
 // (a crash can lose it from the outbound queue), and devices ignore a job id
 // they already have.
 func (c *Campaigns) redeliver(ctx context.Context, deviceID string) {
-	rows, err := c.pool.Query(ctx, `SELECT j.id, j.campaign_id, j.kind, cd.from_version, j.dispatched_at
+	rows, err := c.pool.Query(ctx, `SELECT j.id, j.campaign_id, j.kind, cd.from_version, j.dispatched_at, coalesce(j.delta_base, '')
 		FROM ota_jobs j
 		JOIN campaign_devices cd ON cd.campaign_id = j.campaign_id AND cd.device_id = j.device_id
 		JOIN campaigns c ON c.id = j.campaign_id
@@ -231,7 +270,7 @@ func (c *Campaigns) redeliver(ctx context.Context, deviceID string) {
 	}
 	us, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (undelivered, error) {
 		u := undelivered{jobRef: jobRef{deviceID: deviceID}}
-		err := r.Scan(&u.id, &u.campaign, &u.kind, &u.from, &u.dispatched)
+		err := r.Scan(&u.id, &u.campaign, &u.kind, &u.from, &u.dispatched, &u.deltaBase)
 		return u, err
 	})
 	if err != nil {
@@ -242,7 +281,7 @@ func (c *Campaigns) redeliver(ctx context.Context, deviceID string) {
 		camp, _, err := load(ctx, c.pool, u.campaign, "")
 		if err == nil {
 			var job Job
-			if job, err = c.job(ctx, c.pool, camp, u.jobRef, artifactCache{}); err == nil {
+			if job, err = c.job(ctx, c.pool, camp, u.jobRef, newArtifactCache()); err == nil {
 				c.deliver(ctx, pendingSend{deviceID: deviceID, job: job})
 				continue
 			}

@@ -98,14 +98,21 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 		d := camp.Next(stats, now)
 		switch d.Action {
 		case ActionDispatch:
+			var picked int
+			sends, picked, err = c.dispatch(ctx, tx, camp, kind, d.Dispatch, now)
+			if err != nil {
+				return err
+			}
+			changed = changed || len(sends) > 0
 			if !d.PacedUntil.IsZero() {
-				if _, err := tx.Exec(ctx, `UPDATE campaigns SET paced_until = $2 WHERE id = $1`, id, d.PacedUntil); err != nil {
+				// Jobs held for their delta were not sent: the schedule
+				// moves on only by the jobs that were.
+				paced := d.PacedUntil.Add(-time.Duration(d.Dispatch-picked) * (time.Minute / time.Duration(camp.Pacing.DevicesPerMinute)))
+				if _, err := tx.Exec(ctx, `UPDATE campaigns SET paced_until = $2 WHERE id = $1`, id, paced); err != nil {
 					return err
 				}
 			}
-			sends, err = c.dispatch(ctx, tx, camp, kind, d.Dispatch, now)
-			changed = changed || len(sends) > 0
-			return err
+			return nil
 		case ActionFollow:
 			changed = true
 			if _, err := tx.Exec(ctx, `UPDATE campaigns SET following_since = $2, updated_at = $2 WHERE id = $1`, id, now); err != nil {
@@ -163,17 +170,33 @@ func decisionDetail(camp Campaign, d Decision, s StageStats) map[string]any {
 }
 
 // dispatch marks n pending jobs of kind in the current stage dispatched and
-// prepares them; the commit that records them comes before any send.
-func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind string, n int, now time.Time) ([]pendingSend, error) {
+// prepares them; the commit that records them comes before any send. In a
+// delta campaign, a job whose device's delta is still being built waits
+// (for at most the delta wait since the delta was asked for), and a job
+// whose device's delta is ready records its base (offerDeltas).
+//
+// It returns the jobs to send and how many jobs it marked dispatched (a job
+// that failed at once, with no image to send, counts as dispatched).
+func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind string, n int, now time.Time) ([]pendingSend, int, error) {
+	target := ""
+	deltas := camp.Delta && kind == kindForward
+	if deltas {
+		art, err := c.artifacts.Get(ctx, camp.FirmwareID)
+		if err != nil {
+			return nil, 0, err
+		}
+		target = art.SHA256
+	}
 	rows, err := tx.Query(ctx, `UPDATE ota_jobs j SET state = 'dispatched', dispatched_at = $5, delivered_at = NULL
 		FROM campaign_devices cd
 		WHERE cd.campaign_id = j.campaign_id AND cd.device_id = j.device_id AND j.id IN (
 			SELECT j2.id FROM ota_jobs j2 JOIN campaign_devices cd2 ON cd2.campaign_id = j2.campaign_id AND cd2.device_id = j2.device_id
 			WHERE j2.campaign_id = $1 AND j2.kind = $2 AND j2.state = 'pending' AND ($2 = 'rollback' OR cd2.stage = $3)
+				AND NOT ($6 AND `+deltaWaiting+`)
 			ORDER BY cd2.position LIMIT $4)
-		RETURNING j.id, j.device_id, cd.from_version, cd.position`, camp.ID, kind, camp.Stage, n, now)
+		RETURNING j.id, j.device_id, cd.from_version, cd.position`, camp.ID, kind, camp.Stage, n, now, deltas, target, now.Add(-c.deltaWait))
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	type picked struct {
 		job, device, from string
@@ -185,22 +208,32 @@ func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind
 		return p, err
 	})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	slices.SortFunc(ps, func(a, b picked) int { return a.position - b.position }) // sent in selection order
+	bases := map[string]string{}
+	if deltas && len(ps) > 0 {
+		ids := make([]string, len(ps))
+		for i, p := range ps {
+			ids[i] = p.job
+		}
+		if bases, err = offerDeltas(ctx, tx, ids, target); err != nil {
+			return nil, 0, fmt.Errorf("offer deltas: %w", err)
+		}
+	}
 	var out []pendingSend
-	arts := artifactCache{}
+	arts := newArtifactCache()
 	for _, p := range ps {
-		job, err := c.job(ctx, tx, camp, jobRef{id: p.job, deviceID: p.device, from: p.from, kind: kind, dispatched: now}, arts)
+		job, err := c.job(ctx, tx, camp, jobRef{id: p.job, deviceID: p.device, from: p.from, kind: kind, dispatched: now, deltaBase: bases[p.job]}, arts)
 		if err != nil {
 			// No artifact to roll back to: the job fails at once, with the reason.
 			if _, uerr := tx.Exec(ctx, `UPDATE ota_jobs SET state = 'failed', finished_at = $2, error = $3 WHERE id = $1`,
 				p.job, now, err.Error()); uerr != nil {
-				return nil, uerr
+				return nil, 0, uerr
 			}
 			continue
 		}
 		out = append(out, pendingSend{deviceID: p.device, job: job})
 	}
-	return out, nil
+	return out, len(ps), nil
 }

@@ -60,12 +60,13 @@ func lockDigest(ctx context.Context, tx pgx.Tx, sum string) error {
 	return nil
 }
 
-// referenced says whether an artifact has the digest. Under lockDigest, in
-// READ COMMITTED, it sees every row committed by a transaction that held
-// the lock before.
+// referenced says whether an artifact or a built delta has the digest.
+// Under lockDigest, in READ COMMITTED, it sees every row committed by a
+// transaction that held the lock before.
 func referenced(ctx context.Context, tx pgx.Tx, sum string) (bool, error) {
 	var ok bool
-	err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM firmware WHERE sha256 = $1)`, sum).Scan(&ok)
+	err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM firmware WHERE sha256 = $1)
+		OR EXISTS (SELECT 1 FROM firmware_deltas WHERE sha256 = $1)`, sum).Scan(&ok)
 	return ok, err
 }
 
@@ -171,6 +172,9 @@ func (a *Artifacts) remove(ctx context.Context, id string) error {
 			}
 			return err
 		}
+		if err := dropDeltas(ctx, tx, sum); err != nil {
+			return err
+		}
 		if used, err := referenced(ctx, tx, sum); err != nil || used {
 			return err
 		}
@@ -197,6 +201,46 @@ func (a *Artifacts) remove(ctx context.Context, id string) error {
 		return err
 	}
 	os.Remove(aside)
+	return nil
+}
+
+// dropDeltas deletes, once no artifact has the image sum any more, the
+// deltas from or to it, and the chunks of each delta no other row names
+// (under the delta's lock; a delta being built holds its row, so this
+// waits for the build to commit, then deletes it). The cached files of such
+// a delta stay until their replica starts again (sweepCache); nothing
+// serves them meanwhile, as their row is gone.
+// The caller holds the image's lock.
+func dropDeltas(ctx context.Context, tx pgx.Tx, sum string) error {
+	var left bool
+	if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM firmware WHERE sha256 = $1)`, sum).Scan(&left); err != nil || left {
+		return err
+	}
+	rows, err := tx.Query(ctx, `DELETE FROM firmware_deltas WHERE base_sha256 = $1 OR target_sha256 = $1 RETURNING coalesce(sha256, '')`, sum)
+	if err != nil {
+		return err
+	}
+	sums, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return fmt.Errorf("remove deltas of %s: %w", sum, err)
+	}
+	for _, d := range sums {
+		if d == "" {
+			continue
+		}
+		if err := lockDigest(ctx, tx, d); err != nil {
+			return err
+		}
+		if used, err := referenced(ctx, tx, d); err != nil || used {
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM firmware_chunks WHERE sha256 = $1`, d); err != nil {
+			return fmt.Errorf("remove delta %s: %w", d, err)
+		}
+	}
 	return nil
 }
 

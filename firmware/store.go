@@ -33,18 +33,24 @@ type Spec struct {
 	// Follow: the campaign picks up, while it runs, devices that start
 	// matching its selector after the start (off by default).
 	Follow bool `json:"follow,omitempty"`
+	// Delta offers the devices that run a version whose image is stored a
+	// binary delta from it instead of the full image (delta.go). Off by
+	// default.
+	Delta bool `json:"delta,omitempty"`
 }
 
 // CampaignView is a campaign as the API shows it: its state, per-stage
 // counts and the operator actions its state allows.
 type CampaignView struct {
 	Campaign
-	Selector  Selector     `json:"selector"`
-	Counts    []StageCount `json:"stage_counts"`
-	Rollback  *StageCount  `json:"rollback,omitempty"`
-	Actions   []string     `json:"actions"`
-	CreatedAt time.Time    `json:"created_at"`
-	UpdatedAt time.Time    `json:"updated_at"`
+	Selector Selector     `json:"selector"`
+	Counts   []StageCount `json:"stage_counts"`
+	Rollback *StageCount  `json:"rollback,omitempty"`
+	Actions  []string     `json:"actions"`
+	// Bytes is what the campaign's downloads came to on the wire.
+	Bytes     DeltaStats `json:"bytes"`
+	CreatedAt time.Time  `json:"created_at"`
+	UpdatedAt time.Time  `json:"updated_at"`
 }
 
 // StageCount counts a stage's devices by job state.
@@ -82,6 +88,12 @@ type CampaignDevice struct {
 	DispatchedAt  *time.Time `json:"dispatched_at,omitempty"`
 	DeliveredAt   *time.Time `json:"delivered_at,omitempty"`
 	FinishedAt    *time.Time `json:"finished_at,omitempty"`
+	// Delta says the forward job's manifest offered a delta; FellBack that
+	// the device downloaded the full image too. BytesSent counts what was
+	// served for the device's jobs.
+	Delta     bool  `json:"delta"`
+	FellBack  bool  `json:"fell_back"`
+	BytesSent int64 `json:"bytes_sent"`
 }
 
 // Create validates a spec and stores the campaign as a draft. It refuses a
@@ -121,7 +133,7 @@ func (c *Campaigns) Create(ctx context.Context, spec Spec, actor string) (Campai
 		}
 	}
 	camp := Campaign{ID: newID("camp"), Name: spec.Name, FirmwareID: art.ID, Version: art.Version, Stages: spec.Stages,
-		Pacing: spec.Pacing, DeviceTimeout: spec.DeviceTimeout, GateAction: spec.GateAction, Follow: spec.Follow, State: StateDraft}
+		Pacing: spec.Pacing, DeviceTimeout: spec.DeviceTimeout, GateAction: spec.GateAction, Follow: spec.Follow, Delta: spec.Delta, State: StateDraft}
 	camp.Normalize()
 	if err := camp.Validate(); err != nil {
 		return CampaignView{}, err
@@ -165,6 +177,7 @@ func load(ctx context.Context, q querier, id string, lock string) (Campaign, Spe
 		camp.PacedUntil = *pacedUntil
 	}
 	camp.Stages, camp.Pacing, camp.DeviceTimeout, camp.GateAction, camp.Follow = spec.Stages, spec.Pacing, spec.DeviceTimeout, spec.GateAction, spec.Follow
+	camp.Delta = spec.Delta
 	return camp, spec, err
 }
 
@@ -211,7 +224,11 @@ func (c *Campaigns) Get(ctx context.Context, id string) (CampaignView, error) {
 			rb.Planned = rb.Targets
 			v.Rollback = rb
 		}
-		return rows.Err()
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		v.Bytes, err = deltaStats(ctx, tx, id)
+		return err
 	})
 	return v, err
 }
@@ -254,7 +271,8 @@ func (c *Campaigns) Devices(ctx context.Context, id string) ([]CampaignDevice, e
 			coalesce(r.progress, f.progress), coalesce(r.error, f.error), coalesce(r.id, ''), coalesce(r.state, ''),
 			CASE WHEN r.id IS NULL THEN f.dispatched_at ELSE r.dispatched_at END,
 			CASE WHEN r.id IS NULL THEN f.delivered_at ELSE r.delivered_at END,
-			CASE WHEN r.id IS NULL THEN f.finished_at ELSE r.finished_at END
+			CASE WHEN r.id IS NULL THEN f.finished_at ELSE r.finished_at END,
+			f.delta_base IS NOT NULL, f.delta_base IS NOT NULL AND f.full_bytes_sent > 0, f.bytes_sent + coalesce(r.bytes_sent, 0)
 		FROM campaign_devices cd
 		JOIN ota_jobs f ON f.campaign_id = cd.campaign_id AND f.device_id = cd.device_id AND f.kind = 'forward' AND f.attempt = cd.attempt
 		LEFT JOIN ota_jobs r ON r.campaign_id = cd.campaign_id AND r.device_id = cd.device_id AND r.kind = 'rollback'
@@ -267,7 +285,7 @@ func (c *Campaigns) Devices(ctx context.Context, id string) ([]CampaignDevice, e
 	for rows.Next() {
 		var d CampaignDevice
 		if err := rows.Scan(&d.DeviceID, &d.Stage, &d.FromVersion, &d.JobID, &d.State, &d.Progress, &d.Error, &d.RollbackJobID,
-			&d.RollbackState, &d.DispatchedAt, &d.DeliveredAt, &d.FinishedAt); err != nil {
+			&d.RollbackState, &d.DispatchedAt, &d.DeliveredAt, &d.FinishedAt, &d.Delta, &d.FellBack, &d.BytesSent); err != nil {
 			return nil, err
 		}
 		out = append(out, d)

@@ -27,6 +27,7 @@ type device struct {
 	id       string
 	token    string // empty for certificate devices
 	firmware string // changes when an OTA job succeeds
+	image    string // SHA-256 of the image it runs, when its bytes are known (delta.go)
 	src      net.IP // local address to connect from; nil = any
 	cert     *tls.Certificate
 	rnd      *rand.Rand

@@ -123,6 +123,12 @@ type OTAOptions struct {
 	// InterruptDownloads cuts every device's first download attempt half
 	// way, so the resume with Range is exercised.
 	InterruptDownloads bool `yaml:"interrupt_downloads" json:"interrupt_downloads"`
+	// Images are the files of firmware images by version: a device that
+	// runs one of these versions holds its bytes (one copy per image for
+	// the whole fleet) and applies a delta from it when a job offers one; a
+	// device that installs an image keeps it too. Without them devices
+	// take full images only.
+	Images map[string]string `yaml:"images" json:"images"`
 }
 
 // Cohort is a group of identical devices.
@@ -194,7 +200,9 @@ type Cohort struct {
 
 // OTAFailure is how OTA jobs fail on a cohort.
 type OTAFailure struct {
-	// Mode: download_fails, checksum_mismatch, install_fails, never_returns.
+	// Mode: download_fails, checksum_mismatch, install_fails, never_returns,
+	// or bad_delta (the delta's bytes are damaged after the download: the
+	// device must refuse it and fall back to the full image).
 	Mode string `yaml:"mode" json:"mode"`
 	// Rate is the share of the cohort's jobs that fail, 0–1 (default 1),
 	// spread evenly over the jobs so that small samples see it exactly.
@@ -384,9 +392,9 @@ func (f *Fleet) Validate() error {
 			}
 		}
 		switch c.OTAFailure.Mode {
-		case "", "download_fails", "checksum_mismatch", "install_fails", "never_returns":
+		case "", "download_fails", "checksum_mismatch", "install_fails", "never_returns", "bad_delta":
 		default:
-			return fmt.Errorf("%s: %q: want download_fails, checksum_mismatch, install_fails or never_returns", field("ota_failure.mode"), c.OTAFailure.Mode)
+			return fmt.Errorf("%s: %q: want download_fails, checksum_mismatch, install_fails, never_returns or bad_delta", field("ota_failure.mode"), c.OTAFailure.Mode)
 		}
 		if c.StartAfter < 0 || c.StartAfter >= f.Run.Duration {
 			return fmt.Errorf("%s must be at least 0 and shorter than run.duration (%s)", field("start_after"), f.Run.Duration.D())

@@ -28,6 +28,7 @@ type otaJob struct {
 	Signature         string       `json:"signature"` // the image's: over Manifest.Image
 	Manifest          manifest.Job `json:"manifest"`
 	ManifestSignature string       `json:"manifest_signature"`
+	DeltaURL          string       `json:"delta_url"` // for Manifest.Delta
 }
 
 // otaStatus is the payload of devices/{id}/ota/status.
@@ -94,13 +95,32 @@ func (d *device) handleJob(ctx context.Context, sess session, raw []byte) sessio
 		return fail("refused: " + err.Error())
 	}
 
-	d.report(ctx, sess, otaStatus{JobID: job.JobID, State: "downloading"})
-	image, err := d.download(ctx, sess, job.JobID, job.URL, m.Size, failing == "download_fails")
-	if err != nil {
+	var image *os.File
+	if m.Delta != nil && job.DeltaURL != "" {
+		d.report(ctx, sess, otaStatus{JobID: job.JobID, State: "downloading", Error: "delta from " + m.Delta.BaseVersion})
+		img, err := d.applyDelta(ctx, sess, job, failing == "bad_delta")
 		if ctx.Err() != nil {
 			return endShutdown
 		}
-		return fail("download failed: " + err.Error())
+		if err != nil {
+			// Any failure of the delta falls back to the full image, in the
+			// same job, and says so.
+			d.sim.stats.count("ota delta fallbacks")
+			d.report(ctx, sess, otaStatus{JobID: job.JobID, State: "downloading", Error: "delta not used (" + err.Error() + "); downloading the full image"})
+		}
+		image = img
+	} else {
+		d.report(ctx, sess, otaStatus{JobID: job.JobID, State: "downloading"})
+	}
+	if image == nil {
+		img, err := d.download(ctx, sess, job.JobID, job.URL, m.Size, failing == "download_fails")
+		if err != nil {
+			if ctx.Err() != nil {
+				return endShutdown
+			}
+			return fail("download failed: " + err.Error())
+		}
+		image = img
 	}
 	defer func() { image.Close(); os.Remove(image.Name()) }()
 	d.report(ctx, sess, otaStatus{JobID: job.JobID, State: "verifying", Progress: 100})
@@ -130,6 +150,7 @@ func (d *device) handleJob(ctx context.Context, sess session, raw []byte) sessio
 		return endNeverReturn
 	}
 	d.sim.stats.count("ota installed")
+	d.keepImage(m.SHA256, image)
 	d.firmware = m.Version
 	d.pendingJob = job.JobID
 	d.booted = time.Now()

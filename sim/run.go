@@ -50,7 +50,9 @@ type Simulator struct {
 	devices   []*device
 	// api registers the devices of cohorts that start late (start_after)
 	// when they start; nil when the run does not register.
-	api *client.Client
+	api     *client.Client
+	images  *images           // the image bytes devices run, by digest (delta.go)
+	imageOf map[string]string // version → digest of ota.images
 
 	failMu   sync.Mutex
 	failJobs map[*Cohort]int // OTA jobs seen per cohort, to spread failures evenly
@@ -111,6 +113,10 @@ func New(ctx context.Context, f *Fleet, opts Options) (*Simulator, error) {
 			return nil, fmt.Errorf("server.ca_file: %s holds no PEM certificate", f.Server.CAFile)
 		}
 	}
+	var err error
+	if s.imageOf, err = s.loadImages(); err != nil {
+		return nil, err
+	}
 	if err := s.buildDevices(); err != nil {
 		return nil, err
 	}
@@ -161,7 +167,7 @@ func (s *Simulator) buildDevices() error {
 					src = twinAddress(srcs, n, src)
 				}
 			}
-			d := &device{sim: s, cohort: c, id: id, firmware: c.Firmware, src: src, jobsSeen: map[string]bool{},
+			d := &device{sim: s, cohort: c, id: id, firmware: c.Firmware, image: s.imageOf[c.Firmware], src: src, jobsSeen: map[string]bool{},
 				rnd:     rand.New(rand.NewPCG(uint64(n), uint64(time.Now().UnixNano()))),
 				flapRnd: flapSource(id, twin), oversize: oversize, booted: time.Now()}
 			if c.Link != nil {

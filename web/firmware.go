@@ -36,6 +36,8 @@ type Artifacts interface {
 	List(ctx context.Context) ([]firmware.Artifact, error)
 	Delete(ctx context.Context, id string) error
 	Open(ctx context.Context, id string) (firmware.Artifact, *os.File, error)
+	OpenDelta(ctx context.Context, targetID, base string) (firmware.Delta, *os.File, error)
+	Served(ctx context.Context, jobID, deviceID string, n int64, full bool) error
 	CheckURL(artifactID, deviceID, jobID, expires, sig string, now time.Time) error
 	PublicKey() ed25519.PublicKey
 }
@@ -77,6 +79,8 @@ func (s *Server) MountFirmware(a Artifacts, c Campaigns, o FirmwareOptions) {
 	s.mount(func(public, api chi.Router) {
 		public.Get("/firmware/{id}/download", h.download)
 		public.Head("/firmware/{id}/download", h.download) // size and ETag before a ranged download
+		public.Get("/firmware/{id}/deltas/{base}", h.downloadDelta)
+		public.Head("/firmware/{id}/deltas/{base}", h.downloadDelta)
 		api.Post("/firmware", h.upload)
 		api.Get("/firmware", h.list)
 		api.Get("/firmware/signing-key", h.signingKey)
@@ -221,13 +225,43 @@ func (h *firmwareHandlers) signingKey(w http.ResponseWriter, r *http.Request) {
 // download's slot). An image that is nowhere is 503, one whose bytes do not
 // match its digest 500, both naming the artifact. Concurrent downloads are
 // capped per source (429) and in all (503); a client that stops reading is
-// cut off by the stall deadline (stallWrites), which frees its slot.
+// cut off by the stall deadline (stallWrites), which frees its slot. The
+// bytes served for a job's signed URL are added to the job's count.
 func (h *firmwareHandlers) download(w http.ResponseWriter, r *http.Request) {
 	id := chi.URLParam(r, "id")
+	h.serve(w, r, id, func(ctx context.Context) (served, error) {
+		art, f, err := h.a.Open(ctx, id)
+		return served{f: f, etag: art.SHA256, name: art.Version + ".bin", version: art.Version, modified: art.CreatedAt, full: true}, err
+	})
+}
+
+// downloadDelta serves the delta from the image whose SHA-256 is {base} to
+// the artifact {id} as download serves an image, to a device holding the
+// delta URL of its job (signed for the target and the base) or to the
+// admin. A delta that is not built (or not any more) is 404.
+func (h *firmwareHandlers) downloadDelta(w http.ResponseWriter, r *http.Request) {
+	id, base := chi.URLParam(r, "id"), chi.URLParam(r, "base")
+	h.serve(w, r, firmware.DeltaKey(id, base), func(ctx context.Context) (served, error) {
+		d, f, err := h.a.OpenDelta(ctx, id, base)
+		return served{f: f, etag: d.SHA256, name: d.Target.Version + ".delta", version: d.Target.Version, modified: d.Target.CreatedAt}, err
+	})
+}
+
+// served is what a download sends.
+type served struct {
+	f        *os.File
+	etag     string
+	name     string
+	version  string
+	modified time.Time
+	full     bool // the image, not a delta
+}
+
+func (h *firmwareHandlers) serve(w http.ResponseWriter, r *http.Request, key string, open func(context.Context) (served, error)) {
 	q := r.URL.Query()
 	authorised := false
 	if q.Get("sig") != "" {
-		if err := h.a.CheckURL(id, q.Get("device"), q.Get("job"), q.Get("expires"), q.Get("sig"), time.Now()); err != nil {
+		if err := h.a.CheckURL(key, q.Get("device"), q.Get("job"), q.Get("expires"), q.Get("sig"), time.Now()); err != nil {
 			writeJSON(w, http.StatusForbidden, errorBody{apiError{Code: "forbidden", Message: "download URL: " + err.Error(), Field: "sig"}})
 			return
 		}
@@ -254,17 +288,41 @@ func (h *firmwareHandlers) download(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusServiceUnavailable, errorBody{apiError{Code: "busy", Message: "too many concurrent firmware downloads; retry later"}})
 		return
 	}
-	art, f, err := h.a.Open(r.Context(), id)
+	s, err := open(r.Context())
 	if err != nil {
 		h.fail(w, r, err)
 		return
 	}
-	defer f.Close()
-	w.Header().Set("ETag", `"`+art.SHA256+`"`)
+	defer s.f.Close()
+	w.Header().Set("ETag", `"`+s.etag+`"`)
 	w.Header().Set("Content-Type", "application/octet-stream")
-	w.Header().Set("X-Firmware-Version", art.Version)
-	http.ServeContent(w, r, art.Version+".bin", art.CreatedAt, f)
+	w.Header().Set("X-Firmware-Version", s.version)
+	cw := &countingWriter{ResponseWriter: w}
+	http.ServeContent(cw, r, s.name, s.modified, s.f)
+	if authorised && cw.n > 0 {
+		// Counted once the response is over, whether it ran to the end or
+		// was cut: the job's bytes on the wire include the resumes.
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 5*time.Second)
+		defer cancel()
+		if err := h.a.Served(ctx, q.Get("job"), q.Get("device"), cw.n, s.full); err != nil {
+			h.s.opts.Logger.Warn("cannot count the bytes served for a job", "job_id", q.Get("job"), "bytes", cw.n, "err", err)
+		}
+	}
 }
+
+// countingWriter counts the body bytes written through it.
+type countingWriter struct {
+	http.ResponseWriter
+	n int64
+}
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	n, err := w.ResponseWriter.Write(p)
+	w.n += int64(n)
+	return n, err
+}
+
+func (w *countingWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func actor(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)

@@ -552,6 +552,10 @@ func progress(w io.Writer, v firmware.CampaignView) {
 		done, failed := sc.ByState["succeeded"], sc.ByState["failed"]+sc.ByState["timed_out"]
 		fmt.Fprintf(w, "  %s\t%s\t%d/%d succeeded\t%d failed\n", sc.Name, bar(done, failed, sc.Targets, 30), done, sc.Targets, failed)
 	}
+	if v.Delta {
+		b := v.Bytes
+		fmt.Fprintf(w, "  bytes\t%d sent, %d saved by deltas\t%d jobs offered a delta, %d fell back\n", b.Sent, b.Saved, b.DeltaJobs, b.FellBack)
+	}
 }
 
 func bar(done, failed, total, width int) string {

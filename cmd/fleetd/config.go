@@ -63,14 +63,17 @@ type Config struct {
 	// CampaignFollowInterval is how often a campaign that follows the fleet
 	// looks for devices that start matching it.
 	CampaignFollowInterval time.Duration
-	DatabaseURL            string
-	DataDir                string
-	AdminToken             string
-	LogLevel               slog.Level
-	LogFormat              string
-	PGBin                  string
-	ShutdownTimeout        time.Duration
-	Node                   string
+	// DeltaMaxImageMB and DeltaWait are firmware.DeltaOptions.
+	DeltaMaxImageMB int
+	DeltaWait       time.Duration
+	DatabaseURL     string
+	DataDir         string
+	AdminToken      string
+	LogLevel        slog.Level
+	LogFormat       string
+	PGBin           string
+	ShutdownTimeout time.Duration
+	Node            string
 
 	// RecorderBehindAfter is how old the oldest connection event not yet in
 	// the database may get before /readyz reports fleetd not ready.
@@ -231,6 +234,8 @@ func (c *Config) settings() []setting {
 		{name: "ota-max-downloads-per-source", usage: "concurrent firmware downloads per source address (IPv4 address or IPv6 /64); more get 429 with Retry-After; 0 = no cap (devices behind one NAT share an address)", bind: num(&c.OTAMaxDownloadsPerSource, 4)},
 		{name: "campaign-interval", usage: "how often running campaigns are stepped", bind: dur(&c.CampaignInterval, time.Second)},
 		{name: "campaign-follow-interval", usage: "how often a campaign that follows the fleet looks for devices that start matching its selector", bind: dur(&c.CampaignFollowInterval, firmware.DefaultFollowInterval)},
+		{name: "delta-max-image-mb", usage: "largest firmware image (base or target, MiB) a delta campaign builds a delta for; larger ones are sent whole; building holds about 8 times it in memory", bind: num(&c.DeltaMaxImageMB, firmware.DefaultDeltaMaxImage>>20)},
+		{name: "delta-wait", usage: "how long a delta campaign holds the jobs of devices whose delta is still being built before it sends them the full image", bind: dur(&c.DeltaWait, firmware.DefaultDeltaWait)},
 		{name: "log-level", usage: "log level: debug, info, warn, error", bind: func(fs *flag.FlagSet, n, u string) { fs.TextVar(&c.LogLevel, n, slog.LevelInfo, u) }},
 		{name: "log-format", usage: "log format: json or text", bind: str(&c.LogFormat, "json")},
 		{name: "pg-bin", usage: "directory holding the PostgreSQL server binaries for the embedded database (default: search PATH and the usual locations)", bind: str(&c.PGBin, "")},
@@ -424,6 +429,12 @@ func (c *Config) validate() error {
 		// A look happens in a campaign's step, so it cannot come more often
 		// than the steps; an hour is already a long wait for a new device.
 		bad("campaign-follow-interval", "must be between -campaign-interval and 1h")
+	}
+	if c.DeltaMaxImageMB < 1 || int64(c.DeltaMaxImageMB)<<20 > firmware.MaxDeltaImage {
+		bad("delta-max-image-mb", "must be between 1 and %d", firmware.MaxDeltaImage>>20)
+	}
+	if c.DeltaWait <= 0 {
+		bad("delta-wait", "must be positive")
 	}
 	if c.AnalysisInterval < time.Second {
 		bad("analysis-interval", "must be at least 1s")

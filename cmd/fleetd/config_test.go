@@ -28,7 +28,7 @@ func TestParseConfig(t *testing.T) {
 		MQTTMaxPacket: 256 << 10, ConnectTimeout: 10 * time.Second, ConnectRate: 5000, ConnectBurst: 1000,
 		ClientRate: 1, ClientBurst: 10, AuthFailureRate: 1, AuthFailureBurst: 20, MaxPending: 10000, MaxPendingPerSrc: 1000,
 		PublishRate: 100, PublishBurst: 500, SubscribeRate: 5, SubscribeBurst: 50, SessionExpiry: time.Hour, AnalysisInterval: time.Minute, CredentialCacheTTL: 5 * time.Minute, ReplicaDeadAfter: 15 * time.Second,
-		OTAMaxDownloads: 100, CampaignInterval: time.Second, RecorderBehindAfter: 30 * time.Second}
+		OTAMaxDownloads: 100, CampaignInterval: time.Second, DeltaMaxImageMB: 64, DeltaWait: 10 * time.Minute, RecorderBehindAfter: 30 * time.Second}
 	defaults.OTAMaxDownloadsPerSource, defaults.HTTPIdleTimeout, defaults.HTTPReadTimeout, defaults.HTTPStallTimeout = 4, time.Minute, 30*time.Second, 30*time.Second
 	defaults.HTTPMaxStreams, defaults.HTTPMaxStreamsPerToken, defaults.HTTPAuthFailureRate, defaults.HTTPAuthFailureBurst = 256, 8, 1, 20
 	defaults.EventSpoolMaxBytes = 1 << 30
@@ -151,6 +151,8 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "bad recorder behind after", env: map[string]string{"FLEETD_RECORDER_BEHIND_AFTER": "later"}, want: []string{"FLEETD_RECORDER_BEHIND_AFTER", "later"}},
 		{name: "tiny event spool cap", args: []string{"-event-spool-max-bytes", "4096"}, want: []string{"FLEETD_EVENT_SPOOL_MAX_BYTES", "at least 1048576"}},
 		{name: "event spool cap with a unit", env: map[string]string{"FLEETD_EVENT_SPOOL_MAX_BYTES": "1GiB"}, want: []string{"FLEETD_EVENT_SPOOL_MAX_BYTES", "1GiB"}},
+		{name: "delta image limit above a zstd window", args: []string{"-delta-max-image-mb", "1024"}, want: []string{"FLEETD_DELTA_MAX_IMAGE_MB", "between 1 and 512"}},
+		{name: "zero delta wait", env: map[string]string{"FLEETD_DELTA_WAIT": "0s"}, want: []string{"FLEETD_DELTA_WAIT", "positive"}},
 		{name: "campaign interval too long for pacing", args: []string{"-campaign-interval", "5s"}, want: []string{"FLEETD_CAMPAIGN_INTERVAL", "2s"}},
 		{name: "campaign follow interval above an hour", args: []string{"-campaign-follow-interval", "2h"}, want: []string{"FLEETD_CAMPAIGN_FOLLOW_INTERVAL", "1h"}},
 		{name: "campaign follow interval below the step", args: []string{"-campaign-follow-interval", "100ms"}, want: []string{"FLEETD_CAMPAIGN_FOLLOW_INTERVAL", "-campaign-interval"}},

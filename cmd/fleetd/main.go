@@ -213,6 +213,8 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	router := cluster.NewRouter(b, rs.bus, pool, logger.With("component", "cluster"))
 	camps := firmware.NewCampaigns(pool, arts, svc, router, baseURL, logger.With("component", "ota"))
 	camps.SetFollowInterval(cfg.CampaignFollowInterval)
+	deltas := firmware.DeltaOptions{MaxImage: int64(cfg.DeltaMaxImageMB) << 20, Wait: cfg.DeltaWait}
+	camps.SetDeltaOptions(deltas)
 	b.Handle("ota/status", camps.HandleStatus)
 	linked.Links = startTelemetry(cfg, logger, lc, api, pool, reg, b, rec)
 	b.OnSubscribe("ota/job", camps.DeviceListening)
@@ -252,6 +254,7 @@ func startFleet(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecy
 	api.MountDiagnosis(svc)
 
 	bg.start("campaigns", func(ctx context.Context) { camps.Run(ctx, cfg.CampaignInterval) })
+	bg.start("firmware deltas", func(ctx context.Context) { arts.BuildDeltas(ctx, deltas, 2*time.Second) })
 	bg.start("analysis", func(ctx context.Context) { svc.RunAnalysis(ctx, cfg.AnalysisInterval) })
 	bg.start("event partitions", func(ctx context.Context) { svc.RunEventMaintenance(ctx, cfg.eventRetention()) })
 	bg.start("database clock", func(ctx context.Context) { rs.clock.Run(ctx, 30*time.Second) })

@@ -36,7 +36,32 @@ type Job struct {
 	DeviceID string    `json:"device_id"`
 	Rollback bool      `json:"rollback"` // a version older than the device runs is allowed only then
 	Expires  time.Time `json:"expires"`
+	// Delta, when set, offers a device that runs the base image a binary
+	// delta to the job's image instead of the whole image. The result must
+	// be the job's Image (its size and SHA-256), checked before it is
+	// installed; a device that cannot use the delta downloads the image.
+	// It is omitted from the signed bytes when nil, so that a job without
+	// a delta is signed exactly as before deltas.
+	Delta *Delta `json:"delta,omitempty"`
 }
+
+// Delta names a binary delta from a base image to a job's image.
+type Delta struct {
+	BaseVersion string `json:"base_version"`
+	BaseSHA256  string `json:"base_sha256"` // hex; the device checks its own image against it first
+	SHA256      string `json:"sha256"`      // hex, of the delta's bytes as downloaded
+	Size        int64  `json:"size"`        // of the delta's bytes
+	// Encoding says how to apply it: EncodingZstdPatch is a zstd frame
+	// compressed with the base image as its raw dictionary (zstd's
+	// "patch-from"), window WindowSize.
+	Encoding   string `json:"encoding"`
+	WindowSize int64  `json:"window_size"`
+}
+
+// EncodingZstdPatch is a delta made by zstd with the base image as raw
+// dictionary (id 1): decompressing it with the base as dictionary gives the
+// target image.
+const EncodingZstdPatch = "zstd-patch-from"
 
 // Domain separators: a signature over one kind of statement can never be
 // taken for another (or for the bare digest older fleetd versions signed).

@@ -78,3 +78,41 @@ func TestSignatureCoversEveryField(t *testing.T) {
 		t.Errorf("same manifest: %v", err)
 	}
 }
+
+// TestDeltaSigned: every field of a job's delta is covered by the job's
+// signature, a delta added to or removed from a signed job breaks it, and a
+// job without a delta is signed over the same bytes as before deltas.
+func TestDeltaSigned(t *testing.T) {
+	pub, key, _ := ed25519.GenerateKey(rand.Reader)
+	m := Job{Image: Image{SHA256: "aa", Size: 1, Version: "2.0.0", Models: []string{"gw-100"}}, JobID: "job_1", DeviceID: "gw-1",
+		Expires: time.Date(2026, 6, 1, 13, 0, 0, 0, time.UTC)}
+	const before = "fleetd ota job manifest v1\n" +
+		`{"sha256":"aa","size":1,"version":"2.0.0","models":["gw-100"],"job_id":"job_1","device_id":"gw-1","rollback":false,"expires":"2026-06-01T13:00:00Z"}`
+	if got := string(m.Canonical()); got != before {
+		t.Errorf("a job without a delta signs\n%s\nwant, as before deltas,\n%s", got, before)
+	}
+	plain := SignJob(key, m)
+	d := Delta{BaseVersion: "1.0.0", BaseSHA256: "cc", SHA256: "dd", Size: 10, Encoding: EncodingZstdPatch, WindowSize: 1 << 20}
+	m.Delta = &d
+	sig := SignJob(key, m)
+	if _, err := VerifyJob([]ed25519.PublicKey{pub}, m, plain); !errors.Is(err, ErrSignature) {
+		t.Error("a delta added to a signed job verifies")
+	}
+	for name, edit := range map[string]func(*Delta){
+		"base_version": func(d *Delta) { d.BaseVersion = "0.9.0" }, "base_sha256": func(d *Delta) { d.BaseSHA256 = "ee" },
+		"sha256": func(d *Delta) { d.SHA256 = "ff" }, "size": func(d *Delta) { d.Size = 11 },
+		"encoding": func(d *Delta) { d.Encoding = "bsdiff" }, "window_size": func(d *Delta) { d.WindowSize = 1 << 30 },
+	} {
+		c, cd := m, d
+		edit(&cd)
+		c.Delta = &cd
+		if _, err := VerifyJob([]ed25519.PublicKey{pub}, c, sig); !errors.Is(err, ErrSignature) {
+			t.Errorf("changed delta %s still verifies", name)
+		}
+	}
+	c := m
+	c.Delta = nil
+	if _, err := VerifyJob([]ed25519.PublicKey{pub}, c, sig); !errors.Is(err, ErrSignature) {
+		t.Error("a delta removed from a signed job verifies")
+	}
+}

@@ -2,7 +2,7 @@
 // the selector matches) and a campaign's page: state, actions, per-stage
 // progress, devices and history, kept current by the live stream.
 
-import {h, card, table, link, uiPath, devicePath, dl, fmtTime, fmtNum, badge, settle, errorBox, confirmDialog, orNotFound} from '../lib/dom.js';
+import {h, card, table, link, uiPath, devicePath, dl, fmtTime, fmtNum, fmtBytes, badge, settle, errorBox, confirmDialog, orNotFound} from '../lib/dom.js';
 import {api, enc} from '../lib/api.js';
 import {input, field, list, numberField, checkDuration, selectorInputs, scanDevices, matchCounter, onSubmit} from '../lib/form.js';
 import {navigate} from '../lib/nav.js';
@@ -366,9 +366,20 @@ export async function campaignView(ctx, id) {
       ['Pacing', `${p.devices_per_minute ? `${p.devices_per_minute} devices/min` : 'no rate limit'}, ${p.max_concurrent ? `${p.max_concurrent} at once` : 'no concurrency limit'}`],
       ['Device timeout', c.device_timeout],
       ['Breached gate', c.gate_action === 'abort' ? 'aborts the campaign' : 'pauses the campaign'],
+      ['Delta images', c.delta ? 'offered to devices whose version\'s image is stored' : 'off (full images)'],
+      ['Bytes sent', bytesText(c.bytes), 'campaign-bytes'],
       ['Created', fmtTime(c.created_at)],
       ['Updated', fmtTime(c.updated_at)],
     ]));
+  }
+
+  // bytesText says what the campaign's downloads came to (firmware.DeltaStats).
+  function bytesText(b) {
+    b = b || {};
+    const sent = fmtBytes(b.sent || 0);
+    if (!c.delta) return sent;
+    const saved = (b.saved || 0) < 0 ? `${fmtBytes(-b.saved)} lost to fallbacks` : `${fmtBytes(b.saved || 0)} saved by deltas`;
+    return `${sent}, ${saved} (${b.delta_jobs || 0} jobs offered a delta, ${b.fell_back || 0} fell back to the full image)`;
   }
 
   function drawStages() {
