@@ -55,7 +55,7 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 				if err != nil {
 					return err
 				}
-				n, err := requestDeltas(ctx, tx, id, art.SHA256, now)
+				n, err := requestDeltas(ctx, tx, id, art.SHA256, now, nil)
 				if err != nil {
 					return fmt.Errorf("request deltas: %w", err)
 				}

@@ -274,18 +274,19 @@ func (w *hashWriter) Write(p []byte) (int, error) {
 	return w.w.Write(p)
 }
 
-// requestDeltas asks for the deltas a starting delta campaign's devices
-// need: from the stored image of each device's model and reported version
-// to the target. A pair asked for before keeps its row (built, failed or
-// pending).
-func requestDeltas(ctx context.Context, tx pgx.Tx, campaignID, target string, now time.Time) (int64, error) {
+// requestDeltas asks for the deltas a delta campaign's devices need: from
+// the stored image of each device's model and reported version to the
+// target. devices limits it to those (the devices a following campaign
+// just picked up); nil means every device of the campaign (its start). A
+// pair asked for before keeps its row (built, failed or pending).
+func requestDeltas(ctx context.Context, tx pgx.Tx, campaignID, target string, now time.Time, devices []string) (int64, error) {
 	tag, err := tx.Exec(ctx, `INSERT INTO firmware_deltas (base_sha256, target_sha256, created_at)
 		SELECT DISTINCT b.sha256, $2, $3::timestamptz FROM campaign_devices cd
 		JOIN devices d ON d.id = cd.device_id
 		JOIN firmware_models fm ON fm.model = d.model AND fm.version = d.firmware
 		JOIN firmware b ON b.id = fm.firmware_id
-		WHERE cd.campaign_id = $1 AND b.sha256 <> $2
-		ON CONFLICT DO NOTHING`, campaignID, target, now)
+		WHERE cd.campaign_id = $1 AND b.sha256 <> $2 AND ($4::text[] IS NULL OR cd.device_id = ANY($4))
+		ON CONFLICT DO NOTHING`, campaignID, target, now, devices)
 	return tag.RowsAffected(), err
 }
 

@@ -293,3 +293,51 @@ func TestDeltaHeldJobsKeepTheirPace(t *testing.T) {
 		t.Fatalf("after the build: a1 %d jobs, a2 %d; want both sent with their delta at the rate they were owed", len(a1), len(a2))
 	}
 }
+
+// TestDeltaForJoiners: a following delta campaign asks for the delta of a
+// device that joins it later, on a base whose image is stored (here a base
+// no device ran at the start), holds its job until the delta is built, and
+// names the delta in its manifest.
+func TestDeltaForJoiners(t *testing.T) {
+	f := newDeltaFixture(t)
+	ctx := context.Background()
+	f.c.SetFollowInterval(time.Second)
+	older := append([]byte(nil), f.baseBytes...)
+	copy(older[2000:], "the firmware before the base")
+	old, err := f.c.artifacts.Create(ctx, NewArtifact{Version: "2.9.0", Models: []string{"gw-100"}}, bytes.NewReader(older))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := f.start(Spec{Name: "delta follow", Stages: oneStage(Stage{MaxNotBackOnline: -1}), Delta: true, Follow: true})
+	for {
+		built, err := f.c.artifacts.BuildDelta(ctx, DeltaOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !built {
+			break
+		}
+	}
+	f.step(time.Second)
+	f.register("late", "gw-100", "2.9.0")
+	f.step(time.Second)
+	if got := f.sentTo("late"); len(got) != 0 {
+		t.Fatalf("the joiner got %d jobs before its delta was built", len(got))
+	}
+	var pending int
+	if err := f.pool.QueryRow(ctx, `SELECT count(*) FROM firmware_deltas WHERE base_sha256 = $1 AND target_sha256 = $2 AND state = 'pending'`,
+		old.SHA256, f.target.SHA256).Scan(&pending); err != nil || pending != 1 {
+		t.Fatalf("%d pending deltas from the joiner's base (%v), want 1", pending, err)
+	}
+	if built, err := f.c.artifacts.BuildDelta(ctx, DeltaOptions{}); err != nil || !built {
+		t.Fatalf("BuildDelta = %v, %v", built, err)
+	}
+	f.step(time.Second)
+	jobs := f.sentTo("late")
+	if len(jobs) != 1 || jobs[0].Manifest.Delta == nil || jobs[0].Manifest.Delta.BaseSHA256 != old.SHA256 {
+		t.Fatalf("the joiner's jobs %+v: want one naming the delta from 2.9.0", jobs)
+	}
+	if view := f.view(v.ID); view.Joined != 1 {
+		t.Fatalf("joined %d, want 1", view.Joined)
+	}
+}

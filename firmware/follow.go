@@ -157,7 +157,16 @@ func (c *Campaigns) follow(ctx context.Context, tx pgx.Tx, camp Campaign, sel Se
 	} else if m := dbNow.Add(-followMargin); m.After(after) {
 		nextAt, nextID = m, ""
 	}
-	joined := len(newIDs) + len(againIDs)
+	joinedIDs := append(append([]string(nil), newIDs...), againIDs...)
+	joined := len(joinedIDs)
+	if camp.Delta && joined > 0 {
+		// Joiners on a version whose image is stored get a delta too (a
+		// pair already asked for keeps its row; dispatch holds them while
+		// a new one is built, as at the start).
+		if _, err := requestDeltas(ctx, tx, camp.ID, art.SHA256, now, joinedIDs); err != nil {
+			return 0, err
+		}
+	}
 	if _, err := tx.Exec(ctx, `UPDATE campaigns SET follow_after = $2, follow_after_id = $3, follow_looked_at = $4,
 			joined = joined + $5, updated_at = CASE WHEN $5 > 0 THEN $4 ELSE updated_at END WHERE id = $1`,
 		camp.ID, nextAt, nextID, now, joined); err != nil {
@@ -167,7 +176,7 @@ func (c *Campaigns) follow(ctx context.Context, tx pgx.Tx, camp Campaign, sel Se
 		return 0, nil
 	}
 	detail := map[string]any{"stage": last, "devices": joined, "new": len(newIDs), "again": len(againIDs),
-		"device_ids": firstIDs(append(newIDs, againIDs...), 20)}
+		"device_ids": firstIDs(joinedIDs, 20)}
 	return joined, history(ctx, tx, camp.ID, "fleetd", "joined", detail, now)
 }
 
