@@ -29,9 +29,10 @@ func (c *Campaigns) Run(ctx context.Context, interval time.Duration) {
 	}
 }
 
-// StepAll steps every running or rolling-back campaign once.
+// StepAll steps every running, rolling-back or awaiting campaign once (an
+// awaiting campaign's gates are still watched).
 func (c *Campaigns) StepAll(ctx context.Context) error {
-	rows, err := c.pool.Query(ctx, `SELECT id FROM campaigns WHERE state IN ('running', 'rolling_back') ORDER BY created_at`)
+	rows, err := c.pool.Query(ctx, `SELECT id FROM campaigns WHERE state IN ('running', 'rolling_back', 'awaiting_approval') ORDER BY created_at`)
 	if err != nil {
 		return err
 	}
@@ -67,7 +68,7 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 		if err != nil {
 			return err
 		}
-		if camp.State != StateRunning && camp.State != StateRollingBack {
+		if camp.State != StateRunning && camp.State != StateRollingBack && camp.State != StateAwaitingApproval {
 			return nil
 		}
 		kind := kindForward
@@ -96,9 +97,16 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 					return err
 				}
 			}
-			sends, err = c.dispatch(ctx, tx, camp, kind, d.Dispatch, now)
+			sends, err = c.dispatch(ctx, tx, camp, kind, d.Dispatch, d.Zones, now)
 			changed = changed || len(sends) > 0
 			return err
+		case ActionAwaitApproval:
+			changed = true
+			if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = $2, updated_at = $3 WHERE id = $1`, id, string(StateAwaitingApproval), now); err != nil {
+				return err
+			}
+			c.logger.Info("campaign awaiting approval", "campaign_id", id, "stage", camp.Stage)
+			return history(ctx, tx, id, "fleetd", "awaiting_approval", decisionDetail(camp, d, stats), now)
 		case ActionSoak:
 			changed = true
 			if _, err := tx.Exec(ctx, `UPDATE campaigns SET stage_done_at = $2, updated_at = $2 WHERE id = $1`, id, now); err != nil {
@@ -149,15 +157,25 @@ func decisionDetail(camp Campaign, d Decision, s StageStats) map[string]any {
 }
 
 // dispatch marks n pending jobs of kind in the current stage dispatched and
-// prepares them; the commit that records them comes before any send.
-func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind string, n int, now time.Time) ([]pendingSend, error) {
+// prepares them; the commit that records them comes before any send. zones,
+// when not nil, are the timezone tag values (Decision.Zones) whose devices
+// are inside an open window: only theirs go.
+func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind string, n int, zones []string, now time.Time) ([]pendingSend, error) {
+	// Without windows no device's tags are read ($2 = '' and $6 NULL make
+	// the zone test true before it looks at any).
+	zoned, tag := `true`, ""
+	if zones != nil {
+		zoned, tag = zoneTagSQL+` = ANY($6)`, camp.TimezoneTag
+	}
 	rows, err := tx.Query(ctx, `UPDATE ota_jobs j SET state = 'dispatched', dispatched_at = $5, delivered_at = NULL
 		FROM campaign_devices cd
 		WHERE cd.campaign_id = j.campaign_id AND cd.device_id = j.device_id AND j.id IN (
 			SELECT j2.id FROM ota_jobs j2 JOIN campaign_devices cd2 ON cd2.campaign_id = j2.campaign_id AND cd2.device_id = j2.device_id
-			WHERE j2.campaign_id = $1 AND j2.kind = $2 AND j2.state = 'pending' AND ($2 = 'rollback' OR cd2.stage = $3)
+			LEFT JOIN devices d ON d.id = j2.device_id
+			WHERE j2.campaign_id = $1 AND j2.kind = $7 AND j2.state = 'pending' AND ($7 = 'rollback' OR cd2.stage = $3)
+				AND ($6::text[] IS NULL OR `+zoned+`) AND $2::text IS NOT NULL
 			ORDER BY cd2.position LIMIT $4)
-		RETURNING j.id, j.device_id, cd.from_version, cd.position`, camp.ID, kind, camp.Stage, n, now)
+		RETURNING j.id, j.device_id, cd.from_version, cd.position`, camp.ID, tag, camp.Stage, n, now, zones, kind)
 	if err != nil {
 		return nil, err
 	}
