@@ -1,0 +1,148 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetd/fleetd/firmware"
+	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/internal/fleetdtest"
+)
+
+// closedWindow is a daily hour-long window twelve hours from now (UTC),
+// closed for the whole of a test.
+func closedWindow() firmware.Window {
+	return firmware.Window{Cron: fmt.Sprintf("0 %d * * *", (time.Now().UTC().Hour()+12)%24), Duration: firmware.Duration(time.Hour)}
+}
+
+// TestConsoleApproveStage: a campaign whose first stage requires approval
+// waits after start; the console offers Approve (built from the campaign's
+// actions), approving it runs the campaign, the history names the stage
+// approved, and the campaign's closed window says why nothing is sent and
+// until when.
+func TestConsoleApproveStage(t *testing.T) {
+	p, api := consoleFleetd(t)
+	ctx := context.Background()
+	target := upload(t, api, "2.0.0", 4<<10)
+	if _, err := api.RegisterDevice(ctx, fleet.NewDevice{ID: "away-1", Model: "gw-100", Tags: []string{"tz=Asia/Tokyo"}}); err != nil {
+		t.Fatal(err)
+	}
+	camp, err := api.CreateCampaign(ctx, firmware.Spec{Name: "approved", FirmwareID: target.ID,
+		Stages:        []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1, RequiresApproval: true}},
+		Windows:       []firmware.Window{closedWindow()},
+		DeviceTimeout: firmware.Duration(10 * time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := api.CampaignAction(ctx, camp.ID, firmware.ActStart); err != nil {
+		t.Fatal(err)
+	}
+	b := newBrowser(t, p.HTTPURL, 60*time.Second)
+	b.signIn(p.Token())
+	b.navigate("/ui/campaigns/" + camp.ID)
+	b.waitJS("the campaign awaiting approval with Approve offered", `document.querySelector('[data-testid=campaign-state]').dataset.state === 'awaiting_approval' &&
+		[...document.querySelectorAll('[data-testid=campaign-actions] button')].map((e) => e.dataset.testid).join(',') === 'action-approve,action-abort,action-rollback'`, 20*time.Second)
+	b.shot("awaiting-approval")
+	b.click(`[data-testid=action-approve]`)
+	b.click(`[data-testid=confirm-ok]`)
+	b.waitJS("the campaign running", `document.querySelector('[data-testid=campaign-state]').dataset.state === 'running'`, 10*time.Second)
+	b.waitJS("the approval in the history", `(() => { const e = document.querySelector('[data-testid=history-entry][data-action=approve]');
+		return e && e.textContent.includes('stage 1 "all" approved') && e.textContent.includes('admin@'); })()`, 10*time.Second)
+	b.waitJS("the closed window and when it opens", `(() => { const e = document.querySelector('[data-testid=campaign-window]');
+		return e && e.textContent.includes('closed: nothing is dispatched until'); })()`, 10*time.Second)
+	b.shot("approved")
+
+	v, err := api.Campaign(ctx, camp.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.State != firmware.StateRunning || v.Window == nil || v.Window.Open || v.Window.NextWindow.IsZero() || v.Counts[0].ByState["pending"] != 1 {
+		t.Fatalf("approved campaign outside its window: state %s, window %+v, counts %+v; want running, closed, 1 pending", v.State, v.Window, v.Counts[0])
+	}
+}
+
+// TestFleetctlApprove: fleetctl creates a campaign with windows and an
+// approval from YAML, watch stops where the campaign awaits approval and
+// says how to give it, approve runs it, and a spec with a bad window is
+// refused naming the field.
+func TestFleetctlApprove(t *testing.T) {
+	p, api := fastFleetd(t, fleetdtest.DataDir(t))
+	ctx := context.Background()
+	bin := fleetdtest.Build(t, "fleetctl")
+	dir := t.TempDir()
+	fleetctl := func(args ...string) (string, error) {
+		t.Helper()
+		cmd := exec.Command(bin, args...)
+		cmd.Env = []string{"FLEETD_URL=" + p.HTTPURL, "FLEETD_ADMIN_TOKEN_FILE=" + filepath.Join(p.DataDir, "admin-token")}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	must := func(args ...string) string {
+		t.Helper()
+		out, err := fleetctl(args...)
+		if err != nil {
+			t.Fatalf("fleetctl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+	target := upload(t, api, "2.0.0", 4<<10)
+	if _, err := api.RegisterDevice(ctx, fleet.NewDevice{ID: "away-1", Model: "gw-100"}); err != nil {
+		t.Fatal(err)
+	}
+	spec := func(window string) string {
+		path := filepath.Join(dir, "campaign.yaml")
+		os.WriteFile(path, []byte(`name: approved
+firmware_id: `+target.ID+`
+stages:
+  - {name: all, percent: 100, max_failure_rate: 1, max_not_back_online: -1, requires_approval: true}
+windows:
+  - `+window+`
+timezone: Europe/Paris
+timezone_tag: tz
+device_timeout: 10m
+`), 0o644)
+		return path
+	}
+	if out, err := fleetctl("campaign", "create", "-f", spec(`{cron: "0 * * * *", duration: 2h}`)); err == nil || !strings.Contains(out, "windows[0].duration") {
+		t.Fatalf("a window longer than its period: %v\n%s", err, out)
+	}
+	if out, err := fleetctl("campaign", "create", "-f", spec(`{cron: "CRON_TZ=Asia/Tokyo 0 2 * * *", duration: 1h}`)); err == nil || !strings.Contains(out, "windows[0].cron") {
+		t.Fatalf("a window with its own zone: %v\n%s", err, out)
+	}
+	w := closedWindow()
+	out := must("-output", "json", "campaign", "create", "-f", spec(fmt.Sprintf(`{cron: %q, duration: 1h}`, w.Cron)))
+	id := between(out, `"id": "`, `"`)
+	if id == "" {
+		t.Fatalf("campaign create:\n%s", out)
+	}
+	must("campaign", "start", id)
+	if out := must("campaign", "watch", id); !strings.Contains(out, "stage 1 awaits approval: fleetctl campaign approve "+id) {
+		t.Fatalf("campaign watch of a campaign awaiting approval:\n%s", out)
+	}
+	if out := must("campaign", "approve", id); !strings.Contains(out, "running") || !strings.Contains(out, "closed") || !strings.Contains(out, "next opens") {
+		t.Fatalf("campaign approve:\n%s", out)
+	}
+	if out, err := fleetctl("campaign", "approve", id); err == nil || !strings.Contains(out, "409") {
+		t.Fatalf("a second approval: %v\n%s", err, out)
+	}
+	if out := must("campaign", "history", id); !strings.Contains(out, "approve") || !strings.Contains(out, "awaiting_approval") {
+		t.Fatalf("campaign history:\n%s", out)
+	}
+}
+
+// between returns the text of s between the first prefix and the next
+// suffix after it, or "".
+func between(s, prefix, suffix string) string {
+	_, rest, ok := strings.Cut(s, prefix)
+	if !ok {
+		return ""
+	}
+	v, _, _ := strings.Cut(rest, suffix)
+	return v
+}
