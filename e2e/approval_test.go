@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -145,4 +146,50 @@ func between(s, prefix, suffix string) string {
 	}
 	v, _, _ := strings.Cut(rest, suffix)
 	return v
+}
+
+// TestCampaignWindowsAPI: a campaign's windows are checked at creation, a
+// 400 naming the field for each kind of mistake, and nothing is stored.
+func TestCampaignWindowsAPI(t *testing.T) {
+	_, api := fastFleetd(t, fleetdtest.DataDir(t))
+	ctx := context.Background()
+	target := upload(t, api, "2.0.0", 4<<10)
+	if _, err := api.RegisterDevice(ctx, fleet.NewDevice{ID: "w-1", Model: "gw-100"}); err != nil {
+		t.Fatal(err)
+	}
+	spec := func(edit func(*firmware.Spec)) firmware.Spec {
+		s := firmware.Spec{Name: "windowed", FirmwareID: target.ID, DeviceTimeout: firmware.Duration(10 * time.Minute),
+			Stages:  []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1}},
+			Windows: []firmware.Window{{Cron: "0 2 * * *", Duration: firmware.Duration(4 * time.Hour)}}}
+		edit(&s)
+		return s
+	}
+	hour := firmware.Duration(time.Hour)
+	for _, tt := range []struct {
+		name, field string
+		edit        func(*firmware.Spec)
+	}{
+		{"bad cron", "windows[0].cron", func(s *firmware.Spec) { s.Windows[0].Cron = "0 2 * *" }},
+		{"zone in the cron", "windows[0].cron", func(s *firmware.Spec) { s.Windows[0].Cron = "TZ=UTC 0 2 * * *" }},
+		{"zero duration", "windows[0].duration", func(s *firmware.Spec) { s.Windows[0].Duration = 0 }},
+		{"negative duration", "windows[0].duration", func(s *firmware.Spec) { s.Windows[0].Duration = -hour }},
+		{"longer than the period", "windows[1].duration", func(s *firmware.Spec) {
+			s.Windows = append(s.Windows, firmware.Window{Cron: "30 * * * *", Duration: 2 * hour})
+		}},
+		{"unknown zone", "timezone", func(s *firmware.Spec) { s.Timezone = "Europe/Lyon" }},
+		{"a tag that is no key", "timezone_tag", func(s *firmware.Spec) { s.TimezoneTag = "tz=UTC" }},
+	} {
+		_, err := api.CreateCampaign(ctx, spec(tt.edit))
+		wantAPIError(t, err, http.StatusBadRequest, tt.field)
+	}
+	if camps, err := api.Campaigns(ctx); err != nil || len(camps) != 0 {
+		t.Fatalf("refused campaigns left %d behind (%v)", len(camps), err)
+	}
+	v, err := api.CreateCampaign(ctx, spec(func(s *firmware.Spec) { s.Timezone, s.TimezoneTag = "America/New_York", "tz" }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Window == nil || v.Window.Open != v.Window.NextWindow.IsZero() || len(v.Window.Zones) != 1 || v.Window.Zones[0].Zone != "America/New_York" {
+		t.Fatalf("a draft's window %+v: want the campaign zone's, open or with a next opening", v.Window)
+	}
 }
