@@ -14,6 +14,7 @@ import (
 	"github.com/fleetd/fleetd/firmware"
 	"github.com/fleetd/fleetd/fleet"
 	"github.com/fleetd/fleetd/internal/fleetdtest"
+	"github.com/fleetd/fleetd/sim"
 )
 
 // closedWindow is a daily hour-long window twelve hours from now (UTC),
@@ -191,5 +192,69 @@ func TestCampaignWindowsAPI(t *testing.T) {
 	}
 	if v.Window == nil || v.Window.Open != v.Window.NextWindow.IsZero() || len(v.Window.Zones) != 1 || v.Window.Zones[0].Zone != "America/New_York" {
 		t.Fatalf("a draft's window %+v: want the campaign zone's, open or with a next opening", v.Window)
+	}
+}
+
+// TestWindowsFollowZones runs fleetsim devices tagged with their time zone
+// (tz=Asia/Tokyo, tz=America/New_York, and untagged ones in the campaign's
+// zone, Paris) against a campaign whose window is open right now in Tokyo
+// only: the Tokyo devices are upgraded, the others are not sent a job, and
+// the campaign says when their window opens.
+func TestWindowsFollowZones(t *testing.T) {
+	p, api := fastFleetd(t, fleetdtest.DataDir(t))
+	ctx := context.Background()
+	target := upload(t, api, "2.0.0", 16<<10)
+	runFleet(t, api, simFleet(p,
+		sim.Cohort{Name: "tokyo", Count: 2, Model: "gw-100", Firmware: "1.0.0", Keepalive: secs(5), Tags: []string{"tz=Asia/Tokyo"}},
+		sim.Cohort{Name: "newyork", Count: 2, Model: "gw-100", Firmware: "1.0.0", Keepalive: secs(5), Tags: []string{"tz=America/New_York"}},
+		sim.Cohort{Name: "paris", Count: 2, Model: "gw-100", Firmware: "1.0.0", Keepalive: secs(5)},
+	), p.Token())
+	waitOnline(t, api, 6, 20*time.Second)
+	tokyo, _ := firmware.LoadZone("Asia/Tokyo")
+	// From the top of Tokyo's current hour for two hours: open now in Tokyo;
+	// Paris (8 hours behind in winter, 7 in summer) and New York (13 or 14
+	// behind) are outside it.
+	window := firmware.Window{Cron: fmt.Sprintf("0 %d * * *", time.Now().In(tokyo).Hour()), Duration: firmware.Duration(2 * time.Hour)}
+	camp, err := api.CreateCampaign(ctx, firmware.Spec{Name: "zones", FirmwareID: target.ID,
+		Stages:  []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 0, MaxNotBackOnline: 0}},
+		Windows: []firmware.Window{window}, Timezone: "Europe/Paris", TimezoneTag: "tz",
+		DeviceTimeout: firmware.Duration(time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := api.CampaignAction(ctx, camp.ID, firmware.ActStart); err != nil {
+		t.Fatal(err)
+	}
+	states := func() map[string]string {
+		ds, err := api.CampaignDevices(ctx, camp.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]string{}
+		for _, d := range ds {
+			out[d.DeviceID] = d.State
+		}
+		return out
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for s := states(); s["tokyo-0"] != "succeeded" || s["tokyo-1"] != "succeeded"; s = states() {
+		if time.Now().After(deadline) {
+			t.Fatalf("the Tokyo devices were not upgraded inside Tokyo's window: %v", s)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	time.Sleep(time.Second) // a few more campaign steps (every 200 ms): still nothing for the others
+	s := states()
+	for _, id := range []string{"newyork-0", "newyork-1", "paris-0", "paris-1"} {
+		if s[id] != "pending" {
+			t.Errorf("%s, outside its window: %s, want pending", id, s[id])
+		}
+	}
+	v, err := api.Campaign(ctx, camp.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.State != firmware.StateRunning || v.Window == nil || v.Window.Open || v.Window.NextWindow.Before(time.Now()) || len(v.Window.Zones) != 2 {
+		t.Fatalf("with the Tokyo devices done: state %s, window %+v; want running, closed for Paris and New York, with the next opening", v.State, v.Window)
 	}
 }
