@@ -12,7 +12,8 @@ import (
 // decision, records its Reason and changes the campaign; calling Next twice
 // with the same arguments gives the same decision.
 //
-//   - Only StateRunning and StateRollingBack act. Every other state gives
+//   - Only StateRunning, StateAwaitingApproval (gates only) and
+//     StateRollingBack act. Every other state gives
 //     ActionWait with a reason ("campaign is paused").
 //   - While running, the gates are evaluated on every call, not only at the
 //     end of a stage, so that a breach stops dispatch at once (a canary
@@ -29,7 +30,18 @@ import (
 //     The first breached gate in that order wins: ActionPause when
 //     GateAction is "pause" or empty, ActionAbort when it is "abort", with
 //     Gate set. Gates stay watched during the soak.
-//   - No breach and Pending > 0: the budget is Pending, capped by
+//   - No breach, and the stage has RequiresApproval but Approved <= Stage:
+//     ActionAwaitApproval (the dispatcher moves the campaign to
+//     awaiting_approval), then ActionWait while it awaits; gates are still
+//     judged, before this, so a breach pauses a waiting campaign too. Only
+//     an operator's approve (Transition) leaves awaiting_approval.
+//   - With Windows, only the pending devices whose zone (Campaign.Zone of
+//     their group in PendingByZone) is inside an open window count as
+//     ready: none ready gives ActionWait with the next opening; otherwise
+//     ActionDispatch is for the open groups only (Decision.Zones), and the
+//     pacing schedule is floored at the earliest opening of those windows,
+//     so that entering a window starts the schedule afresh, as a resume does.
+//   - No breach and Pending > 0: the budget is Pending (or the ready ones), capped by
 //     MaxConcurrent − InFlight (when MaxConcurrent > 0) and, when
 //     DevicesPerMinute > 0, by the pacing schedule: jobs are due one
 //     interval (a minute / DevicesPerMinute) apart from PacedUntil, moved up

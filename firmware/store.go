@@ -220,8 +220,10 @@ func (c *Campaigns) Get(ctx context.Context, id string) (CampaignView, error) {
 		if len(camp.Windows) == 0 {
 			return nil
 		}
+		// The pending devices of a campaign that may still dispatch; a
+		// draft or a finished campaign shows its own zone's windows.
 		var groups []ZonePending
-		if camp.State != StateDraft {
+		if camp.State == StateRunning || camp.State == StatePaused || camp.State == StateAwaitingApproval {
 			if groups, err = pendingByZone(ctx, tx, camp); err != nil {
 				return err
 			}

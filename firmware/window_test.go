@@ -94,11 +94,15 @@ func TestCampaignValidateWindows(t *testing.T) {
 		{name: "empty cron", field: "windows[0].cron", msg: "required",
 			edit: func(c *Campaign) { c.Windows = []Window{{Duration: Duration(time.Hour)}} }},
 		{name: "zone in the cron", field: "windows[0].cron", msg: "timezone",
-			edit: func(c *Campaign) { c.Windows = []Window{{Cron: "CRON_TZ=Asia/Tokyo 0 2 * * *", Duration: Duration(time.Hour)}} }},
+			edit: func(c *Campaign) {
+				c.Windows = []Window{{Cron: "CRON_TZ=Asia/Tokyo 0 2 * * *", Duration: Duration(time.Hour)}}
+			}},
 		{name: "@every", field: "windows[0].cron", msg: "@every",
 			edit: func(c *Campaign) { c.Windows = []Window{{Cron: "@every 1h", Duration: Duration(time.Minute)}} }},
 		{name: "never opens", field: "windows[1].cron", msg: "never opens",
-			edit: func(c *Campaign) { c.Windows = append(nightly, Window{Cron: "0 0 30 2 *", Duration: Duration(time.Hour)}) }},
+			edit: func(c *Campaign) {
+				c.Windows = append(nightly, Window{Cron: "0 0 30 2 *", Duration: Duration(time.Hour)})
+			}},
 		{name: "zero duration", field: "windows[0].duration", msg: "> 0",
 			edit: func(c *Campaign) { c.Windows = []Window{{Cron: "0 2 * * *"}} }},
 		{name: "negative duration", field: "windows[0].duration", msg: "> 0",
@@ -177,7 +181,10 @@ func TestCampaignNextWindows(t *testing.T) {
 		},
 		{
 			name: "Tokyo's window open, Paris's closed: only Tokyo's devices go",
-			edit: func(c *Campaign) { windowed(c); c.Windows = []Window{{Cron: "0 11 * * *", Duration: Duration(2 * time.Hour)}} },
+			edit: func(c *Campaign) {
+				windowed(c)
+				c.Windows = []Window{{Cron: "0 11 * * *", Duration: Duration(2 * time.Hour)}}
+			},
 			stats: StageStats{Targets: 95, Pending: 95, PendingByZone: []ZonePending{
 				{Tag: "", Pending: 80}, {Tag: "Asia/Tokyo", Pending: 5}, {Tag: "America/New_York", Pending: 10}}},
 			want:   Decision{Action: ActionDispatch, Dispatch: 5, Zones: []string{"Asia/Tokyo"}},
@@ -185,14 +192,20 @@ func TestCampaignNextWindows(t *testing.T) {
 		},
 		{
 			name: "the reverse: Paris's window open, the devices tagged New York wait",
-			edit: func(c *Campaign) { windowed(c); c.Windows = []Window{{Cron: "0 4 * * *", Duration: Duration(time.Hour)}} },
+			edit: func(c *Campaign) {
+				windowed(c)
+				c.Windows = []Window{{Cron: "0 4 * * *", Duration: Duration(time.Hour)}}
+			},
 			stats: StageStats{Targets: 95, Pending: 95, PendingByZone: []ZonePending{
 				{Tag: "", Pending: 80}, {Tag: "America/New_York", Pending: 10}, {Tag: "Europe/Paris", Pending: 5}}},
 			want: Decision{Action: ActionDispatch, Dispatch: 85, Zones: []string{"", "Europe/Paris"}},
 		},
 		{
 			name: "a tag that names no zone falls back to the campaign's",
-			edit: func(c *Campaign) { windowed(c); c.Windows = []Window{{Cron: "0 4 * * *", Duration: Duration(time.Hour)}} },
+			edit: func(c *Campaign) {
+				windowed(c)
+				c.Windows = []Window{{Cron: "0 4 * * *", Duration: Duration(time.Hour)}}
+			},
 			stats: StageStats{Targets: 95, Pending: 95, PendingByZone: []ZonePending{
 				{Tag: "Mars/Olympus", Pending: 3}, {Tag: "Local", Pending: 2}, {Tag: "Asia/Tokyo", Pending: 90}}},
 			want: Decision{Action: ActionDispatch, Dispatch: 5, Zones: []string{"Mars/Olympus", "Local"}},
@@ -288,8 +301,11 @@ func TestCampaignNextApproval(t *testing.T) {
 		{
 			// The stage before it still soaks: Next advances only after the
 			// soak and its gates, and only then is approval asked.
-			name:  "the previous stage's soak comes first",
-			edit:  func(c *Campaign) { c.Stages[1].RequiresApproval = true; c.StageDoneAt = timePtr(testNow.Add(-time.Minute)) },
+			name: "the previous stage's soak comes first",
+			edit: func(c *Campaign) {
+				c.Stages[1].RequiresApproval = true
+				c.StageDoneAt = timePtr(testNow.Add(-time.Minute))
+			},
 			stats: StageStats{Targets: 5, Succeeded: 5},
 			want:  Decision{Action: ActionWait},
 		},
