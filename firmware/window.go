@@ -146,7 +146,7 @@ func LoadZone(name string) (*time.Location, error) {
 	case name == "" || len(name) > maxZoneNameLen:
 		err = fmt.Errorf("%q is not an IANA time zone (e.g. Europe/Paris, UTC)", name)
 	case name == "Local":
-		err = fmt.Errorf("Local is the zone of whichever machine runs fleetd; name the zone (e.g. Europe/Paris, UTC)")
+		err = fmt.Errorf("%q is the zone of whichever machine runs fleetd; name the zone (e.g. Europe/Paris, UTC)", name)
 	default:
 		if loc, err = time.LoadLocation(name); err != nil {
 			err = fmt.Errorf("%q is not an IANA time zone (e.g. Europe/Paris, UTC)", name)
