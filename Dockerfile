@@ -20,6 +20,8 @@ RUN --mount=type=cache,target=/root/.cache/go-build \
 
 # Runtime stage: Alpine for busybox wget (used by HEALTHCHECK) and the CA
 # bundle it ships (TLS to a managed PostgreSQL, firmware download URLs).
+# No tzdata package: the time zones of campaign maintenance windows are
+# compiled into fleetd (time/tzdata).
 FROM alpine:3.20
 
 # A fixed, numeric uid/gid so that volume ownership is stable across rebuilds

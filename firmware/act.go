@@ -7,9 +7,10 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// Act performs an operator's action: start, pause, resume, abort, rollback.
-// Which action each state allows is Transition's; an action that does not
-// fit the campaign's state is ErrConflict.
+// Act performs an operator's action: start, approve, pause, resume, abort,
+// rollback. Which action each state allows is Transition's; an action that
+// does not fit the campaign's state is ErrConflict. The history records the
+// actor of each (for approve, with the stage approved).
 func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (CampaignView, error) {
 	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
 		camp, spec, err := load(ctx, tx, id, "FOR UPDATE")
@@ -61,6 +62,14 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 				}
 				detail["deltas_requested"] = n
 			}
+		case ActApprove:
+			// Transition allowed it, so the campaign is awaiting_approval:
+			// the previous stage soaked and passed its gates, and the
+			// current one has dispatched nothing.
+			if _, err := tx.Exec(ctx, `UPDATE campaigns SET approved = stage + 1 WHERE id = $1`, id); err != nil {
+				return err
+			}
+			detail["stage"], detail["name"] = camp.Stage, camp.Stages[camp.Stage].Name
 		case ActRollback:
 			// Every device the campaign moved gets a rollback job to the
 			// version it ran before.
@@ -73,9 +82,9 @@ func (c *Campaigns) Act(ctx context.Context, id, action, actor string) (Campaign
 			}
 			detail["devices"] = tag.RowsAffected()
 		}
-		// Whatever makes the campaign dispatch again (start, resume, rollback)
-		// starts its pacing schedule now: time spent paused or finished is
-		// not owed as a burst.
+		// Whatever makes the campaign dispatch again (start, approve, resume,
+		// rollback) starts its pacing schedule now: time spent paused,
+		// waiting or finished is not owed as a burst.
 		if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = $2, updated_at = $3,
 				paced_until = CASE WHEN $2 IN ('running', 'rolling_back') THEN $3 ELSE paced_until END
 			WHERE id = $1`, id, string(next), now); err != nil {

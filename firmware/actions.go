@@ -1,6 +1,9 @@
 package firmware
 
-import "fmt"
+import (
+	"fmt"
+	"strings"
+)
 
 // Operator actions on a campaign.
 const (
@@ -9,7 +12,14 @@ const (
 	ActResume   = "resume"
 	ActAbort    = "abort"
 	ActRollback = "rollback"
+	// ActApprove lets a stage that requires approval start; it is offered
+	// only in awaiting_approval, which a campaign reaches once the previous
+	// stage has soaked and passed its gates.
+	ActApprove = "approve"
 )
+
+// allActions are the operator actions, in the order Actions lists them.
+var allActions = []string{ActStart, ActApprove, ActPause, ActResume, ActAbort, ActRollback}
 
 // Actions lists, in a stable order, what an operator may do to a campaign in
 // state s. The API returns it with every campaign, so that clients (the
@@ -22,6 +32,8 @@ func Actions(s CampaignState) []string {
 		return []string{ActPause, ActAbort, ActRollback}
 	case StatePaused:
 		return []string{ActResume, ActAbort, ActRollback}
+	case StateAwaitingApproval:
+		return []string{ActApprove, ActAbort, ActRollback}
 	case StateRollingBack:
 		return []string{ActPause, ActAbort}
 	case StateCompleted, StateAborted:
@@ -36,11 +48,11 @@ func Actions(s CampaignState) []string {
 // is ErrConflict; an unknown action is a *ValidationError naming "action".
 func Transition(s CampaignState, action string, rollbackStarted bool) (CampaignState, error) {
 	known := false
-	for _, a := range []string{ActStart, ActPause, ActResume, ActAbort, ActRollback} {
+	for _, a := range allActions {
 		known = known || a == action
 	}
 	if !known {
-		return s, invalid("action", "unknown action %q (start, pause, resume, abort, rollback)", action)
+		return s, invalid("action", "unknown action %q (%s)", action, strings.Join(allActions, ", "))
 	}
 	allowed := false
 	for _, a := range Actions(s) {
@@ -50,7 +62,7 @@ func Transition(s CampaignState, action string, rollbackStarted bool) (CampaignS
 		return s, fmt.Errorf("cannot %s a campaign that is %s: %w", action, s, ErrConflict)
 	}
 	switch action {
-	case ActStart:
+	case ActStart, ActApprove:
 		return StateRunning, nil
 	case ActPause:
 		return StatePaused, nil

@@ -8,19 +8,22 @@ import (
 )
 
 func TestTransition(t *testing.T) {
-	all := []CampaignState{StateDraft, StateRunning, StatePaused, StateRollingBack, StateCompleted, StateAborted, StateRolledBack}
+	all := []CampaignState{StateDraft, StateRunning, StatePaused, StateAwaitingApproval, StateRollingBack, StateCompleted, StateAborted, StateRolledBack}
 	// want[state][action] is the state the action leads to; absent: conflict.
 	want := map[CampaignState]map[string]CampaignState{
-		StateDraft:       {ActStart: StateRunning},
-		StateRunning:     {ActPause: StatePaused, ActAbort: StateAborted, ActRollback: StateRollingBack},
-		StatePaused:      {ActResume: StateRunning, ActAbort: StateAborted, ActRollback: StateRollingBack},
-		StateRollingBack: {ActPause: StatePaused, ActAbort: StateAborted},
-		StateCompleted:   {ActRollback: StateRollingBack},
-		StateAborted:     {ActRollback: StateRollingBack},
-		StateRolledBack:  {},
+		StateDraft:   {ActStart: StateRunning},
+		StateRunning: {ActPause: StatePaused, ActAbort: StateAborted, ActRollback: StateRollingBack},
+		StatePaused:  {ActResume: StateRunning, ActAbort: StateAborted, ActRollback: StateRollingBack},
+		// Approval is offered only once the campaign waits for it: never
+		// while the previous stage runs, soaks or is paused by a gate.
+		StateAwaitingApproval: {ActApprove: StateRunning, ActAbort: StateAborted, ActRollback: StateRollingBack},
+		StateRollingBack:      {ActPause: StatePaused, ActAbort: StateAborted},
+		StateCompleted:        {ActRollback: StateRollingBack},
+		StateAborted:          {ActRollback: StateRollingBack},
+		StateRolledBack:       {},
 	}
 	for _, s := range all {
-		for _, a := range []string{ActStart, ActPause, ActResume, ActAbort, ActRollback} {
+		for _, a := range []string{ActStart, ActApprove, ActPause, ActResume, ActAbort, ActRollback} {
 			t.Run(string(s)+"/"+a, func(t *testing.T) {
 				got, err := Transition(s, a, false)
 				next, ok := want[s][a]
@@ -36,7 +39,7 @@ func TestTransition(t *testing.T) {
 		}
 		// Actions lists exactly the allowed ones.
 		allowed := []string{}
-		for _, a := range []string{ActStart, ActPause, ActResume, ActAbort, ActRollback} {
+		for _, a := range []string{ActStart, ActApprove, ActPause, ActResume, ActAbort, ActRollback} {
 			if _, ok := want[s][a]; ok {
 				allowed = append(allowed, a)
 			}

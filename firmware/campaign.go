@@ -18,13 +18,17 @@ type CampaignState string
 
 // Campaign states. Aborted, Completed and RolledBack are terminal.
 const (
-	StateDraft       CampaignState = "draft"        // created, not started
-	StateRunning     CampaignState = "running"      // dispatching the current stage, soaking or advancing
-	StatePaused      CampaignState = "paused"       // by an operator or a gate
-	StateAborted     CampaignState = "aborted"      // terminal
-	StateCompleted   CampaignState = "completed"    // terminal
-	StateRollingBack CampaignState = "rolling_back" // dispatching the previous firmware to devices it changed
-	StateRolledBack  CampaignState = "rolled_back"  // terminal
+	StateDraft   CampaignState = "draft"   // created, not started
+	StateRunning CampaignState = "running" // dispatching the current stage, soaking or advancing
+	StatePaused  CampaignState = "paused"  // by an operator or a gate
+	// StateAwaitingApproval: the current stage requires an operator's
+	// approval and has not had it; nothing of it is dispatched, gates are
+	// still watched.
+	StateAwaitingApproval CampaignState = "awaiting_approval"
+	StateAborted          CampaignState = "aborted"      // terminal
+	StateCompleted        CampaignState = "completed"    // terminal
+	StateRollingBack      CampaignState = "rolling_back" // dispatching the previous firmware to devices it changed
+	StateRolledBack       CampaignState = "rolled_back"  // terminal
 )
 
 // Gate actions: what a breached gate does to a running campaign.
@@ -84,6 +88,10 @@ type Stage struct {
 	// ratio × the untouched fleet's (floored at 1/device-hour), once they
 	// have MinConnectivityHours of evidence.
 	ConnectivityRatio float64 `json:"connectivity_ratio,omitempty"`
+	// RequiresApproval holds the stage, once the previous one has soaked
+	// and passed its gates, in awaiting_approval until an operator approves
+	// it. A first stage with it waits after start.
+	RequiresApproval bool `json:"requires_approval,omitempty"`
 }
 
 // Duration is a time.Duration that reads and writes JSON as a string ("30s")
@@ -130,17 +138,24 @@ type Pacing struct {
 
 // Campaign is a staged rollout of one firmware to a selection of devices.
 type Campaign struct {
-	ID            string        `json:"id"`
-	Name          string        `json:"name"`
-	FirmwareID    string        `json:"firmware_id"`
-	Version       string        `json:"version"` // target version
-	Stages        []Stage       `json:"stages"`
-	Pacing        Pacing        `json:"pacing"`
-	DeviceTimeout Duration      `json:"device_timeout"` // from dispatch to back online on the target version
-	GateAction    string        `json:"gate_action"`    // "pause" (default when empty) or "abort"
-	Delta         bool          `json:"delta"`          // offer deltas (Spec.Delta)
-	State         CampaignState `json:"state"`
-	Stage         int           `json:"stage"` // index of the current stage
+	ID            string   `json:"id"`
+	Name          string   `json:"name"`
+	FirmwareID    string   `json:"firmware_id"`
+	Version       string   `json:"version"` // target version
+	Stages        []Stage  `json:"stages"`
+	Pacing        Pacing   `json:"pacing"`
+	DeviceTimeout Duration `json:"device_timeout"` // from dispatch to back online on the target version
+	GateAction    string   `json:"gate_action"`    // "pause" (default when empty) or "abort"
+	Delta         bool     `json:"delta"`          // offer deltas (Spec.Delta)
+	// Windows, when set, hold dispatch to the times one of them is open
+	// in the device's zone: the value of its TimezoneTag tag when that
+	// names a zone, else Timezone (UTC when empty). Soak, gates, timeouts
+	// and rollback go on outside them.
+	Windows     []Window      `json:"windows,omitempty"`
+	Timezone    string        `json:"timezone,omitempty"`
+	TimezoneTag string        `json:"timezone_tag,omitempty"`
+	State       CampaignState `json:"state"`
+	Stage       int           `json:"stage"` // index of the current stage
 	// StageDoneAt is when every device of the current stage finished and
 	// the soak started; nil while the stage is still running.
 	StageDoneAt *time.Time `json:"stage_done_at,omitempty"`
@@ -160,6 +175,10 @@ type Campaign struct {
 	// that start matching (the dispatcher's clock); nil before its first
 	// look.
 	FollowLookedAt *time.Time `json:"-"`
+	// Approved is how many stages, from the first, an operator has let
+	// start: stage i with RequiresApproval dispatches only when i < Approved
+	// (an approval of stage i sets it to i+1). The zero value approves none.
+	Approved int `json:"approved"`
 	// PacedUntil is the pacing schedule: the time at which the next job is
 	// due when jobs go out at exactly DevicesPerMinute. Start, resume and rollback set
 	// it to the current time; each paced batch moves it on by one interval
@@ -200,6 +219,18 @@ type StageStats struct {
 	FleetDisconnectsPerHour float64
 	// UpgradedDeviceHours is the evidence behind UpgradedDisconnectsPerHour.
 	UpgradedDeviceHours float64
+	// PendingByZone, for a campaign with windows, groups the pending
+	// devices by the value of their timezone tag, earliest position first;
+	// the devices beyond its first maxZoneGroups groups wait for a later
+	// step. Nil for a campaign without windows.
+	PendingByZone []ZonePending
+}
+
+// ZonePending is how many pending devices carry one value of the
+// campaign's timezone tag ("" for none).
+type ZonePending struct {
+	Tag     string `json:"tag"`
+	Pending int    `json:"pending"`
 }
 
 // Action is what the dispatcher does after a call to Next.
@@ -216,6 +247,9 @@ const (
 	ActionPause      Action = "pause"       // a gate breached and GateAction is pause
 	ActionAbort      Action = "abort"       // a gate breached and GateAction is abort
 	ActionRolledBack Action = "rolled_back" // rolling back and every rollback job finished
+	// ActionAwaitApproval: the current stage requires approval it has not
+	// had; state awaiting_approval.
+	ActionAwaitApproval Action = "await_approval"
 )
 
 // Decision is what Next decided, with the sentence to record in the
@@ -223,6 +257,10 @@ const (
 type Decision struct {
 	Action   Action `json:"action"`
 	Dispatch int    `json:"dispatch,omitempty"` // how many jobs to send now (ActionDispatch)
+	// Zones, for a campaign with windows, are the zone groups
+	// (ZonePending.Tag) whose window is open: ActionDispatch sends only
+	// their devices' jobs. Nil for a campaign without windows (any device).
+	Zones []string `json:"zones,omitempty"`
 	// PacedUntil is the campaign's new pacing schedule after this batch
 	// (ActionDispatch under devices_per_minute); the dispatcher stores it
 	// with the batch.
@@ -261,7 +299,8 @@ func (c *Campaign) Normalize() {
 // Validate reports the first problem in the campaign definition as a
 // *ValidationError naming the JSON field ("name", "firmware_id", "stages",
 // "stages[1].percent", "stages[0].max_failure_rate",
-// "pacing.devices_per_minute", "device_timeout", "gate_action", ...). It
+// "pacing.devices_per_minute", "device_timeout", "gate_action",
+// "windows[0].cron", "windows[0].duration", "timezone", "timezone_tag"). It
 // checks only what an operator defines; ID, Version (resolved from the
 // firmware), State, Stage, StageDoneAt and Total belong to the service.
 //
@@ -335,7 +374,7 @@ func (c Campaign) Validate() error {
 	default:
 		return campaignInvalid("gate_action", "must be %q or %q, got %q", GateActionPause, GateActionAbort, c.GateAction)
 	}
-	return nil
+	return validateWindows(c.Windows, c.Timezone, c.TimezoneTag)
 }
 
 // FollowDue reports whether a following campaign looks for devices that

@@ -12,7 +12,8 @@ import (
 // decision, records its Reason and changes the campaign; calling Next twice
 // with the same arguments gives the same decision.
 //
-//   - Only StateRunning and StateRollingBack act. Every other state gives
+//   - Only StateRunning, StateAwaitingApproval (gates only) and
+//     StateRollingBack act. Every other state gives
 //     ActionWait with a reason ("campaign is paused").
 //   - While running, the gates are evaluated on every call, not only at the
 //     end of a stage, so that a breach stops dispatch at once (a canary
@@ -29,7 +30,18 @@ import (
 //     The first breached gate in that order wins: ActionPause when
 //     GateAction is "pause" or empty, ActionAbort when it is "abort", with
 //     Gate set. Gates stay watched during the soak.
-//   - No breach and Pending > 0: the budget is Pending, capped by
+//   - No breach, and the stage has RequiresApproval but Approved <= Stage:
+//     ActionAwaitApproval (the dispatcher moves the campaign to
+//     awaiting_approval), then ActionWait while it awaits; gates are still
+//     judged, before this, so a breach pauses a waiting campaign too. Only
+//     an operator's approve (Transition) leaves awaiting_approval.
+//   - With Windows, only the pending devices whose zone (Campaign.Zone of
+//     their group in PendingByZone) is inside an open window count as
+//     ready: none ready gives ActionWait with the next opening; otherwise
+//     ActionDispatch is for the open groups only (Decision.Zones), and the
+//     pacing schedule is floored at the earliest opening of those windows,
+//     so that entering a window starts the schedule afresh, as a resume does.
+//   - No breach and Pending > 0: the budget is Pending (or the ready ones), capped by
 //     MaxConcurrent − InFlight (when MaxConcurrent > 0) and, when
 //     DevicesPerMinute > 0, by the pacing schedule: jobs are due one
 //     interval (a minute / DevicesPerMinute) apart from PacedUntil, moved up
@@ -63,7 +75,7 @@ import (
 // dispatcher act on a stage that does not exist.
 func (c Campaign) Next(s StageStats, now time.Time) Decision {
 	switch c.State {
-	case StateRunning:
+	case StateRunning, StateAwaitingApproval:
 	case StateRollingBack:
 		return c.nextRollback(s, now)
 	case StateDraft:
@@ -92,8 +104,35 @@ func (c Campaign) Next(s StageStats, now time.Time) Decision {
 		return Decision{Action: action, Gate: &g, Reason: fmt.Sprintf("%s breached the %s gate: %s; %s", name, g.Gate, g.Detail, verb)}
 	}
 
+	if st.RequiresApproval && c.Approved <= c.Stage {
+		if c.State == StateAwaitingApproval {
+			return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s waits for an operator's approval", name)}
+		}
+		return Decision{Action: ActionAwaitApproval, Reason: fmt.Sprintf("%s requires an operator's approval before it starts; %s waiting", name, countNoun(s.Pending, "device"))}
+	}
+	if c.State == StateAwaitingApproval {
+		// Approved by now (an approval moves the campaign to running in
+		// the same transaction), or the stage no longer asks for it: the
+		// operator's approve action is what leaves this state.
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s is approved; waiting for the approval to take effect", name)}
+	}
+
 	if s.Pending > 0 {
-		return c.pacedDispatch(s, now, name)
+		if len(c.Windows) == 0 {
+			return c.pacedDispatch(s, s.Pending, time.Time{}, nil, now, name)
+		}
+		ws := c.WindowStatus(s.PendingByZone, now)
+		if ws.Dispatchable == 0 {
+			why := "outside its maintenance windows"
+			if !ws.NextWindow.IsZero() {
+				why += "; the next opens at " + ws.NextWindow.UTC().Format(time.RFC3339)
+			}
+			if s.InFlight > 0 {
+				why += fmt.Sprintf("; %s in flight", countNoun(s.InFlight, "device"))
+			}
+			return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: %d pending %s", name, s.Pending, why)}
+		}
+		return c.pacedDispatch(s, ws.Dispatchable, ws.OpenedAt, ws.openTags, now, name)
 	}
 	if s.InFlight > 0 {
 		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: waiting for %s to finish", name, countNoun(s.InFlight, "device"))}
@@ -145,7 +184,7 @@ func (c Campaign) Next(s StageStats, now time.Time) Decision {
 // reports ActionRolledBack once none is pending or in flight.
 func (c Campaign) nextRollback(s StageStats, now time.Time) Decision {
 	if s.Pending > 0 {
-		return c.pacedDispatch(s, now, "rollback")
+		return c.pacedDispatch(s, s.Pending, time.Time{}, nil, now, "rollback")
 	}
 	if s.InFlight > 0 {
 		return Decision{Action: ActionWait, Reason: fmt.Sprintf("rollback: waiting for %s to finish", countNoun(s.InFlight, "device"))}
@@ -153,12 +192,16 @@ func (c Campaign) nextRollback(s StageStats, now time.Time) Decision {
 	return Decision{Action: ActionRolledBack, Reason: fmt.Sprintf("rollback finished: %s", statsOutcome(s))}
 }
 
-// pacedDispatch sizes the next batch under the pacing limits; what says whose
-// jobs they are ("stage 1 \"canary\"", "rollback").
-func (c Campaign) pacedDispatch(s StageStats, now time.Time, what string) Decision {
+// pacedDispatch sizes the next batch of at most ready jobs (the pending
+// ones, or those whose window is open) under the pacing limits; what says
+// whose jobs they are ("stage 1 \"canary\"", "rollback"). A window that
+// opened at opened restarts the pacing schedule there, as a resume does:
+// the time spent outside the windows is not owed as a burst. zones are the
+// open windows' zone groups, nil without windows.
+func (c Campaign) pacedDispatch(s StageStats, ready int, opened time.Time, zones []string, now time.Time, what string) Decision {
 	p := c.Pacing
-	budget := s.Pending
-	var limit string // the limit that holds the batch below what is pending
+	budget := ready
+	var limit string // the pacing limit that holds the batch below what is ready
 	if p.MaxConcurrent > 0 && p.MaxConcurrent-s.InFlight < budget {
 		budget = p.MaxConcurrent - s.InFlight
 		limit = fmt.Sprintf("%d in flight of max_concurrent %d", s.InFlight, p.MaxConcurrent)
@@ -172,22 +215,29 @@ func (c Campaign) pacedDispatch(s StageStats, now time.Time, what string) Decisi
 		} else if due.Before(floor) {
 			due = floor
 		}
-		ready := 0
-		if !due.After(now) {
-			ready = int(now.Sub(due)/interval) + 1
+		if due.Before(opened) {
+			due = opened
 		}
-		if ready < budget {
-			budget = ready
-			limit = fmt.Sprintf("devices_per_minute %d, %s due now", p.DevicesPerMinute, countNoun(ready, "job"))
-			if ready == 0 {
+		paced := 0
+		if !due.After(now) {
+			paced = int(now.Sub(due)/interval) + 1
+		}
+		if paced < budget {
+			budget = paced
+			limit = fmt.Sprintf("devices_per_minute %d, %s due now", p.DevicesPerMinute, countNoun(paced, "job"))
+			if paced == 0 {
 				limit = fmt.Sprintf("devices_per_minute %d, next job due at %s", p.DevicesPerMinute, due.UTC().Format("15:04:05.000"))
 			}
 		}
 	}
-	if budget <= 0 {
-		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: pacing: %s; %d pending", what, limit, s.Pending)}
+	inside := ""
+	if zones != nil {
+		inside = fmt.Sprintf(", %d inside an open maintenance window", ready)
 	}
-	d := Decision{Action: ActionDispatch, Dispatch: budget, Reason: fmt.Sprintf("%s: dispatching %s of %d pending", what, countNoun(budget, "job"), s.Pending)}
+	if budget <= 0 {
+		return Decision{Action: ActionWait, Reason: fmt.Sprintf("%s: pacing: %s; %d pending%s", what, limit, s.Pending, inside)}
+	}
+	d := Decision{Action: ActionDispatch, Dispatch: budget, Zones: zones, Reason: fmt.Sprintf("%s: dispatching %s of %d pending%s", what, countNoun(budget, "job"), s.Pending, inside)}
 	if limit != "" {
 		d.Reason += " (pacing: " + limit + ")"
 	}

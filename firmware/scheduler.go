@@ -29,9 +29,10 @@ func (c *Campaigns) Run(ctx context.Context, interval time.Duration) {
 	}
 }
 
-// StepAll steps every running or rolling-back campaign once.
+// StepAll steps every running, rolling-back or awaiting campaign once (an
+// awaiting campaign's gates are still watched).
 func (c *Campaigns) StepAll(ctx context.Context) error {
-	rows, err := c.pool.Query(ctx, `SELECT id FROM campaigns WHERE state IN ('running', 'rolling_back') ORDER BY created_at`)
+	rows, err := c.pool.Query(ctx, `SELECT id FROM campaigns WHERE state IN ('running', 'rolling_back', 'awaiting_approval') ORDER BY created_at`)
 	if err != nil {
 		return err
 	}
@@ -67,7 +68,7 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 		if err != nil {
 			return err
 		}
-		if camp.State != StateRunning && camp.State != StateRollingBack {
+		if camp.State != StateRunning && camp.State != StateRollingBack && camp.State != StateAwaitingApproval {
 			return nil
 		}
 		kind := kindForward
@@ -99,7 +100,7 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 		switch d.Action {
 		case ActionDispatch:
 			var picked int
-			sends, picked, err = c.dispatch(ctx, tx, camp, kind, d.Dispatch, now)
+			sends, picked, err = c.dispatch(ctx, tx, camp, kind, d.Dispatch, d.Zones, now)
 			if err != nil {
 				return err
 			}
@@ -120,6 +121,13 @@ func (c *Campaigns) step(ctx context.Context, id string) error {
 			}
 			c.logger.Info("campaign following the fleet", "campaign_id", id, "reason", d.Reason)
 			return history(ctx, tx, id, "fleetd", "following", decisionDetail(camp, d, stats), now)
+		case ActionAwaitApproval:
+			changed = true
+			if _, err := tx.Exec(ctx, `UPDATE campaigns SET state = $2, updated_at = $3 WHERE id = $1`, id, string(StateAwaitingApproval), now); err != nil {
+				return err
+			}
+			c.logger.Info("campaign awaiting approval", "campaign_id", id, "stage", camp.Stage)
+			return history(ctx, tx, id, "fleetd", "awaiting_approval", decisionDetail(camp, d, stats), now)
 		case ActionSoak:
 			changed = true
 			if _, err := tx.Exec(ctx, `UPDATE campaigns SET stage_done_at = $2, updated_at = $2 WHERE id = $1`, id, now); err != nil {
@@ -170,14 +178,16 @@ func decisionDetail(camp Campaign, d Decision, s StageStats) map[string]any {
 }
 
 // dispatch marks n pending jobs of kind in the current stage dispatched and
-// prepares them; the commit that records them comes before any send. In a
-// delta campaign, a job whose device's delta is still being built waits
-// (for at most the delta wait since the delta was asked for), and a job
-// whose device's delta is ready records its base (offerDeltas).
+// prepares them; the commit that records them comes before any send. zones,
+// when not nil, are the timezone tag values (Decision.Zones) whose devices
+// are inside an open window: only theirs go. In a delta campaign, a job
+// whose device's delta is still being built waits (for at most the delta
+// wait since the delta was asked for), and a job whose device's delta is
+// ready records its base (offerDeltas).
 //
 // It returns the jobs to send and how many jobs it marked dispatched (a job
 // that failed at once, with no image to send, counts as dispatched).
-func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind string, n int, now time.Time) ([]pendingSend, int, error) {
+func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind string, n int, zones []string, now time.Time) ([]pendingSend, int, error) {
 	target := ""
 	deltas := camp.Delta && kind == kindForward
 	if deltas {
@@ -187,14 +197,22 @@ func (c *Campaigns) dispatch(ctx context.Context, tx pgx.Tx, camp Campaign, kind
 		}
 		target = art.SHA256
 	}
+	// Without windows no device's tags are read ($9 = '' and $10 NULL make
+	// the zone test true before it looks at any).
+	zoned, tag := `true`, ""
+	if zones != nil {
+		zoned, tag = zoneTag("$9")+` = ANY($10)`, camp.TimezoneTag
+	}
 	rows, err := tx.Query(ctx, `UPDATE ota_jobs j SET state = 'dispatched', dispatched_at = $5, delivered_at = NULL
 		FROM campaign_devices cd
 		WHERE cd.campaign_id = j.campaign_id AND cd.device_id = j.device_id AND j.id IN (
 			SELECT j2.id FROM ota_jobs j2 JOIN campaign_devices cd2 ON cd2.campaign_id = j2.campaign_id AND cd2.device_id = j2.device_id
+			LEFT JOIN devices d ON d.id = j2.device_id
 			WHERE j2.campaign_id = $1 AND j2.kind = $2 AND j2.state = 'pending' AND ($2 = 'rollback' OR cd2.stage = $3)
 				AND NOT ($6 AND `+deltaWaiting+`)
+				AND ($10::text[] IS NULL OR `+zoned+`) AND $9::text IS NOT NULL
 			ORDER BY cd2.position LIMIT $4)
-		RETURNING j.id, j.device_id, cd.from_version, cd.position`, camp.ID, kind, camp.Stage, n, now, deltas, target, now.Add(-c.deltaWait))
+		RETURNING j.id, j.device_id, cd.from_version, cd.position`, camp.ID, kind, camp.Stage, n, now, deltas, target, now.Add(-c.deltaWait), tag, zones)
 	if err != nil {
 		return nil, 0, err
 	}

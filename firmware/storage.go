@@ -355,7 +355,7 @@ func mayRollBack(s CampaignState) bool {
 }
 
 // campaignStates lists every campaign state.
-var campaignStates = []CampaignState{StateDraft, StateRunning, StatePaused, StateRollingBack, StateCompleted, StateAborted, StateRolledBack}
+var campaignStates = []CampaignState{StateDraft, StateRunning, StateAwaitingApproval, StatePaused, StateRollingBack, StateCompleted, StateAborted, StateRolledBack}
 
 // rollbackStates are the states in which mayRollBack holds, for SQL.
 func rollbackStates() []string {

@@ -90,17 +90,22 @@ func digestOf(b []byte) string {
 
 func TestMayRollBack(t *testing.T) {
 	want := map[CampaignState]bool{
-		StateDraft:       false, // no device selected yet
-		StateRunning:     true,
-		StatePaused:      true,
-		StateCompleted:   true,
-		StateAborted:     true,
-		StateRollingBack: true,
-		StateRolledBack:  false,
+		StateDraft:            false, // no device selected yet
+		StateRunning:          true,
+		StatePaused:           true,
+		StateAwaitingApproval: true, // devices of earlier stages were upgraded
+		StateCompleted:        true,
+		StateAborted:          true,
+		StateRollingBack:      true,
+		StateRolledBack:       false,
 	}
 	for s, w := range want {
 		if got := mayRollBack(s); got != w {
 			t.Errorf("mayRollBack(%s) = %v, want %v", s, got, w)
+		}
+		// The SQL that guards DELETE knows every state.
+		if got := slices.Contains(rollbackStates(), string(s)); got != w {
+			t.Errorf("rollbackStates() holds %s: %v, want %v", s, got, w)
 		}
 	}
 }

@@ -36,7 +36,10 @@ type Spec struct {
 	// Delta offers the devices that run a version whose image is stored a
 	// binary delta from it instead of the full image (delta.go). Off by
 	// default.
-	Delta bool `json:"delta,omitempty"`
+	Delta       bool     `json:"delta,omitempty"`
+	Windows     []Window `json:"windows,omitempty"`
+	Timezone    string   `json:"timezone,omitempty"`
+	TimezoneTag string   `json:"timezone_tag,omitempty"`
 }
 
 // CampaignView is a campaign as the API shows it: its state, per-stage
@@ -48,9 +51,12 @@ type CampaignView struct {
 	Rollback *StageCount  `json:"rollback,omitempty"`
 	Actions  []string     `json:"actions"`
 	// Bytes is what the campaign's downloads came to on the wire.
-	Bytes     DeltaStats `json:"bytes"`
-	CreatedAt time.Time  `json:"created_at"`
-	UpdatedAt time.Time  `json:"updated_at"`
+	Bytes DeltaStats `json:"bytes"`
+	// Window is where the campaign's windows stand now for the devices of
+	// its current stage it has yet to dispatch (campaigns with windows only).
+	Window    *WindowStatus `json:"window,omitempty"`
+	CreatedAt time.Time     `json:"created_at"`
+	UpdatedAt time.Time     `json:"updated_at"`
 }
 
 // StageCount counts a stage's devices by job state.
@@ -133,7 +139,8 @@ func (c *Campaigns) Create(ctx context.Context, spec Spec, actor string) (Campai
 		}
 	}
 	camp := Campaign{ID: newID("camp"), Name: spec.Name, FirmwareID: art.ID, Version: art.Version, Stages: spec.Stages,
-		Pacing: spec.Pacing, DeviceTimeout: spec.DeviceTimeout, GateAction: spec.GateAction, Follow: spec.Follow, Delta: spec.Delta, State: StateDraft}
+		Pacing: spec.Pacing, DeviceTimeout: spec.DeviceTimeout, GateAction: spec.GateAction, Follow: spec.Follow, Delta: spec.Delta, State: StateDraft,
+		Windows: spec.Windows, Timezone: spec.Timezone, TimezoneTag: spec.TimezoneTag}
 	camp.Normalize()
 	if err := camp.Validate(); err != nil {
 		return CampaignView{}, err
@@ -166,9 +173,9 @@ func load(ctx context.Context, q querier, id string, lock string) (Campaign, Spe
 	var state string
 	var pacedUntil *time.Time
 	err := q.QueryRow(ctx, `SELECT id, name, firmware_id, version, spec, state, stage, stage_done_at, total, paced_until,
-			following_since, joined, follow_looked_at FROM campaigns WHERE id = $1 `+lock, id).
+			following_since, joined, follow_looked_at, approved FROM campaigns WHERE id = $1 `+lock, id).
 		Scan(&camp.ID, &camp.Name, &camp.FirmwareID, &camp.Version, &spec, &state, &camp.Stage, &camp.StageDoneAt, &camp.Total, &pacedUntil,
-			&camp.FollowingSince, &camp.Joined, &camp.FollowLookedAt)
+			&camp.FollowingSince, &camp.Joined, &camp.FollowLookedAt, &camp.Approved)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return camp, spec, fmt.Errorf("campaign %s: %w", id, ErrNotFound)
 	}
@@ -178,6 +185,7 @@ func load(ctx context.Context, q querier, id string, lock string) (Campaign, Spe
 	}
 	camp.Stages, camp.Pacing, camp.DeviceTimeout, camp.GateAction, camp.Follow = spec.Stages, spec.Pacing, spec.DeviceTimeout, spec.GateAction, spec.Follow
 	camp.Delta = spec.Delta
+	camp.Windows, camp.Timezone, camp.TimezoneTag = spec.Windows, spec.Timezone, spec.TimezoneTag
 	return camp, spec, err
 }
 
@@ -227,8 +235,23 @@ func (c *Campaigns) Get(ctx context.Context, id string) (CampaignView, error) {
 		if err := rows.Err(); err != nil {
 			return err
 		}
-		v.Bytes, err = deltaStats(ctx, tx, id)
-		return err
+		if v.Bytes, err = deltaStats(ctx, tx, id); err != nil {
+			return err
+		}
+		if len(camp.Windows) == 0 {
+			return nil
+		}
+		// The pending devices of a campaign that may still dispatch; a
+		// draft or a finished campaign shows its own zone's windows.
+		var groups []ZonePending
+		if camp.State == StateRunning || camp.State == StatePaused || camp.State == StateAwaitingApproval {
+			if groups, err = pendingByZone(ctx, tx, camp); err != nil {
+				return err
+			}
+		}
+		ws := camp.WindowStatus(groups, c.now())
+		v.Window = &ws
+		return nil
 	})
 	return v, err
 }
@@ -390,6 +413,11 @@ func stageStats(ctx context.Context, q querier, camp Campaign, kind string, now 
 	if kind == kindRollback {
 		return s, nil
 	}
+	if len(camp.Windows) > 0 && s.Pending > 0 {
+		if s.PendingByZone, err = pendingByZone(ctx, q, camp); err != nil {
+			return s, err
+		}
+	}
 	// Connectivity: disconnects per device-hour of the devices this campaign
 	// upgraded, since their upgrade, against the devices it has not touched.
 	// The fleet's disconnects come from the event rollups (minutes from the
@@ -426,4 +454,40 @@ func stageStats(ctx context.Context, q querier, camp Campaign, kind string, now 
 		s.FleetDisconnectsPerHour = float64(fleetEvents) / fleetHours
 	}
 	return s, nil
+}
+
+// maxZoneGroups bounds the zone groups one step reads: the IANA database
+// has about 600 zones, so only tags that name no zone (each one a group of
+// its own) can make more, and their devices wait for a later step rather
+// than make every step read them all.
+const maxZoneGroups = 1000
+
+// zoneTag is the SQL value of a device d's timezone tag (param is the
+// placeholder of the tag key, ” when the campaign names none): the first,
+// in sort order, of its tags key=value with that key, ” when it has none.
+func zoneTag(param string) string {
+	return `coalesce((SELECT substr(t, length(` + param + `) + 2) FROM unnest(d.tags) t
+	WHERE ` + param + ` <> '' AND left(t, length(` + param + `) + 1) = ` + param + ` || '=' ORDER BY t LIMIT 1), '')`
+}
+
+// pendingByZone groups the pending forward jobs of the campaign's current
+// stage by their device's timezone tag, the group holding the earliest
+// position first: one pass over the stage's pending jobs, as the stage
+// count already makes, returning at most maxZoneGroups rows.
+func pendingByZone(ctx context.Context, q querier, camp Campaign) ([]ZonePending, error) {
+	rows, err := q.Query(ctx, `SELECT zone, count(*) FROM (
+			SELECT `+zoneTag("$2")+` AS zone, cd.position
+			FROM ota_jobs j
+			JOIN campaign_devices cd ON cd.campaign_id = j.campaign_id AND cd.device_id = j.device_id
+			LEFT JOIN devices d ON d.id = j.device_id
+			WHERE j.campaign_id = $1 AND j.kind = 'forward' AND j.state = 'pending' AND cd.stage = $3) p
+		GROUP BY zone ORDER BY min(position) LIMIT $4`, camp.ID, camp.TimezoneTag, camp.Stage, maxZoneGroups)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (ZonePending, error) {
+		var z ZonePending
+		err := r.Scan(&z.Tag, &z.Pending)
+		return z, err
+	})
 }

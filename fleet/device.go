@@ -151,7 +151,7 @@ func validateTags(tags []string) error {
 		case len(t) > maxTagLen:
 			return invalid(field, "is longer than %d characters", maxTagLen)
 		case !idPattern.MatchString(t) && !tagPattern.MatchString(t):
-			return invalid(field, "may hold only letters, digits, '.', '_', ':', '=' and '-'")
+			return invalid(field, "may hold only letters, digits, '.', '_', ':', '=' and '-' (and '/', '+' after the '=')")
 		case seen[t]:
 			return invalid(field, "repeats %q", t)
 		}
@@ -160,8 +160,10 @@ func validateTags(tags []string) error {
 	return nil
 }
 
-// tagPattern allows key=value tags such as site=lyon.
-var tagPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:-]*=[A-Za-z0-9._:-]+$`)
+// tagPattern allows key=value tags such as site=lyon. A value may also hold
+// '/' and '+', for time zones (tz=Europe/Paris, tz=Etc/GMT+1): tags are never
+// part of a topic.
+var tagPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:-]*=[A-Za-z0-9._:/+-]+$`)
 
 // Protocol is an MQTT protocol level as sent in CONNECT: 3 (MQTT 3.1),
 // 4 (3.1.1) or 5. It renders as the version operators know: "3.1", "3.1.1", "5".

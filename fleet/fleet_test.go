@@ -121,6 +121,14 @@ func TestValidation(t *testing.T) {
 		{"bad model", NewDevice{ID: "ok", Model: "a b"}, "model"},
 		{"empty tag", NewDevice{ID: "ok", Tags: []string{""}}, "tags[0]"},
 		{"repeated tag", NewDevice{ID: "ok", Tags: []string{"a", "a"}}, "tags[1]"},
+		{"slash in a tag without a value", NewDevice{ID: "ok", Tags: []string{"Europe/Paris"}}, "tags[0]"},
+		{"slash in a tag key", NewDevice{ID: "ok", Tags: []string{"t/z=UTC"}}, "tags[0]"},
+		{"wildcard in a tag key", NewDevice{ID: "ok", Tags: []string{"tz+=UTC"}}, "tags[0]"},
+	}
+	// A time zone is a tag value (tz=Europe/Paris, tz=Etc/GMT+1): see
+	// firmware's maintenance windows.
+	if _, _, err := svc.Register(ctx, NewDevice{ID: "zoned", Tags: []string{"tz=Europe/Paris", "tz2=Etc/GMT+1"}}); err != nil {
+		t.Errorf("a device with time zone tags: %v", err)
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -149,6 +149,10 @@ type Cohort struct {
 	// registered while a campaign runs (a campaign that follows the fleet
 	// picks them up). It must be shorter than run.duration.
 	StartAfter Duration `yaml:"start_after" json:"start_after"`
+	// Tags are registered with every device of the cohort, besides
+	// sim=<cohort>: e.g. tz=Asia/Tokyo, the zone a campaign's timezone_tag
+	// reads for its maintenance windows. They need run.register.
+	Tags []string `yaml:"tags" json:"tags"`
 
 	// Pings: normal (default), malformed (PINGREQ with reserved flag bits
 	// set) or none (never pings). A firmware profile overrides it.
@@ -299,6 +303,14 @@ func (f *Fleet) Validate() error {
 		prefixes[c.IDPrefix] = true
 		if err := fleet.ValidateID(c.IDPrefix + "0"); err != nil {
 			return fmt.Errorf("%s: %v", field("id_prefix"), err)
+		}
+		if len(c.Tags) > 0 {
+			if !f.Run.Register {
+				return fmt.Errorf("%s needs run.register (tags are given at registration)", field("tags"))
+			}
+			if err := (fleet.NewDevice{ID: c.IDPrefix + "0", Tags: c.registeredTags()}).Validate(); err != nil {
+				return fmt.Errorf("%s: %v", field("tags"), err)
+			}
 		}
 		if c.Firmware == "" {
 			c.Firmware = "1.0.0"
@@ -476,4 +488,10 @@ func (f *Fleet) pingsFor(c *Cohort, firmware string) string {
 		return "normal"
 	}
 	return c.Pings
+}
+
+// registeredTags are the tags the simulator registers the cohort's devices
+// with: its own tags, then sim=<cohort>.
+func (c *Cohort) registeredTags() []string {
+	return append(append([]string(nil), c.Tags...), "sim="+sanitizeTag(c.Name))
 }

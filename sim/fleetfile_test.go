@@ -1,6 +1,8 @@
 package sim
 
 import (
+	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -8,6 +10,9 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"gopkg.in/yaml.v3"
+
+	"github.com/fleetd/fleetd/firmware"
 )
 
 func TestLoadFleetFile(t *testing.T) {
@@ -95,6 +100,11 @@ func TestFleetValidation(t *testing.T) {
 		{"start_after past the run", func(f *Fleet) { f.Run.Duration, f.Cohorts[0].StartAfter = Duration(time.Minute), Duration(time.Minute) }, "cohorts[0].start_after must be at least 0 and shorter than run.duration"},
 		{"start_after with decommissioned", func(f *Fleet) { f.Cohorts[0].StartAfter, f.Cohorts[0].Decommissioned = Duration(time.Second), true }, "cohorts[0].start_after cannot be combined with cohorts[0].decommissioned"},
 		{"start_after with duplicate ids", func(f *Fleet) { f.Cohorts[0].StartAfter, f.Cohorts[0].DuplicateIDs = Duration(time.Second), true }, "cohorts[0].start_after cannot be combined with cohorts[0].duplicate_ids"},
+		{"tags without register", func(f *Fleet) {
+			f.Run.Register, f.Run.TokensFile, f.Cohorts[0].Tags = false, "tokens.json", []string{"tz=Asia/Tokyo"}
+		}, "cohorts[0].tags needs run.register"},
+		{"bad tag", func(f *Fleet) { f.Cohorts[0].Tags = []string{"tz=Asia Tokyo"} }, "cohorts[0].tags: tags[0]"},
+		{"a tag repeating the cohort's", func(f *Fleet) { f.Cohorts[0].Tags = []string{"sim=c"} }, "cohorts[0].tags: tags[1]"},
 		{"decommissioned without register", func(f *Fleet) {
 			f.Run.Register, f.Run.TokensFile, f.Cohorts[0].Decommissioned = false, "tokens.json", true
 		}, "cohorts[0].decommissioned needs run.register"},
@@ -118,5 +128,50 @@ func TestFleetValidation(t *testing.T) {
 	allowed.Server.AllowedHosts = []string{"lab-broker"}
 	if err := allowed.Validate(); err != nil {
 		t.Fatalf("allowed host refused: %v", err)
+	}
+}
+
+// TestWindowsFleetFile: docs/fleet.windows.yaml stays valid and gives its
+// zoned cohorts a tz tag naming a zone that fleetd knows, and
+// docs/campaign.windows.yaml is a campaign definition fleetd accepts (all
+// but its firmware id, which the operator fills in).
+func TestWindowsFleetFile(t *testing.T) {
+	f, err := Load(filepath.Join("..", "docs", "fleet.windows.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	zones := map[string]bool{}
+	for _, c := range f.Cohorts {
+		for _, tag := range c.registeredTags() {
+			if zone, ok := strings.CutPrefix(tag, "tz="); ok {
+				if _, err := firmware.LoadZone(zone); err != nil {
+					t.Errorf("cohort %s: %v", c.Name, err)
+				}
+				zones[zone] = true
+			}
+		}
+	}
+	if len(zones) < 3 {
+		t.Errorf("the fleet spans %d zones, want at least 3", len(zones))
+	}
+	b, err := os.ReadFile(filepath.Join("..", "docs", "campaign.windows.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc any
+	if err := yaml.Unmarshal(b, &doc); err != nil {
+		t.Fatal(err)
+	}
+	j, _ := json.Marshal(doc)
+	var spec firmware.Spec
+	dec := json.NewDecoder(bytes.NewReader(j))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&spec); err != nil {
+		t.Fatal(err)
+	}
+	camp := firmware.Campaign{Name: spec.Name, FirmwareID: spec.FirmwareID, Stages: spec.Stages, Pacing: spec.Pacing,
+		DeviceTimeout: spec.DeviceTimeout, GateAction: spec.GateAction, Windows: spec.Windows, Timezone: spec.Timezone, TimezoneTag: spec.TimezoneTag}
+	if err := camp.Validate(); err != nil {
+		t.Fatalf("docs/campaign.windows.yaml: %v", err)
 	}
 }

@@ -326,9 +326,17 @@ func (s *Simulator) provisionTokens(ctx context.Context) error {
 }
 
 func registerOrRotate(ctx context.Context, api *client.Client, d *device) (string, error) {
-	reg, err := api.RegisterDevice(ctx, fleet.NewDevice{ID: d.id, Model: d.cohort.Model, Tags: []string{"sim=" + sanitizeTag(d.cohort.Name)}})
+	tags := d.cohort.registeredTags()
+	reg, err := api.RegisterDevice(ctx, fleet.NewDevice{ID: d.id, Model: d.cohort.Model, Tags: tags})
 	var apiErr *client.Error
 	if errors.As(err, &apiErr) && apiErr.Status == http.StatusConflict {
+		// Registered by an earlier run: the fleet file's tags (a time zone
+		// may have changed) and a new token.
+		if len(d.cohort.Tags) > 0 {
+			if _, err := api.UpdateDevice(ctx, d.id, fleet.Patch{Tags: &tags}); err != nil {
+				return "", err
+			}
+		}
 		return api.RotateToken(ctx, d.id)
 	}
 	if err != nil {

@@ -91,7 +91,7 @@ func (s *Server) MountFirmware(a Artifacts, c Campaigns, o FirmwareOptions) {
 		api.Get("/campaigns/{id}", h.getCampaign)
 		api.Get("/campaigns/{id}/history", h.history)
 		api.Get("/campaigns/{id}/devices", h.campaignDevices)
-		api.Post("/campaigns/{id}/{action:start|pause|resume|abort|rollback}", h.act)
+		api.Post("/campaigns/{id}/{action:start|approve|pause|resume|abort|rollback}", h.act)
 	})
 }
 

@@ -44,8 +44,9 @@ Usage: fleetctl [-url URL] [-token-file FILE] [-output table|json] COMMAND
   firmware upload FILE -version V -models a,b [-notes TEXT]
   campaign list | get ID | history ID | devices ID
   campaign create -f SPEC.yaml|SPEC.json
-  campaign start|pause|resume|abort|rollback ID
-  campaign watch ID        live progress until the campaign stops moving
+  campaign start|approve|pause|resume|abort|rollback ID
+                           approve: let the stage that awaits approval start
+  campaign watch ID        live progress until the campaign stops moving (or awaits approval)
   fleet health
   rules get | rules set -f RULES.json
 
@@ -422,7 +423,7 @@ func (c *cli) campaign(ctx context.Context, sub string, args []string) error {
 			return err
 		}
 		return c.print(v, func(w *tabwriter.Writer) { fmt.Fprintf(w, "created\t%s\tstate\t%s\n", v.ID, v.State) })
-	case "get", "start", "pause", "resume", "abort", "rollback":
+	case "get", "start", "approve", "pause", "resume", "abort", "rollback":
 		id, err := needID(args, "campaign "+sub)
 		if err != nil {
 			return err
@@ -512,6 +513,11 @@ func (c *cli) watch(ctx context.Context, id string) error {
 				}
 			}
 			return nil
+		case firmware.StateAwaitingApproval:
+			if !c.json {
+				fmt.Fprintf(c.out, "stage %d awaits approval: fleetctl campaign approve %s\n", v.Stage+1, v.ID)
+			}
+			return nil
 		}
 		if following(v) {
 			if !c.json {
@@ -555,6 +561,16 @@ func progress(w io.Writer, v firmware.CampaignView) {
 	if v.Delta {
 		b := v.Bytes
 		fmt.Fprintf(w, "  bytes\t%d sent, %d saved by deltas\t%d jobs offered a delta, %d fell back\n", b.Sent, b.Saved, b.DeltaJobs, b.FellBack)
+	}
+	if ws := v.Window; ws != nil {
+		switch {
+		case ws.Open:
+			fmt.Fprintf(w, "  window\topen until %s\t%d devices inside\n", ws.ClosesAt.Format(time.RFC3339), ws.Dispatchable)
+		case !ws.NextWindow.IsZero():
+			fmt.Fprintf(w, "  window\tclosed\tnext opens %s\n", ws.NextWindow.Format(time.RFC3339))
+		default:
+			fmt.Fprintf(w, "  window\tclosed\n")
+		}
 	}
 }
 

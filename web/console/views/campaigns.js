@@ -10,7 +10,7 @@ import {progressBar} from '../lib/charts.js';
 import {parseConstraint} from '../lib/semver.js';
 
 const stateKinds = {
-  draft: '', running: 'busy', paused: 'warn', completed: 'ok', aborted: 'bad', rolling_back: 'warn', rolled_back: 'off',
+  draft: '', running: 'busy', awaiting_approval: 'warn', paused: 'warn', completed: 'ok', aborted: 'bad', rolling_back: 'warn', rolled_back: 'off',
 };
 
 function stateBadge(state, attrs = {}) {
@@ -24,6 +24,7 @@ function stageStatus(c, i) {
   switch (c.state) {
     case 'aborted': return 'aborted';
     case 'paused': return 'paused';
+    case 'awaiting_approval': return 'awaiting approval';
     case 'rolling_back':
     case 'rolled_back': return 'rolled back';
   }
@@ -298,6 +299,7 @@ function historyDetail(e) {
   if (d.gate && d.gate.detail && !String(d.reason || '').includes(d.gate.detail)) {
     parts.push(`${d.gate.gate}${d.gate.breached ? ' breached' : ''}: ${d.gate.detail}`);
   }
+  if (e.action === 'approve' && d.stage !== undefined) parts.push(`stage ${d.stage + 1}${d.name ? ` "${d.name}"` : ''} approved`);
   if (d.from) parts.push(`from ${d.from}`);
   if (d.devices !== undefined) parts.push(`${d.devices} devices`);
   if (d.first_stage !== undefined) parts.push(`first stage ${d.first_stage}`);
@@ -313,6 +315,19 @@ function historyDetail(e) {
     parts.push(`stage ${(d.stage ?? 0) + 1}: ${s.Succeeded ?? 0}/${s.Targets ?? 0} succeeded, ${s.Failed ?? 0} failed, ${s.TimedOut ?? 0} timed out`);
   }
   return parts.join(' · ');
+}
+
+// windowText says where a campaign's maintenance windows stand for the
+// devices it has yet to dispatch: why nothing goes out, and until when.
+function windowText(w) {
+  if (!w) return '—';
+  const zones = (w.zones || []).filter((z) => z.pending > 0);
+  const open = zones.filter((z) => z.open).map((z) => z.zone);
+  if (w.open) {
+    return `open${open.length ? ` in ${open.join(', ')}` : ''} until ${fmtTime(w.closes_at)}, ${w.dispatchable} device${w.dispatchable === 1 ? '' : 's'} inside` +
+      (w.next_window ? `; the next window for the others opens ${fmtTime(w.next_window)}` : '');
+  }
+  return w.next_window ? `closed: nothing is dispatched until ${fmtTime(w.next_window)}` : 'closed';
 }
 
 function selectorText(s) {
@@ -342,7 +357,7 @@ export async function campaignView(ctx, id) {
   function drawHead() {
     const acts = c.actions || []; // what the API allows in this state (firmware.Actions)
     const buttons = acts.map((a) => {
-      const b = h('button', {type: 'button', class: `btn ${a === 'start' || a === 'resume' ? 'primary' : a === 'abort' || a === 'rollback' ? 'danger' : ''}`,
+      const b = h('button', {type: 'button', class: `btn ${a === 'start' || a === 'resume' || a === 'approve' ? 'primary' : a === 'abort' || a === 'rollback' ? 'danger' : ''}`,
         'data-testid': `action-${a}`}, a[0].toUpperCase() + a.slice(1));
       b.addEventListener('click', () => act(a, b));
       return b;
@@ -368,6 +383,10 @@ export async function campaignView(ctx, id) {
       ['Breached gate', c.gate_action === 'abort' ? 'aborts the campaign' : 'pauses the campaign'],
       ['Delta images', c.delta ? 'offered to devices whose version\'s image is stored' : 'off (full images)'],
       ['Bytes sent', bytesText(c.bytes), 'campaign-bytes'],
+      ...(c.windows && c.windows.length ? [
+        ['Windows', `${c.windows.map((w) => `${w.cron} for ${w.duration}`).join('; ')} (${c.timezone || 'UTC'}${c.timezone_tag ? `, or the zone in each device's tag ${c.timezone_tag}` : ''})`],
+        ['Window now', windowText(c.window), 'campaign-window'],
+      ] : []),
       ['Created', fmtTime(c.created_at)],
       ['Updated', fmtTime(c.updated_at)],
     ]));
@@ -392,8 +411,8 @@ export async function campaignView(ctx, id) {
       return h('div', {class: `stage ${status.replace(' ', '-')}`, 'data-testid': 'stage', 'data-stage': i},
         h('div', {class: 'stage-head'},
           h('strong', null, `${i + 1}. ${s.name || 'stage'}`),
-          h('span', {class: 'muted small'}, ` ${stageSize(s)}${s.soak && s.soak !== '0s' ? `, soak ${s.soak}` : ''}`),
-          h('span', {class: `badge ${status === 'done' ? 'ok' : status === 'running' || status === 'soaking' ? 'busy' : status === 'paused' ? 'warn' : status === 'aborted' ? 'bad' : ''}`,
+          h('span', {class: 'muted small'}, ` ${stageSize(s)}${s.soak && s.soak !== '0s' ? `, soak ${s.soak}` : ''}${s.requires_approval ? ', requires approval' : ''}`),
+          h('span', {class: `badge ${status === 'done' ? 'ok' : status === 'running' || status === 'soaking' ? 'busy' : status === 'paused' || status === 'awaiting approval' ? 'warn' : status === 'aborted' ? 'bad' : ''}`,
             'data-testid': 'stage-status'}, status)),
         bar,
         h('p', {class: 'small', 'data-testid': 'stage-text'}, count.targets ? text :
@@ -458,6 +477,8 @@ export async function campaignView(ctx, id) {
       start: ['Start this campaign?', `fleetd selects the devices now and sends jobs stage by stage, paced. Target: firmware ${c.version}.`, false],
       abort: ['Abort this campaign?', 'No more jobs are sent. Devices already upgraded keep the new firmware. An aborted campaign cannot be resumed.', true],
       rollback: ['Roll this campaign back?', 'Each device this campaign upgraded is sent the version it ran before (when that firmware is stored).', true],
+      approve: [`Approve stage ${c.stage + 1}${(c.stages[c.stage] || {}).name ? ` "${c.stages[c.stage].name}"` : ''}?`,
+        'Its devices are sent jobs, paced, as soon as you approve; the history records that you did.', false],
     }[action];
     if (danger && !(await confirmDialog({title: danger[0], message: danger[1], confirm: action[0].toUpperCase() + action.slice(1), danger: danger[2]}))) return;
     button.disabled = true;
