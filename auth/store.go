@@ -496,16 +496,17 @@ func (s *Store) KeyByToken(ctx context.Context, token string) (Principal, error)
 // PruneSessions deletes ended sessions and keys revoked or expired longer
 // than keep ago, in bounded batches.
 func (s *Store) PruneSessions(ctx context.Context, keep time.Duration) error {
-	for _, q := range []string{
-		`DELETE FROM sessions WHERE token_hash IN (SELECT token_hash FROM sessions WHERE expires_at < now() OR last_seen_at < now() - $1 * interval '1 millisecond' LIMIT 5000)`,
-		`DELETE FROM api_keys WHERE id IN (SELECT id FROM api_keys WHERE coalesce(revoked_at, expires_at) < now() - $1 * interval '1 millisecond' LIMIT 5000)`,
+	for _, d := range []struct {
+		q   string
+		age time.Duration
+	}{
+		{`DELETE FROM sessions WHERE token_hash IN (SELECT token_hash FROM sessions
+			WHERE expires_at < now() OR last_seen_at < now() - $1 * interval '1 millisecond' LIMIT 5000)`, s.opts.SessionIdle},
+		{`DELETE FROM api_keys WHERE id IN (SELECT id FROM api_keys
+			WHERE coalesce(revoked_at, expires_at) < now() - $1 * interval '1 millisecond' LIMIT 5000)`, keep},
 	} {
-		arg := s.opts.SessionIdle.Milliseconds()
-		if strings.Contains(q, "api_keys") {
-			arg = keep.Milliseconds()
-		}
 		for {
-			tag, err := s.pool.Exec(ctx, q, arg)
+			tag, err := s.pool.Exec(ctx, d.q, d.age.Milliseconds())
 			if err != nil {
 				return err
 			}

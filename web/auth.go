@@ -81,7 +81,7 @@ func sessionOf(ctx context.Context) *auth.Session {
 	return a.session
 }
 
-// accounts returns the mounted Accounts, or nil before the database is up
+// accountStore returns the mounted Accounts, or nil before the database is up
 // (when only the bootstrap token authenticates).
 func (s *Server) accountStore() Accounts {
 	if a := s.accounts.Load(); a != nil {
@@ -148,7 +148,8 @@ func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) (authn, bo
 	return authn{}, false
 }
 
-// authn is middleware around authenticate.
+// requireAuthn is middleware around authenticate: it records the principal
+// in the request context (PrincipalOf) and answers 401 or 429 itself.
 func (s *Server) requireAuthn(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		a, ok := s.authenticate(w, r)

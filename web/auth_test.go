@@ -363,6 +363,22 @@ func TestKeyRevokedOnEveryReplica(t *testing.T) {
 	if _, _, err := a.store.CreateKey(ctx, auth.NewKey{Name: "up", Role: auth.Admin}, lower); err == nil {
 		t.Fatal("an operator made an admin key")
 	}
+	// Keys revoked longer ago than the retention are forgotten.
+	if _, err := a.pool.Exec(ctx, `UPDATE api_keys SET revoked_at = now() - interval '2 hours' WHERE id = $1`, k.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.store.PruneSessions(ctx, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	ks, err := a.store.Keys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range ks {
+		if key.ID == k.ID {
+			t.Fatalf("key revoked two hours ago kept past a retention of one hour: %+v", key)
+		}
+	}
 }
 
 // TestConsoleSession signs in with a cookie jar: the session survives a
