@@ -7,7 +7,6 @@ import (
 	"errors"
 	"io"
 	"mime"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -268,10 +267,8 @@ func (h *firmwareHandlers) serve(w http.ResponseWriter, r *http.Request, key str
 		authorised = true
 	}
 	if !authorised {
-		ok := false
-		bearerAuth(h.s.opts.AdminToken, h.s.fails)(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { ok = true })).ServeHTTP(w, r)
-		if !ok {
-			return // bearerAuth answered 401 or 429
+		if _, ok := h.s.authenticate(w, r); !ok {
+			return // authenticate answered 401 or 429
 		}
 	}
 	src := sourceOf(r.RemoteAddr)
@@ -323,14 +320,6 @@ func (w *countingWriter) Write(p []byte) (int, error) {
 }
 
 func (w *countingWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
-func actor(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		host = r.RemoteAddr
-	}
-	return "admin@" + host + " (request " + RequestID(r.Context()) + ")"
-}
 
 func (h *firmwareHandlers) createCampaign(w http.ResponseWriter, r *http.Request) {
 	var spec firmware.Spec
