@@ -89,7 +89,8 @@ CREATE TRIGGER notifications_fan_out AFTER INSERT ON notifications
 
 -- Campaign outcomes, from the audit trail every campaign change writes in
 -- the transaction that made it: a gate that paused or aborted the campaign
--- (the campaign row already holds the state the gate chose), completion,
+-- (the campaign row already holds the state the gate chose), a stage that
+-- waits for an operator's approval, completion,
 -- an operator's abort, the end of a rollback.
 -- +goose StatementBegin
 CREATE FUNCTION notify_campaign_history() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -101,6 +102,7 @@ BEGIN
     kind := CASE
         WHEN NEW.action = 'gate_breached' AND camp.state = 'paused' THEN 'campaign.paused_by_gate'
         WHEN NEW.action = 'gate_breached' AND camp.state = 'aborted' THEN 'campaign.aborted_by_gate'
+        WHEN NEW.action = 'awaiting_approval' THEN 'campaign.awaiting_approval'
         WHEN NEW.action = 'complete' THEN 'campaign.completed'
         WHEN NEW.action = 'abort' THEN 'campaign.aborted'
         WHEN NEW.action = 'rolled_back' THEN 'campaign.rolled_back'

@@ -293,6 +293,7 @@ func TestTriggersWriteNotifications(t *testing.T) {
 		`INSERT INTO campaigns (id, name, firmware_id, version, spec, state) VALUES ('c1', 'heal', 'fw_1', '1.1.0', '{}', 'paused')`,
 		`INSERT INTO campaign_history (campaign_id, actor, action, detail) VALUES ('c1', 'fleetd', 'gate_breached', '{"reason":"failure rate 40%","gate":{"gate":"failure_rate"}}')`,
 		`INSERT INTO campaign_history (campaign_id, actor, action) VALUES ('c1', 'admin', 'resume')`,
+		`INSERT INTO campaign_history (campaign_id, actor, action, detail) VALUES ('c1', 'fleetd', 'awaiting_approval', '{"stage":1}')`,
 		`INSERT INTO campaign_history (campaign_id, actor, action) VALUES ('c1', 'admin', 'abort')`,
 		`INSERT INTO firmware_verdict_history (model, firmware, flag, change, rate, baseline, evidence) VALUES ('gw-100', '1.0.3', 'rejects_pings', 'flagged', 9, 1, '{}')`,
 	} {
@@ -317,7 +318,7 @@ func TestTriggersWriteNotifications(t *testing.T) {
 			t.Errorf("gate payload %v", payload)
 		}
 	}
-	want := []string{string(CampaignPausedByGate), string(CampaignAborted), string(FirmwareFlagged)}
+	want := []string{string(CampaignPausedByGate), string(CampaignAwaitingApproval), string(CampaignAborted), string(FirmwareFlagged)}
 	if strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Fatalf("notifications %v, want %v", got, want)
 	}

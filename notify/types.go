@@ -26,20 +26,21 @@ type Type string
 // the offline watch, recorder types from each replica's
 // recorder, webhook.disabled from the deliverer itself.
 const (
-	CampaignPausedByGate  Type = "campaign.paused_by_gate"
-	CampaignAbortedByGate Type = "campaign.aborted_by_gate"
-	CampaignCompleted     Type = "campaign.completed"
-	CampaignAborted       Type = "campaign.aborted"
-	CampaignRolledBack    Type = "campaign.rolled_back"
-	FirmwareFlagged       Type = "firmware.flagged"
-	FirmwareCleared       Type = "firmware.cleared"
-	DevicesIncompatible   Type = "devices.incompatible"
-	DevicesOffline        Type = "devices.offline"
-	ModelOffline          Type = "model.offline"
-	ModelBackOnline       Type = "model.back_online"
-	RecorderBehind        Type = "recorder.behind"
-	RecorderCaughtUp      Type = "recorder.caught_up"
-	WebhookDisabled       Type = "webhook.disabled"
+	CampaignPausedByGate     Type = "campaign.paused_by_gate"
+	CampaignAbortedByGate    Type = "campaign.aborted_by_gate"
+	CampaignAwaitingApproval Type = "campaign.awaiting_approval"
+	CampaignCompleted        Type = "campaign.completed"
+	CampaignAborted          Type = "campaign.aborted"
+	CampaignRolledBack       Type = "campaign.rolled_back"
+	FirmwareFlagged          Type = "firmware.flagged"
+	FirmwareCleared          Type = "firmware.cleared"
+	DevicesIncompatible      Type = "devices.incompatible"
+	DevicesOffline           Type = "devices.offline"
+	ModelOffline             Type = "model.offline"
+	ModelBackOnline          Type = "model.back_online"
+	RecorderBehind           Type = "recorder.behind"
+	RecorderCaughtUp         Type = "recorder.caught_up"
+	WebhookDisabled          Type = "webhook.disabled"
 	// WebhookTest is sent by POST /api/v1/webhooks/{id}/test to that
 	// subscription only; it is not a type a subscription lists.
 	WebhookTest Type = "webhook.test"
@@ -55,6 +56,7 @@ type TypeInfo struct {
 var Types = []TypeInfo{
 	{CampaignPausedByGate, "a health gate breached and paused a campaign (data: campaign_id, name, state, stage, version, reason, gate with its numbers)"},
 	{CampaignAbortedByGate, "a health gate breached and aborted a campaign (gate_action abort)"},
+	{CampaignAwaitingApproval, "a campaign's next stage requires an operator's approval and waits for it (data: stage, the stage it waits to start)"},
 	{CampaignCompleted, "a campaign's last stage passed its gates"},
 	{CampaignAborted, "an operator aborted a campaign (data: actor)"},
 	{CampaignRolledBack, "every rollback job of a campaign finished"},
