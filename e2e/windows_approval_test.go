@@ -55,7 +55,7 @@ func TestConsoleApproveStage(t *testing.T) {
 	b.click(`[data-testid=confirm-ok]`)
 	b.waitJS("the campaign running", `document.querySelector('[data-testid=campaign-state]').dataset.state === 'running'`, 10*time.Second)
 	b.waitJS("the approval in the history", `(() => { const e = document.querySelector('[data-testid=history-entry][data-action=approve]');
-		return e && e.textContent.includes('stage 1 "all" approved') && e.textContent.includes('admin@'); })()`, 10*time.Second)
+		return e && e.textContent.includes('stage 1 "all" approved') && e.textContent.includes('break-glass@'); })()`, 10*time.Second)
 	b.waitJS("the closed window and when it opens", `(() => { const e = document.querySelector('[data-testid=campaign-window]');
 		return e && e.textContent.includes('closed: nothing is dispatched until'); })()`, 10*time.Second)
 	b.shot("approved")

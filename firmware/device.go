@@ -300,7 +300,7 @@ func (c *Campaigns) birth(ctx context.Context, deviceID, firmware string) {
 		UPDATE ota_jobs j SET
 			state = CASE WHEN $2 = c.version THEN 'succeeded' ELSE 'failed' END,
 			error = CASE WHEN $2 = c.version THEN '' ELSE 'came back on '||$2||', not '||c.version END,
-			progress = 100, finished_at = $4
+			progress = 100, finished_at = $4, settled_db_at = clock_timestamp()
 		FROM campaigns c WHERE c.id = j.campaign_id AND j.device_id = $1 AND j.kind = 'forward'
 			AND (($2 = c.version AND j.state = ANY($3)) OR ($2 <> c.version AND j.state = 'rebooting'))
 		RETURNING j.campaign_id`, deviceID, firmware, inFlight, now)

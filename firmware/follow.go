@@ -30,7 +30,8 @@ const followMargin = time.Minute
 // devices changed after a follower's place ($2, $3) that match the
 // campaign's models, tags and compat ($4-$6), with their current forward
 // job in campaign $1 if they have one, at most $7 of them.
-const followQuery = `SELECT d.id, d.firmware, d.selection_changed_at, cd.device_id IS NOT NULL, coalesce(j.state, ''), coalesce(cd.attempt, 0)
+const followQuery = `SELECT d.id, d.firmware, d.selection_changed_at, cd.device_id IS NOT NULL, coalesce(j.state, ''), coalesce(cd.attempt, 0),
+		j.settled_db_at
 	FROM devices d
 	LEFT JOIN campaign_devices cd ON cd.campaign_id = $1 AND cd.device_id = d.id
 	LEFT JOIN ota_jobs j ON j.campaign_id = cd.campaign_id AND j.device_id = cd.device_id AND j.kind = 'forward' AND j.attempt = cd.attempt
@@ -49,6 +50,7 @@ type follower struct {
 	member       bool   // already a device of the campaign
 	jobState     string // the state of its current forward job, when a member
 	attempt      int    // its current forward attempt, when a member
+	settled      *time.Time // when the birth settled its current job (database clock)
 }
 
 // follow is one look of a following campaign, in the step's transaction
@@ -101,7 +103,7 @@ func (c *Campaigns) follow(ctx context.Context, tx pgx.Tx, camp Campaign, sel Se
 	}
 	fs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (follower, error) {
 		var f follower
-		err := r.Scan(&f.id, &f.firmware, &f.changed, &f.member, &f.jobState, &f.attempt)
+		err := r.Scan(&f.id, &f.firmware, &f.changed, &f.member, &f.jobState, &f.attempt, &f.settled)
 		return f, err
 	})
 	if err != nil {
@@ -119,7 +121,12 @@ func (c *Campaigns) follow(ctx context.Context, tx pgx.Tx, camp Campaign, sel Se
 		case !f.member:
 			newIDs, newFroms = append(newIDs, f.id), append(newFroms, f.firmware)
 			newPositions = append(newPositions, int32(camp.Total+camp.Joined+len(newIDs)-1))
-		case f.jobState == "succeeded":
+		case f.jobState == "succeeded" && f.settled != nil && f.changed.After(*f.settled):
+			// Only a change of the device's row after the birth that
+			// settled its job is a reflash: the presence writer stores
+			// that birth's version a moment after the job succeeded, and
+			// until then the row still shows the old version, changed
+			// before. Both times are the database's clock_timestamp().
 			againIDs, againFroms = append(againIDs, f.id), append(againFroms, f.firmware)
 		}
 	}

@@ -528,3 +528,29 @@ func TestFollowLookIsBounded(t *testing.T) {
 	}
 	t.Logf("a step with a look over 50 000 devices, 10 changed: %s on average", spent/5)
 }
+
+// TestFollowWaitsForTheBirthsVersion: a job succeeds on the device's birth
+// message, and the presence writer stores that birth's version in the
+// device's row a moment later. A look in between sees the row still on the
+// old version: that is not a reflash, and the device gets no second job.
+func TestFollowWaitsForTheBirthsVersion(t *testing.T) {
+	d := newDispatcher(t, "gw-1")
+	d.c.SetFollowInterval(time.Second)
+	v := d.start(followSpec)
+	d.step(time.Second)
+	d.report("gw-1", d.device(v.ID, "gw-1").JobID, "rebooting", 100, "")
+	d.c.DeviceBirth("gw-1", "2.0.0") // the row still says 1.0.0
+	d.c.handleNotes(context.Background())
+	d.step(time.Second)
+	d.step(time.Second)
+	if dev := d.device(v.ID, "gw-1"); dev.State != "succeeded" || d.view(v.ID).Joined != 0 {
+		t.Fatalf("after the birth, before its version is stored: %+v, joined %d; want succeeded, no join", dev, d.view(v.ID).Joined)
+	}
+	d.setFirmware("gw-1", "2.0.0") // the presence writer catches up
+	d.step(time.Second)
+	d.setFirmware("gw-1", "1.0.0") // a real reflash
+	d.step(time.Second)
+	if dev := d.device(v.ID, "gw-1"); dev.State != "dispatched" || d.view(v.ID).Joined != 1 {
+		t.Fatalf("after a reflash: %+v, joined %d; want a new attempt dispatched", dev, d.view(v.ID).Joined)
+	}
+}

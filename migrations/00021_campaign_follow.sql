@@ -52,6 +52,12 @@ ALTER TABLE campaigns
 -- of one campaign going at once, whatever replicas do.
 ALTER TABLE campaign_devices ADD COLUMN attempt integer NOT NULL DEFAULT 1;
 ALTER TABLE ota_jobs ADD COLUMN attempt integer NOT NULL DEFAULT 1;
+-- settled_db_at is when a birth settled a forward job, on the database's
+-- clock_timestamp() like selection_changed_at: a follower takes a device
+-- whose job succeeded for reflashed only when its row changed after that
+-- (the presence writer stores the birth's version a moment after the job
+-- succeeded on it, and until then the row still shows the old version).
+ALTER TABLE ota_jobs ADD COLUMN settled_db_at timestamptz;
 ALTER TABLE ota_jobs DROP CONSTRAINT ota_jobs_campaign_id_device_id_kind_key;
 ALTER TABLE ota_jobs ADD CONSTRAINT ota_jobs_attempt_key UNIQUE (campaign_id, device_id, kind, attempt);
 CREATE UNIQUE INDEX ota_jobs_open_idx ON ota_jobs (campaign_id, device_id)
