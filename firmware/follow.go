@@ -47,9 +47,9 @@ func (c *Campaigns) SetFollowInterval(d time.Duration) { c.followEvery = d }
 type follower struct {
 	id, firmware string
 	changed      time.Time
-	member       bool   // already a device of the campaign
-	jobState     string // the state of its current forward job, when a member
-	attempt      int    // its current forward attempt, when a member
+	member       bool       // already a device of the campaign
+	jobState     string     // the state of its current forward job, when a member
+	attempt      int        // its current forward attempt, when a member
 	settled      *time.Time // when the birth settled its current job (database clock)
 }
 
