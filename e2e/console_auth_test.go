@@ -1,0 +1,353 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/cdproto/cdp"
+	"github.com/chromedp/cdproto/network"
+	"github.com/chromedp/chromedp"
+
+	"github.com/fleetd/fleetd/firmware"
+	"github.com/fleetd/fleetd/fleet"
+	"github.com/fleetd/fleetd/internal/fleetdtest"
+)
+
+// The console's operators: users sign in with a name and a password (a
+// session cookie with CSRF protection), see only the controls their role
+// may use, and an admin manages API keys in the console.
+
+// call sends a request to fleetd's API as a client outside the browser
+// would: with a bearer token, or with a session cookie when cookie is set.
+// It decodes a JSON answer into out (when not nil) and returns the status.
+func call(t *testing.T, base, method, path, bearer, cookie string, body, out any) int {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, base+"/api/v1"+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if bearer != "" {
+		req.Header.Set("Authorization", "Bearer "+bearer)
+	}
+	if cookie != "" {
+		req.AddCookie(&http.Cookie{Name: "fleetd_session", Value: cookie})
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer res.Body.Close()
+	data, _ := io.ReadAll(res.Body)
+	if out != nil && res.StatusCode < 300 && len(data) > 0 {
+		if err := json.Unmarshal(data, out); err != nil {
+			t.Fatalf("%s %s: %v in %s", method, path, err, data)
+		}
+	}
+	return res.StatusCode
+}
+
+// createUser adds a user through the API with the bootstrap token.
+func createUser(t *testing.T, p *fleetdtest.Process, name, password, role string) {
+	t.Helper()
+	if st := call(t, p.HTTPURL, "POST", "/users", p.Token(), "", map[string]string{"name": name, "password": password, "role": role}, nil); st != http.StatusCreated {
+		t.Fatalf("create user %s (%s): status %d, want 201", name, role, st)
+	}
+}
+
+// signInUser opens the console and signs in with a user's name and
+// password, and waits for the header to name them.
+func (b *browser) signInUser(name, password string) {
+	b.t.Helper()
+	b.navigate("/")
+	b.waitJS("the sign-in form", `document.querySelector('[data-testid=signin-name]')`, 10*time.Second)
+	b.do("type the name and password",
+		chromedp.SendKeys(chromedp.CSS(`[data-testid=signin-name]`), name),
+		chromedp.SendKeys(chromedp.CSS(`[data-testid=signin-password]`), password))
+	b.click(`[data-testid=signin-submit]`)
+	b.waitJS("the console after sign-in", `!document.getElementById('top').hidden &&
+		document.querySelector('[data-testid=whoami-name]') && document.querySelector('[data-testid=whoami-name]').textContent === `+jsString(name), 10*time.Second)
+}
+
+// sessionCookie is the browser's fleetd_session cookie (HttpOnly, so read
+// over the DevTools protocol), or nil.
+func (b *browser) sessionCookie() *network.Cookie {
+	b.t.Helper()
+	res, err := chromedp.Run(b.ctx, func(ctx context.Context, t *chromedp.Target) (network.GetCookiesResult, error) {
+		return cdp.Call(ctx, t, network.GetCookies, network.GetCookiesParams{URLs: []string{b.base + "/"}})
+	})
+	if err != nil {
+		b.t.Fatalf("read cookies: %v", err)
+	}
+	for _, c := range res.Cookies {
+		if c.Name == "fleetd_session" {
+			return c
+		}
+	}
+	return nil
+}
+
+// mutatingControlsJS lists the visible controls in the page that could
+// change something: buttons, forms, button-styled links, editors, file
+// inputs and anything marked data-needs, except the filters (forms with
+// role=search) and the buttons that only page or load more of a list.
+const mutatingControlsJS = `(() => {
+	const readOnly = new Set(['page-prev', 'page-next', 'events-older', 'bulk-more', 'deliveries-older']);
+	const visible = (el) => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== 'hidden';
+	const found = [];
+	for (const el of document.querySelectorAll('#main button, #main form, #main a.btn, #main textarea, #main input[type=file], #main [data-needs]')) {
+		if (!visible(el) || el.closest('form[role=search]')) continue;
+		const id = el.dataset.testid || '';
+		if (readOnly.has(id) || id.startsWith('links-more-')) continue;
+		found.push(el.tagName.toLowerCase() + (id ? '[' + id + ']' : '') + ' "' + el.textContent.trim().replace(/\s+/g, ' ').slice(0, 30) + '"');
+	}
+	return found;
+})()`
+
+// TestConsoleViewerSeesNoControls: a viewer signed in with a name and a
+// password reads the overview, the devices, a device's page, the firmware,
+// the campaigns, a campaign's page and the bulk commands, and sees no
+// control that changes anything on any of them, nor the admin pages. An
+// operator on the same pages sees the controls (so the check finds them
+// when they are there) but not the admin pages.
+func TestConsoleViewerSeesNoControls(t *testing.T) {
+	p, api := consoleFleetd(t)
+	ctx := context.Background()
+	if _, err := api.RegisterDevice(ctx, fleet.NewDevice{ID: "gw-v1", Model: "gw-100"}); err != nil {
+		t.Fatal(err)
+	}
+	target := upload(t, api, "2.0.0", 4<<10)
+	camp, err := api.CreateCampaign(ctx, firmware.Spec{Name: "to read", FirmwareID: target.ID,
+		Stages:        []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1}},
+		DeviceTimeout: firmware.Duration(10 * time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	createUser(t, p, "vera", "viewer-password-1", "viewer")
+	createUser(t, p, "otto", "operator-password-1", "operator")
+
+	// Each page, and what shows that it has finished drawing.
+	pages := []struct{ name, path, ready string }{
+		{"overview", "/ui/", `/^\d+$/.test(document.querySelector('[data-testid=online-count]').textContent) &&
+			document.querySelector('[data-testid=flagged-firmware] .empty, [data-testid=flagged-row]')`},
+		{"devices", "/ui/devices", `document.querySelector('[data-testid=device-row][data-device-id="gw-v1"]')`},
+		{"device", "/ui/devices/gw-v1", `document.querySelector('[data-testid=device-title]') &&
+			document.querySelector('[data-testid=diagnosis] [data-testid=no-problems], [data-testid=diagnosis] [data-testid=problem]') &&
+			document.querySelector('[data-testid=config-sync]') && document.querySelector('[data-testid=cmd-empty], [data-testid=cmd-table]')`},
+		{"firmware", "/ui/firmware", `document.querySelector('[data-testid=firmware-row][data-version="2.0.0"]')`},
+		{"campaigns", "/ui/campaigns", `document.querySelector('[data-testid=campaign-row][data-campaign-id="` + camp.ID + `"]')`},
+		{"campaign", "/ui/campaigns/" + camp.ID, `document.querySelector('[data-testid=campaign-state]') && document.querySelector('[data-testid=history-entry]')`},
+		{"commands", "/ui/commands", `document.querySelector('[data-testid=bulk-table] tbody tr')`},
+	}
+	adminNav := `[...document.querySelectorAll('a[data-nav=users], a[data-nav=keys], a[data-nav=webhooks], a[data-nav=audit]')].filter((a) => a.getClientRects().length).length`
+	visit := func(b *browser, role string) map[string][]string {
+		t.Helper()
+		got := map[string][]string{}
+		for _, pg := range pages {
+			// Through the nav or a link, as a user would: no reload.
+			b.do("open "+pg.path, evalVoid(`window.history.pushState(null, '', `+jsString(pg.path)+`); window.dispatchEvent(new PopStateEvent('popstate'))`))
+			b.waitJS(role+" on the "+pg.name+" page", pg.ready, 15*time.Second)
+			if msg := b.text(`#main [data-testid=error]`); msg != "" {
+				t.Errorf("%s on the %s page: an error is shown: %s", role, pg.name, msg)
+			}
+			got[pg.name] = mustEval[[]string](t, b, mutatingControlsJS)
+			b.shot(role + "-" + pg.name)
+		}
+		return got
+	}
+
+	b := newBrowser(t, p.HTTPURL, 120*time.Second)
+	b.signInUser("otto", "operator-password-1")
+	if got := b.text(`[data-testid=whoami-role]`); got != "operator" {
+		t.Errorf("the header shows the role %q, want operator", got)
+	}
+	controls := visit(b, "operator")
+	for page, want := range map[string][]string{
+		"device":    {"btn-rotate", "btn-decommission", "cmd-form", "config-form"},
+		"firmware":  {"upload-form", "firmware-delete"},
+		"campaigns": {"new-campaign"},
+		"campaign":  {"action-start"},
+		"commands":  {"new-bulk"},
+	} {
+		for _, id := range want {
+			if !strings.Contains(strings.Join(controls[page], " "), "["+id+"]") {
+				t.Errorf("an operator on the %s page does not see %s; visible controls: %q", page, id, controls[page])
+			}
+		}
+	}
+	if n := mustEval[int](t, b, adminNav); n != 0 {
+		t.Errorf("an operator sees %d admin pages in the nav, want none", n)
+	}
+	b.navigate("/ui/keys")
+	b.waitJS("the operator refused the API keys page", `document.querySelector('[data-testid=needs-role][data-needs-role=admin]')`, 10*time.Second)
+	b.click(`[data-testid=signout]`)
+	b.waitJS("the sign-in page", `document.querySelector('[data-testid=signin-name]') && document.getElementById('top').hidden`, 10*time.Second)
+
+	b.signInUser("vera", "viewer-password-1")
+	if got := b.text(`[data-testid=whoami-role]`); got != "viewer" {
+		t.Errorf("the header shows the role %q, want viewer", got)
+	}
+	for page, found := range visit(b, "viewer") {
+		if len(found) > 0 {
+			t.Errorf("a viewer sees controls that change things on the %s page: %q", page, found)
+		}
+	}
+	if n := mustEval[int](t, b, adminNav); n != 0 {
+		t.Errorf("a viewer sees %d admin pages in the nav, want none", n)
+	}
+	b.navigate("/ui/campaigns/new")
+	b.waitJS("the viewer refused the campaign form", `document.querySelector('[data-testid=needs-role][data-needs-role=operator]')`, 10*time.Second)
+	if n := mustEval[int](t, b, `document.querySelectorAll('[data-testid=campaign-form]').length`); n != 0 {
+		t.Error("the campaign form is drawn for a viewer")
+	}
+}
+
+// TestConsoleAdminCreatesKey: an admin signed in with a name and a
+// password creates an API key in the console; its token is shown once,
+// works against the API with the key's role, the key is listed with its
+// role, expiry and last use, its creation is in the audit log, and once
+// revoked in the console the token is refused at once.
+func TestConsoleAdminCreatesKey(t *testing.T) {
+	p, _ := consoleFleetd(t)
+	createUser(t, p, "ada", "admin-password-1", "admin")
+	b := newBrowser(t, p.HTTPURL, 90*time.Second)
+	b.signInUser("ada", "admin-password-1")
+	if got := b.text(`[data-testid=whoami-role]`); got != "admin" {
+		t.Errorf("the header shows the role %q, want admin", got)
+	}
+	b.click(`a[data-nav=keys]`)
+	b.waitJS("the API keys page", `document.querySelector('[data-testid=key-form]') && document.querySelector('[data-testid=key-list] .empty, [data-testid=key-table]')`, 10*time.Second)
+	b.setValue(`[data-testid=key-name]`, "ci-upload")
+	b.setValue(`[data-testid=key-role]`, "operator")
+	b.setValue(`[data-testid=key-expiry]`, "30d")
+	b.click(`[data-testid=key-create]`)
+	b.waitJS("the token dialog", `document.querySelector('[data-testid=key-token-dialog] [data-testid=new-key-token]')`, 10*time.Second)
+	b.shot("token-shown")
+	token := b.text(`[data-testid=new-key-token]`)
+	if len(token) < 20 {
+		t.Fatalf("the token shown is %q", token)
+	}
+	b.waitJS("the key in the list", `(() => { const r = document.querySelector('[data-testid=key-row][data-name="ci-upload"]');
+		return r && r.dataset.role === 'operator' && r.dataset.state === 'active' && r.querySelector('[data-testid=key-last-used]').textContent === 'never'; })()`, 10*time.Second)
+	b.click(`[data-testid=secret-done]`)
+	b.waitJS("the dialog closed", `!document.querySelector('[data-testid=key-token-dialog]')`, 5*time.Second)
+	if strings.Contains(b.pageText(), token) {
+		t.Error("the token is still on the page after the dialog closed")
+	}
+
+	// The key works, with its role.
+	var me struct {
+		Principal struct{ Kind, Name, Role string }
+	}
+	if st := call(t, p.HTTPURL, "GET", "/me", token, "", nil, &me); st != http.StatusOK || me.Principal.Kind != "key" || me.Principal.Name != "ci-upload" || me.Principal.Role != "operator" {
+		t.Errorf("GET /me with the key: %d %+v, want 200 the operator key ci-upload", st, me.Principal)
+	}
+	var devs struct{ Devices []fleet.Device }
+	if st := call(t, p.HTTPURL, "GET", "/devices", token, "", nil, &devs); st != http.StatusOK {
+		t.Errorf("GET /devices with the key: %d, want 200", st)
+	}
+	if st := call(t, p.HTTPURL, "GET", "/keys", token, "", nil, nil); st != http.StatusForbidden {
+		t.Errorf("GET /keys with the operator key: %d, want 403", st)
+	}
+
+	// A reload shows the key used, and never the token again.
+	b.do("reload", chromedp.Reload())
+	b.waitJS("the key used", `(() => { const r = document.querySelector('[data-testid=key-row][data-name="ci-upload"]');
+		return r && r.querySelector('[data-testid=key-last-used]').textContent !== 'never'; })()`, 10*time.Second)
+	if strings.Contains(b.pageText(), token) {
+		t.Error("the token is shown again after a reload")
+	}
+	b.shot("key-listed")
+
+	// The creation is in the audit log, by ada, with its request id.
+	b.click(`a[data-nav=audit]`)
+	b.waitJS("the key's creation in the audit log", `[...document.querySelectorAll('[data-testid=audit-row]')].some((r) =>
+		r.dataset.method === 'POST' && r.dataset.route === '/api/v1/keys' && r.dataset.principal === 'ada' && r.dataset.status === '201' && r.dataset.requestId)`, 10*time.Second)
+	b.shot("audit")
+
+	// Revoked in the console, the token is refused at once.
+	b.click(`a[data-nav=keys]`)
+	b.waitJS("the key row", `document.querySelector('[data-testid=key-row][data-name="ci-upload"] [data-testid=key-revoke]')`, 10*time.Second)
+	b.click(`[data-testid=key-row][data-name="ci-upload"] [data-testid=key-revoke]`)
+	b.click(`[data-testid=confirm-ok]`)
+	b.waitJS("the key revoked", `document.querySelector('[data-testid=key-row][data-name="ci-upload"]').dataset.state === 'revoked'`, 10*time.Second)
+	if st := call(t, p.HTTPURL, "GET", "/devices", token, "", nil, nil); st != http.StatusUnauthorized {
+		t.Errorf("GET /devices with the revoked key: %d, want 401", st)
+	}
+}
+
+// TestConsoleSessionReloadAndSignOut: a console session is a cookie that
+// the page cannot read; it survives a reload (live updates and changes,
+// with the CSRF token GET /me gives back, still work), and dies at
+// sign-out: the console is on the sign-in page and fleetd refuses the old
+// cookie.
+func TestConsoleSessionReloadAndSignOut(t *testing.T) {
+	p, api := consoleFleetd(t)
+	if _, err := api.RegisterDevice(context.Background(), fleet.NewDevice{ID: "gw-s1", Model: "gw-100"}); err != nil {
+		t.Fatal(err)
+	}
+	createUser(t, p, "otto", "operator-password-1", "operator")
+	b := newBrowser(t, p.HTTPURL, 90*time.Second)
+
+	b.navigate("/")
+	b.waitJS("the sign-in form", `document.querySelector('[data-testid=signin-name]')`, 10*time.Second)
+	b.do("type a wrong password",
+		chromedp.SendKeys(chromedp.CSS(`[data-testid=signin-name]`), "otto"),
+		chromedp.SendKeys(chromedp.CSS(`[data-testid=signin-password]`), "not-the-password"))
+	b.click(`[data-testid=signin-submit]`)
+	b.waitJS("the refusal", `document.querySelector('[data-testid=signin-error]').textContent.includes('Wrong user name or password')`, 10*time.Second)
+	if c := b.sessionCookie(); c != nil {
+		t.Errorf("a refused sign-in left a session cookie: %+v", c)
+	}
+
+	b.signInUser("otto", "operator-password-1")
+	b.waitLive()
+	c := b.sessionCookie()
+	if c == nil || !c.HTTPOnly || c.SameSite != network.CookieSameSiteStrict {
+		t.Fatalf("session cookie %+v, want fleetd_session, HttpOnly, SameSite=Strict", c)
+	}
+	if js := mustEval[string](t, b, `document.cookie + '|' + sessionStorage.length + '|' + localStorage.length`); js != "|0|0" {
+		t.Errorf("the page can read a credential (document.cookie|sessionStorage|localStorage): %q", js)
+	}
+
+	b.do("reload", chromedp.Reload())
+	b.waitJS("still signed in after the reload", `!document.getElementById('top').hidden && !document.querySelector('[data-testid=signin-name]') &&
+		document.querySelector('[data-testid=whoami-name]').textContent === 'otto' && document.querySelector('[data-testid=online-count]')`, 10*time.Second)
+	b.waitLive()
+	// A change after the reload carries the CSRF token again.
+	b.navigate("/ui/devices/gw-s1")
+	b.waitJS("the command form", `document.querySelector('[data-testid=cmd-name]')`, 10*time.Second)
+	b.setValue(`[data-testid=cmd-name]`, "ping")
+	b.click(`[data-testid=cmd-send]`)
+	b.waitJS("the command queued", `document.querySelector('[data-testid=cmd-sent]')`, 10*time.Second)
+	b.shot("after-reload")
+	if st := call(t, p.HTTPURL, "GET", "/me", "", c.Value, nil, nil); st != http.StatusOK {
+		t.Fatalf("GET /me with the session cookie before sign-out: %d, want 200", st)
+	}
+
+	b.click(`[data-testid=signout]`)
+	b.waitJS("the sign-in page after sign-out", `document.querySelector('[data-testid=signin-name]') && document.getElementById('top').hidden &&
+		document.querySelector('[data-testid=signin-error]').textContent.includes('Signed out')`, 10*time.Second)
+	b.shot("signed-out")
+	if st := call(t, p.HTTPURL, "GET", "/me", "", c.Value, nil, nil); st != http.StatusUnauthorized {
+		t.Errorf("GET /me with the old session cookie after sign-out: %d, want 401", st)
+	}
+	b.do("reload", chromedp.Reload())
+	b.waitJS("the sign-in page after a reload", `document.querySelector('[data-testid=signin-name]') && document.getElementById('top').hidden`, 10*time.Second)
+}
