@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/fleetd/fleetd/firmware"
 	"github.com/fleetd/fleetd/fleet"
 	"github.com/fleetd/fleetd/internal/fleetdtest"
+	"github.com/fleetd/fleetd/notify"
 )
 
 // The console's operators: users sign in with a name and a password (a
@@ -350,4 +352,107 @@ func TestConsoleSessionReloadAndSignOut(t *testing.T) {
 	}
 	b.do("reload", chromedp.Reload())
 	b.waitJS("the sign-in page after a reload", `document.querySelector('[data-testid=signin-name]') && document.getElementById('top').hidden`, 10*time.Second)
+}
+
+// TestConsoleAdminPages: an admin (here with the break-glass token) adds a
+// user with a role, changes the role, disables and deletes the user;
+// subscribes a webhook receiver, sees its signing secret once, sends a
+// test notification that the receiver can verify with that secret, and
+// finds the attempt with its HTTP status in the delivery log; and follows
+// a campaign's history entry to its audit entry.
+func TestConsoleAdminPages(t *testing.T) {
+	type hit struct {
+		header http.Header
+		body   []byte
+	}
+	hits := make(chan hit, 10)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		hits <- hit{r.Header.Clone(), body}
+	}))
+	defer srv.Close()
+	p, api := consoleFleetd(t)
+	ctx := context.Background()
+	target := upload(t, api, "2.0.0", 4<<10)
+	camp, err := api.CreateCampaign(ctx, firmware.Spec{Name: "audited", FirmwareID: target.ID,
+		Stages:        []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1}},
+		DeviceTimeout: firmware.Duration(10 * time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newBrowser(t, p.HTTPURL, 120*time.Second)
+	b.signIn(p.Token())
+
+	// Users.
+	b.click(`a[data-nav=users]`)
+	b.waitJS("the users page", `document.querySelector('[data-testid=user-form]') && document.querySelector('[data-testid=user-list] .empty, [data-testid=user-table]')`, 10*time.Second)
+	b.setValue(`[data-testid=user-name]`, "uma")
+	b.setValue(`[data-testid=user-password]`, "uma-password-123")
+	b.setValue(`[data-testid=user-role]`, "operator")
+	b.click(`[data-testid=user-create]`)
+	row := `[data-testid=user-row][data-name="uma"]`
+	b.waitJS("uma, an operator", `document.querySelector('`+row+`[data-role=operator][data-disabled=false]')`, 10*time.Second)
+	b.setValue(row+` [data-testid=user-row-role]`, "viewer")
+	b.waitJS("uma, a viewer", `document.querySelector('`+row+`[data-role=viewer]')`, 10*time.Second)
+	var users struct {
+		Users []struct {
+			Name, Role string
+			Disabled   bool
+		}
+	}
+	if st := call(t, p.HTTPURL, "GET", "/users", p.Token(), "", nil, &users); st != http.StatusOK || len(users.Users) != 1 || users.Users[0].Role != "viewer" {
+		t.Errorf("GET /users: %d %+v, want uma a viewer", st, users.Users)
+	}
+	b.click(row + ` [data-testid=user-disable]`)
+	b.waitJS("uma disabled", `document.querySelector('`+row+`[data-disabled=true]')`, 10*time.Second)
+	if st := call(t, p.HTTPURL, "POST", "/session", "", "", map[string]string{"name": "uma", "password": "uma-password-123"}, nil); st != http.StatusUnauthorized {
+		t.Errorf("a disabled user signs in: %d, want 401", st)
+	}
+	b.shot("users")
+	b.click(row + ` [data-testid=user-delete]`)
+	b.click(`[data-testid=confirm-ok]`)
+	b.waitJS("uma deleted", `!document.querySelector('`+row+`') && document.querySelector('[data-testid=user-deleted]')`, 10*time.Second)
+
+	// Webhooks.
+	b.click(`a[data-nav=webhooks]`)
+	b.waitJS("the webhook form", `document.querySelector('[data-testid=webhook-event][data-type="campaign.completed"]')`, 10*time.Second)
+	b.setValue(`[data-testid=webhook-url]`, srv.URL+"/fleetd")
+	b.setValue(`[data-testid=webhook-description]`, "on-call")
+	b.click(`[data-testid=webhook-event][data-type="campaign.completed"]`)
+	b.click(`[data-testid=webhook-create]`)
+	b.waitJS("the secret dialog", `document.querySelector('[data-testid=webhook-secret-dialog] [data-testid=new-webhook-secret]')`, 10*time.Second)
+	secret := b.text(`[data-testid=new-webhook-secret]`)
+	b.click(`[data-testid=secret-done]`)
+	b.waitJS("the webhook listed, enabled", `document.querySelector('[data-testid=webhook-row][data-enabled=true]')`, 10*time.Second)
+	if strings.Contains(b.pageText(), secret) {
+		t.Error("the secret is still on the page after the dialog closed")
+	}
+	b.click(`[data-testid=webhook-row] a`)
+	b.waitJS("the webhook's page", `document.querySelector('[data-testid=webhook-title]') && document.querySelector('[data-testid=delivery-log] .empty')`, 10*time.Second)
+	b.click(`[data-testid=webhook-test]`)
+	select {
+	case h := <-hits:
+		if err := notify.Verify(secret, h.header.Get("X-Fleetd-Signature"), h.body, time.Minute, time.Now()); err != nil {
+			t.Errorf("the test notification does not verify with the secret shown: %v", err)
+		}
+		if got := h.header.Get("X-Fleetd-Event"); got != "webhook.test" {
+			t.Errorf("X-Fleetd-Event %q, want webhook.test", got)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("the receiver got no test notification within 15 s")
+	}
+	b.waitJS("the delivered attempt in the log", `document.querySelector('[data-testid=delivery-row][data-type="webhook.test"][data-state=delivered] [data-testid=delivery-attempt][data-status="200"]')`, 15*time.Second)
+	b.shot("deliveries")
+	b.click(`[data-testid=webhook-disable]`)
+	b.waitJS("the webhook disabled", `document.querySelector('[data-testid=webhook-state][data-state=disabled]')`, 10*time.Second)
+
+	// A campaign's history entry links to its audit entry.
+	b.navigate("/ui/campaigns/" + camp.ID)
+	b.waitJS("the audit link of the creation", `document.querySelector('[data-testid=history-entry][data-action=created] [data-testid=history-audit]')`, 10*time.Second)
+	rid := mustEval[string](t, b, `document.querySelector('[data-testid=history-entry][data-action=created] [data-testid=history-audit]').dataset.requestId`)
+	b.click(`[data-testid=history-entry][data-action=created] [data-testid=history-audit]`)
+	b.waitJS("the campaign's creation in the audit log", `(() => { const rows = [...document.querySelectorAll('[data-testid=audit-row]')];
+		return rows.length === 1 && rows[0].dataset.requestId === `+jsString(rid)+` && rows[0].dataset.route === '/api/v1/campaigns' &&
+			rows[0].dataset.method === 'POST' && document.querySelector('[data-testid=audit-request-id]').value === `+jsString(rid)+`; })()`, 10*time.Second)
+	b.shot("audit-entry")
 }

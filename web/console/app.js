@@ -252,7 +252,7 @@ function showWho() {
   }
   whoEl.dataset.role = p.role;
   whoEl.dataset.kind = p.kind;
-  whoEl.replaceChildren(h('span', {class: 'who-name', 'data-testid': 'whoami-name'}, principalLabel(p)), ' ',
+  whoEl.replaceChildren(h('span', {class: 'who-name', 'data-testid': 'whoami-name'}, p.kind === 'bootstrap' ? 'break-glass token' : principalLabel(p)), ' ',
     h('span', {class: 'badge role', 'data-testid': 'whoami-role'}, p.role));
   whoEl.title = p.kind === 'bootstrap' ? 'Signed in with the break-glass admin token' :
     `Signed in as ${p.kind} ${p.name} (${p.id}), role ${p.role}`;

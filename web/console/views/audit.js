@@ -63,14 +63,14 @@ export async function auditView(ctx) {
   const tbody = h('tbody');
   const prev = h('button', {type: 'button', class: 'btn small', 'data-testid': 'page-prev', disabled: true}, '← Newer');
   const next = h('button', {type: 'button', class: 'btn small', 'data-testid': 'page-next', disabled: true}, 'Older →');
-  const mini = (label, el) => h('label', {class: 'mini'}, h('span', null, label), el);
+  const mini = (label, el, cls = '') => h('label', {class: `mini ${cls}`.trim()}, h('span', null, label), el);
 
   ctx.root.append(
     h('div', {class: 'page-head'}, h('h1', null, 'Audit log'), summary),
     h('form', {class: 'filters card', 'data-testid': 'audit-filters', role: 'search', onsubmit: (e) => e.preventDefault()},
       mini('Principal', controls.principal), mini('Method', controls.method), mini('Route', controls.route),
       mini('Target', controls.target), mini('Request id', controls.request_id), mini('Outcome', controls.outcome),
-      mini('From', controls.from), mini('To', controls.to), h('div', {class: 'mini end'}, reset)),
+      mini('From', controls.from, 'span-2'), mini('To', controls.to, 'span-2'), h('div', {class: 'mini end'}, reset)),
     problem,
     h('div', {class: 'table-wrap card flush'},
       h('table', {'data-testid': 'audit-table', class: 'compact'},
