@@ -74,7 +74,7 @@ func TestRollback(t *testing.T) {
 	}
 	started := false
 	for _, h := range hist {
-		started = started || (h.Action == "start" && strings.HasPrefix(h.Actor, "admin@127.0.0.1"))
+		started = started || (h.Action == "start" && strings.HasPrefix(h.Actor, "bootstrap break-glass@127.0.0.1"))
 	}
 	if !started {
 		t.Errorf("history does not say who started: %+v", hist)

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"io"
 	"mime"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -234,10 +233,8 @@ func (h *firmwareHandlers) download(w http.ResponseWriter, r *http.Request) {
 		authorised = true
 	}
 	if !authorised {
-		ok := false
-		bearerAuth(h.s.opts.AdminToken, h.s.fails)(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { ok = true })).ServeHTTP(w, r)
-		if !ok {
-			return // bearerAuth answered 401 or 429
+		if _, ok := h.s.authenticate(w, r); !ok {
+			return // authenticate answered 401 or 429
 		}
 	}
 	src := sourceOf(r.RemoteAddr)
@@ -264,14 +261,6 @@ func (h *firmwareHandlers) download(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("X-Firmware-Version", art.Version)
 	http.ServeContent(w, r, art.Version+".bin", art.CreatedAt, f)
-}
-
-func actor(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		host = r.RemoteAddr
-	}
-	return "admin@" + host + " (request " + RequestID(r.Context()) + ")"
 }
 
 func (h *firmwareHandlers) createCampaign(w http.ResponseWriter, r *http.Request) {

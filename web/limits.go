@@ -231,7 +231,7 @@ type authFailures struct {
 	now    func() time.Time
 
 	mu      sync.Mutex
-	sources map[netip.Prefix]*failureBucket
+	sources map[string]*failureBucket
 	shared  *failureBucket // for new sources once max are tracked
 	pruned  time.Time
 }
@@ -248,7 +248,7 @@ func newAuthFailures(l Limits, logger *slog.Logger) *authFailures {
 		return nil
 	}
 	a := &authFailures{rate: rate.Limit(l.AuthFailureRate), burst: l.AuthFailureBurst, max: maxAuthSources,
-		logger: logger, now: time.Now, sources: map[netip.Prefix]*failureBucket{}}
+		logger: logger, now: time.Now, sources: map[string]*failureBucket{}}
 	a.shared = a.bucket()
 	return a
 }
@@ -259,7 +259,11 @@ func (a *authFailures) bucket() *failureBucket {
 
 // fail charges one failed authentication to src. It reports whether src was
 // still within its limit and, when not, how long until it is again.
-func (a *authFailures) fail(src netip.Prefix) (bool, time.Duration) {
+func (a *authFailures) fail(src netip.Prefix) (bool, time.Duration) { return a.failKey(src.String()) }
+
+// failKey charges one failure to any key (a source, a user name tried at
+// sign-in).
+func (a *authFailures) failKey(src string) (bool, time.Duration) {
 	if a == nil {
 		return true, 0
 	}
@@ -269,7 +273,7 @@ func (a *authFailures) fail(src netip.Prefix) (bool, time.Duration) {
 	if now.Sub(a.pruned) >= authLogEvery {
 		a.prune(now)
 	}
-	b, who := a.sources[src], src.String()
+	b, who := a.sources[src], src
 	if b == nil {
 		if len(a.sources) >= a.max {
 			a.prune(now)
@@ -292,6 +296,30 @@ func (a *authFailures) fail(src netip.Prefix) (bool, time.Duration) {
 	}
 	missing := 1 - b.lim.TokensAt(now)
 	return false, time.Duration(missing / float64(a.rate) * float64(time.Second))
+}
+
+// blocked reports, without charging anything, whether key has no failure
+// left (and how long until it has): a sign-in from there is refused before
+// its password is even checked, since admitting a right password past the
+// limit would let guessing go on.
+func (a *authFailures) blocked(key string) (bool, time.Duration) {
+	if a == nil {
+		return false, 0
+	}
+	now := a.now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	b := a.sources[key]
+	if b == nil && len(a.sources) >= a.max {
+		b = a.shared
+	}
+	if b == nil {
+		return false, 0
+	}
+	if t := b.lim.TokensAt(now); t < 1 {
+		return true, time.Duration((1 - t) / float64(a.rate) * float64(time.Second))
+	}
+	return false, 0
 }
 
 // prune forgets buckets that have refilled: they hold no information, and

@@ -3,8 +3,6 @@ package web
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/hex"
 	"log/slog"
 	"net/http"
@@ -19,8 +17,8 @@ type ctxKey int
 
 const (
 	requestIDKey ctxKey = iota
-	// credentialKey carries which bearer token authenticated a request: a
-	// digest prefix, never the token.
+	// credentialKey carries which principal authenticated a request
+	// (kind:id), never a token.
 	credentialKey
 )
 
@@ -139,42 +137,6 @@ func accessLog(logger *slog.Logger, m *httpMetrics) func(http.Handler) http.Hand
 				slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
 				slog.String("remote", r.RemoteAddr),
 			)
-		})
-	}
-}
-
-// bearerAuth admits requests that carry "Authorization: Bearer <token>". The
-// comparison runs over SHA-256 digests so that it takes the same time whatever
-// the length or content of the presented token. A wrong token is charged to
-// its source address (fails): past the limit it gets 429 with Retry-After
-// instead of 401. A missing token is not a guess and is not charged; the right
-// token is admitted whatever its source did before.
-func bearerAuth(token string, fails *authFailures) func(http.Handler) http.Handler {
-	want := sha256.Sum256([]byte(token))
-	id := hex.EncodeToString(want[:8])
-	return func(next http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			const prefix = "Bearer "
-			h := r.Header.Get("Authorization")
-			ok := false
-			if len(h) > len(prefix) && (h[:len(prefix)] == prefix || h[:len(prefix)] == "bearer ") {
-				got := sha256.Sum256([]byte(h[len(prefix):]))
-				ok = subtle.ConstantTimeCompare(got[:], want[:]) == 1
-			}
-			if ok {
-				next.ServeHTTP(w, r.WithContext(withCredential(r.Context(), id)))
-				return
-			}
-			msg := "missing bearer token"
-			if h != "" {
-				msg = "invalid bearer token"
-				if within, retry := fails.fail(sourceOf(r.RemoteAddr)); !within {
-					writeTooMany(w, retry, "too many failed authentications from this address; retry later")
-					return
-				}
-			}
-			w.Header().Set("WWW-Authenticate", `Bearer realm="fleetd"`)
-			writeJSON(w, http.StatusUnauthorized, errorBody{apiError{Code: "unauthorized", Message: msg}})
 		})
 	}
 }

@@ -10,6 +10,8 @@ import (
 
 	"github.com/go-chi/chi/v5"
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/fleetd/fleetd/auth"
 )
 
 // TestOpenAPICoversEveryRoute walks the router with every component mounted
@@ -17,17 +19,7 @@ import (
 // document describes nothing the server does not serve.
 func TestOpenAPICoversEveryRoute(t *testing.T) {
 	s := New(Options{AdminToken: token})
-	s.MountDevices(nil)
-	s.MountDiagnosis(nil)
-	s.MountFirmware(nil, nil, FirmwareOptions{})
-	s.MountStream(NewHub())
-	s.MountTelemetry(nil)
-	s.MountCommands(nil)
-	s.MountBulkCommands(nil)
-	s.MountFixes(nil)
-	s.MountConfig(nil)
-	s.MountWebhooks(nil)
-	s.MountOpenAPI()
+	mountAll(s, auth.NewStore(nil, auth.Options{Params: cheap}))
 
 	param := regexp.MustCompile(`\{(\w+):[^}]*\}`)
 	served := map[string]bool{}

@@ -1,9 +1,11 @@
 // Package web serves fleetd's HTTP surface: health and readiness probes,
-// Prometheus metrics and the REST API under /api/v1 (bearer token).
+// Prometheus metrics and the REST API under /api/v1 (the bootstrap token,
+// API keys or a console session, each route with the role it needs).
 package web
 
 import (
 	"context"
+	"crypto/sha256"
 	"log/slog"
 	"net/http"
 	"sync"
@@ -23,8 +25,14 @@ type Check struct {
 
 // Options are the dependencies of the HTTP handler.
 type Options struct {
+	// AdminToken is the bootstrap (break-glass) credential: role admin.
+	// Empty: none.
 	AdminToken string
-	Logger     *slog.Logger
+	// SecureCookies marks the session cookie Secure even on plain HTTP
+	// requests: set it when the public URL is https (TLS ends at a proxy).
+	// A request that came over TLS always gets a Secure cookie.
+	SecureCookies bool
+	Logger        *slog.Logger
 	// Registry gathers /metrics and receives the HTTP metrics.
 	Registry *prometheus.Registry
 	// Version is reported by GET /api/v1/server.
@@ -47,8 +55,12 @@ type Server struct {
 	mounts  []func(public, api chi.Router)
 	console http.Handler
 	started time.Time
-	// fails counts wrong bearer tokens per source (nil: no limit).
-	fails *authFailures
+	// fails counts wrong bearer tokens and failed sign-ins per source (nil:
+	// no limit); nameFails failed sign-ins per user name tried.
+	fails, nameFails *authFailures
+	bootstrapDigest  [32]byte
+	accounts         atomic.Pointer[Accounts]
+	auditFailures    prometheus.Counter
 
 	mu     sync.Mutex
 	checks []Check
@@ -64,14 +76,22 @@ func New(opts Options) *Server {
 	}
 	opts.Limits = opts.Limits.withDefaults()
 	s := &Server{opts: opts, started: time.Now(), metrics: newHTTPMetrics(opts.Registry), console: ConsoleHandler(),
-		fails: newAuthFailures(opts.Limits, opts.Logger)}
+		fails:           newAuthFailures(opts.Limits, opts.Logger),
+		nameFails:       newAuthFailures(Limits{AuthFailureRate: signInNameRate, AuthFailureBurst: signInNameBurst}, opts.Logger),
+		bootstrapDigest: sha256.Sum256([]byte(opts.AdminToken)),
+		auditFailures: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_audit_write_failures_total",
+			Help: "State-changing API requests whose audit entry could not be written (each is logged in full)."}),
+	}
+	opts.Registry.MustRegister(s.auditFailures)
 	s.mount(func(_, api chi.Router) { api.Get("/server", s.serverInfo) })
 	return s
 }
 
 // mount adds routes and swaps in a router that has them. public routes do
-// their own authorisation (signed firmware URLs); api routes need the admin
-// token.
+// their own authorisation (signed firmware URLs, signing in); api routes
+// need a principal (authenticate) whose role is the route's (authorize,
+// routeRoles). Both are audited (recordAudit) when they change state; on
+// api routes the audit wraps authorize, so refusals are recorded too.
 func (s *Server) mount(f func(public, api chi.Router)) {
 	s.mounts = append(s.mounts, f)
 	r := chi.NewRouter()
@@ -91,12 +111,13 @@ func (s *Server) mount(f func(public, api chi.Router)) {
 	// The web console: static assets, and index.html for its own routes.
 	r.Handle("/*", s.console)
 	r.Route("/api/v1", func(v1 chi.Router) {
-		// Unknown API paths ask for the token first: they do not reveal
+		// Unknown API paths ask for a credential first: they do not reveal
 		// which endpoints exist.
-		v1.NotFound(bearerAuth(s.opts.AdminToken, s.fails)(notFound).ServeHTTP)
+		v1.NotFound(s.requireAuthn(notFound).ServeHTTP)
 		v1.Group(func(public chi.Router) {
+			public.Use(s.recordAudit)
 			v1.Group(func(api chi.Router) {
-				api.Use(bearerAuth(s.opts.AdminToken, s.fails))
+				api.Use(s.requireAuthn, s.recordAudit, s.authorize)
 				for _, m := range s.mounts {
 					m(public, api)
 				}

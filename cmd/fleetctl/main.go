@@ -48,10 +48,20 @@ Usage: fleetctl [-url URL] [-token-file FILE] [-output table|json] COMMAND
   campaign watch ID        live progress until the campaign stops moving
   fleet health
   rules get | rules set -f RULES.json
+  whoami                   who the token is, and its role
+  users list | create NAME -role R [-password-file FILE] | set-role ID|NAME ROLE
+  users disable|enable|delete ID|NAME
+                           (admin) the password comes from -password-file or the first line of stdin
+  keys list | create NAME -role R [-expires-in 90d] | revoke ID
+                           (admin) create prints the key's token, once
+  audit [-since 24h] [-principal P] [-method M] [-route PATTERN] [-target ID] [-request-id ID]
+        [-outcome success|failure|CODE] [-limit N] [-jsonl]
+                           (admin) the audit log, newest first; -jsonl streams every entry
 
-Settings: -url or FLEETD_URL (default http://127.0.0.1:8080); the admin token from -token-file,
-FLEETD_ADMIN_TOKEN_FILE or FLEETD_ADMIN_TOKEN. -token TOKEN works too, but every local user sees
-it in ps: prefer a file.
+Settings: -url or FLEETD_URL (default http://127.0.0.1:8080); an API key (fk_…, see keys create)
+from -token-file, FLEETD_API_KEY_FILE or FLEETD_API_KEY, or the bootstrap (break-glass) admin
+token from FLEETD_ADMIN_TOKEN_FILE or FLEETD_ADMIN_TOKEN. -token TOKEN works too, but every local
+user sees it in ps: prefer a file.
 `
 
 func main() {
@@ -71,6 +81,7 @@ type cli struct {
 	out    io.Writer
 	json   bool
 	stderr io.Writer
+	stdin  io.Reader
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
@@ -78,25 +89,26 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, usage) }
 	url := fs.String("url", or(getenv("FLEETD_URL"), "http://127.0.0.1:8080"), "fleetd's HTTP address")
-	token := fs.String("token", "", "admin token (visible to every local user in ps: prefer -token-file)")
-	tokenFile := fs.String("token-file", getenv("FLEETD_ADMIN_TOKEN_FILE"), "file holding the admin token")
+	token := fs.String("token", "", "API key or admin token (visible to every local user in ps: prefer -token-file)")
+	tokenFile := fs.String("token-file", or(getenv("FLEETD_API_KEY_FILE"), getenv("FLEETD_ADMIN_TOKEN_FILE")), "file holding an API key (fk_…) or the bootstrap admin token")
 	output := fs.String("output", "table", "table or json")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	// The token comes from, in order: -token (warned about), -token-file or
-	// FLEETD_ADMIN_TOKEN_FILE, FLEETD_ADMIN_TOKEN.
+	// The token (an API key or the bootstrap admin token) comes from, in
+	// order: -token (warned about), -token-file, FLEETD_API_KEY_FILE or
+	// FLEETD_ADMIN_TOKEN_FILE, FLEETD_API_KEY, FLEETD_ADMIN_TOKEN.
 	switch {
 	case *token != "":
-		fmt.Fprintln(stderr, "fleetctl: warning: -token shows the admin token to every local user (ps, shell history); use -token-file or FLEETD_ADMIN_TOKEN_FILE")
+		fmt.Fprintln(stderr, "fleetctl: warning: -token shows the admin token or API key to every local user (ps, shell history); use -token-file or FLEETD_API_KEY_FILE")
 	case *tokenFile != "":
 		b, err := os.ReadFile(*tokenFile)
 		if err != nil {
-			return fmt.Errorf("admin token file (-token-file, FLEETD_ADMIN_TOKEN_FILE): %w", err)
+			return fmt.Errorf("token file (-token-file, FLEETD_API_KEY_FILE, FLEETD_ADMIN_TOKEN_FILE): %w", err)
 		}
 		*token = strings.TrimSpace(string(b))
 	default:
-		*token = getenv("FLEETD_ADMIN_TOKEN")
+		*token = or(getenv("FLEETD_API_KEY"), getenv("FLEETD_ADMIN_TOKEN"))
 	}
 	if *output != "table" && *output != "json" {
 		return fmt.Errorf("-output must be table or json, not %q", *output)
@@ -107,9 +119,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return errors.New("missing command")
 	}
 	if *token == "" {
-		return errors.New("no admin token: use -token-file, FLEETD_ADMIN_TOKEN_FILE or FLEETD_ADMIN_TOKEN")
+		return errors.New("no token: use -token-file, FLEETD_API_KEY_FILE or FLEETD_API_KEY (an API key), or FLEETD_ADMIN_TOKEN_FILE (the bootstrap token)")
 	}
-	c := &cli{api: client.New(*url, *token), out: stdout, json: *output == "json", stderr: stderr}
+	c := &cli{api: client.New(*url, *token), out: stdout, json: *output == "json", stderr: stderr, stdin: os.Stdin}
 	cmd, sub := rest[0], ""
 	if len(rest) > 1 {
 		sub = rest[1]
@@ -151,6 +163,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		})
 	case "rules":
 		return c.rules(ctx, sub, tail)
+	case "users":
+		return c.users(ctx, sub, tail)
+	case "keys":
+		return c.keys(ctx, sub, tail)
+	case "audit":
+		return c.audit(ctx, rest[1:])
+	case "whoami":
+		p, err := c.api.Me(ctx)
+		if err != nil {
+			return err
+		}
+		return c.print(p, func(w *tabwriter.Writer) { fmt.Fprintf(w, "%s %s (%s), role %s\n", p.Kind, p.Name, p.ID, p.Role) })
 	case "help":
 		fmt.Fprint(stdout, usage)
 		return nil

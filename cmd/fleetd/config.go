@@ -117,6 +117,12 @@ type Config struct {
 	NotifyOfflineAfter           time.Duration
 	NotifyModelOfflineShare      float64
 	NotifyModelOfflineMinDevices int
+	// Operators (auth.Options): console sessions end when idle for
+	// SessionIdle or SessionMax after sign-in; the audit log is kept
+	// AuditRetention (0: as long as connection events, EventRetention).
+	SessionIdle    time.Duration
+	SessionMax     time.Duration
+	AuditRetention time.Duration
 
 	// Limits on what one HTTP client can hold (web.Limits).
 	OTAMaxDownloadsPerSource int
@@ -212,11 +218,14 @@ func (c *Config) settings() []setting {
 		{name: "notify-offline-after", usage: "a device offline this long is told of (devices.offline), and counts in its model's offline share; 0 turns the offline watch off", bind: dur(&c.NotifyOfflineAfter, 15*time.Minute)},
 		{name: "notify-model-offline-share", usage: "share (0-1) of a model's active devices offline longer than -notify-offline-after that makes a model.offline notification (model.back_online when below again); 0 = off", bind: float(&c.NotifyModelOfflineShare, 0.2)},
 		{name: "notify-model-offline-min-devices", usage: "models with fewer active devices are not judged by their offline share", bind: num(&c.NotifyModelOfflineMinDevices, 10)},
+		{name: "session-idle", usage: "a console session unused this long ends (at least 2m)", bind: dur(&c.SessionIdle, 30*time.Minute)},
+		{name: "session-max", usage: "a console session ends this long after sign-in however much it is used (at least -session-idle, at most 720h)", bind: dur(&c.SessionMax, 12*time.Hour)},
+		{name: "audit-retention", usage: "how long audit log entries are kept, at least 24h; 0 = as long as connection events (-event-retention)", bind: dur(&c.AuditRetention, 0)},
 		{name: "event-retention", usage: "how long connection events are kept, at least 24h; a day's partition of events is dropped (never a mass DELETE) once all of it is older", bind: dur(&c.EventRetention, 720*time.Hour)},
 		{name: "event-partitions-ahead", usage: "days after today whose event partitions are created ahead of time (1-90); a write for a day without one creates it", bind: num(&c.EventPartitionsAhead, 7)},
 		{name: "rollup-retention", usage: "how long the per-minute event rollups are kept (fleet health, fleet history by 1m and 5m, learned verdicts), at least 48h and at least -event-retention", bind: dur(&c.RollupRetention, 2160*time.Hour)},
 		{name: "hourly-rollup-retention", usage: "how long the hourly event rollups are kept (fleet history by 1h and 1d), at least -rollup-retention", bind: dur(&c.HourlyRollupRetention, 8760*time.Hour)},
-		{name: "admin-token", usage: "bearer token for /api/v1; empty generates one on first start, kept in the data dir", bind: str(&c.AdminToken, ""), fromFile: true},
+		{name: "admin-token", usage: "bootstrap (break-glass) admin bearer token for /api/v1, for the first admin user and recovery; empty generates one on first start, kept in the data dir", bind: str(&c.AdminToken, ""), fromFile: true},
 		{name: "analysis-interval", usage: "how often firmware verdicts are learned and device compatibility re-judged", bind: dur(&c.AnalysisInterval, time.Minute)},
 		{name: "replica-dead-after", usage: "how long a replica sharing the database may be silent (it writes a heartbeat every 2 s) before the others record the sessions it held as ended (replica_lost)", bind: dur(&c.ReplicaDeadAfter, 15*time.Second)},
 		{name: "credential-cache-ttl", usage: "how long a cached device credential is used before it is read from the database again; replicas also tell each other of every change at once, this is the safety net; 0 = until changed", bind: dur(&c.CredentialCacheTTL, 5*time.Minute)},
@@ -497,6 +506,16 @@ func (c *Config) validate() error {
 	if c.NotificationRetention < time.Hour {
 		bad("notification-retention", "must be at least 1h")
 	}
+	if c.SessionIdle < 2*time.Minute {
+		// The idle clock is refreshed at most once a minute.
+		bad("session-idle", "must be at least 2m")
+	}
+	if c.SessionMax < c.SessionIdle || c.SessionMax > 720*time.Hour {
+		bad("session-max", "must be at least %s (FLEETD_SESSION_IDLE) and at most 720h", c.SessionIdle)
+	}
+	if c.AuditRetention != 0 && c.AuditRetention < 24*time.Hour {
+		bad("audit-retention", "must be 0 (as -event-retention) or at least 24h")
+	}
 	if c.EventRetention < 24*time.Hour {
 		// Events are dropped by the day; the diagnosis and the verdicts'
 		// samples read the last day of them.
@@ -530,6 +549,14 @@ func (c *Config) validate() error {
 		bad("node", "must not be empty")
 	}
 	return errors.Join(errs...)
+}
+
+// auditRetention is how long the audit log is kept.
+func (c *Config) auditRetention() time.Duration {
+	if c.AuditRetention == 0 {
+		return c.EventRetention
+	}
+	return c.AuditRetention
 }
 
 // eventRetention is what the event maintenance loop keeps.

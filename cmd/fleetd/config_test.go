@@ -40,6 +40,7 @@ func TestParseConfig(t *testing.T) {
 	defaults.WebhookTimeout, defaults.WebhookRetryMin, defaults.WebhookRetryMax = 10*time.Second, 10*time.Second, time.Hour
 	defaults.WebhookMaxAttempts, defaults.WebhookDisableAfter, defaults.NotificationRetention = 10, 20, 720*time.Hour
 	defaults.NotifyOfflineAfter, defaults.NotifyModelOfflineShare, defaults.NotifyModelOfflineMinDevices = 15*time.Minute, 0.2, 10
+	defaults.SessionIdle, defaults.SessionMax, defaults.AuditRetention = 30*time.Minute, 12*time.Hour, 0
 	with := func(f func(*Config)) Config { c := defaults; f(&c); return c }
 
 	tests := []struct {
@@ -159,6 +160,9 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "short telemetry retention", args: []string{"-telemetry-raw-retention", "10m", "-telemetry-hour-retention", "0s"},
 			want: []string{"FLEETD_TELEMETRY_RAW_RETENTION", "FLEETD_TELEMETRY_HOUR_RETENTION", "at least 1h"}},
 		{name: "bad telemetry retention", env: map[string]string{"FLEETD_TELEMETRY_MINUTE_RETENTION": "a month"}, want: []string{"FLEETD_TELEMETRY_MINUTE_RETENTION", "a month"}},
+		{name: "short session idle", args: []string{"-session-idle", "30s"}, want: []string{"FLEETD_SESSION_IDLE", "at least 2m"}},
+		{name: "session max below idle", env: map[string]string{"FLEETD_SESSION_IDLE": "2h", "FLEETD_SESSION_MAX": "1h"}, want: []string{"FLEETD_SESSION_MAX", "2h0m0s"}},
+		{name: "short audit retention", args: []string{"-audit-retention", "1h"}, want: []string{"FLEETD_AUDIT_RETENTION", "at least 24h"}},
 		{name: "event retention under a day", args: []string{"-event-retention", "12h"}, want: []string{"FLEETD_EVENT_RETENTION", "24h"}},
 		{name: "no partitions ahead", args: []string{"-event-partitions-ahead", "0"}, want: []string{"FLEETD_EVENT_PARTITIONS_AHEAD", "between 1 and 90"}},
 		{name: "rollups kept shorter than events", args: []string{"-event-retention", "2160h", "-rollup-retention", "720h"},

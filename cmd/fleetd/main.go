@@ -94,7 +94,7 @@ func start(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle) 
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		collectors.NewBuildInfoCollector(),
 	)
-	api := web.New(web.Options{AdminToken: token, Logger: logger, Registry: reg, Version: version, Node: cfg.Node,
+	api := web.New(web.Options{AdminToken: token, SecureCookies: secureCookies(cfg), Logger: logger, Registry: reg, Version: version, Node: cfg.Node,
 		Limits: web.Limits{
 			IdleTimeout: cfg.HTTPIdleTimeout, ReadTimeout: cfg.HTTPReadTimeout, StallTimeout: cfg.HTTPStallTimeout,
 			MaxStreams: cfg.HTTPMaxStreams, MaxStreamsPerToken: cfg.HTTPMaxStreamsPerToken,
@@ -131,6 +131,7 @@ func start(ctx context.Context, cfg Config, logger *slog.Logger, lc *lifecycle) 
 	if _, err := migrations.Up(ctx, pool, logger); err != nil {
 		return err
 	}
+	startAccounts(cfg, logger, lc, api, pool)
 	if err := startFleet(ctx, cfg, logger, lc, api, pool, reg, publicURL(cfg, httpLn.Addr()), hub); err != nil {
 		return err
 	}

@@ -80,12 +80,7 @@ func (c *Client) send(req *http.Request, out any) error {
 		return err
 	}
 	if resp.StatusCode >= 400 {
-		var e struct{ Error Error }
-		if json.Unmarshal(data, &e) != nil {
-			return &Error{Status: resp.StatusCode, Message: string(data)}
-		}
-		e.Error.Status = resp.StatusCode
-		return &e.Error
+		return errorOf(resp.StatusCode, data)
 	}
 	if out == nil {
 		return nil
@@ -94,6 +89,16 @@ func (c *Client) send(req *http.Request, out any) error {
 		return fmt.Errorf("%s %s: decode response: %w", method, path, err)
 	}
 	return nil
+}
+
+// errorOf decodes the API's JSON error body.
+func errorOf(status int, data []byte) error {
+	var e struct{ Error Error }
+	if json.Unmarshal(data, &e) != nil {
+		return &Error{Status: status, Message: string(data)}
+	}
+	e.Error.Status = status
+	return &e.Error
 }
 
 // Registration is a registered device with its token, shown once.
