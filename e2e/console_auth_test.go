@@ -298,7 +298,8 @@ func TestConsoleAdminCreatesKey(t *testing.T) {
 // the page cannot read; it survives a reload (live updates and changes,
 // with the CSRF token GET /me gives back, still work), and dies at
 // sign-out: the console is on the sign-in page and fleetd refuses the old
-// cookie.
+// cookie. A role changed meanwhile is taken at the first 403; a session
+// ended elsewhere returns to the sign-in page.
 func TestConsoleSessionReloadAndSignOut(t *testing.T) {
 	p, api := consoleFleetd(t)
 	if _, err := api.RegisterDevice(context.Background(), fleet.NewDevice{ID: "gw-s1", Model: "gw-100"}); err != nil {
@@ -352,6 +353,35 @@ func TestConsoleSessionReloadAndSignOut(t *testing.T) {
 	}
 	b.do("reload", chromedp.Reload())
 	b.waitJS("the sign-in page after a reload", `document.querySelector('[data-testid=signin-name]') && document.getElementById('top').hidden`, 10*time.Second)
+
+	// Demoted by an admin while signed in, the next change is refused (403)
+	// and the console takes the new role: the controls go.
+	b.signInUser("otto", "operator-password-1")
+	var users struct{ Users []struct{ ID, Name string } }
+	if st := call(t, p.HTTPURL, "GET", "/users", p.Token(), "", nil, &users); st != http.StatusOK || len(users.Users) != 1 {
+		t.Fatalf("GET /users: %d %+v", st, users.Users)
+	}
+	otto := "/users/" + users.Users[0].ID
+	b.navigate("/ui/devices/gw-s1")
+	b.waitJS("the command form", `document.querySelector('[data-testid=cmd-name]')`, 10*time.Second)
+	if st := call(t, p.HTTPURL, "PATCH", otto, p.Token(), "", map[string]string{"role": "viewer"}, nil); st != http.StatusOK {
+		t.Fatalf("demote otto: %d", st)
+	}
+	b.setValue(`[data-testid=cmd-name]`, "ping")
+	b.click(`[data-testid=cmd-send]`)
+	b.waitJS("the refusal and the new role", `document.querySelector('[data-testid=global-error]').textContent.includes('Your role is now viewer') &&
+		document.querySelector('[data-testid=whoami-role]').textContent === 'viewer' &&
+		document.querySelector('[data-testid=cmd-form]').getClientRects().length === 0`, 10*time.Second)
+	b.shot("demoted")
+
+	// A session ended elsewhere (the user disabled by an admin) returns the
+	// console to the sign-in page at its next request.
+	if st := call(t, p.HTTPURL, "PATCH", otto, p.Token(), "", map[string]bool{"disabled": true}, nil); st != http.StatusOK {
+		t.Fatalf("disable otto: %d", st)
+	}
+	b.click(`a[data-nav=devices]`)
+	b.waitJS("the sign-in page once the session is refused", `document.querySelector('[data-testid=signin-name]') && document.getElementById('top').hidden &&
+		document.querySelector('[data-testid=signin-error]').textContent.includes('session has ended')`, 10*time.Second)
 }
 
 // TestConsoleAdminPages: an admin (here with the break-glass token) adds a

@@ -2,7 +2,8 @@
 // history routing under /ui/ (fleetd serves index.html for every route).
 
 import {h, errorBox} from './lib/dom.js';
-import {api, principal, viaToken, signInWithPassword, signInWithToken, resume, forget, signOut as endSession, onUnauthorized} from './lib/api.js';
+import {api, principal, viaToken, signInWithPassword, signInWithToken, resume, forget, signOut as endSession, onUnauthorized,
+  onForbidden} from './lib/api.js';
 import {applyRole, can, principalLabel} from './lib/role.js';
 import {live, subscribe, startLive, stopLive, reconnectNow} from './lib/live.js';
 import {navigate, setRenderer} from './lib/nav.js';
@@ -295,6 +296,33 @@ onUnauthorized((e) => {
   forget();
   leave(tokenUsed ? `invalid token: fleetd refused the token (${e.message}). Sign in again.` :
     `Your session has ended (${e.message}). Sign in again.`);
+});
+
+// A call refused for the role (403) reads the principal again: an admin
+// may have changed it since sign-in. The controls follow the new role at
+// once; the page is drawn again when it changed.
+let checkingRole = false;
+onForbidden(async () => {
+  const before = principal();
+  if (!before || checkingRole) return;
+  checkingRole = true;
+  try {
+    const p = await resume();
+    if (!p) {
+      leave('Your session has ended. Sign in again.');
+      return;
+    }
+    if (p.role !== before.role) {
+      applyRole();
+      showWho();
+      showBanner(`Your role is now ${p.role}: the console shows what it may do.`);
+      render({scroll: false});
+    }
+  } catch (err) {
+    console.warn('re-read the principal after a 403', err);
+  } finally {
+    checkingRole = false;
+  }
 });
 
 // The live status: "live", "connecting", or "live updates unavailable,

@@ -86,6 +86,14 @@ export function reportUnauthorized(e) {
   unauthorized(e);
 }
 
+// forbidden is called when the API refuses a call for the principal's role
+// (403 forbidden): the role may have changed since sign-in, and app.js
+// reads it again.
+let forbidden = () => {};
+export function onForbidden(f) {
+  forbidden = f;
+}
+
 export function errorFromBody(status, text, statusText) {
   let data = null;
   try {
@@ -120,6 +128,7 @@ export async function api(method, path, body, {signal, auth, quiet = false} = {}
   if (!res.ok) {
     const e = errorFromBody(res.status, text, res.statusText);
     if (res.status === 401 && auth === undefined && !quiet) unauthorized(e);
+    if (res.status === 403 && e.code === 'forbidden' && auth === undefined && !quiet) forbidden(e);
     throw e;
   }
   if (res.status === 204 || !text) return null;
@@ -229,6 +238,7 @@ export function upload(path, file, onProgress) {
       }
       const e = errorFromBody(xhr.status, xhr.responseText, xhr.statusText);
       if (xhr.status === 401) unauthorized(e);
+      if (xhr.status === 403 && e.code === 'forbidden') forbidden(e);
       reject(e);
     };
     xhr.onerror = () => reject(new APIError(0, 'network', 'the upload was cut off: cannot reach fleetd'));
