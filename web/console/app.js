@@ -229,7 +229,7 @@ function renderSignIn(message = '') {
     }
   });
   const breakGlass = h('details', {class: 'breakglass', 'data-testid': 'signin-breakglass'},
-    h('summary', {'data-testid': 'signin-use-token'}, 'Break-glass admin token'), tokenForm);
+    h('summary', {'data-testid': 'signin-use-token'}, 'Sign in with the break-glass admin token instead'), tokenForm);
   breakGlass.addEventListener('toggle', () => breakGlass.open && tokenInput.focus());
 
   main.replaceChildren(h('div', {class: 'signin-wrap'},
