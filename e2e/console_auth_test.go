@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -485,4 +486,34 @@ func TestConsoleAdminPages(t *testing.T) {
 		return rows.length === 1 && rows[0].dataset.requestId === `+jsString(rid)+` && rows[0].dataset.route === '/api/v1/campaigns' &&
 			rows[0].dataset.method === 'POST' && document.querySelector('[data-testid=audit-request-id]').value === `+jsString(rid)+`; })()`, 10*time.Second)
 	b.shot("audit-entry")
+}
+
+// TestConsoleSignInThrottled: past fleetd's limit of failed sign-ins for a
+// name, the sign-in page says to wait, and for how long (Retry-After).
+func TestConsoleSignInThrottled(t *testing.T) {
+	p, _ := consoleFleetd(t)
+	b := newBrowser(t, p.HTTPURL, 60*time.Second)
+	b.navigate("/")
+	b.waitJS("the sign-in form", `document.querySelector('[data-testid=signin-name]')`, 10*time.Second)
+	b.setValue(`[data-testid=signin-name]`, "mallory")
+	for i := 0; ; i++ {
+		b.setValue(`[data-testid=signin-password]`, "guess-"+string(rune('a'+i)))
+		b.click(`[data-testid=signin-submit]`)
+		b.waitJS("the answer", `!document.querySelector('[data-testid=signin-submit]').disabled &&
+			!document.querySelector('[data-testid=signin-error]').textContent.includes('Signing in')`, 10*time.Second)
+		msg := b.text(`[data-testid=signin-error]`)
+		if strings.Contains(msg, "Too many failed sign-ins") {
+			if !regexp.MustCompile(`\(in \d+ s\)`).MatchString(msg) {
+				t.Errorf("the throttled sign-in says %q, without how long to wait", msg)
+			}
+			break
+		}
+		if !strings.Contains(msg, "Wrong user name or password") {
+			t.Fatalf("attempt %d: %q", i+1, msg)
+		}
+		if i == 20 {
+			t.Fatal("20 wrong passwords for one name and no throttling")
+		}
+	}
+	b.shot("throttled")
 }

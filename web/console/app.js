@@ -191,7 +191,7 @@ function renderSignIn(message = '') {
       signedIn();
     } catch (ex) {
       err.textContent = ex.status === 401 ? 'Wrong user name or password.' :
-        ex.status === 429 ? `Too many failed sign-ins: ${ex.message}` : `Cannot sign in: ${ex.message}`;
+        ex.status === 429 ? `Too many failed sign-ins: ${ex.message}${ex.retryAfter ? ` (in ${ex.retryAfter} s)` : ''}.` : `Cannot sign in: ${ex.message}`;
       button.disabled = false;
       password.select();
     }
@@ -223,7 +223,7 @@ function renderSignIn(message = '') {
       signedIn();
     } catch (ex) {
       tokenErr.textContent = ex.status === 401 ? `invalid token: fleetd refused it (${ex.message}).` :
-        ex.status === 429 ? `Too many failed attempts: ${ex.message}` : `Cannot sign in: ${ex.message}`;
+        ex.status === 429 ? `Too many failed attempts: ${ex.message}${ex.retryAfter ? ` (in ${ex.retryAfter} s)` : ''}.` : `Cannot sign in: ${ex.message}`;
       tokenButton.disabled = false;
       tokenInput.select();
     }

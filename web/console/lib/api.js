@@ -127,6 +127,7 @@ export async function api(method, path, body, {signal, auth, quiet = false} = {}
   const text = await res.text();
   if (!res.ok) {
     const e = errorFromBody(res.status, text, res.statusText);
+    e.retryAfter = Number(res.headers.get('Retry-After')) || 0; // seconds, on a 429
     if (res.status === 401 && auth === undefined && !quiet) unauthorized(e);
     if (res.status === 403 && e.code === 'forbidden' && auth === undefined && !quiet) forbidden(e);
     throw e;
