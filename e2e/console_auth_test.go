@@ -170,6 +170,14 @@ func TestConsoleViewerSeesNoControls(t *testing.T) {
 				t.Errorf("%s on the %s page: an error is shown: %s", role, pg.name, msg)
 			}
 			got[pg.name] = mustEval[[]string](t, b, mutatingControlsJS)
+			if n := mustEval[int](t, b, `[...document.querySelectorAll('#main [data-needs=admin]')].filter((e) => e.getClientRects().length).length`); n != 0 {
+				t.Errorf("%s on the %s page sees %d admin-only controls or links", role, pg.name, n)
+			}
+			// The campaign's history links to the audit log (for admins):
+			// there is an admin-only link to hide.
+			if pg.name == "campaign" && mustEval[int](t, b, `document.querySelectorAll('[data-testid=history-audit]').length`) == 0 {
+				t.Error("the campaign's history has no audit link: the admin-only check proves nothing there")
+			}
 			b.shot(role + "-" + pg.name)
 		}
 		return got
@@ -197,6 +205,7 @@ func TestConsoleViewerSeesNoControls(t *testing.T) {
 	if n := mustEval[int](t, b, adminNav); n != 0 {
 		t.Errorf("an operator sees %d admin pages in the nav, want none", n)
 	}
+
 	b.navigate("/ui/keys")
 	b.waitJS("the operator refused the API keys page", `document.querySelector('[data-testid=needs-role][data-needs-role=admin]')`, 10*time.Second)
 	b.click(`[data-testid=signout]`)
