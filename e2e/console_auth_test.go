@@ -495,6 +495,7 @@ func TestConsoleAdminPages(t *testing.T) {
 		return rows.length === 1 && rows[0].dataset.requestId === `+jsString(rid)+` && rows[0].dataset.route === '/api/v1/campaigns' &&
 			rows[0].dataset.method === 'POST' && document.querySelector('[data-testid=audit-request-id]').value === `+jsString(rid)+`; })()`, 10*time.Second)
 	b.shot("audit-entry")
+	b.tablet("audit-entry-tablet")
 }
 
 // TestConsoleSignInThrottled: past fleetd's limit of failed sign-ins for a
