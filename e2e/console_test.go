@@ -215,13 +215,15 @@ func (b *browser) tablet(label string) {
 	b.do("laptop viewport", chromedp.EmulateViewport(1280, 900, chromedp.EmulateScale(1)))
 }
 
-// signIn opens the console and signs in with the admin token.
+// signIn opens the console and signs in with the break-glass admin token
+// (folded away below the user name and password).
 func (b *browser) signIn(token string) {
 	b.t.Helper()
 	b.navigate("/")
-	b.waitJS("the sign-in form", `document.querySelector('[data-testid=signin-token]')`, 10*time.Second)
+	b.waitJS("the sign-in form", `document.querySelector('[data-testid=signin-use-token]')`, 10*time.Second)
+	b.click(`[data-testid=signin-use-token]`)
 	b.do("type the token", chromedp.SendKeys(chromedp.CSS(`[data-testid=signin-token]`), token))
-	b.click(`[data-testid=signin-submit]`)
+	b.click(`[data-testid=signin-token-submit]`)
 	b.waitJS("the console after sign-in", `!document.getElementById('top').hidden && document.querySelector('[data-testid=online-count]')`, 10*time.Second)
 }
 
@@ -274,18 +276,25 @@ func simFleet(p *fleetdtest.Process, cohorts ...sim.Cohort) *sim.Fleet {
 	}
 }
 
-// TestConsoleSignIn: a wrong token keeps the operator on the sign-in page
-// with "invalid token"; the right one opens the overview. The token is kept
-// in sessionStorage only, never in the address or localStorage.
+// TestConsoleSignIn: the break-glass admin token signs in from its own,
+// labelled part of the sign-in page. A wrong token keeps the operator on
+// the sign-in page with "invalid token"; the right one opens the deep link
+// asked for, and the header says it is the break-glass token, an admin.
+// The token is kept in sessionStorage only, never in the address or
+// localStorage.
 func TestConsoleSignIn(t *testing.T) {
 	p, _ := consoleFleetd(t)
 	b := newBrowser(t, p.HTTPURL, 60*time.Second)
 
 	b.navigate("/ui/devices")
-	b.waitJS("the sign-in form", `document.querySelector('[data-testid=signin-token]')`, 10*time.Second)
+	b.waitJS("the sign-in form", `document.querySelector('[data-testid=signin-name]')`, 10*time.Second)
+	if got := b.text(`[data-testid=signin-use-token]`); !strings.Contains(strings.ToLower(got), "break-glass") {
+		t.Errorf("the token's part of the sign-in page is labelled %q, want break-glass", got)
+	}
+	b.click(`[data-testid=signin-use-token]`)
 	b.do("type a wrong token", chromedp.SendKeys(chromedp.CSS(`[data-testid=signin-token]`), "not-the-admin-token-at-all"))
-	b.click(`[data-testid=signin-submit]`)
-	b.waitJS("the invalid-token message", `document.querySelector('[data-testid=signin-error]').textContent.includes('invalid token')`, 10*time.Second)
+	b.click(`[data-testid=signin-token-submit]`)
+	b.waitJS("the invalid-token message", `document.querySelector('[data-testid=signin-token-error]').textContent.includes('invalid token')`, 10*time.Second)
 	b.shot("wrong-token")
 	if n, _ := eval[int](b, `sessionStorage.length + localStorage.length`); n != 0 {
 		t.Errorf("a refused token was stored (%d storage entries)", n)
@@ -293,9 +302,12 @@ func TestConsoleSignIn(t *testing.T) {
 
 	b.setValue(`[data-testid=signin-token]`, "")
 	b.do("type the right token", chromedp.SendKeys(chromedp.CSS(`[data-testid=signin-token]`), p.Token()))
-	b.click(`[data-testid=signin-submit]`)
+	b.click(`[data-testid=signin-token-submit]`)
 	// The deep link the operator opened survives the sign-in.
 	b.waitJS("the devices page", `document.querySelector('[data-testid=device-table]')`, 10*time.Second)
+	b.waitJS("the break-glass admin in the header", `document.querySelector('[data-testid=whoami]').dataset.kind === 'bootstrap' &&
+		document.querySelector('[data-testid=whoami-role]').textContent === 'admin' &&
+		document.querySelector('[data-testid=whoami-name]').textContent.includes('break-glass')`, 5*time.Second)
 	b.click(`a[data-nav=overview]`)
 	b.waitJS("the overview's online count", `/^\d+$/.test(document.querySelector('[data-testid=online-count]').textContent)`, 10*time.Second)
 	b.shot("overview")

@@ -1,12 +1,13 @@
 // Live updates: GET /api/v1/stream is Server-Sent Events over a normal HTTP
-// response that needs the Authorization header, which EventSource cannot
+// response that needs the console's credential: the session cookie, or the
+// Authorization header of the break-glass token, which EventSource cannot
 // send. So the stream is read with fetch() and parsed here: events are
 // separated by blank lines, fields are "event:" and "data:", lines starting
 // with ":" are comments (keepalives). When the stream drops (or does not
 // exist yet) it reconnects with exponential backoff and jitter, and the
 // console keeps working without it.
 
-import {API, token, errorFromBody, reportUnauthorized} from './api.js';
+import {API, authHeaders, errorFromBody, reportUnauthorized} from './api.js';
 
 // IDLE_MS: a stream silent for this long (no event, no keepalive comment;
 // fleetd sends one every 15 s) is presumed dead and reopened.
@@ -140,10 +141,10 @@ async function loop() {
     let idle = false;
     try {
       const res = await fetch(API + '/stream', {
-        headers: {Authorization: 'Bearer ' + token(), Accept: 'text/event-stream'},
+        headers: {...authHeaders('GET'), Accept: 'text/event-stream'},
         signal: c.signal,
         cache: 'no-store',
-        credentials: 'omit',
+        credentials: 'same-origin',
       });
       if (!res.ok) {
         const e = errorFromBody(res.status, await res.text(), res.statusText);

@@ -5,6 +5,7 @@
 
 import {h, card, table, link, uiPath, devicePath, dl, fmtTime, ago, badge, settle, errorBox, confirmDialog, orNotFound} from '../lib/dom.js';
 import {api, qs, enc} from '../lib/api.js';
+import {NEEDS_OPERATOR} from '../lib/role.js';
 import {navigate} from '../lib/nav.js';
 import {progressBar} from '../lib/charts.js';
 import {parseConstraint} from '../lib/semver.js';
@@ -61,7 +62,7 @@ export async function bulksView(ctx) {
   const more = h('button', {type: 'button', class: 'btn small', 'data-testid': 'bulk-more', hidden: true}, 'More');
   ctx.root.append(
     h('div', {class: 'page-head'}, h('h1', null, 'Commands'),
-      h('div', {class: 'actions'}, h('a', {href: uiPath('commands', 'new'), 'data-link': true, class: 'btn primary', 'data-testid': 'new-bulk'}, 'New bulk command'))),
+      h('div', {class: 'actions'}, h('a', {href: uiPath('commands', 'new'), 'data-link': true, class: 'btn primary', 'data-testid': 'new-bulk', ...NEEDS_OPERATOR}, 'New bulk command'))),
     h('p', {class: 'muted small'}, 'One command to every device a selector matches, paced. A single device\'s commands are on its page.'),
     problem,
     h('div', {class: 'table-wrap card flush'},
@@ -233,7 +234,7 @@ export async function bulkView(ctx, id) {
   function drawHead() {
     ctx.title(b.name);
     const cancel = h('button', {type: 'button', class: 'btn danger', 'data-testid': 'bulk-cancel', disabled: b.state !== 'running',
-      title: b.state === 'running' ? 'Stop sending' : `The bulk is ${b.state}`}, 'Cancel bulk');
+      title: b.state === 'running' ? 'Stop sending' : `The bulk is ${b.state}`, ...NEEDS_OPERATOR}, 'Cancel bulk');
     cancel.addEventListener('click', () => doCancel(cancel));
     head.replaceChildren(
       h('div', null,

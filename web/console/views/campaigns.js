@@ -4,6 +4,7 @@
 
 import {h, card, table, link, uiPath, devicePath, dl, fmtTime, fmtNum, fmtBytes, badge, settle, errorBox, confirmDialog, orNotFound} from '../lib/dom.js';
 import {api, enc} from '../lib/api.js';
+import {NEEDS_OPERATOR, NEEDS_ADMIN} from '../lib/role.js';
 import {input, field, list, numberField, checkDuration, selectorInputs, scanDevices, matchCounter, onSubmit} from '../lib/form.js';
 import {navigate} from '../lib/nav.js';
 import {progressBar} from '../lib/charts.js';
@@ -69,7 +70,7 @@ export async function campaignsView(ctx) {
   const problem = h('div');
   ctx.root.append(
     h('div', {class: 'page-head'}, h('h1', null, 'Campaigns'),
-      h('div', {class: 'actions'}, h('a', {href: uiPath('campaigns', 'new'), 'data-link': true, class: 'btn primary', 'data-testid': 'new-campaign'}, 'New campaign'))),
+      h('div', {class: 'actions'}, h('a', {href: uiPath('campaigns', 'new'), 'data-link': true, class: 'btn primary', 'data-testid': 'new-campaign', ...NEEDS_OPERATOR}, 'New campaign'))),
     problem, box);
   const rows = new Map();
 
@@ -330,6 +331,17 @@ function windowText(w) {
   return w.next_window ? `closed: nothing is dispatched until ${fmtTime(w.next_window)}` : 'closed';
 }
 
+// auditLink links a history entry made through the API to its audit log
+// entry: the actor names the request ("user alice@10.0.0.7 (request
+// 3f2a…)"), and GET /audit filters by request id. The audit log is for
+// admins.
+function auditLink(actor) {
+  const m = /\(request ([^)\s]+)\)/.exec(actor || '');
+  if (!m) return null;
+  return h('span', NEEDS_ADMIN, ' · ', h('a', {href: uiPath('audit') + '?request_id=' + enc(m[1]), 'data-link': true,
+    'data-testid': 'history-audit', 'data-request-id': m[1]}, 'audit entry'));
+}
+
 function selectorText(s) {
   if (!s) return 'all devices of the firmware\'s models';
   const parts = [];
@@ -358,7 +370,7 @@ export async function campaignView(ctx, id) {
     const acts = c.actions || []; // what the API allows in this state (firmware.Actions)
     const buttons = acts.map((a) => {
       const b = h('button', {type: 'button', class: `btn ${a === 'start' || a === 'resume' || a === 'approve' ? 'primary' : a === 'abort' || a === 'rollback' ? 'danger' : ''}`,
-        'data-testid': `action-${a}`}, a[0].toUpperCase() + a.slice(1));
+        'data-testid': `action-${a}`, ...NEEDS_OPERATOR}, a[0].toUpperCase() + a.slice(1));
       b.addEventListener('click', () => act(a, b));
       return b;
     });
@@ -464,7 +476,7 @@ export async function campaignView(ctx, id) {
       historyBox.replaceChildren(hs.length ? h('ol', {class: 'history'}, hs.map((e) => h('li', {'data-testid': 'history-entry', 'data-action': e.action},
         h('span', {class: 'when'}, fmtTime(e.at)),
         h('strong', null, e.action.replaceAll('_', ' ')),
-        h('span', {class: 'who muted small'}, e.actor),
+        h('span', {class: 'who muted small'}, e.actor, auditLink(e.actor)),
         h('span', {class: 'what'}, historyDetail(e))))) :
         h('p', {class: 'empty'}, 'No history.'));
     } catch (err) {

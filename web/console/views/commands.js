@@ -6,6 +6,7 @@
 
 import {api, enc, APIError} from '../lib/api.js';
 import {h, badge, errorBox, fmtTime, ago, settle, table} from '../lib/dom.js';
+import {NEEDS_OPERATOR} from '../lib/role.js';
 
 const SHOWN = 10;
 const RESULT_CHARS = 160;
@@ -60,7 +61,7 @@ export function commandsCard(ctx, id) {
   const status = h('div', {'data-testid': 'cmd-status'});
   const listBox = h('div', {'data-testid': 'cmd-list'});
   const field = (label, el, help) => h('div', {class: 'field'}, h('label', {for: el.id}, label), el, help ? h('small', null, help) : null);
-  const form = h('form', {class: 'form-grid', 'data-testid': 'cmd-form', novalidate: true},
+  const form = h('form', {class: 'form-grid', 'data-testid': 'cmd-form', novalidate: true, ...NEEDS_OPERATOR},
     field('Command', name, 'published on devices/' + id + '/cmd/NAME'),
     field('Params', params, 'a JSON object; empty for none'),
     field('Answer within', timeout, 'after delivery; a device offline gets it when it reconnects'),

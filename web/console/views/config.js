@@ -8,6 +8,7 @@
 
 import {api, enc, APIError} from '../lib/api.js';
 import {h, badge, errorBox, fmtTime, dl, table, settle} from '../lib/dom.js';
+import {NEEDS_OPERATOR} from '../lib/role.js';
 
 const syncKind = {in_sync: 'ok', stale: 'warn', differs: 'warn', unreported: 'off'};
 const syncLabel = {in_sync: 'in sync', stale: 'stale report', differs: 'differs', unreported: 'not reported yet'};
@@ -38,7 +39,7 @@ export function configCard(ctx, id) {
     'aria-label': `${id}'s own configuration layer`});
   const save = h('button', {type: 'submit', class: 'btn primary', 'data-testid': 'config-save'}, 'Save the device layer');
   const status = h('div', {'data-testid': 'config-status'});
-  const form = h('form', {'data-testid': 'config-form', novalidate: true},
+  const form = h('form', {'data-testid': 'config-form', novalidate: true, ...NEEDS_OPERATOR},
     h('div', {class: 'field'}, h('label', {for: 'config-layer'}, 'The device\'s own layer'), editor,
       h('small', null, 'merged over the fleet, model and tag layers; saved whole (a key left out is removed from this layer)')),
     h('div', {class: 'form-actions'}, save));
@@ -66,7 +67,7 @@ export function configCard(ctx, id) {
         h('td', null, h('code', null, x.path)), h('td', null, x.kind),
         h('td', null, x.desired === undefined ? '—' : h('code', null, JSON.stringify(x.desired))),
         h('td', null, x.reported === undefined ? '—' : h('code', null, JSON.stringify(x.reported)))))) :
-      null);
+      '');
     if (!edited) editor.value = pretty(v.device || {});
   }
 

@@ -5,6 +5,7 @@
 import {h, fill, card, table, link, uiPath, devicePath, dl, fmtTime, ago, fmtDuration, fmtNum, protoName, onlineBadge, badge,
   debounce, settle, errorBox, confirmDialog, modal} from '../lib/dom.js';
 import {api, qs, enc} from '../lib/api.js';
+import {NEEDS_OPERATOR} from '../lib/role.js';
 import {setQuery} from '../lib/nav.js';
 import {buildSessions, timeline, timeAxis, seriesChart, seriesPoints, visiblePoints, crosshair, stepMs, legend, reasonLabel} from '../lib/charts.js';
 import {presenceAfter} from '../lib/live.js';
@@ -234,7 +235,7 @@ function problemView(p, apply) {
     action = h('p', {class: 'notice', 'data-testid': 'problem-cleared'}, badge('cleared', 'ok'), ' ', p.cleared);
   } else if (p.remedy && p.remedy.config) {
     const change = Object.entries(p.remedy.config).map(([k, v]) => `${k} = ${JSON.stringify(v)}`).join(', ');
-    const btn = h('button', {type: 'button', class: 'btn small primary', 'data-testid': 'fix-apply'}, `Apply fix: ${change}`);
+    const btn = h('button', {type: 'button', class: 'btn small primary', 'data-testid': 'fix-apply', ...NEEDS_OPERATOR}, `Apply fix: ${change}`);
     btn.addEventListener('click', async () => {
       btn.disabled = true;
       try {
@@ -332,8 +333,9 @@ export async function deviceView(ctx, id) {
 
   function drawHead() {
     const d = device;
-    const rotate = h('button', {type: 'button', class: 'btn', 'data-testid': 'btn-rotate', disabled: d.state === 'decommissioned'}, 'Rotate token');
-    const decom = h('button', {type: 'button', class: 'btn danger', 'data-testid': 'btn-decommission', disabled: d.state === 'decommissioned'}, 'Decommission');
+    const rotate = h('button', {type: 'button', class: 'btn', 'data-testid': 'btn-rotate', disabled: d.state === 'decommissioned', ...NEEDS_OPERATOR}, 'Rotate token');
+    const decom = h('button', {type: 'button', class: 'btn danger', 'data-testid': 'btn-decommission', disabled: d.state === 'decommissioned', ...NEEDS_OPERATOR},
+      'Decommission');
     rotate.addEventListener('click', rotateToken);
     decom.addEventListener('click', decommission);
     head.replaceChildren(

@@ -1,7 +1,8 @@
 // Firmware: the stored images, and an upload form with a progress bar.
 
-import {h, card, table, link, uiPath, fmtTime, fmtBytes, errorBox, confirmDialog} from '../lib/dom.js';
+import {h, card, table, uiPath, fmtTime, fmtBytes, errorBox, confirmDialog} from '../lib/dom.js';
 import {api, qs, enc, upload} from '../lib/api.js';
+import {NEEDS_OPERATOR} from '../lib/role.js';
 
 export async function firmwareView(ctx) {
   ctx.title('Firmware');
@@ -29,7 +30,7 @@ export async function firmwareView(ctx) {
 
   ctx.root.append(
     h('div', {class: 'page-head'}, h('h1', null, 'Firmware')),
-    card('Upload an image', h('p', {class: 'muted small'},
+    h('section', {class: 'card', 'data-testid': 'upload-card', ...NEEDS_OPERATOR}, h('h2', null, 'Upload an image'), h('p', {class: 'muted small'},
       'fleetd stores the image with its SHA-256 and signs it with the server key; devices verify the signature before installing.'), form),
     problem,
     card('Images', listBox));
@@ -41,7 +42,7 @@ export async function firmwareView(ctx) {
     const arts = (r && r.firmware) || [];
     listBox.replaceChildren(arts.length ? table(['Version', 'Models', 'Size', 'SHA-256', 'Signed by', 'Notes', 'Uploaded', ''],
       arts.map((a) => {
-        const del = h('button', {type: 'button', class: 'btn small ghost danger-text', 'data-testid': 'firmware-delete'}, 'Delete');
+        const del = h('button', {type: 'button', class: 'btn small ghost danger-text', 'data-testid': 'firmware-delete', ...NEEDS_OPERATOR}, 'Delete');
         del.addEventListener('click', () => remove(a));
         return h('tr', {'data-testid': 'firmware-row', 'data-firmware-id': a.id, 'data-version': a.version},
           h('td', null, h('strong', null, a.version)),
@@ -51,7 +52,7 @@ export async function firmwareView(ctx) {
           h('td', null, a.signed_by || '—'),
           h('td', {class: 'detail'}, a.notes || ''),
           h('td', {class: 'nowrap'}, fmtTime(a.created_at)),
-          h('td', {class: 'nowrap'}, link(uiPath('campaigns', 'new') + `?firmware=${enc(a.id)}`, 'New campaign'), ' ', del));
+          h('td', {class: 'nowrap'}, h('a', {href: uiPath('campaigns', 'new') + `?firmware=${enc(a.id)}`, 'data-link': true, ...NEEDS_OPERATOR}, 'New campaign'), ' ', del));
       })) : h('p', {class: 'empty'}, 'No firmware uploaded yet.'));
   }
 

@@ -6,6 +6,7 @@
 
 import {h, card, table, link, uiPath, devicePath, fmtNum, fmtTime, protoName, debounce, settle, errorBox} from '../lib/dom.js';
 import {api, qs} from '../lib/api.js';
+import {NEEDS_OPERATOR} from '../lib/role.js';
 import {live, setCounts} from '../lib/live.js';
 import {historyChart, historyTotals, reasonsChart, groupDisconnects, legend, reasonLabel} from '../lib/charts.js';
 import {linksCard} from './links.js';
@@ -175,8 +176,8 @@ export async function overviewView(ctx) {
       h('div', null,
         h('ul', {class: 'plain'}, byReason.map(([r, n]) => h('li', {'data-testid': 'incompat-reason', 'data-reason': r},
           h('strong', null, String(n)), ' ', h('code', null, r), incompatExplained[r] ? h('span', {class: 'muted'}, ` — ${incompatExplained[r]}`) : null))),
-        h('p', null, link(uiPath('devices') + '?compat=incompatible', 'List the incompatible devices'), ' · ',
-          link(uiPath('campaigns', 'new') + '?compat=incompatible', 'Upgrade them with a campaign'))) :
+        h('p', null, link(uiPath('devices') + '?compat=incompatible', 'List the incompatible devices'),
+          h('span', NEEDS_OPERATOR, ' · ', link(uiPath('campaigns', 'new') + '?compat=incompatible', 'Upgrade them with a campaign')))) :
       h('p', {class: 'empty'}, 'Every device is compatible.'));
 
     const fl = health.flagged_firmware || [];
@@ -193,8 +194,8 @@ export async function overviewView(ctx) {
             `${fmtNum(ev.rate)} ping-related disconnects per device-hour against a baseline of ${fmtNum(ev.fleet_rate)} (the other firmware); ` +
             `${ev.ping_disconnects} disconnects over ${fmtNum(ev.device_hours)} device-hours on ${ev.devices} devices.`) : null,
           h('p', {class: 'small'},
-            link(uiPath('devices') + `?model=${encodeURIComponent(v.model)}&firmware=${encodeURIComponent(v.firmware)}`, 'Devices'), ' · ',
-            link(uiPath('campaigns', 'new') + `?model=${encodeURIComponent(v.model)}&compat=incompatible`, 'Upgrade them')));
+            link(uiPath('devices') + `?model=${encodeURIComponent(v.model)}&firmware=${encodeURIComponent(v.firmware)}`, 'Devices'),
+            h('span', NEEDS_OPERATOR, ' · ', link(uiPath('campaigns', 'new') + `?model=${encodeURIComponent(v.model)}&compat=incompatible`, 'Upgrade them'))));
       })) :
       h('p', {class: 'empty'}, 'No firmware is flagged.'));
 
