@@ -130,8 +130,11 @@ func TestTimeoutsOfflineDevicesAndBadImages(t *testing.T) {
 	waitOnline(t, api, 5, 20*time.Second)
 	camp, err := api.CreateCampaign(ctx, firmware.Spec{
 		Name: "2.0.0 everywhere", FirmwareID: target.ID,
-		Stages:        []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1}},
-		DeviceTimeout: firmware.Duration(5 * time.Second),
+		Stages: []firmware.Stage{{Name: "all", Percent: 100, MaxFailureRate: 1, MaxNotBackOnline: -1}},
+		// Long enough for a good device's three acknowledged status reports,
+		// install and reconnect on a loaded CI machine (5 s was not, once),
+		// short enough for the bricks to time out within the wait below.
+		DeviceTimeout: firmware.Duration(12 * time.Second),
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/go-chi/chi/v5"
 
@@ -150,11 +151,51 @@ func decodePositionCursor(s string) (int, error) {
 }
 
 // BulkCommandChanged publishes a bulk command's progress to the live
-// streams (event "bulk_command"). It never blocks.
+// streams (event "bulk_command"). It never blocks. Progress comes from
+// every replica (the one whose devices answered, the one that completed
+// the bulk), and the bus may bring another replica's "running" after this
+// one's completion: a change of a bulk that already ended here is stale
+// and is not published (a bulk never runs again once it ended).
 func (h *Hub) BulkCommandChanged(c command.BulkChange) {
+	if !h.bulkEnded.note(c.ID, c.State != command.BulkRunning) {
+		return
+	}
 	if h.subscribers() == 0 {
 		return
 	}
 	b, _ := json.Marshal(c)
 	h.publish(streamEvent{"bulk_command", b})
+}
+
+// endedBulks remembers the most recent bulks that ended, a bounded set
+// (the oldest is forgotten first): a stale change can only come within
+// moments of a bulk's end.
+type endedBulks struct {
+	mu    sync.Mutex
+	ids   map[string]bool
+	order []string
+}
+
+const maxEndedBulks = 1024
+
+// note records a change of bulk id and reports whether it is to be
+// published: not when the bulk ended before and this change says it runs.
+func (e *endedBulks) note(id string, ended bool) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.ids == nil {
+		e.ids = map[string]bool{}
+	}
+	if e.ids[id] {
+		return ended
+	}
+	if ended {
+		e.ids[id] = true
+		e.order = append(e.order, id)
+		if len(e.order) > maxEndedBulks {
+			delete(e.ids, e.order[0])
+			e.order = e.order[1:]
+		}
+	}
+	return true
 }

@@ -136,3 +136,27 @@ func TestBulkCommandAPI(t *testing.T) {
 		t.Errorf("cancel unknown: %d, want 404", status)
 	}
 }
+
+// TestStaleBulkProgressIsDropped: once a bulk ended, a "running" change of
+// it (another replica's progress, brought late by the bus) is not
+// published; other bulks and the end itself are; the memory is bounded.
+func TestStaleBulkProgressIsDropped(t *testing.T) {
+	var e endedBulks
+	for i, c := range []struct {
+		id    string
+		ended bool
+		want  bool
+	}{
+		{"b1", false, true}, {"b1", true, true}, {"b1", false, false}, {"b1", true, true}, {"b2", false, true},
+	} {
+		if got := e.note(c.id, c.ended); got != c.want {
+			t.Fatalf("change %d (%s ended=%v): published %v, want %v", i, c.id, c.ended, got, c.want)
+		}
+	}
+	for i := range maxEndedBulks + 10 {
+		e.note(fmt.Sprint("x", i), true)
+	}
+	if len(e.ids) != maxEndedBulks || len(e.order) != maxEndedBulks || e.ids["b1"] {
+		t.Fatalf("%d ids, %d in order, b1 remembered %v: want %d, the oldest forgotten", len(e.ids), len(e.order), e.ids["b1"], maxEndedBulks)
+	}
+}

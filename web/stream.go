@@ -26,6 +26,8 @@ type Hub struct {
 	// Open streams, in all and per bearer token, for the caps of subscribe.
 	open        int
 	openByToken map[string]int
+	// bulkEnded drops stale progress of bulks that ended (BulkCommandChanged).
+	bulkEnded endedBulks
 }
 
 type streamEvent struct {
