@@ -1,10 +1,8 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
-	"net/http"
 	"os/exec"
 	"path/filepath"
 	"sort"
@@ -24,39 +22,16 @@ import (
 // "bulk_command" event seen per bulk id.
 func bulkStream(t *testing.T, url, token string) func(id string) (command.BulkChange, int) {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url+"/api/v1/stream", nil)
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("live stream: %v %v", resp, err)
-	}
 	var mu sync.Mutex
 	last, n := map[string]command.BulkChange{}, map[string]int{}
-	go func() {
-		defer resp.Body.Close()
-		sc := bufio.NewScanner(resp.Body)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		event := ""
-		for sc.Scan() {
-			line := sc.Text()
-			if name, ok := strings.CutPrefix(line, "event: "); ok {
-				event = name
-				continue
-			}
-			data, ok := strings.CutPrefix(line, "data: ")
-			if !ok || event != "bulk_command" {
-				continue
-			}
-			var c command.BulkChange
-			if json.Unmarshal([]byte(data), &c) == nil {
-				mu.Lock()
-				last[c.ID], n[c.ID] = c, n[c.ID]+1
-				mu.Unlock()
-			}
+	streamEvents(t, url, token, "bulk_command", func(data []byte) {
+		var c command.BulkChange
+		if json.Unmarshal(data, &c) == nil {
+			mu.Lock()
+			last[c.ID], n[c.ID] = c, n[c.ID]+1
+			mu.Unlock()
 		}
-	}()
+	})
 	return func(id string) (command.BulkChange, int) {
 		mu.Lock()
 		defer mu.Unlock()

@@ -1,11 +1,9 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
-	"net/http"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -27,38 +25,16 @@ import (
 // the states its "command" events carried.
 func commandStream(t *testing.T, url, token string) func(id string) []command.State {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url+"/api/v1/stream", nil)
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("live stream: %v %v", resp, err)
-	}
 	var mu sync.Mutex
 	seen := map[string][]command.State{}
-	go func() {
-		defer resp.Body.Close()
-		sc := bufio.NewScanner(resp.Body)
-		event := ""
-		for sc.Scan() {
-			line := sc.Text()
-			if name, ok := strings.CutPrefix(line, "event: "); ok {
-				event = name
-				continue
-			}
-			data, ok := strings.CutPrefix(line, "data: ")
-			if !ok || event != "command" {
-				continue
-			}
-			var c command.Change
-			if json.Unmarshal([]byte(data), &c) == nil {
-				mu.Lock()
-				seen[c.ID] = append(seen[c.ID], c.State)
-				mu.Unlock()
-			}
+	streamEvents(t, url, token, "command", func(data []byte) {
+		var c command.Change
+		if json.Unmarshal(data, &c) == nil {
+			mu.Lock()
+			seen[c.ID] = append(seen[c.ID], c.State)
+			mu.Unlock()
 		}
-	}()
+	})
 	return func(id string) []command.State {
 		mu.Lock()
 		defer mu.Unlock()

@@ -1,10 +1,8 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -108,39 +106,16 @@ func fleetctlFor(t *testing.T, p *fleetdtest.Process) func(args ...string) strin
 // count a campaign event has carried so far.
 func watchCampaignJoins(t *testing.T, url, token string) func() int {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url+"/api/v1/stream", nil)
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("live stream: %v %v", resp, err)
-	}
 	var mu sync.Mutex
 	most := 0
-	go func() {
-		defer resp.Body.Close()
-		sc := bufio.NewScanner(resp.Body)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		event := ""
-		for sc.Scan() {
-			line := sc.Text()
-			if name, ok := strings.CutPrefix(line, "event: "); ok {
-				event = name
-				continue
-			}
-			data, ok := strings.CutPrefix(line, "data: ")
-			if !ok || event != "campaign" {
-				continue
-			}
-			var v firmware.CampaignView
-			if json.Unmarshal([]byte(data), &v) == nil {
-				mu.Lock()
-				most = max(most, v.Joined)
-				mu.Unlock()
-			}
+	streamEvents(t, url, token, "campaign", func(data []byte) {
+		var v firmware.CampaignView
+		if json.Unmarshal(data, &v) == nil {
+			mu.Lock()
+			most = max(most, v.Joined)
+			mu.Unlock()
 		}
-	}()
+	})
 	return func() int { mu.Lock(); defer mu.Unlock(); return most }
 }
 

@@ -4,10 +4,13 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
 	"net"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -112,4 +115,35 @@ func (d *rawDevice) publish(t *testing.T, topic, payload string) {
 	if _, err := d.conn.Write(append(append([]byte{0x30}, remainingLength(len(body))...), body...)); err != nil {
 		t.Fatalf("publish %s: %v", topic, err)
 	}
+}
+
+// streamEvents reads a replica's live stream (GET /api/v1/stream) in the
+// background until the test ends, handing the data of every event named
+// event to f, on the reading goroutine.
+func streamEvents(t *testing.T, url, token, event string, f func(data []byte)) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url+"/api/v1/stream", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("live stream: %v %v", resp, err)
+	}
+	go func() {
+		defer resp.Body.Close()
+		sc := bufio.NewScanner(resp.Body)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		name := ""
+		for sc.Scan() {
+			line := sc.Text()
+			if n, ok := strings.CutPrefix(line, "event: "); ok {
+				name = n
+				continue
+			}
+			if data, ok := strings.CutPrefix(line, "data: "); ok && name == event {
+				f([]byte(data))
+			}
+		}
+	}()
 }
