@@ -155,6 +155,7 @@ type ClientState struct {
 	open            context.Context      // indicate that the client is open for packet exchange
 	cancelOpen      context.CancelFunc   // cancel function for open context
 	outboundQty     int32                // number of messages currently in the outbound queue
+	writing         atomic.Bool          // a WriteLoop goroutine is draining the outbound queue
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -190,9 +191,17 @@ func newClient(c net.Conn, o *ops) *Client {
 	return cl
 }
 
-// WriteLoop ranges over pending outbound messages and writes them to the client connection.
+// WriteLoop writes the pending outbound messages to the client connection
+// until the queue is empty or the client is closed, then returns. It is
+// started by queueOutbound when a message is queued and no writer is
+// running, so that an idle client parks no goroutine (and its stack) for
+// writing.
 func (cl *Client) WriteLoop() {
 	for {
+		if cl.Closed() {
+			cl.State.writing.Store(false)
+			return
+		}
 		select {
 		case pk := <-cl.State.outbound:
 			if err := cl.WritePacket(*pk); err != nil {
@@ -200,10 +209,31 @@ func (cl *Client) WriteLoop() {
 				cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 			}
 			atomic.AddInt32(&cl.State.outboundQty, -1)
-		case <-cl.State.open.Done():
-			return
+		default:
+			cl.State.writing.Store(false)
+			// A message queued after the empty receive above, by a sender that
+			// saw this writer still running, is written by this writer, unless
+			// a new one has been started for it meanwhile.
+			if len(cl.State.outbound) == 0 || !cl.State.writing.CompareAndSwap(false, true) {
+				return
+			}
 		}
 	}
+}
+
+// queueOutbound queues pk for the writer and starts one if none is running.
+// It reports false, queueing nothing, when the queue is full.
+func (cl *Client) queueOutbound(pk *packets.Packet) bool {
+	select {
+	case cl.State.outbound <- pk:
+		atomic.AddInt32(&cl.State.outboundQty, 1)
+	default:
+		return false
+	}
+	if cl.State.writing.CompareAndSwap(false, true) {
+		go cl.WriteLoop()
+	}
+	return true
 }
 
 // ParseConnect parses the connect parameters and properties for a client.
