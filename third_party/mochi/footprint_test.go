@@ -107,8 +107,12 @@ func measureIdleClients(t *testing.T, s *Server, n int) idleFootprint {
 	}
 }
 
-// TestIdleClientFootprint keeps an idle client down to one goroutine, its
-// read loop: the writer exists only while there is something to send.
+// TestIdleClientFootprint keeps an idle client's goroutines small: Go halves
+// a goroutine's stack at a collection only while less than a quarter of it
+// is in use, so a read loop parked with a few hundred bytes more on its stack
+// keeps twice the memory for every client, forever. An idle client must
+// hold one goroutine (its read loop; the writer exists only while there is
+// something to send) on an 8 KiB stack.
 func TestIdleClientFootprint(t *testing.T) {
 	caps := NewDefaultServerCapabilities()
 	caps.MaximumClientWritesPending = 64 // the default, 8192, is a 64 KiB queue per client
@@ -118,6 +122,7 @@ func TestIdleClientFootprint(t *testing.T) {
 	f := measureIdleClients(t, s, 300)
 	t.Logf("per idle client: %.0f B of stack, %.0f B of heap (client sockets included), %.2f goroutines", f.stack, f.heap, f.goroutines)
 	require.LessOrEqual(t, f.goroutines, 1.05, "goroutines per idle client")
+	require.LessOrEqual(t, f.stack, 8.5*1024, "stack bytes per idle client")
 }
 
 // TestWriterOnDemand queues from many goroutines while writers start and
