@@ -9,7 +9,9 @@ import (
 	"bytes"
 	"fmt"
 	"net"
+	"os"
 	"runtime"
+	"runtime/pprof"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -99,6 +101,14 @@ func measureIdleClients(t *testing.T, s *Server, n int) idleFootprint {
 	require.Eventually(t, func() bool { return s.Clients.Len() >= n }, 5*time.Second, 10*time.Millisecond, "clients %d", s.Clients.Len())
 	time.Sleep(50 * time.Millisecond) // the births are handled
 	after := settle()
+	// FOOTPRINT_HEAP_PROFILE=file writes where the idle clients' heap is
+	// (go tool pprof -sample_index=inuse_space; set runtime.MemProfileRate = 1
+	// first for every allocation).
+	if p := os.Getenv("FOOTPRINT_HEAP_PROFILE"); p != "" {
+		f, _ := os.Create(p)
+		_ = pprof.Lookup("heap").WriteTo(f, 0)
+		f.Close()
+	}
 	g1 := runtime.NumGoroutine()
 	return idleFootprint{
 		stack:      float64(after.StackInuse-before.StackInuse) / float64(n),

@@ -19,7 +19,7 @@ const (
 
 func TestNewSharedSubscriptions(t *testing.T) {
 	s := NewSharedSubscriptions()
-	require.NotNil(t, s.internal)
+	require.Nil(t, s.internal) // allocated on first use
 }
 
 func TestSharedSubscriptionsAdd(t *testing.T) {
@@ -102,7 +102,7 @@ func TestSharedSubscriptionsDelete(t *testing.T) {
 
 func TestNewSubscriptions(t *testing.T) {
 	s := NewSubscriptions()
-	require.NotNil(t, s.internal)
+	require.Nil(t, s.internal) // allocated on first use
 }
 
 func TestSubscriptionsAdd(t *testing.T) {
@@ -699,7 +699,7 @@ func BenchmarkMessages(b *testing.B) {
 
 func TestNewParticles(t *testing.T) {
 	cl := newParticles()
-	require.NotNil(t, cl.internal)
+	require.Nil(t, cl.internal) // allocated on first use
 }
 
 func TestParticlesAdd(t *testing.T) {
@@ -785,7 +785,7 @@ func TestIsSharedFilter(t *testing.T) {
 func TestNewInboundAliases(t *testing.T) {
 	a := NewInboundTopicAliases(5)
 	require.NotNil(t, a)
-	require.NotNil(t, a.internal)
+	require.Nil(t, a.internal) // allocated on first use
 	require.Equal(t, uint16(5), a.maximum)
 }
 
@@ -811,7 +811,7 @@ func TestInboundAliasesSetMaxZero(t *testing.T) {
 func TestNewOutboundAliases(t *testing.T) {
 	a := NewOutboundTopicAliases(5)
 	require.NotNil(t, a)
-	require.NotNil(t, a.internal)
+	require.Nil(t, a.internal) // allocated on first use
 	require.Equal(t, uint16(5), a.maximum)
 	require.Equal(t, uint32(0), a.cursor)
 }
@@ -858,7 +858,7 @@ func TestNewTopicAliases(t *testing.T) {
 func TestNewInlineSubscriptions(t *testing.T) {
 	subscriptions := NewInlineSubscriptions()
 	require.NotNil(t, subscriptions)
-	require.NotNil(t, subscriptions.internal)
+	require.Nil(t, subscriptions.internal) // allocated on first use
 	require.Equal(t, 0, subscriptions.Len())
 }
 
