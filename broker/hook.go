@@ -39,7 +39,8 @@ type session struct {
 	denials           atomic.Int32 // ACL denials recorded for this session
 
 	// Per-session rates: packets other than PINGREQ, and subscription
-	// filters. A session over either is ended (DISCONNECT 0x96).
+	// filters. A session over either is ended (DISCONNECT 0x96). nil is
+	// unlimited (newLimiter).
 	publishes, subscribes *rate.Limiter
 	// rejected says what the CONNECT carried that could not be kept (an
 	// MQTT 5 user property); recorded once the session is established.
@@ -379,7 +380,7 @@ func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
 			h.denied(cl, "subscribe to "+f.Filter)
 			continue
 		}
-		sub, ok := strings.CutPrefix(f.Filter, devicePrefix(cl.ID))
+		sub, ok := deviceTopic(cl.ID, f.Filter)
 		if !ok {
 			continue
 		}
@@ -418,7 +419,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if pk.FixedHeader.Retain && !retainable(cl.ID, pk.TopicName) {
 		pk.FixedHeader.Retain = false
 	}
-	sub, ok := strings.CutPrefix(pk.TopicName, devicePrefix(cl.ID))
+	sub, ok := deviceTopic(cl.ID, pk.TopicName)
 	if !ok {
 		return pk, nil
 	}
@@ -514,7 +515,7 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	default:
 		lim = s.publishes
 	}
-	if lim.AllowN(time.Now(), n) {
+	if allow(lim, n) {
 		return pk, nil
 	}
 	h.b.endSession(cl, packets.ErrMessageRateTooHigh)
