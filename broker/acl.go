@@ -8,11 +8,27 @@ import "strings"
 // devicePrefix returns "devices/{id}/".
 func devicePrefix(id string) string { return "devices/" + id + "/" }
 
+// deviceTopic returns what follows "devices/{id}/" in topic, and whether
+// topic starts so. The hooks ask it of every publish: it compares in place
+// rather than building the prefix (a concatenation, on the heap once an id
+// is long).
+func deviceTopic(id, topic string) (rest string, ok bool) {
+	rest, ok = strings.CutPrefix(topic, "devices/")
+	if !ok {
+		return "", false
+	}
+	rest, ok = strings.CutPrefix(rest, id)
+	if !ok || rest == "" || rest[0] != '/' {
+		return "", false
+	}
+	return rest[1:], true
+}
+
 // canPublish reports whether device id may publish to topic: its status
 // (birth and will), telemetry, OTA status, its answers to commands and its
 // configuration reports.
 func canPublish(id, topic string) bool {
-	rest, ok := strings.CutPrefix(topic, devicePrefix(id))
+	rest, ok := deviceTopic(id, topic)
 	if !ok {
 		return false
 	}
@@ -35,7 +51,8 @@ const configReported = "config/reported"
 // broker publishes a will when the device is gone; an answer or a report
 // cannot come from a device that is gone).
 func canWill(id, topic string) bool {
-	return canPublish(id, topic) && topic != devicePrefix(id)+cmdResponse && topic != devicePrefix(id)+configReported
+	rest, _ := deviceTopic(id, topic)
+	return canPublish(id, topic) && rest != cmdResponse && rest != configReported
 }
 
 // canSubscribe reports whether device id may subscribe to filter (or receive
@@ -44,7 +61,7 @@ func canWill(id, topic string) bool {
 // match it). Wildcards are allowed only inside cmd/ and config/, so a device
 // can never widen its filter to another device's topics.
 func canSubscribe(id, filter string) bool {
-	rest, ok := strings.CutPrefix(filter, devicePrefix(id))
+	rest, ok := deviceTopic(id, filter)
 	if !ok {
 		return false
 	}
@@ -76,4 +93,7 @@ func canSubscribe(id, filter string) bool {
 // retainable reports whether a device may retain a message on topic: only its
 // status is retained, so a device cannot fill the broker's memory with
 // retained telemetry.
-func retainable(id, topic string) bool { return topic == devicePrefix(id)+"status" }
+func retainable(id, topic string) bool {
+	rest, ok := deviceTopic(id, topic)
+	return ok && rest == "status"
+}

@@ -39,7 +39,8 @@ type session struct {
 	denials           atomic.Int32 // ACL denials recorded for this session
 
 	// Per-session rates: packets other than PINGREQ, and subscription
-	// filters. A session over either is ended (DISCONNECT 0x96).
+	// filters. A session over either is ended (DISCONNECT 0x96). nil is
+	// unlimited (newLimiter).
 	publishes, subscribes *rate.Limiter
 	// rejected says what the CONNECT carried that could not be kept (an
 	// MQTT 5 user property); recorded once the session is established.
@@ -278,6 +279,9 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	s := v.(*session)
 	s.epoch = b.nextEpoch()
 	b.sessions.Store(cl, s)
+	if s.wire != nil {
+		s.wire.session.Store(s)
+	}
 	// Released once the session is indexed: the next CONNECT of this id
 	// finds it there and marks it taken over (OnSessionEstablish).
 	if s.wire != nil {
@@ -314,6 +318,9 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		return
 	}
 	s := v.(*session)
+	if s.wire != nil {
+		s.wire.session.Store(nil)
+	}
 	b.dropRetained(s.deviceID)
 	cause := cl.StopCause()
 	if cause == nil {
@@ -379,7 +386,7 @@ func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
 			h.denied(cl, "subscribe to "+f.Filter)
 			continue
 		}
-		sub, ok := strings.CutPrefix(f.Filter, devicePrefix(cl.ID))
+		sub, ok := deviceTopic(cl.ID, f.Filter)
 		if !ok {
 			continue
 		}
@@ -418,7 +425,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if pk.FixedHeader.Retain && !retainable(cl.ID, pk.TopicName) {
 		pk.FixedHeader.Retain = false
 	}
-	sub, ok := strings.CutPrefix(pk.TopicName, devicePrefix(cl.ID))
+	sub, ok := deviceTopic(cl.ID, pk.TopicName)
 	if !ok {
 		return pk, nil
 	}
@@ -436,11 +443,10 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if errors.Is(err, errNotBirth) {
 		return pk, nil // the will, or a device announcing it is going away
 	}
-	v, ok := h.b.sessions.Load(cl)
+	s, ok := h.b.sessionOf(cl)
 	if !ok {
 		return pk, nil
 	}
-	s := v.(*session)
 	if err != nil {
 		// The device's previous firmware and model stay.
 		h.b.reject(s, "status message refused: "+err.Error())
@@ -476,11 +482,10 @@ func (h *hook) handle(cl *mqtt.Client, handler any, pk packets.Packet) error {
 	if fn, ok := handler.(DeviceHandler); ok {
 		return fn(cl.ID, pk.Payload)
 	}
-	v, ok := h.b.sessions.Load(cl)
+	s, ok := h.b.sessionOf(cl)
 	if !ok {
 		return nil // a publish racing the session's set-up or end: dropped
 	}
-	s := v.(*session)
 	sess := Session{DeviceID: s.deviceID, Epoch: s.epoch, Firmware: s.firmware, Model: s.model}
 	switch fn := handler.(type) {
 	case SessionHandler:
@@ -501,11 +506,10 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	}
 	var lim *rate.Limiter
 	n := 1
-	v, ok := h.b.sessions.Load(cl)
+	s, ok := h.b.sessionOf(cl)
 	if !ok {
 		return pk, nil // CONNECT, or a packet racing the session's set-up
 	}
-	s := v.(*session)
 	switch pk.FixedHeader.Type {
 	case packets.Pingreq, packets.Disconnect:
 		return pk, nil
@@ -514,11 +518,28 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	default:
 		lim = s.publishes
 	}
-	if lim.AllowN(time.Now(), n) {
+	if allow(lim, n) {
 		return pk, nil
 	}
 	h.b.endSession(cl, packets.ErrMessageRateTooHigh)
 	return pk, packets.ErrRejectPacket
+}
+
+// sessionOf returns the established session of cl. The hooks of every
+// packet ask it, so it reads the session from the client's connection (one
+// atomic load, wireConn.session) rather than from b.sessions, whose lookup
+// hashes the client's interface value; a connection that is not a wireConn
+// is looked up there.
+func (b *Broker) sessionOf(cl *mqtt.Client) (*session, bool) {
+	if w, ok := cl.Net.Conn.(*wireConn); ok {
+		s := w.session.Load()
+		return s, s != nil
+	}
+	v, ok := b.sessions.Load(cl)
+	if !ok {
+		return nil, false
+	}
+	return v.(*session), true
 }
 
 // reject records that something a device sent was refused and why.

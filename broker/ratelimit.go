@@ -81,13 +81,18 @@ func (c *connectLimits) failedAuth(src netip.Prefix) bool {
 	return allowIn(c, c.failures, src, c.failRate, c.failBurst)
 }
 
-// newLimiter is a token bucket of r per second (unlimited for r < 0).
+// newLimiter is a token bucket of r per second, or nil for unlimited
+// (r < 0): a session's limiter is asked for every packet, and nil spares an
+// unlimited one the clock and the limiter's mutex (allow).
 func newLimiter(r float64, burst int) *rate.Limiter {
 	if r < 0 {
-		return rate.NewLimiter(rate.Inf, burst)
+		return nil
 	}
 	return rate.NewLimiter(rate.Limit(r), burst)
 }
+
+// allow takes n tokens from lim, which is nil when unlimited (newLimiter).
+func allow(lim *rate.Limiter, n int) bool { return lim == nil || lim.AllowN(time.Now(), n) }
 
 // allowIn takes a token from the bucket of key in m, making the bucket on
 // first use.

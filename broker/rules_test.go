@@ -105,6 +105,13 @@ func TestACL(t *testing.T) {
 		{"#", false, false, false},
 		{"$SYS/broker/clients", false, false, false},
 		{"devices/a/telemetry/extra", false, false, false},
+		// Near misses of the prefix "devices/a/".
+		{"devices/a", false, false, false},
+		{"devices/a/", false, false, false},
+		{"devices/astatus", false, false, false},
+		{"devices//a/status", false, false, false},
+		{"devicesa/status", false, false, false},
+		{"device/a/status", false, false, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.topic, func(t *testing.T) {

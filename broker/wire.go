@@ -32,6 +32,9 @@ type wireConn struct {
 	onConnectRead func()
 	// releaseID gives back the client id's connect lock (Broker.idLocks).
 	releaseID func()
+	// session is the connection's session from its establishment to its
+	// disconnect, as in Broker.sessions (Broker.sessionOf).
+	session atomic.Pointer[session]
 
 	state     uint8 // parser: 0 header, 1 length, 2 body, 3 lost sync
 	remaining int

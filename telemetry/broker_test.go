@@ -45,7 +45,7 @@ func frame(first byte, body []byte) []byte {
 	return append(out, body...)
 }
 
-func dialDevice(t *testing.T, addr, id, token string) *mqttConn {
+func dialDevice(t testing.TB, addr, id, token string) *mqttConn {
 	t.Helper()
 	conn, err := net.Dial("tcp", addr)
 	if err != nil {

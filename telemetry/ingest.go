@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -90,7 +89,6 @@ type Ingest struct {
 	opts   IngestOptions
 	now    func() time.Time
 	log    *slog.Logger
-	seed   maphash.Seed
 
 	devices sync.Map // device id → *device
 
@@ -100,10 +98,14 @@ type Ingest struct {
 	mReceived prometheus.Counter
 	mSampled  prometheus.Counter
 	mRefused  *prometheus.CounterVec
+	// The children of mRefused, resolved once rather than per message.
+	mRefusedNone, mRefusedPart prometheus.Counter
 }
 
 // device is what Ingest keeps per device. Its mutex is taken only by the
-// device's own goroutine (two during a takeover) and, briefly, by the sweep.
+// device's own goroutine (two during a takeover), which parses under it
+// (a bounded time, MaxPayload), and, briefly, by the sweep and by a
+// disconnect's SessionLink.
 type device struct {
 	mu      sync.Mutex
 	limiter *rate.Limiter
@@ -117,8 +119,10 @@ type device struct {
 	// reported.
 	dropped  int64
 	reported time.Time
-	names    []uint64 // hashes of the metric names kept
-	link     sessionLink
+	// known holds the metric names kept (at most MaxNames) and the link's
+	// strings, which the device's messages share (see parse).
+	known known
+	link  sessionLink
 }
 
 // NewIngest builds the handler; q is where parsed messages go, events where
@@ -128,7 +132,7 @@ func NewIngest(q Queue, events EventSink, opts IngestOptions) *Ingest {
 	orDefault(&opts.Burst, 10)
 	orDefault(&opts.MaxNames, 64)
 	orDefault(&opts.Logger, slog.New(slog.DiscardHandler))
-	in := &Ingest{q: q, events: events, opts: opts, now: opts.Now, log: opts.Logger, seed: maphash.MakeSeed()}
+	in := &Ingest{q: q, events: events, opts: opts, now: opts.Now, log: opts.Logger}
 	if in.now == nil {
 		in.now = time.Now
 	}
@@ -137,6 +141,7 @@ func NewIngest(q Queue, events EventSink, opts IngestOptions) *Ingest {
 		Help: "Telemetry messages dropped because their device sent above its rate (telemetry-rate, telemetry-burst)."})
 	in.mRefused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetd_telemetry_refused_total",
 		Help: "Telemetry messages refused at the edge, by what was kept: none (malformed) or part (a field refused)."}, []string{"kept"})
+	in.mRefusedNone, in.mRefusedPart = in.mRefused.WithLabelValues("none"), in.mRefused.WithLabelValues("part")
 	if opts.Registerer != nil {
 		opts.Registerer.MustRegister(in.mReceived, in.mSampled, in.mRefused)
 	}
@@ -162,12 +167,8 @@ func (in *Ingest) Handle(s Session, payload []byte) error {
 		}
 		return nil
 	}
-	d.mu.Unlock()
-
-	msg, err := Parse(payload)
-
-	d.mu.Lock()
-	if names := d.admitNames(&msg, in.seed, in.opts.MaxNames); names > 0 {
+	msg, err := parse(payload, &d.known)
+	if names := d.admitNames(&msg, in.opts.MaxNames); names > 0 {
 		why := fmt.Sprintf("%d new metric names past the %d this device may use were left out", names, in.opts.MaxNames)
 		if err != nil {
 			err = errors.New(err.Error() + "; " + why)
@@ -191,11 +192,11 @@ func (in *Ingest) Handle(s Session, payload []byte) error {
 	d.mu.Unlock()
 
 	if err != nil {
-		kept := "part"
 		if msg.Empty() {
-			kept = "none"
+			in.mRefusedNone.Inc()
+		} else {
+			in.mRefusedPart.Inc()
 		}
-		in.mRefused.WithLabelValues(kept).Inc()
 		in.refusedSince.Add(1)
 		if record {
 			in.reject(s, now, "telemetry "+err.Error()+" (reported once per session)")
@@ -236,23 +237,24 @@ func (d *device) takeReport(now time.Time) int64 {
 
 // admitNames removes from msg the metrics whose names would take the device
 // past max distinct names, and returns how many it removed. d.mu is held.
-func (d *device) admitNames(msg *Message, seed maphash.Seed, max int) int {
+// A name that parse found known is the same string as d.known's, so the
+// comparison ends at the pointer.
+func (d *device) admitNames(msg *Message, max int) int {
 	kept, refused := msg.Metrics[:0], 0
 	for _, m := range msg.Metrics {
-		h := maphash.String(seed, m.Name)
 		known := false
-		for _, n := range d.names {
-			if n == h {
+		for _, n := range d.known.names {
+			if n == m.Name {
 				known = true
 				break
 			}
 		}
 		if !known {
-			if len(d.names) >= max {
+			if len(d.known.names) >= max {
 				refused++
 				continue
 			}
-			d.names = append(d.names, h)
+			d.known.names = append(d.known.names, m.Name)
 		}
 		kept = append(kept, m)
 	}

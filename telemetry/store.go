@@ -56,8 +56,6 @@ var (
 // committed before the seal or marked late — never neither, never both.
 const rawColumns = "device_id, at, names, vals, bssid, ssid, band, channel"
 
-var rawColumnList = strings.Split(rawColumns, ", ")
-
 // beginBatchSQL starts a batch transaction: no wait for the WAL flush
 // (telemetry is not spooled either, see Writer: a commit lost to a database
 // crash costs what the queue would lose) and the seal lock, shared.
@@ -113,8 +111,8 @@ func (s *Store) writeRaw(ctx context.Context, batch []Entry, checked bool) error
 			}
 		}
 		if len(fast) > 0 {
-			if _, err := tx.CopyFrom(ctx, pgx.Identifier{"telemetry_raw"}, rawColumnList, rawRows(fast)); err != nil {
-				return fmt.Errorf("copy telemetry: %w", err)
+			if err := copyRaw(ctx, tx, "telemetry_raw", fast); err != nil {
+				return err
 			}
 		}
 		if len(slow) == 0 {
@@ -123,43 +121,14 @@ func (s *Store) writeRaw(ctx context.Context, batch []Entry, checked bool) error
 		if _, err := tx.Exec(ctx, `CREATE TEMP TABLE IF NOT EXISTS telemetry_in (LIKE telemetry_raw INCLUDING DEFAULTS) ON COMMIT DELETE ROWS`); err != nil {
 			return fmt.Errorf("prepare telemetry copy: %w", err)
 		}
-		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"telemetry_in"}, rawColumnList, rawRows(slow)); err != nil {
-			return fmt.Errorf("copy telemetry: %w", err)
+		if err := copyRaw(ctx, tx, "telemetry_in", slow); err != nil {
+			return err
 		}
 		if _, err := tx.Exec(ctx, insertCheckedSQL, sealed); err != nil {
 			return fmt.Errorf("insert telemetry: %w", err)
 		}
 		return nil
 	})
-}
-
-// rawRows is the COPY source of a batch's rows (rawColumns).
-func rawRows(batch []Entry) pgx.CopyFromSource {
-	i := 0
-	return pgx.CopyFromFunc(func() ([]any, error) {
-		if i == len(batch) {
-			return nil, nil
-		}
-		e := &batch[i]
-		i++
-		names, vals := make([]string, len(e.Metrics)), make([]float64, len(e.Metrics))
-		for j, m := range e.Metrics {
-			names[j], vals[j] = m.Name, m.Value
-		}
-		var channel any
-		if e.Link.Channel != 0 {
-			channel = int16(e.Link.Channel)
-		}
-		return []any{e.DeviceID, e.At, names, vals, orNull(e.Link.BSSID), orNull(e.Link.SSID), orNull(e.Link.Band), channel}, nil
-	})
-}
-
-// orNull is s, or NULL when it is empty (a link field not reported).
-func orNull(s string) any {
-	if s == "" {
-		return nil
-	}
-	return s
 }
 
 // writeFailure says what a failed batch write means for its messages.

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"unicode"
@@ -98,7 +99,33 @@ var errMalformed = errors.New("message not kept")
 // error anywhere, nesting deeper than encoding/json allows) nothing is kept;
 // otherwise the message holds everything else: a known field with a bad value
 // (a bssid that is not a MAC address) or metrics past MaxMetrics are left out.
-func Parse(payload []byte) (Message, error) {
+func Parse(payload []byte) (Message, error) { return parse(payload, nil) }
+
+// known is what a device's messages repeat, kept once per device (Ingest):
+// the metric names it was admitted and its link's last BSSID and SSID. A
+// message of known names and link parses into one allocation, its metrics,
+// instead of one more for every name and link string; a device's
+// telemetry is mostly the same few names again and again.
+type known struct {
+	names       []string // admitted metric names (Ingest.MaxNames)
+	bssid, ssid string   // the last valid ones seen
+}
+
+// name returns the known name equal to key, or a copy of key.
+func (k *known) name(key []byte) string {
+	if k != nil {
+		for _, n := range k.names {
+			if n == string(key) {
+				return n
+			}
+		}
+	}
+	return string(key)
+}
+
+// parse is Parse; with k, strings already known to k are shared rather than
+// copied, and the link strings that are new are noted in k.
+func parse(payload []byte, k *known) (Message, error) {
 	var msg Message
 	if len(payload) > MaxPayload {
 		return msg, fmt.Errorf("%w: %d bytes; at most %d are read", errMalformed, len(payload), MaxPayload)
@@ -114,6 +141,10 @@ func Parse(payload []byte) (Message, error) {
 		return msg, fmt.Errorf("%w: not a JSON object: %s", errMalformed, excerpt(payload))
 	}
 	sc.i++
+	// The metrics are gathered on the stack and copied once, at their final
+	// length, rather than grown on the heap one append at a time.
+	var buf [MaxMetrics]Metric
+	metrics, appended := buf[:0], false
 	var refused []string
 	extra, more := 0, 0
 	refuse := func(err error) {
@@ -130,14 +161,23 @@ func Parse(payload []byte) (Message, error) {
 		}
 		switch string(key) {
 		case "bssid", "ssid", "band":
-			if err := msg.Link.set(string(key), raw); err != nil {
+			// The field's name as a constant: key itself would be copied
+			// to the heap, since set may name it in an error.
+			field := "bssid"
+			if string(key) != field {
+				field = "ssid"
+				if string(key) != field {
+					field = "band"
+				}
+			}
+			if err := msg.Link.set(field, raw, k); err != nil {
 				refuse(err)
 			}
 			continue
 		case "channel":
-			if err := msg.Link.set("channel", raw); err != nil {
+			if err := msg.Link.set("channel", raw, k); err != nil {
 				refuse(err)
-				msg.drop("channel")
+				metrics = drop(metrics, "channel")
 				continue // a channel that is not one is not a metric either
 			}
 		}
@@ -145,18 +185,21 @@ func Parse(payload []byte) (Message, error) {
 			continue
 		}
 		v, isNumber := number(raw)
-		i := msg.index(string(key))
+		i := index(metrics, string(key))
 		switch {
 		case i >= 0 && isNumber: // a repeated name: the last value counts
-			msg.Metrics[i].Value = v
+			metrics[i].Value = v
 		case i >= 0:
-			msg.drop(string(key))
+			metrics = drop(metrics, string(key))
 		case !isNumber:
-		case len(msg.Metrics) == MaxMetrics:
+		case len(metrics) == MaxMetrics:
 			extra++
 		default:
-			msg.Metrics = append(msg.Metrics, Metric{Name: string(key), Value: v})
+			metrics, appended = append(metrics, Metric{Name: k.name(key), Value: v}), true
 		}
+	}
+	if appended {
+		msg.Metrics = slices.Clone(metrics)
 	}
 	if more > 0 {
 		refused = append(refused, fmt.Sprintf("%d more fields refused", more))
@@ -261,15 +304,16 @@ func unquote(raw []byte) []byte {
 }
 
 // drop removes a metric.
-func (m *Message) drop(name string) {
-	if i := m.index(name); i >= 0 {
-		m.Metrics = append(m.Metrics[:i], m.Metrics[i+1:]...)
+func drop(metrics []Metric, name string) []Metric {
+	if i := index(metrics, name); i >= 0 {
+		return append(metrics[:i], metrics[i+1:]...)
 	}
+	return metrics
 }
 
-func (m *Message) index(name string) int {
-	for i := range m.Metrics {
-		if m.Metrics[i].Name == name {
+func index(metrics []Metric, name string) int {
+	for i := range metrics {
+		if metrics[i].Name == name {
 			return i
 		}
 	}
@@ -281,6 +325,24 @@ func number(raw []byte) (float64, bool) {
 	if len(raw) == 0 || !(raw[0] == '-' || raw[0] >= '0' && raw[0] <= '9') {
 		return 0, false
 	}
+	// Most metrics are whole numbers (RSSI, uptime, counters): up to 15
+	// digits they are exact in a float64, so they are read here, without
+	// strconv. json.Valid has checked the syntax (no leading zeros).
+	neg, digits := raw[0] == '-', raw
+	if neg {
+		digits = raw[1:]
+	}
+	if len(digits) <= 15 && allDigits(digits) {
+		var u uint64
+		for _, c := range digits {
+			u = u*10 + uint64(c-'0')
+		}
+		v := float64(u)
+		if neg {
+			v = -v // -0 stays -0, as strconv reads it
+		}
+		return v, true
+	}
 	v, err := strconv.ParseFloat(string(raw), 64)
 	if err != nil || math.IsInf(v, 0) || math.IsNaN(v) {
 		return 0, false
@@ -288,8 +350,20 @@ func number(raw []byte) (float64, bool) {
 	return v, true
 }
 
+// allDigits reports whether b is one or more ASCII digits.
+func allDigits(b []byte) bool {
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return len(b) > 0
+}
+
 // set checks and keeps one known link field; a null leaves it unreported.
-func (l *Link) set(key string, raw []byte) error {
+// The strings equal to k's are k's (see known); new valid ones are noted in
+// k.
+func (l *Link) set(key string, raw []byte, k *known) error {
 	if string(raw) == "null" {
 		return nil
 	}
@@ -304,47 +378,69 @@ func (l *Link) set(key string, raw []byte) error {
 	if raw[0] != '"' {
 		return fmt.Errorf("%s %s is not a string", key, excerpt(raw))
 	}
-	s := string(unquote(raw))
+	b := unquote(raw)
 	switch key {
 	case "bssid":
-		mac, ok := parseMAC(s)
-		if !ok {
-			return fmt.Errorf("bssid %s is not a MAC address (aa:bb:cc:dd:ee:ff)", excerpt(s))
+		var mac [17]byte
+		if !parseMAC(b, &mac) {
+			return fmt.Errorf("bssid %s is not a MAC address (aa:bb:cc:dd:ee:ff)", excerpt(b))
 		}
-		l.BSSID = mac
+		switch {
+		case k == nil:
+			l.BSSID = string(mac[:])
+		case k.bssid == string(mac[:]):
+			l.BSSID = k.bssid
+		default:
+			l.BSSID = string(mac[:])
+			k.bssid = l.BSSID
+		}
 	case "ssid":
+		if k != nil && k.ssid != "" && k.ssid == string(b) {
+			l.SSID = k.ssid // checked when it was first seen
+			return nil
+		}
+		s := string(b)
 		if err := checkSSID(s); err != nil {
 			return err
 		}
 		l.SSID = s
-	case "band":
-		if s != "2.4" && s != "5" && s != "6" {
-			return fmt.Errorf("band %s is not 2.4, 5 or 6", excerpt(s))
+		if k != nil {
+			k.ssid = s
 		}
-		l.Band = s
+	case "band":
+		switch string(b) {
+		case "2.4":
+			l.Band = "2.4"
+		case "5":
+			l.Band = "5"
+		case "6":
+			l.Band = "6"
+		default:
+			return fmt.Errorf("band %s is not 2.4, 5 or 6", excerpt(b))
+		}
 	}
 	return nil
 }
 
-// parseMAC accepts six hexadecimal pairs separated by colons and returns them
-// in lower case.
-func parseMAC(s string) (string, bool) {
+// parseMAC accepts six hexadecimal pairs separated by colons and writes them
+// to mac in lower case.
+func parseMAC(s []byte, mac *[17]byte) bool {
 	if len(s) != 17 {
-		return "", false
+		return false
 	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
+	for i, c := range s {
 		if i%3 == 2 {
 			if c != ':' {
-				return "", false
+				return false
 			}
-			continue
+		} else if c >= 'A' && c <= 'F' {
+			c += 'a' - 'A'
+		} else if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
 		}
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
-			return "", false
-		}
+		mac[i] = c
 	}
-	return strings.ToLower(s), true
+	return true
 }
 
 // checkSSID refuses an SSID that cannot be shown and stored as it is:

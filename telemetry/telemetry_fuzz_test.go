@@ -50,7 +50,7 @@ func FuzzParseTelemetry(f *testing.F) {
 		}
 		l := msg.Link
 		if l.BSSID != "" {
-			if mac, ok := parseMAC(l.BSSID); !ok || mac != l.BSSID {
+			if mac := [17]byte{}; !parseMAC([]byte(l.BSSID), &mac) || string(mac[:]) != l.BSSID {
 				t.Fatalf("kept bssid %q", l.BSSID)
 			}
 		}

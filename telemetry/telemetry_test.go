@@ -3,8 +3,11 @@ package telemetry
 import (
 	"errors"
 	"fmt"
+	"math"
+	"strconv"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -106,5 +109,47 @@ func TestParse(t *testing.T) {
 				t.Errorf("error %v marks the message malformed", err)
 			}
 		})
+	}
+}
+
+// TestNumber: the whole numbers read without strconv are read as strconv
+// reads them, signed zero included; the others go to strconv.
+func TestNumber(t *testing.T) {
+	for _, raw := range []string{"0", "-0", "7", "-67", "3600", "999999999999999", "-999999999999999",
+		"9999999999999999", "12345678901234567890", "1.5", "-0.0", "1e3", "1E-2", "-1e400", "2.5e-324"} {
+		want, err := strconv.ParseFloat(raw, 64)
+		wantOK := err == nil && !math.IsInf(want, 0)
+		got, ok := number([]byte(raw))
+		if ok != wantOK || (ok && (got != want || math.Signbit(got) != math.Signbit(want))) {
+			t.Errorf("number(%s) = %v, %v; want %v, %v", raw, got, ok, want, wantOK)
+		}
+	}
+}
+
+// TestParseShares: a device's known names and link strings are shared by
+// the messages that repeat them, and new link strings become known.
+func TestParseShares(t *testing.T) {
+	k := &known{names: []string{"rssi_dbm"}}
+	payload := `{"rssi_dbm":-60,"uptime_s":1,"bssid":"AA:BB:CC:DD:EE:FF","ssid":"shop","band":"5"}`
+	msg, err := parse([]byte(payload), k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Message{Metrics: []Metric{{"rssi_dbm", -60}, {"uptime_s", 1}}, Link: Link{BSSID: "aa:bb:cc:dd:ee:ff", SSID: "shop", Band: "5"}}
+	if diff := cmp.Diff(want, msg); diff != "" {
+		t.Fatalf("message mismatch (-want +got):\n%s", diff)
+	}
+	if unsafe.StringData(msg.Metrics[0].Name) != unsafe.StringData(k.names[0]) {
+		t.Error("known metric name copied, not shared")
+	}
+	if k.bssid != "aa:bb:cc:dd:ee:ff" || k.ssid != "shop" {
+		t.Errorf("known link %q %q; want the message's", k.bssid, k.ssid)
+	}
+	again, _ := parse([]byte(payload), k)
+	if unsafe.StringData(again.Link.BSSID) != unsafe.StringData(k.bssid) || unsafe.StringData(again.Link.SSID) != unsafe.StringData(k.ssid) {
+		t.Error("known link strings copied, not shared")
+	}
+	if _, err := parse([]byte(`{"ssid":"bad\u0007"}`), k); err == nil || k.ssid != "shop" {
+		t.Errorf("refused ssid: %v, known %q; want an error and the known one kept", err, k.ssid)
 	}
 }
