@@ -27,7 +27,7 @@ import (
 type listener struct {
 	id             string
 	ln             net.Listener
-	tlsConfig      *tls.Config // TLS listener
+	tlsConfig      *tls.Config // TLS listener: serverTLSConfig, shared by its connections
 	ws             bool        // WebSocket listener
 	connectTimeout time.Duration
 	maxPacket      int
