@@ -107,7 +107,7 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 	if l.tlsConfig != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), l.connectTimeout)
 		var failure *handshakeFailure
-		tc, failure = serverHandshake(ctx, raw, l.tlsConfig)
+		tc, failure = handshake(ctx, raw, l.tlsConfig)
 		cancel()
 		if failure != nil {
 			l.m.tlsFailures.WithLabelValues(failure.Class).Inc()

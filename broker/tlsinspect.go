@@ -187,3 +187,23 @@ func classifyHandshake(err, verifyErr error, presented bool, ctxErr error) strin
 	}
 	return "bad_certificate"
 }
+
+// handshake runs serverHandshake on a goroutine of its own and waits for it.
+// The connection's goroutine goes on to be mochi's reader, parked for the
+// connection's life; a handshake run on it (key exchange, signatures,
+// certificate checks: deep frames) would leave it a stack that Go does not
+// shrink while the parked reader uses more than a quarter of it. A goroutine
+// that ends gives its stack back.
+func handshake(ctx context.Context, raw net.Conn, cfg *tls.Config) (*tls.Conn, *handshakeFailure) {
+	type result struct {
+		tc *tls.Conn
+		f  *handshakeFailure
+	}
+	done := make(chan result, 1)
+	go func() {
+		tc, f := serverHandshake(ctx, raw, cfg)
+		done <- result{tc, f}
+	}()
+	r := <-done
+	return r.tc, r.f
+}

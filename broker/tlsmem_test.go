@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"testing"
 	"time"
@@ -192,4 +193,100 @@ func TestTLSMemoryClients(t *testing.T) {
 	for _, c := range conns {
 		c.Close()
 	}
+}
+
+// TestTLSStackPerConnection: the goroutine that handshakes a TLS connection
+// goes on to be mochi's reader and parks for the connection's life, so it
+// must not keep the stack the handshake grew: Go shrinks a stack at GC only
+// while under a quarter of it is in use, and mochi's parked reader uses more
+// than a quarter of 32 KiB with TLS. Measured with the GC off (so nothing
+// shrinks) as the stack in use per connection whose goroutine handshook, as
+// listener.handle does, and then parked in Read.
+func TestTLSStackPerConnection(t *testing.T) {
+	if testing.Short() {
+		t.Skip("handshakes a few hundred TLS connections")
+	}
+	const n = 300
+	// The handshake on the reader's own goroutine left 32 KiB; a parked TLS
+	// reader needs less than 8.
+	const maxStack = 12 << 10
+	dir := t.TempDir()
+	ca, err := devcert.NewCA("devices")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.WriteCA(dir + "/ca.pem"); err != nil {
+		t.Fatal(err)
+	}
+	srv, _ := ca.Server(devcert.Options{IPs: []net.IP{net.ParseIP("127.0.0.1")}})
+	dev, _ := ca.Device("mem-dev", devcert.Options{})
+	if _, _, err := devcert.WritePair(dir, "device", dev); err != nil {
+		t.Fatal(err)
+	}
+	cfg := serverTLSConfig(&tls.Config{Certificates: []tls.Certificate{srv}, MinVersion: tls.VersionTLS12,
+		ClientCAs: ca.Pool(), ClientAuth: tls.RequireAndVerifyClientCert})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestTLSMemoryClients$")
+	cmd.Env = append(os.Environ(), envProbeAddr+"="+ln.Addr().String(), envProbeN+"="+strconv.Itoa(n), envProbeDir+"="+dir)
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	cmd.Stderr = os.Stderr
+	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	before := stackInuse()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		stdin.Close()
+		_ = cmd.Wait()
+	}()
+	read := make(chan error, n)
+	var conns []net.Conn
+	for range n {
+		raw, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, raw)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			tc, f := handshake(ctx, raw, cfg)
+			cancel()
+			if f != nil {
+				read <- fmt.Errorf("%s", f.Detail())
+				return
+			}
+			buf := make([]byte, 2)
+			_, err := io.ReadFull(tc, buf)
+			read <- err
+			_, _ = tc.Read(buf) // parks until the client process ends
+		}()
+	}
+	for range n {
+		if err := <-read; err != nil {
+			t.Fatal(err)
+		}
+	}
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil || line != "held\n" {
+		t.Fatalf("client process: %q %v", line, err)
+	}
+	per := (stackInuse() - before) / n
+	t.Logf("stack per parked mTLS reader: %d B", per)
+	if per > maxStack {
+		t.Errorf("stack per parked TLS reader %d B, want at most %d", per, maxStack)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+}
+
+func stackInuse() int64 {
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.StackInuse)
 }
