@@ -451,6 +451,7 @@ YAML
   while kill -0 "$sim_pid" 2>/dev/null; do
     sleep 2
     f=$(rss_kib "$fleetd_pid" 2>/dev/null || echo 0); s=$(rss_kib "$sim_pid" 2>/dev/null || echo 0)
+    f=${f:-0}; s=${s:-0} # a process that has just exited has no VmRSS
     [ "$f" -gt "$peak_f" ] && peak_f=$f
     [ "$s" -gt "$peak_s" ] && peak_s=$s
     online=$(curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^fleetd_mqtt_sessions /{print $2}')
