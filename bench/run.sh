@@ -2,9 +2,11 @@
 # Benchmarks, one command each: bench/run.sh NAME [ARGS]. Results are appended
 # to bench/RESULTS.md with the machine, the date and the command.
 #
-#   bench/run.sh idle-connections [DEVICES] [SECONDS]   (alias: fleetsim-scale)
+#   bench/run.sh idle-connections [DEVICES] [SECONDS] [tcp|tls|mtls]   (alias: fleetsim-scale)
 #       fleetd (embedded PostgreSQL) and Mosquitto, in turn, each holding DEVICES idle devices
-#       played by one fleetsim (keepalive 300 s); RSS per connection of both brokers.
+#       played by one fleetsim (keepalive 300 s) over plain TCP (default), TLS (token in CONNECT)
+#       or mTLS (a client certificate per device, Mosquitto with require_certificate): RSS per
+#       connection of both brokers, and fleetd's Go stacks, heap in use and goroutines per device.
 #   bench/run.sh connect-rate [SECONDS]
 #       CONNECT -> CONNACK -> DISCONNECT as fast as admitted: fleetd with token authentication
 #       (every connect event committed in PostgreSQL) against Mosquitto (anonymous).
@@ -129,11 +131,13 @@ start_fleetd() {
 
 stop_fleetd() { kill -TERM "$fleetd_pid"; wait "$fleetd_pid" || true; fleetd_pid=; }
 
+# start_mosquitto [LISTENER_OPTIONS]: the peer; the options (e.g. cafile,
+# certfile, keyfile lines) go with its listener.
 start_mosquitto() {
   local mosq
   mosq=$(command -v mosquitto || { [ -x /usr/sbin/mosquitto ] && echo /usr/sbin/mosquitto; }) ||
     { echo "mosquitto (the peer broker) is not installed: apt-get install mosquitto"; exit 1; }
-  printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_connections -1\nmax_queued_messages 100\npersistence false\nlog_type none\n' "$MOSQ_PORT" >"$work/mosquitto.conf"
+  printf 'listener %s 127.0.0.1\n%s\nallow_anonymous true\nmax_connections -1\nmax_queued_messages 100\npersistence false\nlog_type none\n' "$MOSQ_PORT" "${1:-}" >"$work/mosquitto.conf"
   "$mosq" -c "$work/mosquitto.conf" 2>"$work/mosquitto.log" &
   mosq_pid=$!
   for _ in $(seq 50); do
@@ -389,16 +393,56 @@ event-ingest)
   } | tee -a "$results"
   ;;
 idle-connections|fleetsim-scale)
-  devices=${1:-15000}
-  seconds=${2:-60}
+  # The transport may be given anywhere among the arguments: tcp (default), tls or mtls.
+  transport=tcp; nums=()
+  for a in "$@"; do case "$a" in tcp|tls|mtls) transport=$a ;; *) nums+=("$a") ;; esac; done
+  devices=${nums[0]:-15000}
+  seconds=${nums[1]:-60}
   $smoke && devices=50 && seconds=6
-  start_fleetd
+  TLS_PORT=$(free_port)
+  fleetd_env=(); fleetd_url="tcp://127.0.0.1:$MQTT_PORT"; sim_tls=""; sim_ca=""; creds=""; mosq_tls=""
+  case "$transport" in
+  tcp) what="plain TCP" ;;
+  tls | mtls)
+    # A device CA and a server certificate for 127.0.0.1, the same files for both brokers.
+    "$bin/fleetsim" certs -dir "$work/certs" >/dev/null
+    chmod 644 "$work/certs/server.key" # Mosquitto reads it after dropping root for its own user
+    fleetd_env=(FLEETD_MQTT_TLS_ADDR=127.0.0.1:$TLS_PORT FLEETD_TLS_CERT_FILE="$work/certs/server.crt" FLEETD_TLS_KEY_FILE="$work/certs/server.key")
+    fleetd_url="tls://127.0.0.1:$TLS_PORT"
+    sim_tls=", ca_file: \"$work/certs/device-ca.crt\""
+    mosq_tls=$(printf 'cafile %s\ncertfile %s\nkeyfile %s\n' "$work/certs/device-ca.crt" "$work/certs/server.crt" "$work/certs/server.key")
+    what="TLS (token in CONNECT)"
+    if [ "$transport" = mtls ]; then
+      fleetd_env+=(FLEETD_TLS_CLIENT_CA_FILE="$work/certs/device-ca.crt")
+      creds=", credentials: cert"
+      sim_ca="tls: {device_ca_cert: \"$work/certs/device-ca.crt\", device_ca_key: \"$work/certs/device-ca.key\"}"
+      mosq_tls=$(printf '%s\nrequire_certificate true\n' "$mosq_tls")
+      what="mTLS (a client certificate per device, no token)"
+    fi ;;
+  esac
+  start_fleetd "${fleetd_env[@]}"
+  if [ "$transport" = mtls ]; then
+    # Certificate devices are not registered by fleetsim: fleetd admits a
+    # certificate whose CN is a registered device.
+    psql -qX "host=$work/data/postgres/run port=5432 user=fleetd dbname=fleetd" -c \
+      "INSERT INTO devices (id, model, firmware) SELECT 'idle-' || g, 'gw-100', '1.2.0' FROM generate_series(0, $((devices - 1))) AS g ON CONFLICT (id) DO NOTHING" >/dev/null
+  fi
   base_rss=$(rss_kib "$fleetd_pid")
+  # go_stats: fleetd's Go stack bytes in use, heap bytes in use and goroutines.
+  go_stats() {
+    curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^go_memstats_stack_inuse_bytes /{s=$2} /^go_memstats_heap_inuse_bytes /{h=$2} /^go_goroutines /{g=$2}
+      END {printf "%.0f %.0f %.0f\n", s, h, g}'
+  }
+  read -r base_stack base_heap base_gr < <(go_stats)
+  register=true; [ "$transport" = mtls ] && register=false
+  # Two cores handshake TLS for both fleetsim and the broker: at 2 000/s devices time out.
+  ramp=2000; [ "$transport" != tcp ] && ramp=500
   cat >"$work/fleet.yaml" <<YAML
-server: {mqtt: "tcp://127.0.0.1:$MQTT_PORT", api: "http://127.0.0.1:$HTTP_PORT", admin_token_file: "$work/data/admin-token"}
-run: {duration: ${seconds}s, ramp: 2000, register: true, progress: 5s, source_addrs: [127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4]}
+server: {mqtt: "$fleetd_url", api: "http://127.0.0.1:$HTTP_PORT", admin_token_file: "$work/data/admin-token"$sim_tls}
+$sim_ca
+run: {duration: ${seconds}s, ramp: $ramp, register: $register, progress: 5s, source_addrs: [127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4]}
 cohorts:
-  - {name: idle, count: $devices, model: gw-100, firmware: 1.2.0, keepalive: 300s}
+  - {name: idle, count: $devices, model: gw-100, firmware: 1.2.0, keepalive: 300s$creds}
 YAML
   "$bin/fleetsim" run -f "$work/fleet.yaml" -summary "$work/summary.json" >/dev/null 2>"$work/fleetsim.err" &
   sim_pid=$!
@@ -407,10 +451,14 @@ YAML
   while kill -0 "$sim_pid" 2>/dev/null; do
     sleep 2
     f=$(rss_kib "$fleetd_pid" 2>/dev/null || echo 0); s=$(rss_kib "$sim_pid" 2>/dev/null || echo 0)
+    f=${f:-0}; s=${s:-0} # a process that has just exited has no VmRSS
     [ "$f" -gt "$peak_f" ] && peak_f=$f
     [ "$s" -gt "$peak_s" ] && peak_s=$s
     online=$(curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^fleetd_mqtt_sessions /{print $2}')
     online=${online:-0}
+    if [ "$online" -gt 0 ] && [ "$online" -ge "$peak_online" ]; then
+      read -r held_stack held_heap held_gr < <(go_stats); held_n=$online
+    fi
     [ "$online" -gt "$peak_online" ] && peak_online=$online
     [ "$online" = "$devices" ] && held_f=$f && held_s=$s
   done
@@ -418,20 +466,35 @@ YAML
   summary=$(cat "$work/summary.json" 2>/dev/null || echo '{}')
   per_f=$(( (${held_f:-$peak_f} - base_rss) * 1024 / devices ))
   per_s=$(( ${held_s:-$peak_s} * 1024 / devices ))
+  if [ -n "${held_stack:-}" ]; then
+    # Per device online when sampled: all of them, unless the fleet never fully connected.
+    go_per=$(awk -v d="$held_n" -v s0="$base_stack" -v s1="$held_stack" -v h0="$base_heap" -v h1="$held_heap" -v g0="$base_gr" -v g1="$held_gr" \
+      'BEGIN {printf "stacks %.0f B, heap in use %.0f B, %.2f goroutines per device (stacks %.1f → %.1f MiB, heap in use %.1f → %.1f MiB, goroutines %d → %d, before the fleet → holding it)",
+        (s1-s0)/d, (h1-h0)/d, (g1-g0)/d, s0/1048576, s1/1048576, h0/1048576, h1/1048576, g0, g1}')
+    [ "$held_n" != "$devices" ] && go_per="$go_per, sampled with $held_n of $devices online"
+  else
+    go_per="not sampled: no device connected"
+  fi
   stop_fleetd
-  # The peer: Mosquitto holding the same fleet (anonymous; the tokens are ignored).
-  start_mosquitto
+  # The peer: Mosquitto holding the same fleet over the same transport (anonymous; the tokens are ignored).
+  start_mosquitto "$mosq_tls"
   mbase=$(rss_kib "$mosq_pid")
-  echo "{" >"$work/tokens.json"
-  for i in $(seq 0 $((devices - 1))); do [ "$i" -gt 0 ] && echo "," >>"$work/tokens.json"; printf '"idle-%s":"x"' "$i" >>"$work/tokens.json"; done
-  echo "}" >>"$work/tokens.json"
+  mosq_url="tcp://127.0.0.1:$MOSQ_PORT"; [ "$transport" != tcp ] && mosq_url="tls://127.0.0.1:$MOSQ_PORT"
+  tokens=""
+  if [ "$transport" != mtls ]; then
+    echo "{" >"$work/tokens.json"
+    for i in $(seq 0 $((devices - 1))); do [ "$i" -gt 0 ] && echo "," >>"$work/tokens.json"; printf '"idle-%s":"x"' "$i" >>"$work/tokens.json"; done
+    echo "}" >>"$work/tokens.json"
+    tokens=", tokens_file: \"$work/tokens.json\""
+  fi
   cat >"$work/fleet-mosq.yaml" <<YAML
-server: {mqtt: "tcp://127.0.0.1:$MOSQ_PORT"}
-run: {duration: ${seconds}s, ramp: 2000, tokens_file: "$work/tokens.json", source_addrs: [127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4]}
+server: {mqtt: "$mosq_url"$sim_tls}
+$sim_ca
+run: {duration: ${seconds}s, ramp: $ramp$tokens, source_addrs: [127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4]}
 cohorts:
-  - {name: idle, count: $devices, model: gw-100, firmware: 1.2.0, keepalive: 300s}
+  - {name: idle, count: $devices, model: gw-100, firmware: 1.2.0, keepalive: 300s$creds}
 YAML
-  "$bin/fleetsim" run -f "$work/fleet-mosq.yaml" >/dev/null 2>"$work/fleetsim-mosq.err" &
+  "$bin/fleetsim" run -f "$work/fleet-mosq.yaml" -summary "$work/summary-mosq.json" >/dev/null 2>"$work/fleetsim-mosq.err" &
   sim_pid=$!
   mpeak=0
   while kill -0 "$sim_pid" 2>/dev/null; do
@@ -440,15 +503,18 @@ YAML
     [ "$m" -gt "$mpeak" ] && mpeak=$m
   done
   wait "$sim_pid" || true
+  msummary=$(cat "$work/summary-mosq.json" 2>/dev/null || echo '{}')
   per_m=$(( (mpeak - mbase) * 1024 / devices ))
   stop_mosquitto
   {
-    header "idle-connections: $devices devices held for ${seconds}s"
+    header "idle-connections: $devices devices over $what held for ${seconds}s"
     echo "- fleetd sessions, peak: $peak_online / $devices"
     echo "- fleetd RSS: ${base_rss} KiB idle, ${held_f:-$peak_f} KiB holding the fleet → $per_f bytes per connection"
-    echo "- mosquitto 2.0 (peer) RSS: ${mbase} KiB idle, ${mpeak} KiB holding the fleet → $per_m bytes per connection"
+    echo "- fleetd Go runtime, per device: $go_per"
+    echo "- mosquitto 2.0 (peer, same transport) RSS: ${mbase} KiB idle, ${mpeak} KiB holding the fleet → $per_m bytes per connection"
     echo "- fleetsim RSS: ${held_s:-$peak_s} KiB → $per_s bytes per simulated device (paho clients)"
     echo "- fleetsim summary: \`$(echo "$summary" | tr -d '\n ' )\`"
+    echo "- fleetsim summary against mosquitto: \`$(echo "$msummary" | tr -d '\n ' )\`"
     echo "- target: >= 200 000 connections (this machine: hard open-files limit $(ulimit -Hn) per process), <= 8 KiB per connection"
   } | tee -a "$results"
   ;;

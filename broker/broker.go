@@ -228,6 +228,7 @@ func New(cfg Config, reg Registry, events EventSink, logger *slog.Logger, regist
 		if tlsCfg, err = loadTLS(cfg); err != nil {
 			return nil, err
 		}
+		tlsCfg = serverTLSConfig(tlsCfg) // one for the listener, shared by its connections
 	}
 	for _, spec := range []struct {
 		id, addr, setting string

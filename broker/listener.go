@@ -27,7 +27,7 @@ import (
 type listener struct {
 	id             string
 	ln             net.Listener
-	tlsConfig      *tls.Config // TLS listener
+	tlsConfig      *tls.Config // TLS listener: serverTLSConfig, shared by its connections
 	ws             bool        // WebSocket listener
 	connectTimeout time.Duration
 	maxPacket      int
@@ -131,7 +131,7 @@ func (l *listener) open(raw net.Conn) (w *wireConn, release func()) {
 	if l.tlsConfig != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), l.connectTimeout)
 		var failure *handshakeFailure
-		tc, failure = serverHandshake(ctx, raw, l.tlsConfig)
+		tc, failure = handshake(ctx, raw, l.tlsConfig)
 		cancel()
 		if failure != nil {
 			l.m.tlsFailures.WithLabelValues(failure.Class).Inc()
