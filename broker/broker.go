@@ -172,6 +172,7 @@ type Broker struct {
 	onSubscribe map[string][]func(deviceID string) // topic suffix → callbacks
 	onBirth     []func(deviceID, firmware, model string)
 	lastEpoch   atomic.Int64
+	established atomic.Int64 // sessions established since start (settle.go)
 
 	closeOnce sync.Once
 	started   atomic.Bool   // Start launched the last-seen flusher, which closes done
@@ -302,6 +303,7 @@ func (b *Broker) Start() error {
 	go b.flushLastSeenLoop()
 	go b.limits.pruneLoop(b.stop)
 	go b.refusals.loop(b.stop)
+	go b.settleLoop()
 	return nil
 }
 

@@ -288,6 +288,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 		s.wire.releaseConnectLock()
 	}
 	b.m.connects.WithLabelValues("ok").Inc()
+	b.established.Add(1)
 	now := time.Now()
 	b.events.Record(fleet.Event{ID: fleet.NewEventID(now), DeviceID: s.deviceID, At: now, Kind: fleet.KindConnect,
 		Firmware: s.firmware, Model: s.model, SessionEpoch: s.epoch, ProtocolVersion: fleet.Protocol(cl.Properties.ProtocolVersion),
