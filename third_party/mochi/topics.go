@@ -252,9 +252,26 @@ func (s *InlineSubscriptions) Delete(id int) {
 }
 
 // Subscriptions is a map of subscriptions keyed on client.
+//
+// A topic's particle usually has one subscriber and a device a handful of
+// subscriptions, and a map of packets.Subscription values takes a whole
+// group of eight slots (~700 bytes) however few it holds: up to
+// fewSubscriptions entries are kept in a slice instead, and a map is made
+// only when there are more.
 type Subscriptions struct {
-	internal map[string]packets.Subscription
+	internal map[string]packets.Subscription // more than fewSubscriptions
+	few      []keyedSubscription             // fewSubscriptions or fewer, while internal is nil
 	sync.RWMutex
+}
+
+// fewSubscriptions is the most a Subscriptions keeps in its slice: beyond,
+// a map's lookups are cheaper than a scan.
+const fewSubscriptions = 8
+
+// keyedSubscription is a subscription with its client or filter id.
+type keyedSubscription struct {
+	id  string
+	sub packets.Subscription
 }
 
 // NewSubscriptions returns a new instance of Subscriptions.
@@ -267,19 +284,38 @@ func NewSubscriptions() *Subscriptions {
 func (s *Subscriptions) Add(id string, val packets.Subscription) {
 	s.Lock()
 	defer s.Unlock()
-	if s.internal == nil {
-		s.internal = map[string]packets.Subscription{}
+	if s.internal != nil {
+		s.internal[id] = val
+		return
+	}
+	for i := range s.few {
+		if s.few[i].id == id {
+			s.few[i].sub = val
+			return
+		}
+	}
+	if len(s.few) < fewSubscriptions {
+		s.few = append(s.few, keyedSubscription{id: id, sub: val})
+		return
+	}
+	s.internal = make(map[string]packets.Subscription, len(s.few)+1)
+	for _, k := range s.few {
+		s.internal[k.id] = k.sub
 	}
 	s.internal[id] = val
+	s.few = nil
 }
 
 // GetAll returns all subscriptions.
 func (s *Subscriptions) GetAll() map[string]packets.Subscription {
 	s.RLock()
 	defer s.RUnlock()
-	m := map[string]packets.Subscription{}
+	m := make(map[string]packets.Subscription, len(s.internal)+len(s.few))
 	for k, v := range s.internal {
 		m[k] = v
+	}
+	for _, k := range s.few {
+		m[k.id] = k.sub
 	}
 	return m
 }
@@ -288,16 +324,23 @@ func (s *Subscriptions) GetAll() map[string]packets.Subscription {
 func (s *Subscriptions) Get(id string) (val packets.Subscription, ok bool) {
 	s.RLock()
 	defer s.RUnlock()
-	val, ok = s.internal[id]
-	return val, ok
+	if s.internal != nil {
+		val, ok = s.internal[id]
+		return val, ok
+	}
+	for _, k := range s.few {
+		if k.id == id {
+			return k.sub, true
+		}
+	}
+	return val, false
 }
 
 // Len returns the number of subscriptions.
 func (s *Subscriptions) Len() int {
 	s.RLock()
 	defer s.RUnlock()
-	val := len(s.internal)
-	return val
+	return len(s.internal) + len(s.few)
 }
 
 // Delete removes a subscription by client or filter id.
@@ -305,6 +348,18 @@ func (s *Subscriptions) Delete(id string) {
 	s.Lock()
 	defer s.Unlock()
 	delete(s.internal, id)
+	for i := range s.few {
+		if s.few[i].id == id {
+			last := len(s.few) - 1
+			s.few[i] = s.few[last]
+			s.few[last] = keyedSubscription{}
+			s.few = s.few[:last]
+			if last == 0 {
+				s.few = nil
+			}
+			return
+		}
+	}
 }
 
 // ClientSubscriptions is a map of aggregated subscriptions for a client.

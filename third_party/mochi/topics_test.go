@@ -108,15 +108,15 @@ func TestNewSubscriptions(t *testing.T) {
 func TestSubscriptionsAdd(t *testing.T) {
 	s := NewSubscriptions()
 	s.Add("cl1", packets.Subscription{})
-	require.Contains(t, s.internal, "cl1")
+	require.Contains(t, s.GetAll(), "cl1")
 }
 
 func TestSubscriptionsGet(t *testing.T) {
 	s := NewSubscriptions()
 	s.Add("cl1", packets.Subscription{Qos: 2})
 	s.Add("cl2", packets.Subscription{Qos: 2})
-	require.Contains(t, s.internal, "cl1")
-	require.Contains(t, s.internal, "cl2")
+	require.Contains(t, s.GetAll(), "cl1")
+	require.Contains(t, s.GetAll(), "cl2")
 
 	sub, ok := s.Get("cl1")
 	require.True(t, ok)
@@ -128,9 +128,9 @@ func TestSubscriptionsGetAll(t *testing.T) {
 	s.Add("cl1", packets.Subscription{Qos: 0})
 	s.Add("cl2", packets.Subscription{Qos: 1})
 	s.Add("cl3", packets.Subscription{Qos: 2})
-	require.Contains(t, s.internal, "cl1")
-	require.Contains(t, s.internal, "cl2")
-	require.Contains(t, s.internal, "cl3")
+	require.Contains(t, s.GetAll(), "cl1")
+	require.Contains(t, s.GetAll(), "cl2")
+	require.Contains(t, s.GetAll(), "cl3")
 
 	subs := s.GetAll()
 	require.Len(t, subs, 3)
@@ -140,19 +140,60 @@ func TestSubscriptionsLen(t *testing.T) {
 	s := NewSubscriptions()
 	s.Add("cl1", packets.Subscription{Qos: 0})
 	s.Add("cl2", packets.Subscription{Qos: 1})
-	require.Contains(t, s.internal, "cl1")
-	require.Contains(t, s.internal, "cl2")
+	require.Contains(t, s.GetAll(), "cl1")
+	require.Contains(t, s.GetAll(), "cl2")
 	require.Equal(t, 2, s.Len())
 }
 
 func TestSubscriptionsDelete(t *testing.T) {
 	s := NewSubscriptions()
 	s.Add("cl1", packets.Subscription{Qos: 1})
-	require.Contains(t, s.internal, "cl1")
+	require.Contains(t, s.GetAll(), "cl1")
 
 	s.Delete("cl1")
 	_, ok := s.Get("cl1")
 	require.False(t, ok)
+}
+
+// TestSubscriptionsFewThenMany goes from the slice to the map and back
+// through every method.
+func TestSubscriptionsFewThenMany(t *testing.T) {
+	s := NewSubscriptions()
+	for i := 0; i < fewSubscriptions; i++ {
+		s.Add(fmt.Sprintf("cl%d", i), packets.Subscription{Qos: 0})
+	}
+	require.Nil(t, s.internal)
+	s.Add("cl0", packets.Subscription{Qos: 2}) // a replacement, not one more
+	require.Equal(t, fewSubscriptions, s.Len())
+	require.Nil(t, s.internal)
+	sub, ok := s.Get("cl0")
+	require.True(t, ok)
+	require.Equal(t, byte(2), sub.Qos)
+
+	s.Add("more", packets.Subscription{Qos: 1})
+	require.NotNil(t, s.internal)
+	require.Nil(t, s.few)
+	require.Equal(t, fewSubscriptions+1, s.Len())
+	require.Len(t, s.GetAll(), fewSubscriptions+1)
+	sub, ok = s.Get("cl0")
+	require.True(t, ok)
+	require.Equal(t, byte(2), sub.Qos)
+
+	s.Delete("more")
+	_, ok = s.Get("more")
+	require.False(t, ok)
+	require.Equal(t, fewSubscriptions, s.Len())
+
+	f := NewSubscriptions()
+	f.Add("a", packets.Subscription{Qos: 1})
+	f.Add("b", packets.Subscription{Qos: 2})
+	f.Delete("a")
+	sub, ok = f.Get("b")
+	require.True(t, ok)
+	require.Equal(t, byte(2), sub.Qos)
+	f.Delete("b")
+	require.Equal(t, 0, f.Len())
+	require.Nil(t, f.few)
 }
 
 func TestNewTopicsIndex(t *testing.T) {
