@@ -25,7 +25,7 @@ func TestParseConfig(t *testing.T) {
 
 	defaults := Config{HTTPAddr: ":8080", MQTTAddr: ":1883", DataDir: "./fleetd-data", LogLevel: slog.LevelInfo,
 		LogFormat: "json", ShutdownTimeout: 20 * time.Second, Node: host,
-		MQTTMaxPacket: 256 << 10, ConnectTimeout: 10 * time.Second, ConnectRate: 5000, ConnectBurst: 1000,
+		MQTTMaxPacket: 256 << 10, GCPercent: 25, ConnectTimeout: 10 * time.Second, ConnectRate: 5000, ConnectBurst: 1000,
 		ClientRate: 1, ClientBurst: 10, AuthFailureRate: 1, AuthFailureBurst: 20, MaxPending: 10000, MaxPendingPerSrc: 1000,
 		PublishRate: 100, PublishBurst: 500, SubscribeRate: 5, SubscribeBurst: 50, SessionExpiry: time.Hour, AnalysisInterval: time.Minute, CredentialCacheTTL: 5 * time.Minute, ReplicaDeadAfter: 15 * time.Second,
 		OTAMaxDownloads: 100, CampaignInterval: time.Second, DeltaMaxImageMB: 64, DeltaWait: 10 * time.Minute, RecorderBehindAfter: 30 * time.Second}
@@ -160,6 +160,7 @@ func TestParseConfigErrorsNameTheSetting(t *testing.T) {
 		{name: "replica dead-after below two heartbeats", args: []string{"-replica-dead-after", "2s"}, want: []string{"FLEETD_REPLICA_DEAD_AFTER", "3s"}},
 		{name: "negative credential cache TTL", args: []string{"-credential-cache-ttl", "-1s"}, want: []string{"FLEETD_CREDENTIAL_CACHE_TTL", "negative"}},
 		{name: "zero telemetry rate", args: []string{"-telemetry-rate", "0"}, want: []string{"FLEETD_TELEMETRY_RATE", "-1 for unlimited"}},
+		{name: "zero gc percent", args: []string{"-gc-percent", "0"}, want: []string{"FLEETD_GC_PERCENT", "-1 for Go's default"}},
 		{name: "zero telemetry burst", env: map[string]string{"FLEETD_TELEMETRY_BURST": "0"}, want: []string{"FLEETD_TELEMETRY_BURST", "at least 1"}},
 		{name: "tiny telemetry queue", args: []string{"-telemetry-queue", "10"}, want: []string{"FLEETD_TELEMETRY_QUEUE", "1000"}},
 		{name: "short telemetry retention", args: []string{"-telemetry-raw-retention", "10m", "-telemetry-hour-retention", "0s"},
