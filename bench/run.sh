@@ -515,7 +515,7 @@ YAML
     echo "- fleetsim RSS: ${held_s:-$peak_s} KiB → $per_s bytes per simulated device (paho clients)"
     echo "- fleetsim summary: \`$(echo "$summary" | tr -d '\n ' )\`"
     echo "- fleetsim summary against mosquitto: \`$(echo "$msummary" | tr -d '\n ' )\`"
-    echo "- target: >= 200 000 connections (this machine: hard open-files limit $(ulimit -Hn) per process), <= 8 KiB per connection"
+    echo "- target: >= 200 000 connections (this machine: hard open-files limit $(ulimit -Hn) per process); issue #21: <= 16 KiB RSS per idle plain-TCP device, <= 30 KiB per TLS device, at 10 000 devices"
   } | tee -a "$results"
   ;;
 replicas)
