@@ -14,9 +14,12 @@ STATICCHECK ?= $(if $(wildcard bin/staticcheck),bin/staticcheck,staticcheck)
 run:
 	$(GO) run ./cmd/fleetd $(ARGS)
 
-## test: every test, against real PostgreSQL (started by the tests) and real MQTT clients
+## test: every test, against real PostgreSQL (started by the tests) and real MQTT clients,
+## then the tests of the patched mochi copy (third_party/README.md; its own module, so not in ./...;
+## without -race: some of mochi's own tests race on their fixtures, before the patches too)
 test:
 	$(GO) test $(TEST_FLAGS) ./...
+	cd third_party/mochi && $(GO) test -count=1 -timeout 10m . ./packets
 
 ## lint: gofmt (lists the files it would change), go vet and staticcheck; CI runs it before the tests
 lint:
