@@ -188,3 +188,13 @@ func TestWriterOnDemand(t *testing.T) {
 	require.Eventually(t, func() bool { return !cl.State.writing.Load() }, time.Second, time.Millisecond)
 	require.Zero(t, atomic.LoadInt32(&cl.State.outboundQty))
 }
+
+// waitWritten waits until cl's writer has written every queued packet, for
+// tests that close the connection after queueing: the writer is started by
+// the first packet queued, so it may not have run yet.
+func waitWritten(cl *Client) {
+	deadline := time.Now().Add(5 * time.Second)
+	for (atomic.LoadInt32(&cl.State.outboundQty) > 0 || cl.State.writing.Load()) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Microsecond)
+	}
+}
