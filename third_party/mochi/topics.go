@@ -135,6 +135,9 @@ func (s *SharedSubscriptions) Add(group, id string, val packets.Subscription) {
 
 // Delete deletes a client id from a shared subscription group.
 func (s *SharedSubscriptions) Delete(group, id string) {
+	if s == nil {
+		return
+	}
 	s.Lock()
 	defer s.Unlock()
 	delete(s.internal[group], id)
@@ -145,6 +148,9 @@ func (s *SharedSubscriptions) Delete(group, id string) {
 
 // Get returns the subscription properties for a client id in a share group, if one exists.
 func (s *SharedSubscriptions) Get(group, id string) (val packets.Subscription, ok bool) {
+	if s == nil {
+		return val, false
+	}
 	s.RLock()
 	defer s.RUnlock()
 	if _, ok := s.internal[group]; !ok {
@@ -157,6 +163,9 @@ func (s *SharedSubscriptions) Get(group, id string) (val packets.Subscription, o
 
 // GroupLen returns the number of groups subscribed to the filter.
 func (s *SharedSubscriptions) GroupLen() int {
+	if s == nil {
+		return 0
+	}
 	s.RLock()
 	defer s.RUnlock()
 	val := len(s.internal)
@@ -165,6 +174,9 @@ func (s *SharedSubscriptions) GroupLen() int {
 
 // Len returns the total number of shared subscriptions to a filter across all groups.
 func (s *SharedSubscriptions) Len() int {
+	if s == nil {
+		return 0
+	}
 	s.RLock()
 	defer s.RUnlock()
 	n := 0
@@ -176,6 +188,9 @@ func (s *SharedSubscriptions) Len() int {
 
 // GetAll returns all shared subscription groups and their subscriptions.
 func (s *SharedSubscriptions) GetAll() map[string]map[string]packets.Subscription {
+	if s == nil {
+		return nil
+	}
 	s.RLock()
 	defer s.RUnlock()
 	m := map[string]map[string]packets.Subscription{}
@@ -219,6 +234,9 @@ func (s *InlineSubscriptions) Add(val InlineSubscription) {
 
 // GetAll returns all internal subscriptions.
 func (s *InlineSubscriptions) GetAll() map[int]InlineSubscription {
+	if s == nil {
+		return nil
+	}
 	s.RLock()
 	defer s.RUnlock()
 	m := map[int]InlineSubscription{}
@@ -230,6 +248,9 @@ func (s *InlineSubscriptions) GetAll() map[int]InlineSubscription {
 
 // Get returns an internal subscription for a client id.
 func (s *InlineSubscriptions) Get(id int) (val InlineSubscription, ok bool) {
+	if s == nil {
+		return val, false
+	}
 	s.RLock()
 	defer s.RUnlock()
 	val, ok = s.internal[id]
@@ -238,6 +259,9 @@ func (s *InlineSubscriptions) Get(id int) (val InlineSubscription, ok bool) {
 
 // Len returns the number of internal subscriptions.
 func (s *InlineSubscriptions) Len() int {
+	if s == nil {
+		return 0
+	}
 	s.RLock()
 	defer s.RUnlock()
 	val := len(s.internal)
@@ -246,6 +270,9 @@ func (s *InlineSubscriptions) Len() int {
 
 // Delete removes an internal subscription by the client id.
 func (s *InlineSubscriptions) Delete(id int) {
+	if s == nil {
+		return
+	}
 	s.Lock()
 	defer s.Unlock()
 	delete(s.internal, id)
@@ -433,8 +460,13 @@ func (x *TopicsIndex) InlineSubscribe(subscription InlineSubscription) bool {
 
 	var existed bool
 	n := x.set(subscription.Filter, 0)
-	_, existed = n.inlineSubscriptions.Get(subscription.Identifier)
-	n.inlineSubscriptions.Add(subscription)
+	inline := n.inlineSubscriptions.Load()
+	if inline == nil { // the index lock orders the writers
+		inline = NewInlineSubscriptions()
+		n.inlineSubscriptions.Store(inline)
+	}
+	_, existed = inline.Get(subscription.Identifier)
+	inline.Add(subscription)
 
 	return !existed
 }
@@ -450,9 +482,9 @@ func (x *TopicsIndex) InlineUnsubscribe(id int, filter string) bool {
 		return false
 	}
 
-	particle.inlineSubscriptions.Delete(id)
+	particle.inlineSubscriptions.Load().Delete(id)
 
-	if particle.inlineSubscriptions.Len() == 0 {
+	if particle.inlineSubscriptions.Load().Len() == 0 {
 		x.trim(particle)
 	}
 	return true
@@ -469,8 +501,13 @@ func (x *TopicsIndex) Subscribe(client string, subscription packets.Subscription
 	if strings.EqualFold(prefix, SharePrefix) {
 		group, _ := isolateParticle(subscription.Filter, 1)
 		n := x.set(subscription.Filter, 2)
-		_, existed = n.shared.Get(group, client)
-		n.shared.Add(group, client, subscription)
+		shared := n.shared.Load()
+		if shared == nil { // the index lock orders the writers
+			shared = NewSharedSubscriptions()
+			n.shared.Store(shared)
+		}
+		_, existed = shared.Get(group, client)
+		shared.Add(group, client, subscription)
 	} else {
 		n := x.set(subscription.Filter, 0)
 		_, existed = n.subscriptions.Get(client)
@@ -500,7 +537,7 @@ func (x *TopicsIndex) Unsubscribe(filter, client string) bool {
 
 	if shareSub {
 		group, _ := isolateParticle(filter, 1)
-		particle.shared.Delete(group, client)
+		particle.shared.Load().Delete(group, client)
 	} else {
 		particle.subscriptions.Delete(client)
 	}
@@ -576,7 +613,7 @@ func (x *TopicsIndex) seek(filter string, d int) *particle {
 
 // trim removes empty filter particles from the index.
 func (x *TopicsIndex) trim(n *particle) {
-	for n.parent != nil && n.retainPath == "" && n.particles.len()+n.subscriptions.Len()+n.shared.Len()+n.inlineSubscriptions.Len() == 0 {
+	for n.parent != nil && n.retainPath == "" && n.particles.len()+n.subscriptions.Len()+n.shared.Load().Len()+n.inlineSubscriptions.Load().Len() == 0 {
 		key := n.key
 		n = n.parent
 		n.particles.delete(key)
@@ -715,7 +752,7 @@ func (x *TopicsIndex) gatherSharedSubscriptions(particle *particle, subs *Subscr
 		subs.Shared = map[string]map[string]packets.Subscription{}
 	}
 
-	for _, shares := range particle.shared.GetAll() {
+	for _, shares := range particle.shared.Load().GetAll() {
 		for client, sub := range shares {
 			if _, ok := subs.Shared[sub.Filter]; !ok {
 				subs.Shared[sub.Filter] = map[string]packets.Subscription{}
@@ -732,7 +769,7 @@ func (x *TopicsIndex) gatherInlineSubscriptions(particle *particle, subs *Subscr
 		subs.InlineSubscriptions = map[int]InlineSubscription{}
 	}
 
-	for id, inline := range particle.inlineSubscriptions.GetAll() {
+	for id, inline := range particle.inlineSubscriptions.Load().GetAll() {
 		subs.InlineSubscriptions[id] = inline
 	}
 }
@@ -808,25 +845,26 @@ func IsValidFilter(filter string, forPublish bool) bool {
 
 // particle is a child node on the tree.
 type particle struct {
-	key                 string               // the key of the particle
-	parent              *particle            // a pointer to the parent of the particle
-	particles           particles            // a map of child particles
-	subscriptions       *Subscriptions       // a map of subscriptions made by clients to this ending address
-	shared              *SharedSubscriptions // a map of shared subscriptions keyed on group name
-	inlineSubscriptions *InlineSubscriptions // a map of inline subscriptions for this particle
-	retainPath          string               // path of a retained message
-	sync.Mutex                               // mutex for when making changes to the particle
+	key           string         // the key of the particle
+	parent        *particle      // a pointer to the parent of the particle
+	particles     particles      // a map of child particles
+	subscriptions *Subscriptions // a map of subscriptions made by clients to this ending address
+	// shared and inline subscriptions are made by the first one (under the
+	// index lock) and read without it by Subscribers: most particles never
+	// have either, and each holder costs a few dozen bytes per particle.
+	shared              atomic.Pointer[SharedSubscriptions] // a map of shared subscriptions keyed on group name; nil until one
+	inlineSubscriptions atomic.Pointer[InlineSubscriptions] // a map of inline subscriptions for this particle; nil until one
+	retainPath          string                              // path of a retained message
+	sync.Mutex                                              // mutex for when making changes to the particle
 }
 
 // newParticle returns a pointer to a new instance of particle.
 func newParticle(key string, parent *particle) *particle {
 	return &particle{
-		key:                 key,
-		parent:              parent,
-		particles:           newParticles(),
-		subscriptions:       NewSubscriptions(),
-		shared:              NewSharedSubscriptions(),
-		inlineSubscriptions: NewInlineSubscriptions(),
+		key:           key,
+		parent:        parent,
+		particles:     newParticles(),
+		subscriptions: NewSubscriptions(),
 	}
 }
 
