@@ -211,11 +211,10 @@ func New(cfg Config, reg Registry, events EventSink, logger *slog.Logger, regist
 		mqttLevel = slog.LevelDebug
 	}
 	b.srv = mqtt.New(&mqtt.Options{
-		Capabilities:             caps,
+		Capabilities: caps,
 		// Every connection holds its read buffer for life, idle or not, and a
 		// device's packets are small (birth, telemetry, acknowledgements):
-		// a larger packet bypasses the buffer and is read straight into its
-		// own slice.
+		// a larger packet is read past the buffer into its own slice.
 		ClientNetReadBufferSize:  512,
 		ClientNetWriteBufferSize: 1024,
 		InlineClient:             true, // server-side publishes (OTA jobs, commands)
