@@ -1741,8 +1741,13 @@ func (s *Server) clearExpiredClients(dt int64) {
 }
 
 // clearExpiredRetainedMessage deletes retained messages from topics if they have expired.
+//
+// It runs every second over every retained message: it reads them in place
+// (Retained.Range) rather than copying the whole map, which with a retained
+// message or two per device was tens of megabytes of garbage a second.
 func (s *Server) clearExpiredRetainedMessages(now int64) {
-	for filter, pk := range s.Topics.Retained.GetAll() {
+	var expiredFilters []string
+	s.Topics.Retained.Range(func(filter string, pk packets.Packet) bool {
 		expired := pk.ProtocolVersion == 5 && pk.Expiry > 0 && pk.Expiry < now // [MQTT-3.3.2-5]
 
 		// If the maximum message expiry interval is set (greater than 0), and the message
@@ -1751,9 +1756,13 @@ func (s *Server) clearExpiredRetainedMessages(now int64) {
 			now-pk.Created > s.Options.Capabilities.MaximumMessageExpiryInterval
 
 		if expired || enforced {
-			s.Topics.Retained.Delete(filter)
-			s.hooks.OnRetainedExpired(filter)
+			expiredFilters = append(expiredFilters, filter)
 		}
+		return true
+	})
+	for _, filter := range expiredFilters {
+		s.Topics.Retained.Delete(filter)
+		s.hooks.OnRetainedExpired(filter)
 	}
 }
 
