@@ -160,6 +160,14 @@ type ClientState struct {
 	ServerKeepalive bool                 // keepalive was set by the server
 }
 
+// ReadBufferSizer is a net.Conn that chooses the size of the client's read
+// buffer, overriding Options.ClientNetReadBufferSize: a connection that
+// buffers its reads itself (a TLS connection holds a whole decrypted record)
+// needs only a small one, and every connection keeps its buffer for life.
+type ReadBufferSizer interface {
+	ReadBufferSize() int // 0 = the server's ClientNetReadBufferSize
+}
+
 // newClient returns a new instance of Client. This is almost exclusively used by Server
 // for creating new clients, but it lives here because it's not dependent.
 func newClient(c net.Conn, o *ops) *Client {
@@ -181,9 +189,13 @@ func newClient(c net.Conn, o *ops) *Client {
 	}
 
 	if c != nil {
+		size := o.options.ClientNetReadBufferSize
+		if b, ok := c.(ReadBufferSizer); ok && b.ReadBufferSize() > 0 {
+			size = b.ReadBufferSize()
+		}
 		cl.Net = ClientConnection{
 			Conn:   c,
-			bconn:  bufio.NewReaderSize(c, o.options.ClientNetReadBufferSize),
+			bconn:  bufio.NewReaderSize(c, size),
 			Remote: c.RemoteAddr().String(),
 		}
 	}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/mochi-mqtt/server/v2/system"
 	"github.com/stretchr/testify/require"
 )
 
@@ -222,4 +223,20 @@ func TestRetainedExpiryCopiesNothing(t *testing.T) {
 	_, ok := s.Topics.Retained.Get("devices/old/status")
 	require.False(t, ok)
 	require.Equal(t, 1000, s.Topics.Retained.Len())
+}
+
+type smallReadConn struct{ net.Conn }
+
+func (smallReadConn) ReadBufferSize() int { return 64 }
+
+// TestReadBufferSizer lets a connection that buffers its own reads choose a
+// small read buffer.
+func TestReadBufferSizer(t *testing.T) {
+	o := &ops{info: new(system.Info), hooks: new(Hooks), log: logger,
+		options: &Options{Capabilities: NewDefaultServerCapabilities(), ClientNetReadBufferSize: 1024}}
+	r, w := net.Pipe()
+	defer r.Close()
+	defer w.Close()
+	require.Equal(t, 1024, newClient(w, o).Net.bconn.Size())
+	require.Equal(t, 64, newClient(smallReadConn{w}, o).Net.bconn.Size())
 }
