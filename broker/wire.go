@@ -5,6 +5,8 @@ import (
 	"net"
 	"sync/atomic"
 	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
 )
 
 // wireConn wraps every device connection. It follows the MQTT framing of the
@@ -45,6 +47,19 @@ func newWireConn(c net.Conn, tc *tls.Conn) *wireConn {
 	w := &wireConn{Conn: c, tls: tc}
 	w.lastRead.Store(time.Now().UnixNano())
 	return w
+}
+
+// ReadBufferSize tells mochi the read buffer a connection needs
+// (mqtt.ReadBufferSizer): a TLS connection already holds a whole decrypted
+// record, so mochi's buffer on top of it only doubles what every idle TLS
+// device keeps; 0 keeps the broker's ClientNetReadBufferSize.
+var _ mqtt.ReadBufferSizer = (*wireConn)(nil)
+
+func (w *wireConn) ReadBufferSize() int {
+	if w.tls != nil {
+		return 64
+	}
+	return 0
 }
 
 const (
