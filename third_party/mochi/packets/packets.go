@@ -63,23 +63,32 @@ var (
 )
 
 // Packets is a concurrency safe map of packets.
+//
+// (fleetd patch) The map holds each packet as a storedPacket, the fields a
+// retained message or a delayed will uses, rather than as a Packet: a Packet
+// is ~800 bytes, so Go's map keeps it out of line in a 896-byte allocation,
+// and a broker retaining a message or two per device (a birth, a desired
+// configuration) spent most of a kilobyte per message on fields a PUBLISH
+// never sets. Get and the other readers give back the same Packet that was
+// added.
 type Packets struct {
-	internal map[string]Packet
+	internal map[string]storedPacket
 	sync.RWMutex
 }
 
 // NewPackets returns a new instance of Packets.
 func NewPackets() *Packets {
 	return &Packets{
-		internal: map[string]Packet{},
+		internal: map[string]storedPacket{},
 	}
 }
 
 // Add adds a new packet to the map.
 func (p *Packets) Add(id string, val Packet) {
+	sp := storePacket(val)
 	p.Lock()
 	defer p.Unlock()
-	p.internal[id] = val
+	p.internal[id] = sp
 }
 
 // GetAll returns all packets in the map.
@@ -88,7 +97,7 @@ func (p *Packets) GetAll() map[string]Packet {
 	defer p.RUnlock()
 	m := map[string]Packet{}
 	for k, v := range p.internal {
-		m[k] = v
+		m[k] = v.packet()
 	}
 	return m
 }
@@ -100,7 +109,7 @@ func (p *Packets) Range(f func(id string, pk Packet) bool) {
 	p.RLock()
 	defer p.RUnlock()
 	for k, v := range p.internal {
-		if !f(k, v) {
+		if !f(k, v.packet()) {
 			return
 		}
 	}
@@ -110,8 +119,11 @@ func (p *Packets) Range(f func(id string, pk Packet) bool) {
 func (p *Packets) Get(id string) (val Packet, ok bool) {
 	p.RLock()
 	defer p.RUnlock()
-	val, ok = p.internal[id]
-	return val, ok
+	sp, ok := p.internal[id]
+	if !ok {
+		return val, false
+	}
+	return sp.packet(), true
 }
 
 // Len returns the number of packets in the map.
