@@ -5,6 +5,7 @@
 package mqtt
 
 import (
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -446,8 +447,7 @@ func NewTopicsIndex() *TopicsIndex {
 	return &TopicsIndex{
 		Retained: packets.NewPackets(),
 		root: &particle{
-			particles:     newParticles(),
-			subscriptions: NewSubscriptions(),
+			particles: newParticles(),
 		},
 	}
 }
@@ -845,10 +845,13 @@ func IsValidFilter(filter string, forPublish bool) bool {
 
 // particle is a child node on the tree.
 type particle struct {
-	key           string         // the key of the particle
-	parent        *particle      // a pointer to the parent of the particle
-	particles     particles      // a map of child particles
-	subscriptions *Subscriptions // a map of subscriptions made by clients to this ending address
+	key       string    // the key of the particle
+	parent    *particle // a pointer to the parent of the particle
+	particles particles // a map of child particles
+	// subscriptions made by clients to this ending address, held by value
+	// (fleetd patch): through a pointer they cost a 64-byte allocation on
+	// every particle, most of which have no subscriber.
+	subscriptions Subscriptions
 	// shared and inline subscriptions are made by the first one (under the
 	// index lock) and read without it by Subscribers: most particles never
 	// have either, and each holder costs a few dozen bytes per particle.
@@ -861,18 +864,28 @@ type particle struct {
 // newParticle returns a pointer to a new instance of particle.
 func newParticle(key string, parent *particle) *particle {
 	return &particle{
-		key:           key,
-		parent:        parent,
-		particles:     newParticles(),
-		subscriptions: NewSubscriptions(),
+		key:       key,
+		parent:    parent,
+		particles: newParticles(),
 	}
 }
 
 // particles is a concurrency safe map of particles.
+//
+// (fleetd patch) Most particles have one child or a few (a device's topics
+// under devices/{id}: status, cmd/#, ota/job, config/desired), and a Go map
+// costs a group of eight slots (~260 bytes) however few it holds: up to
+// fewParticles children are kept in a slice instead, and a map is made only
+// when there are more.
 type particles struct {
-	internal map[string]*particle
+	internal map[string]*particle // more than fewParticles; nil until then
+	few      []*particle          // fewParticles or fewer, while internal is nil
 	sync.RWMutex
 }
+
+// fewParticles is the most children a particles keeps in its slice: beyond,
+// a map's lookups are cheaper than a scan.
+const fewParticles = 8
 
 // newParticles returns a map of particles.
 func newParticles() particles {
@@ -882,20 +895,39 @@ func newParticles() particles {
 // add adds a new particle.
 func (p *particles) add(val *particle) {
 	p.Lock()
-	if p.internal == nil {
-		p.internal = map[string]*particle{}
+	defer p.Unlock()
+	if p.internal != nil {
+		p.internal[val.key] = val
+		return
+	}
+	for i := range p.few {
+		if p.few[i].key == val.key {
+			p.few[i] = val
+			return
+		}
+	}
+	if len(p.few) < fewParticles {
+		p.few = append(p.few, val)
+		return
+	}
+	p.internal = make(map[string]*particle, len(p.few)+1)
+	for _, c := range p.few {
+		p.internal[c.key] = c
 	}
 	p.internal[val.key] = val
-	p.Unlock()
+	p.few = nil
 }
 
 // getAll returns all particles.
 func (p *particles) getAll() map[string]*particle {
 	p.RLock()
 	defer p.RUnlock()
-	m := map[string]*particle{}
+	m := make(map[string]*particle, len(p.internal)+len(p.few))
 	for k, v := range p.internal {
 		m[k] = v
+	}
+	for _, c := range p.few {
+		m[c.key] = c
 	}
 	return m
 }
@@ -904,20 +936,39 @@ func (p *particles) getAll() map[string]*particle {
 func (p *particles) get(id string) *particle {
 	p.RLock()
 	defer p.RUnlock()
-	return p.internal[id]
+	if p.internal != nil {
+		return p.internal[id]
+	}
+	for _, c := range p.few {
+		if c.key == id {
+			return c
+		}
+	}
+	return nil
 }
 
 // len returns the number of particles.
 func (p *particles) len() int {
 	p.RLock()
 	defer p.RUnlock()
-	val := len(p.internal)
-	return val
+	return len(p.internal) + len(p.few)
 }
 
 // delete removes a particle.
 func (p *particles) delete(id string) {
 	p.Lock()
 	defer p.Unlock()
-	delete(p.internal, id)
+	if p.internal != nil {
+		delete(p.internal, id)
+		return
+	}
+	for i, c := range p.few {
+		if c.key == id {
+			p.few = slices.Delete(p.few, i, i+1) // clears the freed slot
+			if len(p.few) == 0 {
+				p.few = nil
+			}
+			return
+		}
+	}
 }

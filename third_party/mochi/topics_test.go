@@ -746,15 +746,15 @@ func TestNewParticles(t *testing.T) {
 func TestParticlesAdd(t *testing.T) {
 	p := newParticles()
 	p.add(&particle{key: "a"})
-	require.Contains(t, p.internal, "a")
+	require.Contains(t, p.getAll(), "a")
 }
 
 func TestParticlesGet(t *testing.T) {
 	p := newParticles()
 	p.add(&particle{key: "a"})
 	p.add(&particle{key: "b"})
-	require.Contains(t, p.internal, "a")
-	require.Contains(t, p.internal, "b")
+	require.Contains(t, p.getAll(), "a")
+	require.Contains(t, p.getAll(), "b")
 
 	particle := p.get("a")
 	require.NotNil(t, particle)
@@ -766,9 +766,9 @@ func TestParticlesGetAll(t *testing.T) {
 	p.add(&particle{key: "a"})
 	p.add(&particle{key: "b"})
 	p.add(&particle{key: "c"})
-	require.Contains(t, p.internal, "a")
-	require.Contains(t, p.internal, "b")
-	require.Contains(t, p.internal, "c")
+	require.Contains(t, p.getAll(), "a")
+	require.Contains(t, p.getAll(), "b")
+	require.Contains(t, p.getAll(), "c")
 
 	particles := p.getAll()
 	require.Len(t, particles, 3)
@@ -778,19 +778,54 @@ func TestParticlesLen(t *testing.T) {
 	p := newParticles()
 	p.add(&particle{key: "a"})
 	p.add(&particle{key: "b"})
-	require.Contains(t, p.internal, "a")
-	require.Contains(t, p.internal, "b")
+	require.Contains(t, p.getAll(), "a")
+	require.Contains(t, p.getAll(), "b")
 	require.Equal(t, 2, p.len())
 }
 
 func TestParticlesDelete(t *testing.T) {
 	p := newParticles()
 	p.add(&particle{key: "a"})
-	require.Contains(t, p.internal, "a")
+	require.Contains(t, p.getAll(), "a")
 
 	p.delete("a")
 	particle := p.get("a")
 	require.Nil(t, particle)
+}
+
+// TestParticlesFewThenMany goes from the slice to the map through every
+// method, and deletes from both forms.
+func TestParticlesFewThenMany(t *testing.T) {
+	p := newParticles()
+	for i := 0; i < fewParticles; i++ {
+		p.add(&particle{key: fmt.Sprint(i)})
+	}
+	require.Nil(t, p.internal)
+	require.Len(t, p.few, fewParticles)
+	replaced := &particle{key: "3"}
+	p.add(replaced)
+	require.Len(t, p.few, fewParticles, "a key added again replaces its particle")
+	require.Same(t, replaced, p.get("3"))
+	p.delete("0")
+	require.Nil(t, p.get("0"))
+	require.Equal(t, fewParticles-1, p.len())
+	p.add(&particle{key: "0"})
+	p.add(&particle{key: "x"})
+	require.NotNil(t, p.internal)
+	require.Nil(t, p.few)
+	require.Equal(t, fewParticles+1, p.len())
+	require.Len(t, p.getAll(), fewParticles+1)
+	require.Same(t, replaced, p.get("3"))
+	require.NotNil(t, p.get("x"))
+	p.delete("x")
+	require.Nil(t, p.get("x"))
+	require.Equal(t, fewParticles, p.len())
+
+	q := newParticles()
+	q.add(&particle{key: "a"})
+	q.delete("a")
+	require.Nil(t, q.few)
+	require.Equal(t, 0, q.len())
 }
 
 func TestIsValid(t *testing.T) {
