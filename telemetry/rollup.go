@@ -190,10 +190,14 @@ func (s *Store) seal(ctx context.Context, to time.Time) error {
 }
 
 // rollUpSQL adds the rows of [$1, $2) that are not late to the rollups, the
-// latest values and the links.
-var rollUpSQL = `WITH src AS (
-	SELECT ` + rawColumns + ` FROM telemetry_raw WHERE at >= $1 AND at < $2 AND NOT late
-), ` + addSQL("src")
+// latest values and the links. It reads the rows where they are stored, which
+// lets every aggregate hash (see storedRowsSQL); the writer's late rows,
+// not yet visible to a statement that inserts them, take addSQL.
+var rollUpSQL = `WITH ` + storedMinutesSQL + `,
+minute AS (` + minuteTier.addSQL("m") + `
+), hour AS (` + hourTier.addSQL("m") + `
+), latest AS (` + latestSQL("m") + `
+) ` + storedLinkSQL
 
 // epoch is where the watermarks start (see the migration).
 var epoch = time.Unix(0, 0).UTC()
@@ -255,14 +259,17 @@ func (s *Store) rollUp(ctx context.Context, maxSpan time.Duration) (done, rolled
 }
 
 // copyLatestSQL copies the latest values and links of the rows of [$1, $2)
-// that are not late (late ones were copied by their writer).
-var copyLatestSQL = `WITH src AS (
-	SELECT ` + rawColumns + ` FROM telemetry_raw WHERE at >= $1 AND at < $2 AND NOT late
-), p AS (` + pointsSQL("src") + `
+// that are not late (late ones were copied by their writer): each device's
+// latest row of each set of metric names is found by a hashed max(at), and
+// only those rows are unnested.
+var copyLatestSQL = `WITH l AS (
+	SELECT device_id, names, max(at) AS at FROM telemetry_raw WHERE at >= $1 AND at < $2 AND NOT late GROUP BY device_id, names
 ), m AS (
-	SELECT DISTINCT ON (device_id, metric) device_id, metric, value AS last, at AS last_at FROM p ORDER BY device_id, metric, at DESC
+	SELECT l.device_id, u.metric, u.value AS last, l.at AS last_at
+	FROM l JOIN telemetry_raw r ON r.device_id = l.device_id AND r.at = l.at AND r.at >= $1 AND r.at < $2,
+		unnest(r.names, r.vals) AS u(metric, value)
 ), latest AS (` + latestSQL("m") + `
-) ` + linkSQL("src")
+) ` + storedLinkSQL
 
 // copyLatest copies the latest values and links of the rows after both
 // latest_to and rolled_to and before hi (at most maxSpan of them).
@@ -296,6 +303,55 @@ func (s *Store) copyLatest(ctx context.Context, hi time.Time, maxSpan time.Durat
 func pointsSQL(src string) string {
 	return `SELECT r.device_id, r.at, u.metric, u.value FROM ` + src + ` r, unnest(r.names, r.vals) AS u(metric, value)`
 }
+
+// storedMinutesSQL is the CTEs p (the points of the stored rows of [$1, $2)
+// that are not late) and m (their minute aggregates: device_id, metric,
+// bucket, count, min, max, sum, last, last_at), for the rollup job.
+//
+// Why not addSQL's aggregates: last as array_agg(value ORDER BY at DESC) is
+// an ordered aggregate, which PostgreSQL cannot hash, so every point of the
+// span (a minute of a 50 000 messages/s fleet is 9 M of them) went through a
+// sort that spilled to disk — most of the database's CPU per stored message
+// (bench/RESULTS.md). Here every aggregate hashes, and last is read from the
+// row of last_at, one primary-key lookup per device, metric and minute.
+const storedMinutesSQL = `p AS (
+	SELECT r.device_id, r.at, u.metric, u.value FROM telemetry_raw r, unnest(r.names, r.vals) AS u(metric, value)
+	WHERE r.at >= $1 AND r.at < $2 AND NOT r.late
+), g AS (
+	SELECT device_id, metric, date_trunc('minute', at, 'UTC') AS bucket, count(*) AS count, min(value) AS min, max(value) AS max,
+		sum(value) AS sum, max(at) AS last_at
+	FROM p GROUP BY 1, 2, 3
+), m AS (
+	SELECT device_id, metric, bucket, count, min, max, sum, (
+		SELECT r.vals[array_position(r.names, g.metric)] FROM telemetry_raw r
+		WHERE r.device_id = g.device_id AND r.at = g.last_at AND r.at >= $1 AND r.at < $2
+	) AS last, last_at
+	FROM g
+)`
+
+// storedLinkSQL keeps each device's latest link from the stored rows of
+// [$1, $2) that are not late, as linkSQL does, with hashed aggregates: the
+// time of each field's latest report, then that field read from that row.
+var storedLinkSQL = func() string {
+	field := func(col string) string {
+		return fmt.Sprintf(`(SELECT r.%[1]s FROM telemetry_raw r WHERE r.device_id = k.device_id AND r.at = k.%[1]s_at AND r.at >= $1 AND r.at < $2)`, col)
+	}
+	at := func(col string) string {
+		return fmt.Sprintf(`max(at) FILTER (WHERE %[1]s IS NOT NULL) AS %[1]s_at`, col)
+	}
+	return `, k AS (
+	SELECT device_id, max(at) AS at, ` + at("bssid") + `, ` + at("ssid") + `, ` + at("band") + `, ` + at("channel") + `
+	FROM telemetry_raw WHERE at >= $1 AND at < $2 AND NOT late AND (bssid IS NOT NULL OR ssid IS NOT NULL OR band IS NOT NULL OR channel IS NOT NULL)
+	GROUP BY device_id
+)
+	INSERT INTO telemetry_link AS t (device_id, at, bssid, ssid, band, channel)
+		SELECT device_id, at, ` + field("bssid") + `, ` + field("ssid") + `, ` + field("band") + `, ` + field("channel") + `
+		FROM k ORDER BY device_id
+		ON CONFLICT (device_id) DO UPDATE SET
+			bssid = coalesce(EXCLUDED.bssid, t.bssid), ssid = coalesce(EXCLUDED.ssid, t.ssid),
+			band = coalesce(EXCLUDED.band, t.band), channel = coalesce(EXCLUDED.channel, t.channel), at = EXCLUDED.at
+		WHERE EXCLUDED.at > t.at`
+}()
 
 // addSQL is the tail of a statement (after "WITH src AS (…), ") that adds
 // the raw rows of src to the minute and hour rollups, the latest values and
@@ -335,7 +391,7 @@ func (t tier) addSQL(m string) string {
 func latestSQL(m string) string {
 	return `INSERT INTO telemetry_latest AS t (metric, device_id, value, at)
 		SELECT DISTINCT ON (metric, device_id) metric, device_id, last, last_at FROM ` + m + ` n
-		WHERE NOT EXISTS (SELECT 1 FROM telemetry_latest l WHERE l.metric = n.metric AND l.device_id = n.device_id AND l.at >= n.last_at)
+		WHERE NOT EXISTS (SELECT 1 FROM telemetry_latest l WHERE l.metric = n.metric AND l.device_id = n.device_id COLLATE "default" AND l.at >= n.last_at)
 		ORDER BY metric, device_id, last_at DESC
 		ON CONFLICT (metric, device_id) DO UPDATE SET value = EXCLUDED.value, at = EXCLUDED.at WHERE EXCLUDED.at > t.at`
 }
