@@ -191,7 +191,7 @@ func (s *Store) seal(ctx context.Context, to time.Time) error {
 
 // rollUpSQL adds the rows of [$1, $2) that are not late to the rollups, the
 // latest values and the links. It reads the rows where they are stored, which
-// lets every aggregate hash (see storedRowsSQL); the writer's late rows,
+// lets every aggregate hash (see storedMinutesSQL); the writer's late rows,
 // not yet visible to a statement that inserts them, take addSQL.
 var rollUpSQL = `WITH ` + storedMinutesSQL + `,
 minute AS (` + minuteTier.addSQL("m") + `
@@ -329,7 +329,8 @@ const storedMinutesSQL = `p AS (
 	FROM g
 )`
 
-// storedLinkSQL keeps each device's latest link from the stored rows of
+// storedLinkSQL is the tail of a statement (after its other CTEs, from the
+// comma on) that keeps each device's latest link from the stored rows of
 // [$1, $2) that are not late, as linkSQL does, with hashed aggregates: the
 // time of each field's latest report, then that field read from that row.
 var storedLinkSQL = func() string {
