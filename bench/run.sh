@@ -44,7 +44,6 @@
 #       delivery (jobs / devices, none twice), RSS per replica. Up to 9 000 devices connect through
 #       HAProxy (it holds 2 fds per connection under the same 20 000 limit); above, each fleetsim
 #       spreads its devices over the replicas directly (REPLICAS_VIA=haproxy|direct forces one).
-#       The fleetsims start REPLICAS_CONNECT_RATE devices a second in total (default 2 400).
 #   bench/run.sh data-scale [DEVICES] [EVENTS]
 #       DEVICES devices (default 200 000) and EVENTS connection events (default 20 000 000) over
 #       the last 30 days loaded in SQL into one PostgreSQL with the rollups they imply, and a day of
@@ -523,9 +522,6 @@ replicas)
   n=${1:-5}; devices=${2:-95000}; $smoke && n=2 && devices=200
   per_sim=18000   # a fleetsim process holds at most 20 000 open files
   sims=$(( (devices + per_sim - 1) / per_sim ))
-  # Connects the machine can take in total (REPLICAS_CONNECT_RATE, default 2 400/s), shared by the
-  # fleetsims: offered faster, the attempts time out and their retries become a storm of their own.
-  ramp=$(( ${REPLICAS_CONNECT_RATE:-2400} / sims )); [ "$ramp" -ge 1 ] || ramp=1
   via=${REPLICAS_VIA:-}
   # HAProxy holds two fds per proxied connection under the same 20 000 limit.
   why="REPLICAS_VIA=$via"
@@ -571,7 +567,7 @@ replicas)
   tok=$(cat "$work/secrets/admin-token")
   key=$(curl -fs -H "Authorization: Bearer $tok" "http://127.0.0.1:$proxy_http/api/v1/firmware/signing-key" | sed -n 's/.*"public_key":"\([^"]*\)".*/\1/p')
   if [ "$via" = haproxy ]; then target=(-mqtt "tcp://127.0.0.1:$proxy_mqtt"); else target=(-direct "$(join "${mqtts[@]}")"); fi
-  reg=$("$bin/replicaload" setup -apis "$(join "${apis[@]}")" -token "$tok" -devices "$devices" -sims "$sims" -ramp "$ramp" "${target[@]}" \
+  reg=$("$bin/replicaload" setup -apis "$(join "${apis[@]}")" -token "$tok" -devices "$devices" -sims "$sims" "${target[@]}" \
     -signing-key "$key" -dir "$work")
   started=$(date +%s.%N)
   for s in $(seq 0 $((sims - 1))); do
