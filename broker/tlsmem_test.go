@@ -40,19 +40,7 @@ func TestTLSMemoryPerConnection(t *testing.T) {
 	const n = 400
 	// Generous: the per-connection Clone of the config alone was ~600 B.
 	const maxOverhead = 256
-	dir := t.TempDir()
-	ca, err := devcert.NewCA("devices")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ca.WriteCA(dir + "/ca.pem"); err != nil {
-		t.Fatal(err)
-	}
-	srv, _ := ca.Server(devcert.Options{IPs: []net.IP{net.ParseIP("127.0.0.1")}})
-	dev, _ := ca.Device("mem-dev", devcert.Options{})
-	if _, _, err := devcert.WritePair(dir, "device", dev); err != nil {
-		t.Fatal(err)
-	}
+	dir, ca, srv := probeCerts(t)
 	for _, mtls := range []bool{false, true} {
 		base := &tls.Config{Certificates: []tls.Certificate{srv}, MinVersion: tls.VersionTLS12}
 		name := "tls"
@@ -210,19 +198,7 @@ func TestTLSStackPerConnection(t *testing.T) {
 	// The handshake on the reader's own goroutine left 32 KiB; a parked TLS
 	// reader needs less than 8.
 	const maxStack = 12 << 10
-	dir := t.TempDir()
-	ca, err := devcert.NewCA("devices")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ca.WriteCA(dir + "/ca.pem"); err != nil {
-		t.Fatal(err)
-	}
-	srv, _ := ca.Server(devcert.Options{IPs: []net.IP{net.ParseIP("127.0.0.1")}})
-	dev, _ := ca.Device("mem-dev", devcert.Options{})
-	if _, _, err := devcert.WritePair(dir, "device", dev); err != nil {
-		t.Fatal(err)
-	}
+	dir, ca, srv := probeCerts(t)
 	cfg := serverTLSConfig(&tls.Config{Certificates: []tls.Certificate{srv}, MinVersion: tls.VersionTLS12,
 		ClientCAs: ca.Pool(), ClientAuth: tls.RequireAndVerifyClientCert})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -289,4 +265,25 @@ func stackInuse() int64 {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	return int64(ms.StackInuse)
+}
+
+// probeCerts makes a device CA and a server certificate for 127.0.0.1, and
+// writes into a new directory what the client process of the probes reads:
+// the CA (ca.pem) and a device's pair (device.crt, device.key).
+func probeCerts(t *testing.T) (dir string, ca *devcert.CA, srv tls.Certificate) {
+	t.Helper()
+	dir = t.TempDir()
+	ca, err := devcert.NewCA("devices")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.WriteCA(dir + "/ca.pem"); err != nil {
+		t.Fatal(err)
+	}
+	srv, _ = ca.Server(devcert.Options{IPs: []net.IP{net.ParseIP("127.0.0.1")}})
+	dev, _ := ca.Device("mem-dev", devcert.Options{})
+	if _, _, err := devcert.WritePair(dir, "device", dev); err != nil {
+		t.Fatal(err)
+	}
+	return dir, ca, srv
 }
