@@ -78,30 +78,13 @@ func heapPerConnection(t *testing.T, n int, dir string, mtls bool, handshake fun
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestTLSMemoryClients$")
-	cmd.Env = append(os.Environ(), envProbeAddr+"="+ln.Addr().String(), envProbeN+"="+strconv.Itoa(n))
-	if mtls {
-		cmd.Env = append(cmd.Env, envProbeDir+"="+dir)
-	} else {
-		cmd.Env = append(cmd.Env, envProbeDir+"="+dir, "FLEETD_TLSMEM_NOCERT=1")
+	env := []string{envProbeDir + "=" + dir}
+	if !mtls {
+		env = append(env, "FLEETD_TLSMEM_NOCERT=1")
 	}
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
 	before := heapAlloc()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		stdin.Close()
-		_ = cmd.Wait()
-	}()
+	clients := startProbeClients(t, ln.Addr().String(), n, env...)
+	defer clients.stop()
 	conns := make([]*tls.Conn, 0, n)
 	defer func() {
 		for _, c := range conns {
@@ -125,10 +108,7 @@ func heapPerConnection(t *testing.T, n int, dir string, mtls bool, handshake fun
 		}
 		conns = append(conns, tc)
 	}
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil || line != "held\n" {
-		t.Fatalf("client process: %q %v", line, err)
-	}
+	clients.waitHeld(t)
 	after := heapAlloc()
 	runtime.KeepAlive(conns)
 	return (after - before) / int64(n)
@@ -206,20 +186,10 @@ func TestTLSStackPerConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestTLSMemoryClients$")
-	cmd.Env = append(os.Environ(), envProbeAddr+"="+ln.Addr().String(), envProbeN+"="+strconv.Itoa(n), envProbeDir+"="+dir)
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	cmd.Stderr = os.Stderr
 	defer debug.SetGCPercent(debug.SetGCPercent(-1))
 	before := stackInuse()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		stdin.Close()
-		_ = cmd.Wait()
-	}()
+	clients := startProbeClients(t, ln.Addr().String(), n, envProbeDir+"="+dir)
+	defer clients.stop()
 	read := make(chan error, n)
 	var conns []net.Conn
 	for range n {
@@ -247,10 +217,7 @@ func TestTLSStackPerConnection(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil || line != "held\n" {
-		t.Fatalf("client process: %q %v", line, err)
-	}
+	clients.waitHeld(t)
 	per := (stackInuse() - before) / n
 	t.Logf("stack per parked mTLS reader: %d B", per)
 	if per > maxStack {
@@ -286,4 +253,48 @@ func probeCerts(t *testing.T) (dir string, ca *devcert.CA, srv tls.Certificate) 
 		t.Fatal(err)
 	}
 	return dir, ca, srv
+}
+
+// probeClients is the client process of the probes (TestTLSMemoryClients):
+// it dials n TLS connections to addr, says "held" once every one is up, and
+// ends when its stdin is closed.
+type probeClients struct {
+	cmd    *exec.Cmd
+	stdin  io.Closer
+	stdout *bufio.Reader
+}
+
+// startProbeClients starts the client process with env added to its
+// environment.
+func startProbeClients(t *testing.T, addr string, n int, env ...string) *probeClients {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestTLSMemoryClients$")
+	cmd.Env = append(append(os.Environ(), envProbeAddr+"="+addr, envProbeN+"="+strconv.Itoa(n)), env...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return &probeClients{cmd: cmd, stdin: stdin, stdout: bufio.NewReader(stdout)}
+}
+
+// waitHeld waits until the process holds all its connections.
+func (p *probeClients) waitHeld(t *testing.T) {
+	t.Helper()
+	if line, err := p.stdout.ReadString('\n'); err != nil || line != "held\n" {
+		t.Fatalf("client process: %q %v", line, err)
+	}
+}
+
+// stop ends the process and waits for it.
+func (p *probeClients) stop() {
+	p.stdin.Close()
+	_ = p.cmd.Wait()
 }
