@@ -314,9 +314,8 @@ func pointsSQL(src string) string {
 // sort that spilled to disk — most of the database's CPU per stored message
 // (bench/RESULTS.md). Here every aggregate hashes, and last is read from the
 // row of last_at, one primary-key lookup per device, metric and minute.
-const storedMinutesSQL = `p AS (
-	SELECT r.device_id, r.at, u.metric, u.value FROM telemetry_raw r, unnest(r.names, r.vals) AS u(metric, value)
-	WHERE r.at >= $1 AND r.at < $2 AND NOT r.late
+var storedMinutesSQL = `p AS (
+	` + pointsSQL("telemetry_raw") + ` WHERE r.at >= $1 AND r.at < $2 AND NOT r.late
 ), g AS (
 	SELECT device_id, metric, date_trunc('minute', at, 'UTC') AS bucket, count(*) AS count, min(value) AS min, max(value) AS max,
 		sum(value) AS sum, max(at) AS last_at

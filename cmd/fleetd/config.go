@@ -187,7 +187,7 @@ func (c *Config) settings() []setting {
 		{name: "tls-key-file", usage: "PEM private key of the MQTT TLS listener", bind: str(&c.TLSKeyFile, "")},
 		{name: "tls-client-ca-file", usage: "PEM CA that signs device certificates; when set, the TLS listener requires a client certificate whose CN is the device id", bind: str(&c.TLSClientCAFile, "")},
 		{name: "mqtt-max-packet", usage: "largest MQTT packet accepted, in bytes", bind: num(&c.MQTTMaxPacket, 256<<10)},
-		{name: "gc-percent", usage: "Go's garbage collection target, as GOGC: the heap may grow this many percent over the live heap before a collection. Lower keeps less memory per idle device (RSS per idle device at 10 000 devices: 100 → 37 KB, 50 → 30 KB, 25 → 25 KB) for more collections under load; ignored when the GOGC environment variable is set; -1 = Go's own default (100)", bind: num(&c.GCPercent, 25)},
+		{name: "gc-percent", usage: "Go's garbage collection target, as GOGC: the heap may grow this many percent over the live heap before a collection. Lower keeps less memory per idle device (25 instead of 100: about a third less RSS per idle device at 10 000 devices, bench/RESULTS.md) for more collections under load; ignored when the GOGC environment variable is set; -1 = Go's own default (100)", bind: num(&c.GCPercent, 25)},
 		{name: "mqtt-connect-timeout", usage: "time a new connection has to send CONNECT (TLS handshake included)", bind: dur(&c.ConnectTimeout, 10*time.Second)},
 		{name: "mqtt-connect-rate", usage: "connection attempts per second admitted by the broker; 0 = unlimited", bind: float(&c.ConnectRate, 5000)},
 		{name: "mqtt-connect-burst", usage: "burst of connection attempts admitted above the rate", bind: num(&c.ConnectBurst, 1000)},
