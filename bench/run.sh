@@ -266,16 +266,23 @@ connect-rate)
   seconds=${1:-30}; $smoke && seconds=2
   start_fleetd
   register 200 cr-
-  f=$("$bin/mqttload" connect-rate -addr 127.0.0.1:$MQTT_PORT -ids "$work/ids-fleetd.json" -duration "${seconds}s" -concurrency 64)
+  pg=$(head -1 "$work/data/postgres/data/postmaster.pid")
+  f=$("$bin/mqttload" connect-rate -addr 127.0.0.1:$MQTT_PORT -ids "$work/ids-fleetd.json" -duration "${seconds}s" -concurrency 64 \
+    -pids "fleetd=$fleetd_pid,postgres=$pg")
   sleep 1
   written=$(curl -fs http://127.0.0.1:$HTTP_PORT/metrics | awk '/^fleetd_events_written_total /{print $2}')
   stop_fleetd
   start_mosquitto
-  m=$("$bin/mqttload" connect-rate -addr 127.0.0.1:$MOSQ_PORT -ids "$work/ids-anon.json" -duration "${seconds}s" -concurrency 64)
+  m=$("$bin/mqttload" connect-rate -addr 127.0.0.1:$MOSQ_PORT -ids "$work/ids-anon.json" -duration "${seconds}s" -concurrency 64 \
+    -pids "mosquitto=$mosq_pid")
   stop_mosquitto
+  cpu() { echo "$1" | sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" | head -1; }
+  fcpu=$(cpu "$f" fleetd); pcpu=$(cpu "$f" postgres); mcpu=$(cpu "$m" mosquitto)
+  ratio() { awk -v a="$1" -v b="$2" 'BEGIN{if (b > 0) printf "%.2f", a/b; else print "-"}'; }
   { header "connect-rate: ${seconds}s, 64 parallel clients, 200 device ids"
     echo "- fleetd (token auth, events committed): \`$f\`; events written to PostgreSQL: $written (a connect and a disconnect per session)"
     echo "- mosquitto 2.0 (anonymous, peer): \`$m\`"
+    echo "- ratios: connects/s fleetd / mosquitto $(ratio "$(cpu "$f" connects_per_s)" "$(cpu "$m" connects_per_s)"); CPU per connect fleetd / mosquitto $(ratio "$fcpu" "$mcpu"), fleetd + PostgreSQL / mosquitto $(ratio "$(awk -v a="$fcpu" -v b="$pcpu" 'BEGIN{print a+b}')" "$mcpu")"
     echo "- target: >= 10 000 connects/s sustained, p99 <= 20 ms, >= 1.0x Mosquitto"
   } | tee -a "$results"
   ;;

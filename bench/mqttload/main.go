@@ -3,7 +3,7 @@
 // run by bench/run.sh. It speaks raw MQTT 3.1.1 to keep its own cost low and
 // predictable. Loopback only.
 //
-//	mqttload connect-rate -addr A -ids FILE -duration D -concurrency C
+//	mqttload connect-rate -addr A -ids FILE -duration D -concurrency C [-pids name=P,…]
 //	mqttload freeze       -addr A -ids FILE -keepalive S [-watch-will]
 //	mqttload publish      -addr A -ids FILE -rate R -duration D
 //	mqttload download     -url U [-token T] -n N      (N concurrent ranged GETs)
@@ -62,7 +62,7 @@ func main() {
 	sources := fs.String("sources", "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4", "storm: loopback source addresses")
 	subscribe := fs.Bool("subscribe", false, "telemetry: count what a subscriber on devices/+/telemetry receives (the peer)")
 	metrics := fs.String("metrics", "", "telemetry: fleetd's /metrics URL, to count the messages it stored")
-	pids := fs.String("pids", "", "telemetry: name=pid,… processes whose CPU time (children included) is measured")
+	pids := fs.String("pids", "", "telemetry, connect-rate: name=pid,… processes whose CPU time (children included) is measured")
 	fs.Parse(os.Args[2:])
 	switch os.Args[1] {
 	case "download":
@@ -95,17 +95,8 @@ func main() {
 				fail(err)
 			}
 		}
-		watch := map[string]int{}
-		for _, p := range strings.FieldsFunc(*pids, func(r rune) bool { return r == ',' }) {
-			name, v, _ := strings.Cut(p, "=")
-			pid, err := strconv.Atoi(v)
-			if err != nil {
-				fail(fmt.Errorf("-pids %s: want name=pid", p))
-			}
-			watch[name] = pid
-		}
 		json.NewEncoder(os.Stdout).Encode(telemetryLoad(telemetryOptions{addr: *addr, ids: ids, rate: *rate, duration: *duration,
-			subscribe: *subscribe, metrics: *metrics, pids: watch}))
+			subscribe: *subscribe, metrics: *metrics, pids: parsePids(*pids)}))
 		return
 	}
 	if os.Args[1] == "storm" {
@@ -132,7 +123,7 @@ func main() {
 	var result any
 	switch os.Args[1] {
 	case "connect-rate":
-		result = connectRate(*addr, ids, *duration, *concurrency)
+		result = connectRate(*addr, ids, *duration, *concurrency, parsePids(*pids))
 	case "freeze":
 		result = freeze(*addr, ids, *keepalive, *watchWill, *eventsAPI, *token)
 	case "publish":
@@ -141,6 +132,20 @@ func main() {
 		fail(fmt.Errorf("unknown mode %s", os.Args[1]))
 	}
 	json.NewEncoder(os.Stdout).Encode(result)
+}
+
+// parsePids reads -pids: name=pid pairs separated by commas.
+func parsePids(s string) map[string]int {
+	watch := map[string]int{}
+	for _, p := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' }) {
+		name, v, _ := strings.Cut(p, "=")
+		pid, err := strconv.Atoi(v)
+		if err != nil {
+			fail(fmt.Errorf("-pids %s: want name=pid", p))
+		}
+		watch[name] = pid
+	}
+	return watch
 }
 
 func fail(err error) {
@@ -256,12 +261,14 @@ func pct(lat []time.Duration) percentiles {
 }
 
 // connectRate runs CONNECT → CONNACK → DISCONNECT as fast as the broker
-// admits them, from concurrency workers cycling through the ids.
-func connectRate(addr string, ids []cred, d time.Duration, concurrency int) any {
+// admits them, from concurrency workers cycling through the ids. With pids
+// it reports the CPU time each named process spent per connect.
+func connectRate(addr string, ids []cred, d time.Duration, concurrency int, pids map[string]int) any {
 	var ok, failed atomic.Int64
 	var mu sync.Mutex
 	var lat []time.Duration
 	var next atomic.Int64
+	cpu0 := cpuTicks(pids)
 	end := time.Now().Add(d)
 	var wg sync.WaitGroup
 	for range concurrency {
@@ -288,8 +295,17 @@ func connectRate(addr string, ids []cred, d time.Duration, concurrency int) any 
 		}()
 	}
 	wg.Wait()
-	return map[string]any{"mode": "connect-rate", "connects": ok.Load(), "failed": failed.Load(),
+	cpu := cpuTicks(pids)
+	out := map[string]any{"mode": "connect-rate", "connects": ok.Load(), "failed": failed.Load(),
 		"connects_per_s": float64(ok.Load()) / d.Seconds(), "latency_ms": pct(lat)}
+	if n := ok.Load(); len(pids) > 0 && n > 0 {
+		perConnect := map[string]float64{}
+		for name := range pids {
+			perConnect[name] = round1((cpu[name] - cpu0[name]).Seconds() * 1e6 / float64(n))
+		}
+		out["cpu_us_per_connect"] = perConnect
+	}
+	return out
 }
 
 // freeze connects every id with a will, then goes silent with the sockets
