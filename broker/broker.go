@@ -246,7 +246,11 @@ func New(cfg Config, reg Registry, events EventSink, logger *slog.Logger, regist
 		if spec.addr == "" {
 			continue
 		}
-		ln, err := net.Listen("tcp", spec.addr)
+		// No TCP keepalive by default: MQTT's keepalive finds dead devices,
+		// and Go's default costs four setsockopt calls per accepted
+		// connection. A device that asks for no MQTT keepalive gets TCP
+		// keepalive probes instead (hook.OnConnect, wireConn.probeIdle).
+		ln, err := (&net.ListenConfig{KeepAlive: -1}).Listen(context.Background(), "tcp", spec.addr)
 		if err != nil {
 			b.closeListeners()
 			return nil, fmt.Errorf("listen on %s (set by %s): %w", spec.addr, spec.setting, err)

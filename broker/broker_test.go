@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -591,4 +592,48 @@ func TestKeepalivePolicy(t *testing.T) {
 	if ev.KeepaliveEffective != 60 {
 		t.Fatalf("v3 keepalive changed to %d without telling the device", ev.KeepaliveEffective)
 	}
+}
+
+// TestTCPKeepaliveOnlyWithoutMQTTKeepalive: accepted sockets carry no TCP
+// keepalive (it would cost every connect four setsockopt calls), except for
+// a device that asked for no MQTT keepalive, whose dead link only TCP
+// probes can find.
+func TestTCPKeepaliveOnlyWithoutMQTTKeepalive(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range []struct {
+		id        string
+		keepalive uint16
+		want      bool
+	}{{"ka-mqtt", 30, false}, {"ka-none", 0, true}} {
+		tok := e.register(tc.id)
+		c := dialRaw(t, e.addr("tcp"))
+		if code := c.connect(4, tc.id, tc.id, tok, tc.keepalive); code != 0 {
+			t.Fatalf("%s: CONNACK 0x%02x", tc.id, code)
+		}
+		cl, ok := e.b.srv.Clients.Get(tc.id)
+		if !ok {
+			t.Fatalf("%s: no client", tc.id)
+		}
+		if got := socketKeepalive(t, cl.Net.Conn.(*wireConn).Conn); got != tc.want {
+			t.Errorf("%s (MQTT keepalive %d): SO_KEEPALIVE %v on the broker's socket, want %v", tc.id, tc.keepalive, got, tc.want)
+		}
+	}
+}
+
+// socketKeepalive reads SO_KEEPALIVE of a TCP connection.
+func socketKeepalive(t *testing.T, c net.Conn) bool {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v int
+	var serr error
+	if err := rc.Control(func(fd uintptr) { v, serr = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_KEEPALIVE) }); err != nil {
+		t.Fatal(err)
+	}
+	if serr != nil {
+		t.Fatal(serr)
+	}
+	return v != 0
 }

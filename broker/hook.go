@@ -228,6 +228,11 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) (err error) {
 		cl.State.ServerKeepalive = true
 	}
 	if wire != nil {
+		if cl.State.Keepalive == 0 {
+			if err := wire.probeIdle(); err != nil {
+				b.log.Warn("cannot turn on TCP keepalive for a device without MQTT keepalive", "device_id", id, "err", err)
+			}
+		}
 		wire.accepted.Store(true)
 		// Held until the CONNACK is out (OnSessionEstablished), or until the
 		// connection ends if it never gets there (listener.establish).

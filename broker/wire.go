@@ -62,6 +62,26 @@ func (w *wireConn) ReadBufferSize() int {
 	return 0
 }
 
+// probeIdle turns on TCP keepalive probes (Go's defaults: after 15 s of
+// silence, every 15 s, 9 probes) on the socket under the connection, for a
+// device that asked for no MQTT keepalive: without them a device whose link
+// died silently would hold its session until the broker restarts. Listeners
+// accept without TCP keepalive (Broker.New), so devices that keep MQTT's
+// do not pay for it.
+func (w *wireConn) probeIdle() error {
+	var c net.Conn = w.Conn
+	for {
+		switch conn := c.(type) {
+		case *net.TCPConn:
+			return conn.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true})
+		case interface{ NetConn() net.Conn }: // TLS, WebSocket
+			c = conn.NetConn()
+		default:
+			return nil
+		}
+	}
+}
+
 const (
 	stHeader = iota
 	stLength

@@ -82,6 +82,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 }
 
 func (c *Conn) Close() error                      { return c.ws.Close() }
+func (c *Conn) NetConn() net.Conn                 { return c.ws.NetConn() }
 func (c *Conn) LocalAddr() net.Addr               { return c.ws.LocalAddr() }
 func (c *Conn) RemoteAddr() net.Addr              { return c.ws.RemoteAddr() }
 func (c *Conn) SetReadDeadline(t time.Time) error { return c.ws.SetReadDeadline(t) }
