@@ -21,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,23 +50,28 @@ const batchEvery = 20 * time.Millisecond
 var ErrTooLarge = errors.New("cluster: message too large for NOTIFY")
 
 // message is what travels on the channel: items of one kind from one
-// replica.
+// replica. Origin comes first on the wire (Bus.notify writes it so), so that
+// a replica recognises its own messages by their first bytes without
+// decoding them.
 type message struct {
-	Kind   string            `json:"k"`
 	Origin string            `json:"o"`
+	Kind   string            `json:"k"`
 	Items  []json.RawMessage `json:"i"`
 }
 
-// Handler takes the items of one message. local says the message came from
-// this replica (most handlers have already applied their own changes).
+// Handler takes the items of one message from another replica: a replica's
+// own messages come back to it (NOTIFY reaches every listener) and are
+// dropped unread, since it applied its own changes when it made them.
 // Handlers run on the listener's goroutine, one message at a time: they must
 // not block.
-type Handler func(items []json.RawMessage, local bool)
+type Handler func(items []json.RawMessage)
 
 // Bus is one replica's end of the signalling.
 type Bus struct {
 	pool   *pgxpool.Pool
 	origin string // unique per process: replicas may share a node name
+	// head is how this replica's messages begin: {"o":origin,"k":
+	head string
 	log    *slog.Logger
 
 	mu       sync.RWMutex
@@ -83,6 +89,7 @@ type Bus struct {
 	done      chan struct{}
 
 	mSent, mReceived, mDropped prometheus.Counter
+	mOwn                       prometheus.Counter
 	mReconnects                prometheus.Counter
 }
 
@@ -97,13 +104,14 @@ func NewBus(pool *pgxpool.Pool, node string, logger *slog.Logger, reg prometheus
 	b := &Bus{pool: pool, origin: node + "/" + hex.EncodeToString(r[:]), log: logger,
 		handlers: map[string][]Handler{}, queue: map[string][]json.RawMessage{}, wake: make(chan struct{}, 1),
 		done:        make(chan struct{}),
+		mOwn:        prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_cluster_own_messages_total", Help: "This replica's own NOTIFY messages that came back to it (dropped unread)."}),
 		mSent:       prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_cluster_messages_sent_total", Help: "NOTIFY messages sent to the other replicas."}),
-		mReceived:   prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_cluster_messages_received_total", Help: "NOTIFY messages received, this replica's own included."}),
+		mReceived:   prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_cluster_messages_received_total", Help: "NOTIFY messages received from the other replicas."}),
 		mDropped:    prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_cluster_items_dropped_total", Help: "Signals dropped because the send queue was full (the database is too slow)."}),
 		mReconnects: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetd_cluster_listener_reconnects_total", Help: "Times the listening connection was re-established (each followed by a resync)."}),
 	}
 	if reg != nil {
-		reg.MustRegister(b.mSent, b.mReceived, b.mDropped, b.mReconnects,
+		reg.MustRegister(b.mSent, b.mReceived, b.mDropped, b.mOwn, b.mReconnects,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fleetd_cluster_listening", Help: "1 while this replica listens for the other replicas' signals."},
 				func() float64 {
 					if b.listening.Load() {
@@ -112,6 +120,8 @@ func NewBus(pool *pgxpool.Pool, node string, logger *slog.Logger, reg prometheus
 					return 0
 				}))
 	}
+	origin, _ := json.Marshal(b.origin)
+	b.head = `{"o":` + string(origin) + `,"k":`
 	return b
 }
 
@@ -234,6 +244,10 @@ func (b *Bus) runResync(ctx context.Context) {
 }
 
 func (b *Bus) dispatch(payload string) {
+	if strings.HasPrefix(payload, b.head) {
+		b.mOwn.Inc()
+		return
+	}
 	b.mReceived.Inc()
 	var m message
 	if err := json.Unmarshal([]byte(payload), &m); err != nil {
@@ -244,7 +258,7 @@ func (b *Bus) dispatch(payload string) {
 	hs := b.handlers[m.Kind]
 	b.mu.RUnlock()
 	for _, h := range hs {
-		h(m.Items, m.Origin == b.origin)
+		h(m.Items)
 	}
 }
 
@@ -339,9 +353,24 @@ func (b *Bus) send(ctx context.Context, kind string, items []json.RawMessage) er
 	return errors.Join(errs...)
 }
 
+// notify sends one message. It is written out rather than marshalled: the
+// items are JSON already (json.Marshal would check and compact each again),
+// and the origin must come first (dispatch).
 func (b *Bus) notify(ctx context.Context, kind string, items []json.RawMessage) error {
-	payload, _ := json.Marshal(message{Kind: kind, Origin: b.origin, Items: items})
-	if _, err := b.pool.Exec(ctx, "SELECT pg_notify($1, $2)", channel, string(payload)); err != nil {
+	k, _ := json.Marshal(kind)
+	var payload strings.Builder
+	payload.Grow(len(b.head) + len(k) + 8 + len(items)*64)
+	payload.WriteString(b.head)
+	payload.Write(k)
+	payload.WriteString(`,"i":[`)
+	for i, it := range items {
+		if i > 0 {
+			payload.WriteByte(',')
+		}
+		payload.Write(it)
+	}
+	payload.WriteString("]}")
+	if _, err := b.pool.Exec(ctx, "SELECT pg_notify($1, $2)", channel, payload.String()); err != nil {
 		return fmt.Errorf("notify %s: %w", kind, err)
 	}
 	b.mSent.Inc()

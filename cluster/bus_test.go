@@ -26,7 +26,6 @@ type replica struct {
 
 	mu       sync.Mutex
 	got      []string // items received from others
-	own      int      // items received from itself
 	resynced int
 }
 
@@ -38,14 +37,10 @@ func newReplica(t *testing.T, url, node string) *replica {
 	}
 	t.Cleanup(pool.Close)
 	r := &replica{bus: NewBus(pool, node, nil, nil), pool: pool}
-	r.bus.Handle("item", func(items []json.RawMessage, local bool) {
+	r.bus.Handle("item", func(items []json.RawMessage) {
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		for _, it := range items {
-			if local {
-				r.own++
-				continue
-			}
 			var s string
 			_ = json.Unmarshal(it, &s)
 			r.got = append(r.got, s)
@@ -59,10 +54,10 @@ func newReplica(t *testing.T, url, node string) *replica {
 	return r
 }
 
-func (r *replica) received() (others []string, own int, resynced int) {
+func (r *replica) received() (others []string, resynced int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]string(nil), r.got...), r.own, r.resynced
+	return append([]string(nil), r.got...), r.resynced
 }
 
 func waitUntil(t *testing.T, what string, cond func() bool) {
@@ -77,8 +72,8 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 }
 
 // TestBusReachesEveryReplica: what one replica publishes reaches the
-// others, in order, and comes back to it marked as its own — even when two
-// replicas share a node name.
+// others, in order, and comes back to it recognised as its own and dropped
+// unread — even when two replicas share a node name.
 func TestBusReachesEveryReplica(t *testing.T) {
 	url := pgtest.URL(t)
 	a, b, c := newReplica(t, url, "node"), newReplica(t, url, "node"), newReplica(t, url, "other")
@@ -87,15 +82,18 @@ func TestBusReachesEveryReplica(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, r := range []*replica{b, c} {
-		waitUntil(t, "the items on another replica", func() bool { got, _, _ := r.received(); return len(got) == 2 })
-		if got, _, _ := r.received(); got[0] != "x1" || got[1] != "x2" {
+		waitUntil(t, "the items on another replica", func() bool { got, _ := r.received(); return len(got) == 2 })
+		if got, _ := r.received(); got[0] != "x1" || got[1] != "x2" {
 			t.Fatalf("received %v, want [x1 x2]", got)
 		}
 	}
 	t.Logf("delivered to two replicas in %s", time.Since(start).Round(time.Millisecond))
-	waitUntil(t, "the sender's own copy", func() bool { _, own, _ := a.received(); return own == 2 })
-	if got, _, _ := a.received(); len(got) != 0 {
+	waitUntil(t, "the sender's own copy", func() bool { return counterValue(t, a.bus.mOwn) == 1 })
+	if got, _ := a.received(); len(got) != 0 {
 		t.Fatalf("the sender took its own items for another replica's: %v", got)
+	}
+	if own := counterValue(t, b.bus.mOwn) + counterValue(t, c.bus.mOwn); own != 0 {
+		t.Fatalf("%v of another replica's messages taken for the receiver's own", own)
 	}
 }
 
@@ -108,8 +106,8 @@ func TestBusBatches(t *testing.T) {
 	for i := range n {
 		a.bus.Enqueue("item", fmt.Sprintf("%04d-%s", i, strings.Repeat("p", 100)))
 	}
-	waitUntil(t, "every queued item", func() bool { got, _, _ := b.received(); return len(got) == n })
-	got, _, _ := b.received()
+	waitUntil(t, "every queued item", func() bool { got, _ := b.received(); return len(got) == n })
+	got, _ := b.received()
 	for i, s := range got {
 		if !strings.HasPrefix(s, fmt.Sprintf("%04d-", i)) {
 			t.Fatalf("item %d is %.10s…: out of order or lost", i, s)
@@ -136,14 +134,14 @@ func TestBusResyncs(t *testing.T) {
 		t.Fatalf("terminated %d listeners (%v), want both", killed, err)
 	}
 	waitUntil(t, "both replicas to resync", func() bool {
-		_, _, ra := a.received()
-		_, _, rb := b.received()
+		_, ra := a.received()
+		_, rb := b.received()
 		return ra == 1 && rb == 1 && a.bus.Listening() && b.bus.Listening()
 	})
 	if err := a.bus.Publish(context.Background(), "item", "after"); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "an item after the reconnect", func() bool { got, _, _ := b.received(); return len(got) == 1 && got[0] == "after" })
+	waitUntil(t, "an item after the reconnect", func() bool { got, _ := b.received(); return len(got) == 1 && got[0] == "after" })
 }
 
 // TestClockFollowsTheDatabase: the database clock, read through the offset,

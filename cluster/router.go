@@ -94,10 +94,7 @@ func (r *Router) Listening(deviceID, sub string) bool {
 	return online
 }
 
-func (r *Router) receive(items []json.RawMessage, local bool) {
-	if local {
-		return // sent here only because the session was not here
-	}
+func (r *Router) receive(items []json.RawMessage) {
 	for _, raw := range items {
 		var m deviceMessage
 		if err := json.Unmarshal(raw, &m); err != nil {

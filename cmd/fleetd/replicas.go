@@ -115,14 +115,10 @@ func (rs *replicaSignals) start(ctx context.Context, svc *fleet.Service, b *brok
 	svc.OnPolicyChange(func() { rs.bus.Enqueue(signalPolicy, struct{}{}) })
 
 	rs.bus.Handle(signalCredential, each(rs.log, func(c credentialSignal) { svc.CredentialChanged(c.DeviceID, c.Change) }))
-	rs.bus.Handle(signalPolicy, func(_ []json.RawMessage, local bool) {
-		if !local {
-			go svc.PolicyChanged(context.Background())
-		}
-	})
+	rs.bus.Handle(signalPolicy, func([]json.RawMessage) { go svc.PolicyChanged(context.Background()) })
 	rs.bus.Handle(signalPresence, each(rs.log, func(p presenceSignal) {
 		if p.Kind == fleet.KindConnect {
-			go b.TakeOverRemote(p.DeviceID, p.Epoch) // may wait on a slow device's socket
+			b.TakeOverRemote(p.DeviceID, p.Epoch)
 		}
 		hub.Observe(fleet.Event{DeviceID: p.DeviceID, Kind: p.Kind, Reason: p.Reason, Firmware: p.Firmware,
 			ProtocolVersion: p.Protocol, SessionEpoch: p.Epoch, At: p.At})
@@ -157,13 +153,9 @@ func (rs *replicaSignals) retryCredential(sig credentialSignal, err error) {
 	rs.log.Warn("other replicas not told of a credential change; their cache entries expire (credential-cache-ttl)", "device_id", sig.DeviceID, "err", err)
 }
 
-// each decodes every item of another replica's message (this replica's own
-// are skipped: it applied them when it made them) and applies it.
+// each decodes every item of another replica's message and applies it.
 func each[T any](log *slog.Logger, apply func(T)) cluster.Handler {
-	return func(items []json.RawMessage, local bool) {
-		if local {
-			return
-		}
+	return func(items []json.RawMessage) {
 		for _, raw := range items {
 			var v T
 			if err := json.Unmarshal(raw, &v); err != nil {
