@@ -547,7 +547,8 @@ func (b *Broker) Connected(deviceID string) bool {
 // TakeOverRemote ends the device's session here if a newer one (a later
 // epoch) was established on another replica: one live session per id across
 // replicas, as within one ([MQTT-3.1.4-2]). It is recorded as
-// session_takeover, like a takeover within this broker.
+// session_takeover, like a takeover within this broker. It does not wait
+// for the old session to end.
 func (b *Broker) TakeOverRemote(deviceID string, epoch int64) {
 	cl, ok := b.srv.Clients.Get(deviceID)
 	if !ok || cl.Closed() || cl.Net.Inline {
@@ -562,7 +563,9 @@ func (b *Broker) TakeOverRemote(deviceID string, epoch int64) {
 		return
 	}
 	s.takenOverRemotely.Store(true)
-	b.endSession(cl, packets.ErrSessionTakenOver)
+	// Ending it may wait on a slow device's socket; the lookup above is
+	// what every other replica's connect costs, so it stays inline.
+	go b.endSession(cl, packets.ErrSessionTakenOver)
 }
 
 // Listening reports whether a device has a live session subscribed to a
