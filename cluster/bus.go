@@ -72,7 +72,7 @@ type Bus struct {
 	origin string // unique per process: replicas may share a node name
 	// head is how this replica's messages begin: {"o":origin,"k":
 	head string
-	log    *slog.Logger
+	log  *slog.Logger
 
 	mu       sync.RWMutex
 	handlers map[string][]Handler
