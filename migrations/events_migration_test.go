@@ -169,4 +169,30 @@ func TestEventsMigrationPartitionsExistingEvents(t *testing.T) {
 			t.Errorf("%s after the migration (-want +got):\n%s", q.name, diff)
 		}
 	}
+
+	// 00024 drops the session index, which nothing reads since the session
+	// rollups, from the table and from every partition.
+	if _, err := p.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rows, err = pool.Query(ctx, `SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_inherits h ON h.inhrelid = i.indrelid
+		WHERE h.inhparent = 'device_events'::regclass AND i.indexrelid::regclass::text LIKE '%session%'`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	left, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows, err = pool.Query(ctx, `SELECT indexname FROM pg_indexes WHERE tablename = 'device_events' ORDER BY 1`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	indexes, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{"device_events_at_idx", "device_events_device_at_idx", "device_events_pkey"}, indexes); diff != "" || len(left) > 0 {
+		t.Errorf("indexes of device_events after 00024 (-want +got):\n%s; session indexes left on partitions: %v", diff, left)
+	}
 }
