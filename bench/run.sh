@@ -169,6 +169,11 @@ register() {
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+# field JSON KEY: the first number KEY has in a one-line JSON result.
+field() { echo "$1" | sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" | head -1; }
+# ratio A B [DIGITS]: A / B with DIGITS decimals (2), or - when B is 0.
+ratio() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN{if (b > 0) printf "%.*f", d, a/b; else print "-"}'; }
+
 header() {
   echo
   echo "## $1"
@@ -276,13 +281,11 @@ connect-rate)
   m=$("$bin/mqttload" connect-rate -addr 127.0.0.1:$MOSQ_PORT -ids "$work/ids-anon.json" -duration "${seconds}s" -concurrency 64 \
     -pids "mosquitto=$mosq_pid")
   stop_mosquitto
-  cpu() { echo "$1" | sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" | head -1; }
-  fcpu=$(cpu "$f" fleetd); pcpu=$(cpu "$f" postgres); mcpu=$(cpu "$m" mosquitto)
-  ratio() { awk -v a="$1" -v b="$2" 'BEGIN{if (b > 0) printf "%.2f", a/b; else print "-"}'; }
+  fcpu=$(field "$f" fleetd); pcpu=$(field "$f" postgres); mcpu=$(field "$m" mosquitto)
   { header "connect-rate: ${seconds}s, 64 parallel clients, 200 device ids"
     echo "- fleetd (token auth, events committed): \`$f\`; events written to PostgreSQL: $written (a connect and a disconnect per session)"
     echo "- mosquitto 2.0 (anonymous, peer): \`$m\`"
-    echo "- ratios: connects/s fleetd / mosquitto $(ratio "$(cpu "$f" connects_per_s)" "$(cpu "$m" connects_per_s)"); CPU per connect fleetd / mosquitto $(ratio "$fcpu" "$mcpu"), fleetd + PostgreSQL / mosquitto $(ratio "$(awk -v a="$fcpu" -v b="$pcpu" 'BEGIN{print a+b}')" "$mcpu")"
+    echo "- ratios: connects/s fleetd / mosquitto $(ratio "$(field "$f" connects_per_s)" "$(field "$m" connects_per_s)"); CPU per connect fleetd / mosquitto $(ratio "$fcpu" "$mcpu"), fleetd + PostgreSQL / mosquitto $(ratio "$(awk -v a="$fcpu" -v b="$pcpu" 'BEGIN{print a+b}')" "$mcpu")"
     echo "- target: >= 10 000 connects/s sustained, p99 <= 20 ms, >= 1.0x Mosquitto"
   } | tee -a "$results"
   ;;
@@ -379,13 +382,12 @@ telemetry-ingest)
   start_mosquitto
   m=$("$bin/mqttload" telemetry -addr 127.0.0.1:$MOSQ_PORT -n "$devices" -rate "$rate" -duration "${seconds}s" -subscribe -pids "mosquitto=$mosq_pid")
   stop_mosquitto
-  field() { echo "$1" | sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" | head -1; }
   fcpu=$(field "$f" fleetd); pcpu=$(field "$f" postgres); mcpu=$(field "$m" mosquitto)
   fstored=$(field "$f" stored_per_s); mdel=$(field "$m" delivered_per_s)
   { header "telemetry-ingest: $devices devices, $rate QoS 0 telemetry messages/s offered in total ($per_device/s per device; fleetd's -telemetry-rate $limit, burst $burst) for ${seconds}s"
     echo "- fleetd: $fstored messages/s stored (fleetd_telemetry_written_total, committed to telemetry_raw, from the first message sent to the last commit); $rows rows counted in telemetry_raw after the run; $dropped dropped after acceptance, ${sampled:-0} sampled by the rate limit; CPU per stored message: fleetd $fcpu µs, PostgreSQL (same machine, all its processes) $pcpu µs; rollups: $rolled; \`$f\`"
     echo "- mosquitto 2.0 (peer, forwarding the same messages to one subscriber): $mdel messages/s delivered, $mcpu µs of CPU per message; \`$m\`"
-    echo "- ratios: fleetd stored / mosquitto delivered $(awk -v a="$fstored" -v b="$mdel" 'BEGIN{if (b > 0) printf "%.2f", a/b; else print "-"}'); CPU per message fleetd / mosquitto $(awk -v a="$fcpu" -v b="$mcpu" 'BEGIN{if (b > 0) printf "%.1f", a/b; else print "-"}'), fleetd + PostgreSQL / mosquitto $(awk -v a="$fcpu" -v p="$pcpu" -v b="$mcpu" 'BEGIN{if (b > 0) printf "%.1f", (a+p)/b; else print "-"}')"
+    echo "- ratios: fleetd stored / mosquitto delivered $(ratio "$fstored" "$mdel"); CPU per message fleetd / mosquitto $(ratio "$fcpu" "$mcpu" 1), fleetd + PostgreSQL / mosquitto $(ratio "$(awk -v a="$fcpu" -v b="$pcpu" 'BEGIN{print a+b}')" "$mcpu" 1)"
     echo "- target (issue #17): >= 50 000 messages/s stored"
   } | tee -a "$results"
   ;;
@@ -606,7 +608,6 @@ replicas)
   stop_pids "$haproxy_pid"; haproxy_pid=
   stop_pids "${replica_pids[@]}"; replica_pids=()
   stop_pids "$pg_pid"; pg_pid=
-  field() { echo "$1" | sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" | head -1; }
   jobs=$(echo "$summ" | sed -n 's/.*"ota jobs":\([0-9]*\).*/\1/p'); jobs=${jobs:-0}
   dups=$(echo "$summ" | sed -n 's/.*"ota duplicate jobs":\([0-9]*\).*/\1/p'); dups=${dups:-0}
   at_start=$(field "$camp" online_at_start)
